@@ -1,0 +1,162 @@
+"""segcache command line: extract features once, train and evaluate many times, inspect offline.
+
+    python cli.py --help
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from pipeline.config import EvaluateSettings, ExtractSettings, TrainSettings
+from pipeline.datasets import find_class_info, load_class_info
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {text!r}") from None
+
+
+class _Context:
+    def __init__(self, verbose: bool, quiet: bool):
+        self.verbose = verbose
+        self.show_progress = not quiet and sys.stderr.isatty()
+
+
+def _run(context: _Context, action):
+    """Runs a command; expected failures become a short message and exit code 1."""
+    try:
+        return action()
+    except (ValueError, FileNotFoundError, OSError) as error:
+        if context.verbose:
+            raise
+        raise click.ClickException(str(error)) from None
+
+
+@click.group()
+@click.option("--verbose", "-v", is_flag=True, help="Debug logging and full tracebacks.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+@click.pass_context
+def main(click_context: click.Context, verbose: bool, quiet: bool) -> None:
+    """Label-efficient segmentation with diffusion features, cached on disk."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    click_context.obj = _Context(verbose, quiet)
+
+
+@main.command()
+@click.option("--checkpoint", required=True, type=click.Path(path_type=Path), help="guided-diffusion .pt/.safetensors or diffusers folder.")
+@click.option("--images", required=True, type=click.Path(path_type=Path), help="Folder of PNG/JPEG images (+ same-stem .npy labels).")
+@click.option("--store", required=True, type=click.Path(path_type=Path), help="Feature store to create or complete.")
+@click.option("--steps", default="50,150,250", show_default=True, help="Diffusion steps, comma-separated.")
+@click.option("--blocks", default="5,6,7,8,12", show_default=True, help="Decoder blocks (guided-diffusion index).")
+@click.option("--seed", default=0, show_default=True, help="Seed of the shared noise.")
+@click.option("--size", default=256, show_default=True, help="Model input size.")
+@click.option("--layout", type=click.Choice(["native", "dense"]), default="native", show_default=True)
+@click.option("--batch-size", default=4, show_default=True, help="Images per forward pass.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, mps…")
+@click.option("--codec", type=click.Choice(["blosc-lz4", "zstd", "none"]), default="blosc-lz4", show_default=True)
+@click.option("--classes", type=click.Path(path_type=Path), help="classes.json (default: found beside the images).")
+@click.pass_obj
+def extract(context: _Context, checkpoint, images, store, steps, blocks, seed, size, layout, batch_size, device, codec, classes):
+    """Extract pixel features of a folder of images into a store (resumes unfinished work)."""
+    from pipeline.extract import extract_features
+
+    def action():
+        settings = ExtractSettings(
+            steps=_int_list(steps), blocks=_int_list(blocks), seed=seed, size=size,
+            layout=layout, batch_size=batch_size, device=device, codec=codec,
+        )
+        class_info = load_class_info(classes) if classes else find_class_info(images)
+        summary = extract_features(checkpoint, images, store, settings, class_info, show_progress=context.show_progress)
+        click.echo(
+            f"extract: {summary.images_written} of {summary.images_total} images written to {summary.store_path} "
+            f"({summary.feature_dim} features per pixel) in {summary.seconds:.1f} s on {summary.device}"
+        )
+
+    _run(context, action)
+
+
+@main.command()
+@click.option("--store", required=True, type=click.Path(path_type=Path), help="Feature store of the training images.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder for the trained ensemble.")
+@click.option("--members", default=10, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--learning-rate", default=0.001, show_default=True)
+@click.option("--batch-size", default=64, show_default=True)
+@click.option("--max-epochs", default=100, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--classes", type=click.Path(path_type=Path), help="classes.json (default: recorded in the store).")
+@click.pass_obj
+def train(context: _Context, store, out, members, seed, learning_rate, batch_size, max_epochs, device, classes):
+    """Train the MLP ensemble on the labeled pixels of a store (the paper's protocol)."""
+    from pipeline.training import train_on_store
+
+    def action():
+        settings = TrainSettings(
+            members=members, seed=seed, learning_rate=learning_rate, batch_size=batch_size, max_epochs=max_epochs
+        )
+        class_info = load_class_info(classes) if classes else None
+        _, summary = train_on_store(store, out, settings, class_info, device, context.show_progress)
+        click.echo(
+            f"train: {len(summary.epochs_per_member)} members on {summary.training_pixels} pixels "
+            f"(epochs {summary.epochs_per_member}) saved to {summary.ensemble_dir} in {summary.seconds:.1f} s"
+        )
+
+    _run(context, action)
+
+
+@main.command()
+@click.option("--ensemble", required=True, type=click.Path(path_type=Path), help="Folder of a trained ensemble.")
+@click.option("--store", required=True, type=click.Path(path_type=Path), help="Feature store of the test images.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder for masks, pictures and metrics.json.")
+@click.pass_obj
+def evaluate(context: _Context, ensemble, store, out):
+    """Segment the images of a store and score them against their labels."""
+    from pipeline.evaluation import evaluate_on_store
+
+    def action():
+        metrics = evaluate_on_store(ensemble, store, out, EvaluateSettings(), context.show_progress)
+        click.echo(
+            f"evaluate: {metrics['images']} images, mIoU {metrics['miou']}, pixel accuracy "
+            f"{metrics['pixel_accuracy']}; written to {out}"
+        )
+
+    _run(context, action)
+
+
+@main.command()
+@click.option("--store", required=True, type=click.Path(path_type=Path), help="Feature store to look into.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--image", help="Image index or name (with --pixel).")
+@click.option("--pixel", nargs=2, type=int, help="Y X: print that pixel's feature vector.")
+@click.pass_obj
+def inspect(context: _Context, store, as_json, image, pixel):
+    """Describe a store, or print one pixel's features; no model needed."""
+    from pipeline.inspection import format_summary, pixel_feature_vector, store_summary
+    from pipeline.store import FeatureStore
+
+    def action():
+        feature_store = FeatureStore(store)
+        if pixel:
+            if image is None:
+                raise click.UsageError("--pixel needs --image")
+            features = pixel_feature_vector(feature_store, image, *pixel)
+            click.echo(json.dumps({"features": features}) if as_json else " ".join(f"{v:.6g}" for v in features))
+            return
+        summary = store_summary(feature_store)
+        click.echo(json.dumps(summary, indent=1) if as_json else format_summary(summary))
+
+    _run(context, action)
+
+
+if __name__ == "__main__":
+    main()

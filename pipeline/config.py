@@ -1,0 +1,217 @@
+"""Typed settings: `params.yaml` sections become frozen dataclasses.
+
+Every section is checked at the boundary: an unknown key, a missing key or a value of the
+wrong type is a `ValueError` that names the file, the key and the problem. Nothing else in
+the code reads raw YAML.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+Layout = Literal["native", "dense"]
+Codec = Literal["blosc-lz4", "zstd", "none"]
+Protocol = Literal["paper"]
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoSettings:
+    """The generated demo dataset (see `pipeline.demo`)."""
+
+    size: int = 32
+    pool_images: int = 4000
+    train_images: int = 16
+    test_images: int = 64
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class ExtractSettings:
+    """How pixel features are made and stored.
+
+    Attributes:
+        steps: diffusion steps t at which the UNet is run, in feature order.
+        blocks: decoder blocks (guided-diffusion `output_blocks` index), in feature order.
+        seed: seed of the one noise image shared by all images and steps.
+        size: model input size; images are resized to size×size.
+        layout: "native" (each block at its own resolution) or "dense" (upsampled pixels).
+        batch_size: images per UNet forward.
+        device: "auto" (cuda > mps > cpu) or a torch device string.
+        codec: compression of the float16 chunks.
+    """
+
+    steps: list[int] = dataclasses.field(default_factory=lambda: [50, 150, 250])
+    blocks: list[int] = dataclasses.field(default_factory=lambda: [5, 6, 7, 8, 12])
+    seed: int = 0
+    size: int = 256
+    layout: Layout = "native"
+    batch_size: int = 4
+    device: str = "auto"
+    codec: Codec = "blosc-lz4"
+
+    def __post_init__(self) -> None:
+        if not self.steps or not self.blocks:
+            raise ValueError("extract: `steps` and `blocks` must not be empty")
+        bad_steps = [step for step in self.steps if not 0 <= step <= 999]
+        if bad_steps:
+            raise ValueError(f"extract: steps must lie in 0..999, got {bad_steps}")
+        if len(set(self.steps)) != len(self.steps) or len(set(self.blocks)) != len(self.blocks):
+            raise ValueError(f"extract: repeated steps or blocks: {self.steps}, {self.blocks}")
+        if self.size <= 0 or self.batch_size <= 0:
+            raise ValueError(f"extract: size and batch_size must be positive, got {self.size}, {self.batch_size}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSettings:
+    """How the MLP ensemble is trained (the paper's protocol by default).
+
+    Attributes:
+        protocol: training protocol; "paper" follows the official implementation.
+        members: number of MLPs in the ensemble.
+        seed: seeds initialisation and the pixel order of every member.
+        learning_rate: Adam learning rate.
+        batch_size: pixels per optimiser step.
+        max_epochs: upper bound on epochs per member.
+        patience: stop after more than this many iterations in a row without a new best batch loss.
+        patience_from_epoch: the patience count starts at this epoch index (the paper: epoch > 3).
+        min_class_pixels: per image, a class with fewer labeled pixels is ignored.
+        buffer_pixels: pixels gathered from the store at a time (bounds memory).
+        cache_megabytes: RAM for the native feature tables kept between buffers.
+        device: where the ensemble trains: "auto" (cuda > mps > cpu) or a torch device string.
+    """
+
+    protocol: Protocol = "paper"
+    members: int = 10
+    seed: int = 0
+    learning_rate: float = 0.001
+    batch_size: int = 64
+    max_epochs: int = 100
+    patience: int = 50
+    patience_from_epoch: int = 4
+    min_class_pixels: int = 20
+    buffer_pixels: int = 65536
+    cache_megabytes: int = 2048
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        for name in ("members", "batch_size", "max_epochs", "buffer_pixels"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"train: `{name}` must be positive, got {getattr(self, name)}")
+        if self.learning_rate <= 0:
+            raise ValueError(f"train: `learning_rate` must be positive, got {self.learning_rate}")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluateSettings:
+    """How test images are predicted and scored.
+
+    Attributes:
+        pixels_per_batch: pixels pushed through the ensemble at once.
+        pictures: how many test images get a picture in the prediction grid.
+    """
+
+    pixels_per_batch: int = 16384
+    pictures: int = 6
+
+
+def _type_matches(value: Any, expected: Any) -> bool:
+    """Whether a YAML value has the declared type (bool is not an int; int is a float)."""
+    origin = typing.get_origin(expected)
+    if origin is Literal:
+        return value in typing.get_args(expected)
+    if origin is list:
+        (item_type,) = typing.get_args(expected)
+        return isinstance(value, list) and all(_type_matches(item, item_type) for item in value)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_matches(value, option) for option in typing.get_args(expected))
+    if expected is type(None):
+        return value is None
+    if expected is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if expected is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, expected)
+
+
+def _describe(expected: Any) -> str:
+    if typing.get_origin(expected) is Literal:
+        return " or ".join(repr(option) for option in typing.get_args(expected))
+    return getattr(expected, "__name__", str(expected))
+
+
+def settings_from_mapping(settings_class: type, mapping: Any, where: str):
+    """Builds a settings dataclass from a YAML mapping, refusing unknown keys and bad types.
+
+    Args:
+        settings_class: one of the settings dataclasses above.
+        mapping: the parsed YAML section (a dict; None means all defaults).
+        where: a description of the source for messages, e.g. "params.yaml: train".
+
+    Returns:
+        An instance of `settings_class`.
+
+    Raises:
+        ValueError: naming the section and key that is unknown or has the wrong type.
+    """
+    mapping = {} if mapping is None else mapping
+    if not isinstance(mapping, dict):
+        raise ValueError(f"{where}: expected a mapping of settings, got {type(mapping).__name__}")
+    hints = typing.get_type_hints(settings_class)
+    known = {field.name for field in dataclasses.fields(settings_class)}
+    unknown = sorted(set(mapping) - known)
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown}; known keys are {sorted(known)}")
+    for key, value in mapping.items():
+        if not _type_matches(value, hints[key]):
+            raise ValueError(
+                f"{where}: `{key}` must be {_describe(hints[key])}, got {value!r} ({type(value).__name__})"
+            )
+    try:
+        return settings_class(**mapping)
+    except ValueError as error:
+        raise ValueError(f"{where}: {error}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class Params:
+    """All of `params.yaml`."""
+
+    demo: DemoSettings
+    extract: ExtractSettings
+    train: TrainSettings
+    evaluate: EvaluateSettings
+
+
+_SECTIONS = {"demo": DemoSettings, "extract": ExtractSettings, "train": TrainSettings, "evaluate": EvaluateSettings}
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Reads and checks `params.yaml`.
+
+    Raises:
+        FileNotFoundError: when the file is missing.
+        ValueError: on YAML errors, unknown sections or keys, and mistyped values.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"params file not found: {path}")
+    try:
+        document = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ValueError(f"{path}: not valid YAML: {error}") from None
+    if not isinstance(document, dict):
+        raise ValueError(f"{path}: expected a mapping of sections at the top level")
+    unknown = sorted(set(document) - set(_SECTIONS))
+    if unknown:
+        raise ValueError(f"{path}: unknown section(s) {unknown}; known sections are {sorted(_SECTIONS)}")
+    sections = {
+        name: settings_from_mapping(settings_class, document.get(name), f"{path}: {name}")
+        for name, settings_class in _SECTIONS.items()
+    }
+    return Params(**sections)

@@ -1,0 +1,137 @@
+"""Image folders in the paper's format: images with same-stem `.npy` label maps beside them."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageRecord:
+    """One image file and its label map, if it has one."""
+
+    name: str
+    image_path: Path
+    label_path: Path | None
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassInfo:
+    """Class names and the ignore label of a dataset (`classes.json`)."""
+
+    names: list[str]
+    ignore_label: int
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.names)
+
+
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file, read 1 MiB at a time."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def list_images(folder: str | Path) -> list[ImageRecord]:
+    """Lists the images of a folder in sorted order, with their label maps.
+
+    Raises:
+        FileNotFoundError: if the folder does not exist.
+        ValueError: if it holds no PNG/JPEG image, or two images share a stem.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"image folder not found: {folder}")
+    image_paths = sorted(path for path in folder.iterdir() if path.suffix.lower() in IMAGE_SUFFIXES)
+    if not image_paths:
+        raise ValueError(f"no PNG or JPEG images in {folder}")
+    stems = [path.stem for path in image_paths]
+    repeated = sorted({stem for stem in stems if stems.count(stem) > 1})
+    if repeated:
+        raise ValueError(f"{folder}: several images share the name(s) {repeated}; names must be unique")
+    records = []
+    for path in image_paths:
+        label_path = path.with_suffix(".npy")
+        records.append(ImageRecord(path.stem, path, label_path if label_path.is_file() else None))
+    return records
+
+
+def load_image(record: ImageRecord, size: int) -> np.ndarray:
+    """Loads an image as the model's input.
+
+    Returns:
+        float32 array (3, size, size) scaled to [-1, 1].
+
+    Raises:
+        ValueError: naming the file if it cannot be decoded.
+    """
+    try:
+        with Image.open(record.image_path) as image:
+            rgb = image.convert("RGB")
+    except (OSError, SyntaxError) as error:
+        raise ValueError(f"cannot read image {record.image_path}: {error}") from None
+    if rgb.size != (size, size):
+        rgb = rgb.resize((size, size), Image.Resampling.BICUBIC)
+    pixels = np.asarray(rgb, dtype=np.float32)  # (size, size, 3) in 0..255
+    return pixels.transpose(2, 0, 1) / 127.5 - 1.0
+
+
+def load_label_map(record: ImageRecord, size: int) -> np.ndarray | None:
+    """Loads an image's label map, resized by nearest neighbour.
+
+    Returns:
+        int64 array (size, size), or None when the image has no label map.
+
+    Raises:
+        ValueError: naming the file when it is not a 2-d integer array.
+    """
+    if record.label_path is None:
+        return None
+    try:
+        labels = np.load(record.label_path, allow_pickle=False)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"cannot read label map {record.label_path}: {error}") from None
+    if labels.ndim != 2 or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(
+            f"label map {record.label_path} must be a 2-d integer array, got shape {labels.shape} "
+            f"dtype {labels.dtype}"
+        )
+    if labels.shape != (size, size):
+        height, width = labels.shape
+        rows = (np.arange(size) * height // size)[:, None]
+        columns = (np.arange(size) * width // size)[None, :]
+        labels = labels[rows, columns]  # nearest neighbour, (size, size)
+    return labels.astype(np.int64)
+
+
+def find_class_info(images_folder: str | Path) -> ClassInfo | None:
+    """Reads `classes.json` from the image folder or one of its two parents, if there is one."""
+    folder = Path(images_folder).resolve()
+    for candidate in (folder, folder.parent, folder.parent.parent):
+        path = candidate / "classes.json"
+        if path.is_file():
+            return load_class_info(path)
+    return None
+
+
+def load_class_info(path: str | Path) -> ClassInfo:
+    """Reads a `classes.json` with `names` and `ignore_label`."""
+    path = Path(path)
+    try:
+        document = json.loads(path.read_text())
+        names = [str(name) for name in document["names"]]
+        ignore_label = int(document["ignore_label"])
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"{path}: expected JSON with `names` and `ignore_label`: {error}") from None
+    return ClassInfo(names=names, ignore_label=ignore_label)

@@ -1,0 +1,253 @@
+"""The ensemble of small pixel MLPs, trained and used as the paper's official code does."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from pipeline.config import TrainSettings
+
+logger = logging.getLogger(__name__)
+
+ENSEMBLE_CONFIG = "ensemble.json"
+ENSEMBLE_WEIGHTS = "members.safetensors"
+
+
+def hidden_widths(num_classes: int) -> tuple[int, int]:
+    """The paper's hidden layer widths: (128, 32) below 30 classes, (256, 128) from 30 on."""
+    return (128, 32) if num_classes < 30 else (256, 128)
+
+
+def make_pixel_classifier(feature_dim: int, num_classes: int, generator: torch.Generator) -> torch.nn.Sequential:
+    """One member: Linear → ReLU → BatchNorm → Linear → ReLU → BatchNorm → Linear.
+
+    Linear weights are drawn from N(0, 0.02) with `generator`, biases are 0 and the BatchNorm
+    layers keep PyTorch's defaults, as in the official implementation.
+    """
+    first, second = hidden_widths(num_classes)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(feature_dim, first),
+        torch.nn.ReLU(),
+        torch.nn.BatchNorm1d(first),
+        torch.nn.Linear(first, second),
+        torch.nn.ReLU(),
+        torch.nn.BatchNorm1d(second),
+        torch.nn.Linear(second, num_classes),
+    )
+    for layer in model:
+        if isinstance(layer, torch.nn.Linear):
+            with torch.no_grad():
+                layer.weight.normal_(0.0, 0.02, generator=generator)
+                layer.bias.zero_()
+    return model
+
+
+@dataclasses.dataclass
+class MemberLog:
+    """How one member's training went."""
+
+    epochs: int = 0
+    iterations: int = 0
+    stopped_early: bool = False
+    epoch_mean_loss: list[float] = dataclasses.field(default_factory=list)
+
+
+def train_member(
+    model: torch.nn.Module,
+    epoch_batches: Callable[[int], Iterable[tuple[torch.Tensor, torch.Tensor]]],
+    settings: TrainSettings,
+    device: torch.device = torch.device("cpu"),
+) -> MemberLog:
+    """Trains one member with the paper's protocol.
+
+    Adam, cross-entropy, up to `max_epochs` epochs. From epoch `patience_from_epoch` on, every
+    iteration whose batch loss is not a new best counts; a new best resets the count; training
+    stops once the count exceeds `patience`.
+
+    Args:
+        model: the member, on `device`.
+        epoch_batches: epoch index → an iterable of (features (B, D), labels (B,)) batches.
+        settings: learning rate, epochs and stopping rule.
+        device: where the member trains.
+    """
+    optimizer = torch.optim.Adam(model.parameters(), lr=settings.learning_rate)
+    criterion = torch.nn.CrossEntropyLoss()
+    log = MemberLog()
+    best_loss, iterations_without_best = float("inf"), 0
+    model.train()
+    for epoch in range(settings.max_epochs):
+        losses = []
+        for features, labels in epoch_batches(epoch):
+            if len(labels) < 2:  # BatchNorm cannot train on a single pixel
+                continue
+            optimizer.zero_grad()
+            loss = criterion(model(features.to(device)), labels.to(device))
+            loss.backward()
+            optimizer.step()
+            loss_value = loss.item()
+            losses.append(loss_value)
+            log.iterations += 1
+            if epoch >= settings.patience_from_epoch:
+                if loss_value < best_loss:
+                    best_loss, iterations_without_best = loss_value, 0
+                else:
+                    iterations_without_best += 1
+                if iterations_without_best > settings.patience:
+                    log.stopped_early = True
+                    break
+        log.epochs = epoch + 1
+        log.epoch_mean_loss.append(float(np.mean(losses)) if losses else float("nan"))
+        if log.stopped_early:
+            break
+    model.eval()
+    return log
+
+
+@dataclasses.dataclass
+class Ensemble:
+    """Trained members with what they need to be used and checked later.
+
+    Attributes:
+        members: the MLPs, in eval mode.
+        feature_dim: D, the pixel feature width they expect.
+        class_names: K names; label k is class_names[k].
+        ignore_label: the label of unannotated pixels.
+        features: what the features were: steps, blocks, checkpoint_sha256, image_size, noise_seed.
+        logs: one MemberLog per member.
+    """
+
+    members: list[torch.nn.Module]
+    feature_dim: int
+    class_names: list[str]
+    ignore_label: int
+    features: dict
+    logs: list[MemberLog]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+def train_ensemble(
+    epoch_batches: Callable[[int, int], Iterable[tuple[torch.Tensor, torch.Tensor]]],
+    feature_dim: int,
+    class_names: list[str],
+    ignore_label: int,
+    features: dict,
+    settings: TrainSettings,
+    device: torch.device = torch.device("cpu"),
+    show_progress: bool = True,
+) -> Ensemble:
+    """Trains `settings.members` independent members, one after the other.
+
+    Args:
+        epoch_batches: (member, epoch) → that member's batches for that epoch; members should
+            see different pixel orders.
+        feature_dim, class_names, ignore_label, features: recorded in the ensemble.
+        settings: the training settings.
+        device: where the members train.
+        show_progress: show a progress bar over members.
+    """
+    members, logs = [], []
+    for member in tqdm(range(settings.members), desc="train", unit="member", disable=not show_progress):
+        generator = torch.Generator().manual_seed(settings.seed * 1000 + member)
+        model = make_pixel_classifier(feature_dim, len(class_names), generator).to(device)
+        log = train_member(model, lambda epoch: epoch_batches(member, epoch), settings, device)
+        logger.info(
+            "member %d: %d epochs, %d iterations, last epoch loss %.4f%s",
+            member, log.epochs, log.iterations, log.epoch_mean_loss[-1], " (stopped early)" if log.stopped_early else "",
+        )
+        members.append(model.cpu())
+        logs.append(log)
+    return Ensemble(members, feature_dim, list(class_names), ignore_label, dict(features), logs)
+
+
+@torch.inference_mode()
+def predict_with_uncertainty(members: list[torch.nn.Module], features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ensemble's label and disagreement for each pixel.
+
+    Args:
+        members: trained members in eval mode.
+        features: float32 (P, D).
+
+    Returns:
+        labels int64 (P,): the mode of the members' argmax votes (ties: the smallest label);
+        jensen_shannon float32 (P,): entropy of the mean softmax minus the mean member entropy.
+    """
+    logits = torch.stack([member(features) for member in members])  # (M, P, K)
+    votes = logits.argmax(dim=2).T  # (P, M)
+    labels = torch.mode(votes, dim=1).values
+    probabilities = logits.softmax(dim=2)
+    member_entropy = -(probabilities * logits.log_softmax(dim=2)).sum(dim=2)  # (M, P)
+    mean_probabilities = probabilities.mean(dim=0)  # (P, K)
+    mean_entropy = -(mean_probabilities * mean_probabilities.clamp_min(1e-30).log()).sum(dim=1)
+    return labels, mean_entropy - member_entropy.mean(dim=0)
+
+
+def save_ensemble(ensemble: Ensemble, out_dir: str | Path) -> None:
+    """Writes `ensemble.json` and `members.safetensors` into `out_dir`, atomically: a reader
+    sees the old ensemble or the new one, never half of one."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    tensors = {
+        f"member_{index}.{name}": tensor.detach().cpu().contiguous()
+        for index, member in enumerate(ensemble.members)
+        for name, tensor in member.state_dict().items()
+    }
+    save_file(tensors, staging / ENSEMBLE_WEIGHTS)
+    config = {
+        "members": len(ensemble.members),
+        "feature_dim": ensemble.feature_dim,
+        "hidden_widths": list(hidden_widths(ensemble.num_classes)),
+        "class_names": ensemble.class_names,
+        "ignore_label": ensemble.ignore_label,
+        "features": ensemble.features,
+        "logs": [dataclasses.asdict(log) for log in ensemble.logs],
+    }
+    (staging / ENSEMBLE_CONFIG).write_text(json.dumps(config, indent=1))
+    if out_dir.exists():
+        retired = out_dir.with_name(f".{out_dir.name}.old")
+        shutil.rmtree(retired, ignore_errors=True)
+        out_dir.rename(retired)
+        staging.rename(out_dir)
+        shutil.rmtree(retired)
+    else:
+        staging.rename(out_dir)
+
+
+def load_ensemble(ensemble_dir: str | Path) -> Ensemble:
+    """Reads an ensemble written by `save_ensemble`.
+
+    Raises:
+        FileNotFoundError: when the folder has no ensemble.
+        ValueError: when its files do not fit together.
+    """
+    ensemble_dir = Path(ensemble_dir)
+    config_path, weights_path = ensemble_dir / ENSEMBLE_CONFIG, ensemble_dir / ENSEMBLE_WEIGHTS
+    if not config_path.is_file() or not weights_path.is_file():
+        raise FileNotFoundError(f"no trained ensemble in {ensemble_dir} (expected {ENSEMBLE_CONFIG} and {ENSEMBLE_WEIGHTS})")
+    config = json.loads(config_path.read_text())
+    tensors = load_file(weights_path)
+    members = []
+    for index in range(config["members"]):
+        model = make_pixel_classifier(config["feature_dim"], len(config["class_names"]), torch.Generator())
+        prefix = f"member_{index}."
+        state = {name[len(prefix) :]: tensor for name, tensor in tensors.items() if name.startswith(prefix)}
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as error:
+            raise ValueError(f"{weights_path}: member {index} does not match {config_path}: {error}") from None
+        members.append(model.eval())
+    logs = [MemberLog(**log) for log in config["logs"]]
+    return Ensemble(members, config["feature_dim"], config["class_names"], config["ignore_label"], config["features"], logs)

@@ -1,0 +1,119 @@
+"""The evaluate stage: test features → ensemble votes → masks, pictures and metrics."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from pipeline.config import EvaluateSettings
+from pipeline.ensemble import Ensemble, load_ensemble, predict_with_uncertainty
+from pipeline.metrics import IoUAccumulator, top_decile_mean
+from pipeline.store import FeatureStore, StoreMismatchError
+from pipeline.visualize import class_palette, overlay, save_per_class_iou_chart, save_png, save_prediction_grid
+
+logger = logging.getLogger(__name__)
+
+
+
+@dataclasses.dataclass(frozen=True)
+class ImagePrediction:
+    """One image's prediction: labels int64 (S, S), Jensen–Shannon map float32 (S, S)."""
+
+    labels: np.ndarray
+    disagreement: np.ndarray
+
+    @property
+    def uncertainty(self) -> float:
+        return top_decile_mean(self.disagreement)
+
+
+def check_ensemble_matches_store(ensemble: Ensemble, store: FeatureStore, ensemble_dir: Path) -> None:
+    """Refuses to apply an ensemble to features other than those it was trained on."""
+    expected, found = ensemble.features, store.feature_description()
+    differing = [key for key in expected if expected.get(key) != found.get(key)]
+    if differing:
+        details = "; ".join(f"{key}: ensemble {expected.get(key)!r}, store {found.get(key)!r}" for key in differing)
+        raise StoreMismatchError(
+            f"the ensemble in {ensemble_dir} was trained on other features than {store.path} holds ({details}); "
+            "extract the images with the ensemble's checkpoint, steps and blocks"
+        )
+
+
+def predict_image(ensemble: Ensemble, store: FeatureStore, index: int, pixels_per_batch: int) -> ImagePrediction:
+    """Predicts every pixel of one stored image, a band of rows at a time."""
+    size = store.image_size
+    rows_per_band = max(1, pixels_per_batch // size)
+    labels = np.empty((size, size), dtype=np.int64)
+    disagreement = np.empty((size, size), dtype=np.float32)
+    for top in range(0, size, rows_per_band):
+        rows = np.arange(top, min(top + rows_per_band, size))
+        ys, xs = np.repeat(rows, size), np.tile(np.arange(size), len(rows))  # the band's pixels, row-major
+        features = torch.from_numpy(store.pixel_features(index, ys, xs))  # (P, D)
+        band_labels, band_disagreement = predict_with_uncertainty(ensemble.members, features)
+        labels[rows] = band_labels.numpy().reshape(len(rows), size)
+        disagreement[rows] = band_disagreement.numpy().reshape(len(rows), size)
+    return ImagePrediction(labels, disagreement)
+
+
+def _nan_to_none(value: float) -> float | None:
+    return None if math.isnan(value) else round(float(value), 6)
+
+
+def evaluate_on_store(
+    ensemble_dir: str | Path,
+    store_path: str | Path,
+    out_dir: str | Path,
+    settings: EvaluateSettings,
+    show_progress: bool = True,
+) -> dict:
+    """Predicts every image of a store, writes masks and pictures, and scores labeled images.
+
+    Writes into `out_dir`: `masks/<name>.npy` (predicted labels), `masks/<name>.png` (overlay),
+    `predictions.png` (a grid of the first images), `per_class_iou.png` and `metrics.json`.
+
+    Returns:
+        The metrics: miou, per_class_iou (by class name), pixel_accuracy, mean_uncertainty.
+    """
+    ensemble_dir, out_dir = Path(ensemble_dir), Path(out_dir)
+    ensemble = load_ensemble(ensemble_dir)
+    store = FeatureStore(store_path)
+    check_ensemble_matches_store(ensemble, store, ensemble_dir)
+    palette = class_palette(ensemble.num_classes)
+    accumulator = IoUAccumulator(ensemble.num_classes, ensemble.ignore_label)
+    (out_dir / "masks").mkdir(parents=True, exist_ok=True)
+    uncertainties, grid_rows = [], []
+    for index in tqdm(np.flatnonzero(store.done_mask()), desc="evaluate", unit="image", disable=not show_progress):
+        index, name = int(index), store.image_names[index]
+        prediction = predict_image(ensemble, store, index, settings.pixels_per_batch)
+        target, image = store.labels(index), store.image(index)
+        if target is not None:
+            accumulator.update(prediction.labels, target)
+        uncertainties.append(prediction.uncertainty)
+        np.save(out_dir / "masks" / f"{name}.npy", prediction.labels.astype(np.int16))
+        save_png(out_dir / "masks" / f"{name}.png", overlay(image, prediction.labels, palette, ignore_label=ensemble.ignore_label))
+        if len(grid_rows) < settings.pictures:
+            grid_rows.append(
+                {"image": image, "ground_truth": target, "prediction": prediction.labels,
+                 "uncertainty": prediction.disagreement, "title": name}
+            )
+    per_class = accumulator.per_class_iou()
+    metrics = {
+        "miou": _nan_to_none(accumulator.mean_iou()),
+        "pixel_accuracy": _nan_to_none(accumulator.pixel_accuracy()),
+        "mean_uncertainty": _nan_to_none(float(np.mean(uncertainties))) if uncertainties else None,
+        "per_class_iou": {
+            ensemble.class_names[k]: _nan_to_none(per_class[k]) for k in accumulator.scored_classes()
+        },
+        "images": len(uncertainties),
+    }
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    save_prediction_grid(out_dir / "predictions.png", grid_rows, ensemble.class_names, ensemble.ignore_label)
+    save_per_class_iou_chart(out_dir / "per_class_iou.png", metrics["per_class_iou"], f"per-class IoU (mIoU {metrics['miou']})")
+    return metrics

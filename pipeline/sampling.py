@@ -1,0 +1,158 @@
+"""Choosing labeled pixels, then streaming their features from the store in bounded batches.
+
+The labeled pixels are chosen first, as small index arrays. Each epoch visits them in a seeded
+random order; `buffer_pixels` of them at a time are gathered from the store as one Dask graph
+(one task per image), and the buffer is cut into training batches. Memory follows
+`buffer_pixels × feature_dim` (plus the store's table cache), never the dataset size.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+from collections.abc import Iterator, Sequence
+
+import dask
+import numpy as np
+import torch
+
+from pipeline.store import FeatureStore
+
+
+@dataclasses.dataclass(frozen=True)
+class LabeledPixels:
+    """The training pixels: where they are and their class. All arrays are (P,)."""
+
+    image_index: np.ndarray  # int32
+    y: np.ndarray  # int32
+    x: np.ndarray  # int32
+    label: np.ndarray  # int64
+
+    def __len__(self) -> int:
+        return len(self.label)
+
+    def class_counts(self, num_classes: int) -> np.ndarray:
+        return np.bincount(self.label, minlength=num_classes)
+
+
+def usable_labels(labels: np.ndarray, ignore_label: int, num_classes: int, min_class_pixels: int) -> np.ndarray:
+    """Applies the paper's rule: in one image, a class with fewer than `min_class_pixels`
+    labeled pixels becomes the ignore label.
+
+    Args:
+        labels: int (H, W).
+
+    Returns:
+        A copy, int64 (H, W).
+
+    Raises:
+        ValueError: for labels that are neither a class index nor the ignore label.
+    """
+    labels = labels.astype(np.int64)
+    valid = ((labels >= 0) & (labels < num_classes)) | (labels == ignore_label)
+    if not valid.all():
+        bad = np.unique(labels[~valid])[:10].tolist()
+        raise ValueError(f"labels {bad} are neither in 0..{num_classes - 1} nor the ignore label {ignore_label}")
+    counts = np.bincount(labels[labels != ignore_label], minlength=num_classes)
+    rare = np.flatnonzero((counts > 0) & (counts < min_class_pixels))
+    labels[np.isin(labels, rare)] = ignore_label
+    return labels
+
+
+def select_labeled_pixels(
+    store: FeatureStore, num_classes: int, ignore_label: int, min_class_pixels: int = 20
+) -> LabeledPixels:
+    """Every usable labeled pixel of every labeled image in the store."""
+    parts = []
+    for index in np.flatnonzero(store.done_mask()):
+        labels = store.labels(int(index))
+        if labels is None:
+            continue
+        try:
+            labels = usable_labels(labels, ignore_label, num_classes, min_class_pixels)
+        except ValueError as error:
+            raise ValueError(f"{store.path}, image {store.image_names[index]}: {error}") from None
+        ys, xs = np.nonzero(labels != ignore_label)
+        parts.append((np.full(len(ys), index, dtype=np.int32), ys.astype(np.int32), xs.astype(np.int32), labels[ys, xs]))
+    if not parts:
+        raise ValueError(f"{store.path} has no labeled pixels to train on (no image has a usable label map)")
+    image_index, ys, xs, label = (np.concatenate(column) for column in zip(*parts))
+    return LabeledPixels(image_index, ys, xs, label)
+
+
+class PixelStream:
+    """Yields shuffled (features, labels) batches of the labeled pixels, epoch after epoch.
+
+    Args:
+        store: the feature store.
+        pixels: the labeled pixels to visit.
+        batch_size: pixels per yielded batch.
+        buffer_pixels: pixels gathered from the store at a time.
+    """
+
+    def __init__(self, store: FeatureStore, pixels: LabeledPixels, batch_size: int, buffer_pixels: int):
+        self.store = store
+        self.pixels = pixels
+        self.batch_size = batch_size
+        self.buffer_pixels = max(buffer_pixels, batch_size)
+
+    def epoch_order(self, rng: np.random.Generator) -> np.ndarray:
+        """A visiting order of all pixels.
+
+        Native stores: a uniform random permutation (the paper's shuffled DataLoader). Dense
+        stores: a random order of tiles, shuffled again within each buffer, so that a buffer
+        reads whole chunks instead of scattered pixels.
+        """
+        count = len(self.pixels)
+        if self.store.layout == "native":
+            return rng.permutation(count)
+        tile = self.store.group["pixels"].chunks[1]
+        tiles_per_row = self.store.image_size // tile + 1
+        tile_key = (
+            self.pixels.image_index.astype(np.int64) * tiles_per_row**2
+            + (self.pixels.y // tile) * tiles_per_row
+            + self.pixels.x // tile
+        )
+        tile_rank = rng.permutation(tile_key.max() + 1)[tile_key]
+        order = np.argsort(tile_rank, kind="stable")
+        for start in range(0, count, self.buffer_pixels):
+            window = order[start : start + self.buffer_pixels]
+            order[start : start + self.buffer_pixels] = window[rng.permutation(len(window))]
+        return order
+
+    def gather(self, chosen: np.ndarray) -> np.ndarray:
+        """Features of chosen pixels (indices into `pixels`) as one Dask graph, float32 (P, D)."""
+        by_image = np.argsort(self.pixels.image_index[chosen], kind="stable")
+        chosen_sorted = chosen[by_image]
+        images, starts = np.unique(self.pixels.image_index[chosen_sorted], return_index=True)
+        groups = np.split(chosen_sorted, starts[1:])
+        tasks = [
+            dask.delayed(self.store.pixel_features)(int(image), self.pixels.y[group], self.pixels.x[group])
+            for image, group in zip(images, groups)
+        ]
+        features_sorted = np.concatenate(dask.compute(*tasks, scheduler="threads"))  # (P, D) by image
+        features = np.empty_like(features_sorted)
+        features[by_image] = features_sorted  # back to the order of `chosen`
+        return features
+
+    def batches(self, rng: np.random.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """One epoch of (features float32 (B, D), labels int64 (B,)) batches.
+
+        The next buffer is gathered in the background while the current one is consumed.
+        """
+        order = self.epoch_order(rng)
+        buffers: Sequence[np.ndarray] = [
+            order[start : start + self.buffer_pixels] for start in range(0, len(order), self.buffer_pixels)
+        ]
+        with concurrent.futures.ThreadPoolExecutor(max_workers=1) as prefetcher:
+            upcoming = prefetcher.submit(self.gather, buffers[0])
+            for position, chosen in enumerate(buffers):
+                features = upcoming.result()
+                if position + 1 < len(buffers):
+                    upcoming = prefetcher.submit(self.gather, buffers[position + 1])
+                labels = self.pixels.label[chosen]
+                for start in range(0, len(chosen), self.batch_size):
+                    yield (
+                        torch.from_numpy(features[start : start + self.batch_size]),
+                        torch.from_numpy(labels[start : start + self.batch_size]),
+                    )

@@ -1,0 +1,82 @@
+"""The train stage: labeled pixels of a feature store → a trained, saved ensemble."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+from pipeline.config import TrainSettings
+from pipeline.datasets import ClassInfo
+from pipeline.devices import pick_device
+from pipeline.ensemble import Ensemble, save_ensemble, train_ensemble
+from pipeline.sampling import PixelStream, select_labeled_pixels
+from pipeline.store import FeatureStore
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingSummary:
+    """What a training run did."""
+
+    ensemble_dir: Path
+    training_pixels: int
+    feature_dim: int
+    seconds: float
+    epochs_per_member: list[int]
+
+
+def store_classes(store: FeatureStore, classes: ClassInfo | None) -> ClassInfo:
+    """The class names and ignore label: given ones, else those recorded in the store."""
+    if classes is not None:
+        return classes
+    if store.schema.classes is None:
+        raise ValueError(
+            f"{store.path} records no class names; give them with --classes PATH/TO/classes.json "
+            "(a JSON file with `names` and `ignore_label`)"
+        )
+    return ClassInfo(names=list(store.schema.classes["names"]), ignore_label=int(store.schema.classes["ignore_label"]))
+
+
+def train_on_store(
+    store_path: str | Path,
+    out_dir: str | Path,
+    settings: TrainSettings,
+    classes: ClassInfo | None = None,
+    device: str = "auto",
+    show_progress: bool = True,
+) -> tuple[Ensemble, TrainingSummary]:
+    """Trains an ensemble on every labeled pixel of a store and saves it to `out_dir`."""
+    started = time.perf_counter()
+    store = FeatureStore(store_path, cache_megabytes=settings.cache_megabytes)
+    classes = store_classes(store, classes)
+    pixels = select_labeled_pixels(store, classes.num_classes, classes.ignore_label, settings.min_class_pixels)
+    logger.info("%d labeled pixels of %d classes from %s", len(pixels), classes.num_classes, store_path)
+    stream = PixelStream(store, pixels, settings.batch_size, settings.buffer_pixels)
+
+    def epoch_batches(member: int, epoch: int):
+        # Each member and epoch gets its own pixel order, reproducible from the seed.
+        return stream.batches(np.random.default_rng([settings.seed, member, epoch]))
+
+    ensemble = train_ensemble(
+        epoch_batches,
+        store.feature_dim,
+        classes.names,
+        classes.ignore_label,
+        store.feature_description(),
+        settings,
+        pick_device(device),
+        show_progress,
+    )
+    save_ensemble(ensemble, out_dir)
+    summary = TrainingSummary(
+        ensemble_dir=Path(out_dir),
+        training_pixels=len(pixels),
+        feature_dim=store.feature_dim,
+        seconds=time.perf_counter() - started,
+        epochs_per_member=[log.epochs for log in ensemble.logs],
+    )
+    return ensemble, summary

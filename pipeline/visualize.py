@@ -1,0 +1,346 @@
+"""Pictures of segmentations: colour-coded label maps, overlays, uncertainty maps and figures.
+
+Figures are drawn on a ``matplotlib.figure.Figure`` with its own Agg canvas, never through
+``pyplot``, so nothing here touches matplotlib's global state (backend, current figure).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
+from PIL import Image
+
+logger = logging.getLogger(__name__)
+
+BACKGROUND_COLOUR = (48, 48, 48)  # label 0: dark grey, so black-on-black edges stay visible
+IGNORE_COLOUR = (255, 255, 255)  # no palette colour is white
+UNCERTAINTY_COLOURMAP = "magma"
+_COLUMN_KEYS = ("image", "ground_truth", "prediction", "uncertainty")
+_COLUMN_TITLES = {
+    "image": "image",
+    "ground_truth": "ground truth",
+    "prediction": "prediction",
+    "uncertainty": "uncertainty",
+}
+
+
+def class_palette(num_classes: int) -> np.ndarray:
+    """Distinct colours for label maps: dark grey background, then tableau colours.
+
+    Label 0 is dark grey; labels 1.. take matplotlib's tab10 colours, then tab20's light
+    shades, tab20b and tab20c (greys left out, so none reads as background or ignore); past
+    those 54, each new colour is the one of an RGB grid farthest from all colours so far.
+
+    Args:
+        num_classes: How many colours, 1 to 256.
+
+    Returns:
+        (num_classes, 3) uint8 RGB, all rows different and none white.
+
+    Raises:
+        ValueError: ``num_classes`` is outside 1..256.
+    """
+    if not 1 <= num_classes <= 256:
+        raise ValueError(f"num_classes must lie in 1..256, got {num_classes}")
+    named = np.concatenate([np.array([BACKGROUND_COLOUR], dtype=np.uint8), _tableau_colours()])
+    extra_count = max(0, num_classes - len(named))
+    return np.concatenate([named, _farthest_point_colours(named, extra_count)])[:num_classes]
+
+
+def colour_mask(
+    labels: np.ndarray, palette: np.ndarray, ignore_label: int | None = 255
+) -> np.ndarray:
+    """Paints a label map with the palette.
+
+    Args:
+        labels: (H, W) integer label map.
+        palette: (C, 3) uint8 colours, row ``c`` for label ``c``.
+        ignore_label: Label painted white; None when there is none.
+
+    Returns:
+        (H, W, 3) uint8 RGB.
+
+    Raises:
+        ValueError: A label (other than ``ignore_label``) has no palette colour.
+    """
+    _check_labels(labels, palette, ignore_label)
+    ignored = _ignore_mask(labels, ignore_label)
+    coloured = palette[np.where(ignored, 0, labels)]
+    coloured[ignored] = IGNORE_COLOUR
+    return coloured
+
+
+def overlay(
+    image: np.ndarray,
+    labels: np.ndarray,
+    palette: np.ndarray,
+    alpha: float = 0.5,
+    ignore_label: int | None = 255,
+    background_label: int | None = 0,
+) -> np.ndarray:
+    """Blends class colours over an image, leaving background and ignored pixels untouched.
+
+    Args:
+        image: (H, W, 3) uint8 RGB.
+        labels: (H, W) integer label map.
+        palette: (C, 3) uint8 colours.
+        alpha: Weight of the class colour, in [0, 1].
+        ignore_label: Label left unpainted; None when there is none.
+        background_label: Label left unpainted; None to paint every class.
+
+    Returns:
+        (H, W, 3) uint8 RGB.
+    """
+    if image.ndim != 3 or image.shape[2] != 3 or image.shape[:2] != labels.shape:
+        raise ValueError(
+            f"need image (H, W, 3) and labels (H, W), got {image.shape} and {labels.shape}"
+        )
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
+    colours = colour_mask(labels, palette, ignore_label).astype(np.float32)
+    blended = (1.0 - alpha) * image.astype(np.float32) + alpha * colours
+    painted = ~_ignore_mask(labels, ignore_label)
+    if background_label is not None:
+        painted &= labels != background_label
+    return np.where(painted[..., None], np.rint(blended), image).astype(np.uint8)
+
+
+def uncertainty_image(values: np.ndarray, max_value: float | None = None) -> np.ndarray:
+    """Colours a non-negative per-pixel uncertainty with the perceptual 'magma' colour map.
+
+    Args:
+        values: (H, W) float, e.g. the ensemble's entropy or disagreement.
+        max_value: Value mapped to the brightest colour; defaults to ``values.max()``, so
+            give one shared value to compare several images.
+
+    Returns:
+        (H, W, 3) uint8 RGB; 0 is magma's darkest colour (near black).
+
+    Raises:
+        ValueError: ``values`` is not 2-D, holds NaN, or is negative.
+    """
+    if values.ndim != 2:
+        raise ValueError(f"values must be a 2-D (H, W) array, got shape {values.shape}")
+    if np.isnan(values).any() or values.min() < 0:
+        raise ValueError(f"uncertainty must be non-negative and not NaN, got min {values.min()}")
+    top = float(values.max()) if max_value is None else float(max_value)
+    scaled = np.clip(values / top, 0.0, 1.0) if top > 0 else np.zeros_like(values, dtype=float)
+    rgba = matplotlib.colormaps[UNCERTAINTY_COLOURMAP](scaled)  # (H, W, 4) float in [0, 1]
+    return np.rint(rgba[..., :3] * 255.0).astype(np.uint8)
+
+
+def save_png(path: Path | str, array: np.ndarray) -> None:
+    """Writes a (H, W) or (H, W, 3) uint8 array as a PNG, creating missing parent folders."""
+    if array.dtype != np.uint8 or array.ndim not in (2, 3):
+        raise ValueError(f"need a (H, W) or (H, W, 3) uint8 array, got {array.dtype} {array.shape}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+
+
+def save_prediction_grid(
+    path: Path | str,
+    rows: list[dict],
+    class_names: list[str],
+    ignore_label: int | None = 255,
+) -> None:
+    """Saves a figure with one row per image: image | ground truth | prediction | uncertainty.
+
+    A column is left out when no row has it (e.g. no ground truth for generated images); a
+    row that lacks it gets an empty cell. The legend lists the classes that appear.
+
+    Args:
+        path: Where to write the PNG.
+        rows: One dict per image with ``image`` (H, W, 3) uint8 and any of ``ground_truth``
+            (H, W) int, ``prediction`` (H, W) int, ``uncertainty`` (H, W) float (one colour
+            scale shared by all rows), and ``title`` (str, written beside the row).
+        class_names: Name of each label, index = label value.
+        ignore_label: Label shown white and listed as "ignore"; None when there is none.
+    """
+    if not rows:
+        raise ValueError("need at least one row to draw")
+    columns = [key for key in _COLUMN_KEYS if any(row.get(key) is not None for row in rows)]
+    palette = class_palette(len(class_names))
+    uncertainty_max = max(
+        (float(row["uncertainty"].max()) for row in rows if row.get("uncertainty") is not None),
+        default=0.0,
+    )
+    figure = Figure(figsize=(2.0 * len(columns) + 0.6, 2.0 * len(rows) + 1.2), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(len(rows), len(columns), squeeze=False)
+    for row_index, row in enumerate(rows):
+        _check_row(row_index, row)
+        for column_index, key in enumerate(columns):
+            cell = axes[row_index, column_index]
+            cell.set_xticks([])
+            cell.set_yticks([])
+            if row.get(key) is not None:
+                cell.imshow(
+                    _cell_image(key, row[key], palette, ignore_label, uncertainty_max),
+                    interpolation="nearest",
+                )
+            if row_index == 0:
+                cell.set_title(_COLUMN_TITLES[key])
+        axes[row_index, 0].set_ylabel(row.get("title", ""))
+    if "uncertainty" in columns:
+        scale = ScalarMappable(Normalize(0.0, uncertainty_max or 1.0), UNCERTAINTY_COLOURMAP)
+        figure.colorbar(scale, ax=axes[:, -1], shrink=0.5, aspect=30)
+    _add_class_legend(figure, rows, class_names, palette, ignore_label)
+    figure.savefig(path, dpi=100)
+    logger.info("saved a %d-row prediction grid to %s", len(rows), path)
+
+
+def save_per_class_iou_chart(
+    path: Path | str, per_class_iou: dict[str, float | None], title: str
+) -> None:
+    """Saves a horizontal bar chart of per-class IoU; classes without a value read "n/a".
+
+    Args:
+        path: Where to write the PNG.
+        per_class_iou: Class name -> IoU in [0, 1], or None where the class is absent from
+            both ground truth and prediction. Drawn top to bottom in the dict's order.
+        title: Figure title.
+    """
+    if not per_class_iou:
+        raise ValueError("per_class_iou is empty: nothing to draw")
+    names = list(per_class_iou)
+    values = [per_class_iou[name] for name in names]
+    bad = {name: value for name, value in per_class_iou.items()
+           if value is not None and not 0.0 <= value <= 1.0}
+    if bad:
+        raise ValueError(f"IoU values must lie in [0, 1] or be None, got {bad}")
+    figure = Figure(figsize=(6.5, 0.32 * len(names) + 1.3), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots()
+    positions = np.arange(len(names))
+    axes.barh(positions, [0.0 if value is None else value for value in values], color="tab:blue")
+    for position, value in zip(positions, values):
+        text = "n/a" if value is None else f"{100.0 * value:.1f}%"
+        axes.text((value or 0.0) + 0.01, position, text, va="center", fontsize=8, zorder=3,
+                  bbox=dict(facecolor="white", edgecolor="none", pad=1.0))
+    known = [value for value in values if value is not None]  # the mean line is over these
+    if known:
+        axes.axvline(float(np.mean(known)), color="tab:red", linestyle="--",
+                     label=f"mean {100.0 * np.mean(known):.1f}%")
+        axes.legend(loc="lower right", fontsize=8)
+    axes.set_yticks(positions, names, fontsize=8)
+    axes.invert_yaxis()  # first class at the top
+    axes.set_xlim(0.0, 1.1)
+    axes.set_xlabel("IoU")
+    axes.set_title(title)
+    figure.savefig(path, dpi=100)
+    logger.info("saved a per-class IoU chart of %d classes to %s", len(names), path)
+
+
+def _tableau_colours() -> np.ndarray:
+    """(54, 3) uint8: tab10, tab20's light shades, tab20b and tab20c, greys left out."""
+    tab20 = matplotlib.colormaps["tab20"].colors
+    groups = [
+        matplotlib.colormaps["tab10"].colors,
+        tab20[1::2],  # light shades; the dark ones equal tab10
+        matplotlib.colormaps["tab20b"].colors,
+        matplotlib.colormaps["tab20c"].colors,
+    ]
+    colours = np.rint(np.concatenate([np.asarray(group) for group in groups]) * 255.0)
+    greys = (colours.max(axis=1) - colours.min(axis=1)) == 0
+    return colours[~greys].astype(np.uint8)
+
+
+def _farthest_point_colours(chosen: np.ndarray, count: int) -> np.ndarray:
+    """(count, 3) uint8: colours from a 16-level RGB grid, each the farthest from all before.
+
+    Args:
+        chosen: (K, 3) uint8 colours already taken (the new ones keep away from them too).
+        count: How many new colours.
+    """
+    levels = np.linspace(0.0, 255.0, 16)
+    grid = np.stack(np.meshgrid(levels, levels, levels, indexing="ij"), axis=-1).reshape(-1, 3)
+    anchors = np.concatenate([chosen.astype(float), [IGNORE_COLOUR]])
+    nearest = np.linalg.norm(grid[:, None] - anchors[None], axis=-1).min(axis=1)  # (4096,)
+    picked = []
+    for _ in range(count):
+        best = int(np.argmax(nearest))  # first maximum: deterministic
+        picked.append(grid[best])
+        nearest = np.minimum(nearest, np.linalg.norm(grid - grid[best], axis=1))
+    return np.rint(np.array(picked).reshape(count, 3)).astype(np.uint8)
+
+
+def _ignore_mask(labels: np.ndarray, ignore_label: int | None) -> np.ndarray:
+    """(H, W) bool: where ``labels`` equals the ignore label (all False without one)."""
+    if ignore_label is None:
+        return np.zeros(labels.shape, dtype=bool)
+    return labels == ignore_label
+
+
+def _check_labels(labels: np.ndarray, palette: np.ndarray, ignore_label: int | None) -> None:
+    if labels.ndim != 2 or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"labels must be a 2-D integer array, got {labels.dtype} {labels.shape}")
+    values = np.unique(labels[~_ignore_mask(labels, ignore_label)])
+    unknown = values[(values < 0) | (values >= len(palette))]
+    if len(unknown):
+        raise ValueError(
+            f"labels {unknown.tolist()} have no colour in a palette of {len(palette)} classes "
+            f"(ignore label {ignore_label})"
+        )
+
+
+def _check_row(row_index: int, row: dict) -> None:
+    """Checks that a grid row's arrays share the image's height and width."""
+    image = row.get("image")
+    if image is None or image.ndim != 3 or image.shape[2] != 3:
+        shape = None if image is None else image.shape
+        raise ValueError(f"row {row_index}: 'image' must be (H, W, 3) uint8, got {shape}")
+    for key in _COLUMN_KEYS[1:]:
+        if row.get(key) is not None and row[key].shape != image.shape[:2]:
+            raise ValueError(
+                f"row {row_index}: '{key}' has shape {row[key].shape}, image is {image.shape[:2]}"
+            )
+
+
+def _cell_image(
+    key: str,
+    array: np.ndarray,
+    palette: np.ndarray,
+    ignore_label: int | None,
+    uncertainty_max: float,
+) -> np.ndarray:
+    """(H, W, 3) uint8 picture of one grid cell."""
+    if key == "image":
+        return array
+    if key == "uncertainty":
+        return uncertainty_image(array, max_value=uncertainty_max)
+    return colour_mask(array, palette, ignore_label)
+
+
+def _add_class_legend(
+    figure: Figure,
+    rows: list[dict],
+    class_names: list[str],
+    palette: np.ndarray,
+    ignore_label: int | None,
+) -> None:
+    """A legend under the grid with the classes present in any ground truth or prediction."""
+    present: set[int] = set()
+    for row in rows:
+        for key in ("ground_truth", "prediction"):
+            if row.get(key) is not None:
+                present.update(np.unique(row[key]).tolist())
+    handles = [
+        Patch(facecolor=palette[label] / 255.0, edgecolor="black", linewidth=0.5,
+              label=class_names[label])
+        for label in sorted(present) if label != ignore_label
+    ]
+    if ignore_label is not None and ignore_label in present:
+        handles.append(Patch(facecolor=np.array(IGNORE_COLOUR) / 255.0, edgecolor="black",
+                             linewidth=0.5, label="ignore"))
+    if handles:
+        figure.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 6),
+                      fontsize=8, frameon=False)

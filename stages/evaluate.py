@@ -1,0 +1,25 @@
+"""DVC stage: segment the test store's images and write metrics, masks and pictures."""
+
+import argparse
+import logging
+
+from pipeline.config import load_params
+from pipeline.evaluation import evaluate_on_store
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--ensemble", required=True)
+    parser.add_argument("--store", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--params", default="params.yaml")
+    arguments = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+    settings = load_params(arguments.params).evaluate
+    metrics = evaluate_on_store(arguments.ensemble, arguments.store, arguments.out, settings)
+    print(f"evaluate: {metrics['images']} images, mIoU {metrics['miou']}; written to {arguments.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,36 @@
+"""DVC stage: extract one split's features into a store (resumes; replaces a store of other settings)."""
+
+import argparse
+import logging
+
+from pipeline.config import load_params
+from pipeline.datasets import find_class_info
+from pipeline.extract import extract_features
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--images", required=True)
+    parser.add_argument("--store", required=True)
+    parser.add_argument("--params", default="params.yaml")
+    arguments = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+    settings = load_params(arguments.params).extract
+    summary = extract_features(
+        arguments.checkpoint,
+        arguments.images,
+        arguments.store,
+        settings,
+        classes=find_class_info(arguments.images),
+        replace_mismatched=True,  # the store is this stage's output: new settings mean a new store
+    )
+    print(
+        f"extract: {summary.images_written} of {summary.images_total} images written to {summary.store_path} "
+        f"({summary.feature_dim} features per pixel) in {summary.seconds:.1f} s on {summary.device}"
+    )
+
+
+if __name__ == "__main__":
+    main()

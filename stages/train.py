@@ -1,0 +1,36 @@
+"""DVC stage: train the ensemble on the training store."""
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+from pipeline.config import load_params
+from pipeline.training import train_on_store
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--store", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--log", required=True, help="training curve JSON (DVC plot)")
+    parser.add_argument("--params", default="params.yaml")
+    arguments = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+    settings = load_params(arguments.params).train
+    ensemble, summary = train_on_store(arguments.store, arguments.out, settings, device=settings.device)
+    curve = [
+        {"member": member, "epoch": epoch, "loss": loss}
+        for member, log in enumerate(ensemble.logs)
+        for epoch, loss in enumerate(log.epoch_mean_loss)
+    ]
+    Path(arguments.log).write_text(json.dumps(curve, indent=1))
+    print(
+        f"train: {len(summary.epochs_per_member)} members on {summary.training_pixels} pixels "
+        f"(epochs {summary.epochs_per_member}) saved to {summary.ensemble_dir} in {summary.seconds:.1f} s"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""Shared test helpers: synthetic feature stores and tiny image folders."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline.store import BlockShape, StoreSchema, open_store_for_writing
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+SHARED = PROJECT_ROOT.parent / "shared"
+
+# Three blocks at three resolutions, two steps: D = 2 * (6 + 4 + 2) = 24.
+BLOCK_SHAPES = [BlockShape(5, 6, 4, 4), BlockShape(8, 4, 8, 8), BlockShape(12, 2, 16, 16)]
+STEPS = [50, 150]
+
+
+def synthetic_activations(seed: int) -> list[torch.Tensor]:
+    """Smooth random activations per (step, block), step-major."""
+    generator = torch.Generator().manual_seed(seed)
+    return [
+        torch.randn(shape.channels, shape.height, shape.width, generator=generator)
+        for _ in STEPS
+        for shape in BLOCK_SHAPES
+    ]
+
+
+def synthetic_schema(layout: str, num_images: int, size: int = 16, classes: dict | None = None) -> StoreSchema:
+    return StoreSchema(
+        layout=layout,
+        image_size=size,
+        steps=STEPS,
+        block_shapes=BLOCK_SHAPES,
+        checkpoint_sha256="0" * 64,
+        architecture={"kind": "synthetic"},
+        noise_seed=0,
+        image_names=[f"image_{index:02d}" for index in range(num_images)],
+        image_sha256=["1" * 64] * num_images,
+        classes=classes or {"names": ["background", "round", "square"], "ignore_label": 255},
+    )
+
+
+def write_synthetic_store(path: Path, layout: str, labels: list[np.ndarray | None], size: int = 16):
+    """A complete store of synthetic activations; returns the schema and the activations written."""
+    schema = synthetic_schema(layout, len(labels), size)
+    writer = open_store_for_writing(path, schema)
+    written = []
+    for index, label_map in enumerate(labels):
+        activations = synthetic_activations(index)
+        image = np.full((size, size, 3), index, dtype=np.uint8)
+        writer.write_image(index, image, label_map, activations)
+        written.append(activations)
+    return schema, written
+
+
+@pytest.fixture
+def shared_dir() -> Path:
+    if not SHARED.is_dir():
+        pytest.skip(f"{SHARED} is not present (fixtures and datasets live there)")
+    return SHARED
+
+
+def write_image_folder(folder: Path, count: int, size: int = 32, labeled: bool = True, seed: int = 0) -> Path:
+    """Random RGB PNGs with 3-class label maps (a bright square is class 2, a dark disc class 1)."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    yy, xx = np.mgrid[:size, :size]
+    for index in range(count):
+        image = rng.integers(60, 120, size=(size, size, 3), dtype=np.uint8)
+        labels = np.zeros((size, size), dtype=np.uint8)
+        cy, cx = rng.integers(size // 4, 3 * size // 4, size=2)
+        disc = (yy - cy) ** 2 + (xx - cx) ** 2 < (size // 6) ** 2
+        image[disc] = 20
+        labels[disc] = 1
+        top, left = rng.integers(0, size - size // 4, size=2)
+        image[top : top + size // 4, left : left + size // 4] = 230
+        labels[top : top + size // 4, left : left + size // 4] = 2
+        Image.fromarray(image).save(folder / f"img_{index:03d}.png")
+        if labeled:
+            np.save(folder / f"img_{index:03d}.npy", labels)
+    return folder
