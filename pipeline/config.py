@@ -15,20 +15,11 @@ from typing import Any, Literal
 
 import yaml
 
+from pipeline.demo import DemoSpec
+
 Layout = Literal["native", "dense"]
 Codec = Literal["blosc-lz4", "zstd", "none"]
 Protocol = Literal["paper"]
-
-
-@dataclasses.dataclass(frozen=True)
-class DemoSettings:
-    """The generated demo dataset (see `pipeline.demo`)."""
-
-    size: int = 32
-    pool_images: int = 4000
-    train_images: int = 16
-    test_images: int = 64
-    seed: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,13 +173,13 @@ def settings_from_mapping(settings_class: type, mapping: Any, where: str):
 class Params:
     """All of `params.yaml`."""
 
-    demo: DemoSettings
+    demo: DemoSpec
     extract: ExtractSettings
     train: TrainSettings
     evaluate: EvaluateSettings
 
 
-_SECTIONS = {"demo": DemoSettings, "extract": ExtractSettings, "train": TrainSettings, "evaluate": EvaluateSettings}
+_SECTIONS = {"demo": DemoSpec, "extract": ExtractSettings, "train": TrainSettings, "evaluate": EvaluateSettings}
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:

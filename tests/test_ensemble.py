@@ -1,0 +1,136 @@
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.config import TrainSettings
+from pipeline.ensemble import (
+    hidden_widths,
+    load_ensemble,
+    make_pixel_classifier,
+    predict_with_uncertainty,
+    save_ensemble,
+    train_ensemble,
+    train_member,
+)
+
+
+def test_architecture_follows_class_count():
+    assert hidden_widths(29) == (128, 32) and hidden_widths(30) == (256, 128)
+    model = make_pixel_classifier(40, 34, torch.Generator().manual_seed(0))
+    kinds = [type(layer).__name__ for layer in model]
+    assert kinds == ["Linear", "ReLU", "BatchNorm1d", "Linear", "ReLU", "BatchNorm1d", "Linear"]
+    assert [model[0].out_features, model[3].out_features, model[6].out_features] == [256, 128, 34]
+
+
+def test_initialisation_is_normal_002_with_zero_bias_and_default_batchnorm():
+    model = make_pixel_classifier(2000, 5, torch.Generator().manual_seed(0))
+    assert model[0].weight.detach().std().item() == pytest.approx(0.02, rel=0.02)
+    assert abs(model[0].weight.detach().mean().item()) < 1e-3
+    assert all(float(model[i].bias.detach().abs().max()) == 0.0 for i in (0, 3, 6))
+    assert (model[2].weight == 1).all() and (model[2].bias == 0).all()
+
+
+def _constant_loss_batches(batches_per_epoch):
+    """Batches whose loss cannot improve (zero features, fixed labels), to test the stopping rule."""
+    features, labels = torch.zeros(64, 8), torch.arange(64) % 2
+
+    def epoch_batches(epoch):
+        return [(features, labels)] * batches_per_epoch
+
+    return epoch_batches
+
+
+def test_stopping_rule_counts_from_epoch_four_and_stops_after_more_than_patience():
+    settings = TrainSettings(patience=50, patience_from_epoch=4, max_epochs=100)
+    model = make_pixel_classifier(8, 2, torch.Generator().manual_seed(0))
+    # With zero features the loss settles at ln 2 and never sets a new best after its first value,
+    # so the member stops 52 iterations into epoch 4: one new best, then 51 without.
+    log = train_member(model, _constant_loss_batches(60), settings)
+    assert log.stopped_early
+    assert log.iterations == 4 * 60 + 52
+    assert log.epochs == 5
+
+
+def test_without_stopping_all_epochs_run():
+    settings = TrainSettings(patience=10_000, max_epochs=3)
+    model = make_pixel_classifier(8, 2, torch.Generator().manual_seed(0))
+    log = train_member(model, _constant_loss_batches(5), settings)
+    assert (log.epochs, log.iterations, log.stopped_early) == (3, 15, False)
+    assert len(log.epoch_mean_loss) == 3
+
+
+def _separable_batches(member, epoch, feature_dim=6, count=512):
+    generator = torch.Generator().manual_seed(1000 * member + epoch)
+    labels = torch.randint(0, 3, (count,), generator=generator)
+    features = torch.randn(count, feature_dim, generator=generator) * 0.3
+    features[torch.arange(count), labels] += 2.0
+    return list(zip(features.split(64), labels.split(64)))
+
+
+def test_ensemble_learns_separable_classes_and_round_trips(tmp_path):
+    settings = TrainSettings(members=3, max_epochs=6, patience=20)
+    ensemble = train_ensemble(_separable_batches, 6, ["a", "b", "c"], 255, {"steps": [50]}, settings, show_progress=False)
+    features, labels = zip(*_separable_batches(99, 0))
+    features, labels = torch.cat(features), torch.cat(labels)
+    predicted, disagreement = predict_with_uncertainty(ensemble.members, features)
+    assert (predicted == labels).float().mean() > 0.95
+    assert disagreement.shape == (512,) and (disagreement >= -1e-6).all()
+    save_ensemble(ensemble, tmp_path / "ensemble")
+    loaded = load_ensemble(tmp_path / "ensemble")
+    assert loaded.class_names == ["a", "b", "c"] and loaded.features == {"steps": [50]}
+    assert [log.epochs for log in loaded.logs] == [log.epochs for log in ensemble.logs]
+    reloaded_prediction, reloaded_disagreement = predict_with_uncertainty(loaded.members, features)
+    assert torch.equal(reloaded_prediction, predicted)
+    torch.testing.assert_close(reloaded_disagreement, disagreement)
+
+
+def test_members_differ():
+    settings = TrainSettings(members=2, max_epochs=1)
+    ensemble = train_ensemble(_separable_batches, 6, ["a", "b", "c"], 255, {}, settings, show_progress=False)
+    assert not torch.equal(ensemble.members[0][0].weight, ensemble.members[1][0].weight)
+
+
+class _FixedLogits(torch.nn.Module):
+    def __init__(self, logits):
+        super().__init__()
+        self.logits = torch.tensor(logits, dtype=torch.float32)
+
+    def forward(self, features):
+        return self.logits.expand(len(features), -1)
+
+
+def test_votes_and_jensen_shannon_by_hand():
+    # Two members vote class 0, one votes class 1: the mode is 0.
+    members = [_FixedLogits([5.0, 0.0]), _FixedLogits([5.0, 0.0]), _FixedLogits([0.0, 5.0])]
+    labels, disagreement = predict_with_uncertainty(members, torch.zeros(4, 3))
+    assert labels.tolist() == [0, 0, 0, 0]
+    probabilities = torch.softmax(torch.tensor([[5.0, 0.0], [5.0, 0.0], [0.0, 5.0]]), dim=1)
+    entropy = lambda p: -(p * p.log()).sum(-1)
+    expected = entropy(probabilities.mean(0)) - entropy(probabilities).mean()
+    torch.testing.assert_close(disagreement, expected.expand(4))
+    # Members that agree have no disagreement.
+    _, agreement = predict_with_uncertainty([_FixedLogits([1.0, 2.0])] * 3, torch.zeros(2, 3))
+    torch.testing.assert_close(agreement, torch.zeros(2), atol=1e-6, rtol=0)
+
+
+def test_vote_ties_go_to_the_smallest_label():
+    members = [_FixedLogits([0.0, 0.0, 9.0]), _FixedLogits([0.0, 9.0, 0.0])]
+    labels, _ = predict_with_uncertainty(members, torch.zeros(1, 1))
+    assert labels.tolist() == [1]
+
+
+def test_saving_replaces_an_old_ensemble_atomically(tmp_path):
+    settings = TrainSettings(members=1, max_epochs=1)
+    first = train_ensemble(_separable_batches, 6, ["a", "b", "c"], 255, {"v": 1}, settings, show_progress=False)
+    save_ensemble(first, tmp_path / "ensemble")
+    second = dataclasses.replace(first, features={"v": 2})
+    save_ensemble(second, tmp_path / "ensemble")
+    assert load_ensemble(tmp_path / "ensemble").features == {"v": 2}
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["ensemble"]
+
+
+def test_loading_a_missing_ensemble_names_the_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no trained ensemble"):
+        load_ensemble(tmp_path)

@@ -1,0 +1,98 @@
+import numpy as np
+import pytest
+import torch
+
+from conftest import write_synthetic_store
+from pipeline.sampling import LabeledPixels, PixelStream, select_labeled_pixels, usable_labels
+from pipeline.store import FeatureStore
+
+
+def test_rare_classes_per_image_become_ignored():
+    labels = np.zeros((10, 10), dtype=np.uint8)
+    labels[:2, :] = 1  # 20 pixels of class 1: kept
+    labels[5, :5] = 2  # 5 pixels of class 2: fewer than 20, ignored
+    labels[9, 9] = 255
+    usable = usable_labels(labels, ignore_label=255, num_classes=3, min_class_pixels=20)
+    assert (usable[:2] == 1).all()
+    assert (usable[5, :5] == 255).all()
+    assert usable[9, 9] == 255 and usable.dtype == np.int64
+
+
+def test_out_of_range_labels_are_refused():
+    with pytest.raises(ValueError, match="neither"):
+        usable_labels(np.array([[0, 7]]), ignore_label=255, num_classes=3, min_class_pixels=1)
+
+
+def _store_with_labels(tmp_path, layout):
+    labels = []
+    for index in range(3):
+        label_map = np.full((16, 16), 255, dtype=np.int64)
+        label_map[: 4 + index, :] = index % 3  # 64, 80, 96 labeled pixels of classes 0, 1, 2
+        labels.append(label_map)
+    labels.append(None)  # an unlabeled image is skipped
+    write_synthetic_store(tmp_path / f"{layout}.zarr", layout, labels)
+    return FeatureStore(tmp_path / f"{layout}.zarr"), labels
+
+
+def test_select_labeled_pixels_takes_every_usable_pixel_and_no_ignored_one(tmp_path):
+    store, labels = _store_with_labels(tmp_path, "native")
+    pixels = select_labeled_pixels(store, num_classes=3, ignore_label=255)
+    assert len(pixels) == 64 + 80 + 96
+    assert set(pixels.image_index.tolist()) == {0, 1, 2}
+    assert (pixels.label != 255).all()
+    for image, y, x, label in zip(pixels.image_index, pixels.y, pixels.x, pixels.label):
+        assert labels[image][y, x] == label
+
+
+@pytest.mark.parametrize("layout", ["native", "dense"])
+def test_stream_covers_every_pixel_once_per_epoch_with_correct_features(tmp_path, layout):
+    store, _ = _store_with_labels(tmp_path, layout)
+    pixels = select_labeled_pixels(store, num_classes=3, ignore_label=255)
+    stream = PixelStream(store, pixels, batch_size=64, buffer_pixels=100)
+    seen_features, seen_labels = [], []
+    for features, labels in stream.batches(np.random.default_rng(0)):
+        assert features.dtype == torch.float32 and features.shape[1] == store.feature_dim
+        assert len(features) <= 64
+        seen_features.append(features.numpy())
+        seen_labels.append(labels.numpy())
+    features, labels = np.concatenate(seen_features), np.concatenate(seen_labels)
+    assert len(labels) == len(pixels)
+    np.testing.assert_array_equal(np.sort(labels), np.sort(pixels.label))
+    # Every yielded feature row is the stored feature of some pixel with that label.
+    expected = {}
+    for image in range(3):
+        rows = pixels.image_index == image
+        for vector, label in zip(store.pixel_features(image, pixels.y[rows], pixels.x[rows]), pixels.label[rows]):
+            expected[vector.tobytes()] = label
+    assert all(expected[row.tobytes()] == label for row, label in zip(features, labels))
+
+
+def test_epoch_orders_differ_by_seed_and_repeat_with_it(tmp_path):
+    store, _ = _store_with_labels(tmp_path, "native")
+    pixels = select_labeled_pixels(store, num_classes=3, ignore_label=255)
+    stream = PixelStream(store, pixels, batch_size=64, buffer_pixels=128)
+    first = stream.epoch_order(np.random.default_rng(1))
+    assert np.array_equal(first, stream.epoch_order(np.random.default_rng(1)))
+    assert not np.array_equal(first, stream.epoch_order(np.random.default_rng(2)))
+    assert np.array_equal(np.sort(first), np.arange(len(pixels)))
+
+
+def test_dense_order_keeps_each_buffer_within_few_tiles(tmp_path):
+    store, _ = _store_with_labels(tmp_path, "dense")
+    pixels = select_labeled_pixels(store, num_classes=3, ignore_label=255)
+    stream = PixelStream(store, pixels, batch_size=8, buffer_pixels=64)
+    order = stream.epoch_order(np.random.default_rng(0))
+    # One 16×16 tile per image here: a 64-pixel buffer touches at most 2 images (tiles).
+    for start in range(0, len(order), 64):
+        assert len(set(pixels.image_index[order[start : start + 64]].tolist())) <= 2
+
+
+def test_gather_memory_follows_the_buffer_not_the_dataset(tmp_path):
+    store, _ = _store_with_labels(tmp_path, "native")
+    pixels = select_labeled_pixels(store, num_classes=3, ignore_label=255)
+    stream = PixelStream(store, pixels, batch_size=16, buffer_pixels=32)
+    requested = []
+    original = stream.gather
+    stream.gather = lambda chosen: requested.append(len(chosen)) or original(chosen)
+    sum(1 for _ in stream.batches(np.random.default_rng(0)))
+    assert max(requested) == 32 and sum(requested) == len(pixels)
