@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import operator
 import pickle
 import re
 from collections.abc import Mapping
@@ -31,6 +32,7 @@ from pathlib import Path
 import safetensors
 import torch
 from diffusers import UNet2DModel
+from diffusers.utils import is_accelerate_available
 
 logger = logging.getLogger(__name__)
 
@@ -237,9 +239,10 @@ def infer_adm_layout(state_dict: Mapping[str, torch.Tensor], source: str | Path 
     _check_adm_structure(actual_kinds, structure, source)
     # 2. Widths from shapes: per-level channels from each level's first decoder ResBlock.
     _check_time_embedding_width(state_dict, source)
+    first_decoder_blocks = [(num_levels - 1 - level) * blocks_per_level for level in range(num_levels)]
     level_channels = tuple(
-        _shape(state_dict, f"output_blocks.{(num_levels - 1 - level) * blocks_per_level}.0.out_layers.3.weight", source)[0]
-        for level in range(num_levels)
+        _shape(state_dict, f"output_blocks.{block}.0.out_layers.3.weight", source)[0]
+        for block in first_decoder_blocks
     )
     return AdmLayout(
         in_channels=_shape(state_dict, "input_blocks.0.0.weight", source)[1],
@@ -271,9 +274,10 @@ def adm_unet_config(layout: AdmLayout, head_channels: int = 64, source: str | Pa
                 f"{source}: attention over {width} channels cannot be split into heads of {head_channels} "
                 "channels; pass the model's num_head_channels as head_channels"
             )
-    plain_down, plain_up = (
-        ("ResnetDownsampleBlock2D", "ResnetUpsampleBlock2D") if layout.resblock_updown else ("DownBlock2D", "UpBlock2D")
-    )
+    if layout.resblock_updown:
+        plain_down, plain_up = "ResnetDownsampleBlock2D", "ResnetUpsampleBlock2D"
+    else:
+        plain_down, plain_up = "DownBlock2D", "UpBlock2D"
     down_block_types = [("AttnDownBlock2D" if has else plain_down) for has in layout.attention_levels]
     up_block_types = [("AttnUpBlock2D" if has else plain_up) for has in reversed(layout.attention_levels)]
     resample_type = "resnet" if layout.resblock_updown else "conv"
@@ -346,7 +350,9 @@ def decoder_block_names(unet: UNet2DModel) -> list[str]:
     for level, up_block in enumerate(unet.up_blocks):
         resnets = getattr(up_block, "resnets", None)
         if resnets is None:
-            raise ValueError(f"up_blocks.{level} ({type(up_block).__name__}) has no resnets; cannot number its blocks")
+            raise ValueError(
+                f"up_blocks.{level} ({type(up_block).__name__}) has no resnets; cannot number its blocks"
+            )
         has_upsampler = getattr(up_block, "upsamplers", None) is not None
         has_attention = getattr(up_block, "attentions", None) is not None
         for position in range(len(resnets)):
@@ -374,12 +380,16 @@ def decoder_block(unet: UNet2DModel, index: int) -> torch.nn.Module:
         ValueError: `index` is not a valid decoder block index of this UNet.
     """
     names = decoder_block_names(unet)
-    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(names):
+    try:
+        position = None if isinstance(index, bool) else operator.index(index)  # ints, numpy ints; not 1.0
+    except TypeError:
+        position = None
+    if position is None or not 0 <= position < len(names):
         raise ValueError(
-            f"decoder block index {index!r} is out of range: this UNet has {len(names)} decoder blocks, "
-            f"valid indices are 0..{len(names) - 1}"
+            f"decoder block index {index!r} is invalid: this UNet has {len(names)} decoder blocks, "
+            f"valid indices are the integers 0..{len(names) - 1}"
         )
-    return unet.get_submodule(names[index])
+    return unet.get_submodule(names[position])
 
 
 def make_tiny_unet(sample_size: int = 32, seed: int = 0) -> UNet2DModel:
@@ -387,8 +397,8 @@ def make_tiny_unet(sample_size: int = 32, seed: int = 0) -> UNet2DModel:
 
     Five levels with channels (32, 32, 64, 64, 64), 2 ResBlocks per encoder level (so 15 decoder
     blocks, numbered like the paper's 18), resblock up/downsampling, scale-shift norm, and
-    attention (2 heads of 32) at the two lowest resolutions. 3 channels in and out. About 2.6 M
-    parameters; a 32x32 forward takes milliseconds on a CPU.
+    attention (2 heads of 32) at the two lowest resolutions. 3 channels in and out. 3.0 M parameters;
+    a 32x32 forward takes milliseconds on a CPU.
 
     Args:
         sample_size: Recorded in the config (any size divisible by 16 runs).
@@ -416,22 +426,36 @@ def _torch_load_weights_only(path: Path) -> object:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         raise ValueError(
-            f"{path}: refused by torch.load(weights_only=True): it is corrupt or it needs arbitrary code "
-            f"to unpickle, and it is never unpickled unsafely; expected a plain state dict of tensors "
-            f"(or a .safetensors file). Reason: {error}"
+            f"{path}: refused by torch.load(weights_only=True): it is corrupt or needs arbitrary code to "
+            f"unpickle ({_weights_only_reason(error)}); such files are never unpickled unsafely; expected a "
+            "state dict of tensors (a plain torch.save of a dict) or a .safetensors file"
         ) from error
-    except (RuntimeError, EOFError, OSError, ValueError) as error:
+    except Exception as error:  # torch.load's parsers raise KeyError, RuntimeError, EOFError, ... on bad bytes
         raise ValueError(
             f"{path}: not a readable torch.save file (truncated or corrupt?); expected a state dict of "
-            f"tensors: {error}"
+            f"tensors: {type(error).__name__}: {error}"
         ) from error
+
+
+def _weights_only_reason(error: pickle.UnpicklingError) -> str:
+    """The specific reason inside torch's long weights_only message (e.g. "Unsupported global: ...")."""
+    text = str(error)
+    _, marker, reason = text.partition("WeightsUnpickler error:")
+    if not marker:
+        return " ".join(text.split())[:300]
+    reason = reason.split("Please use")[0].split("Check the documentation")[0]
+    return " ".join(reason.split()) or "no reason given"
 
 
 def _check_is_state_dict(loaded: object, path: Path) -> None:
     """Raise ValueError unless `loaded` maps names to tensors."""
     if not isinstance(loaded, Mapping) or not loaded:
-        raise ValueError(f"{path}: expected a state dict (a non-empty mapping of names to tensors), got {type(loaded).__name__}")
-    not_tensors = [name for name, value in loaded.items() if not isinstance(name, str) or not isinstance(value, torch.Tensor)]
+        raise ValueError(
+            f"{path}: expected a state dict (a non-empty mapping of names to tensors), got {type(loaded).__name__}"
+        )
+    not_tensors = [
+        name for name, value in loaded.items() if not isinstance(name, str) or not isinstance(value, torch.Tensor)
+    ]
     if not_tensors:
         raise ValueError(
             f"{path}: expected a plain state dict (names to tensors), but these entries are not tensors: "
@@ -599,7 +623,8 @@ def _decoder_plan(num_levels, num_res_blocks, attention_levels, resblock_updown)
         for position in range(num_res_blocks + 1):
             plan.append(("resblock", f"output_blocks.{block}.0", f"up_blocks.{up_level}.resnets.{position}"))
             if has_attention:
-                plan.append(("attention", f"output_blocks.{block}.1", f"up_blocks.{up_level}.attentions.{position}"))
+                attention_prefix = f"up_blocks.{up_level}.attentions.{position}"
+                plan.append(("attention", f"output_blocks.{block}.1", attention_prefix))
             if position == num_res_blocks and up_level < num_levels - 1:
                 kind = "resblock" if resblock_updown else "conv_upsample"
                 submodule = 2 if has_attention else 1
@@ -673,7 +698,8 @@ def _read_config_json(config_path: Path) -> dict:
         raise ValueError(f"{config_path}: not a readable JSON config: {error}") from error
     class_name = config.get("_class_name", UNet2DModel.__name__) if isinstance(config, dict) else None
     if class_name != UNet2DModel.__name__:
-        raise ValueError(f"{config_path}: expected a UNet2DModel config, found {class_name or type(config).__name__}")
+        found = class_name or type(config).__name__
+        raise ValueError(f"{config_path}: expected a UNet2DModel config, found {found}")
     return config
 
 
@@ -689,7 +715,7 @@ def _build_unet(config: Mapping, state_dict: Mapping[str, torch.Tensor], source:
         unet.load_state_dict(parameters, strict=True, assign=True)
     except RuntimeError as error:
         raise ValueError(f"{source}: the weights do not fit the UNet2DModel config: {error}") from error
-    assert not any(tensor.is_meta for tensor in [*unet.parameters(), *unet.buffers()]), "uninitialised tensors left"
+    assert not any(tensor.is_meta for tensor in [*unet.parameters(), *unet.buffers()]), "uninitialised tensors"
     return unet.eval()
 
 
@@ -699,14 +725,21 @@ def _load_diffusers_folder(folder: Path) -> tuple[UNet2DModel, Path]:
     if not (model_folder / "config.json").is_file():
         raise ValueError(f"{folder}: not a diffusers model folder: no config.json in it or in {folder / 'unet'}")
     _read_config_json(model_folder / "config.json")
-    weights_path = next((model_folder / name for name in _DIFFUSERS_WEIGHT_NAMES if (model_folder / name).is_file()), None)
-    if weights_path is None:
+    weights_paths = [model_folder / name for name in _DIFFUSERS_WEIGHT_NAMES if (model_folder / name).is_file()]
+    if not weights_paths:
         raise ValueError(f"{model_folder}: no weights file, expected one of {list(_DIFFUSERS_WEIGHT_NAMES)}")
     try:
-        unet = UNet2DModel.from_pretrained(str(model_folder), local_files_only=True)
-    except (OSError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError, safetensors.SafetensorError) as error:
+        unet = UNet2DModel.from_pretrained(
+            str(model_folder),
+            local_files_only=True,
+            use_safetensors=weights_paths[0].suffix == ".safetensors",
+            dtype=torch.float32,
+            low_cpu_mem_usage=is_accelerate_available(),  # without accelerate diffusers would warn and fall back
+        )
+    except Exception as error:  # from_pretrained raises OSError, ValueError, RuntimeError, SafetensorError, ...
         raise ValueError(f"{model_folder}: could not load it as a diffusers UNet2DModel: {error}") from error
-    return unet.to(torch.float32).eval(), weights_path
+    # from_pretrained prefers the .safetensors file when both exist, as the list order does.
+    return unet.eval(), weights_paths[0]
 
 
 def _make_backbone(unet: UNet2DModel, checksum: str, source_format: str) -> Backbone:

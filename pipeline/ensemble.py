@@ -182,7 +182,7 @@ def predict_with_uncertainty(members: list[torch.nn.Module], features: torch.Ten
 
     Returns:
         labels int64 (P,): the mode of the members' argmax votes (ties: the smallest label);
-        jensen_shannon float32 (P,): entropy of the mean softmax minus the mean member entropy.
+        jensen_shannon float32 (P,): entropy of the mean softmax minus the mean member entropy (≥ 0).
     """
     logits = torch.stack([member(features) for member in members])  # (M, P, K)
     votes = logits.argmax(dim=2).T  # (P, M)
@@ -191,7 +191,8 @@ def predict_with_uncertainty(members: list[torch.nn.Module], features: torch.Ten
     member_entropy = -(probabilities * logits.log_softmax(dim=2)).sum(dim=2)  # (M, P)
     mean_probabilities = probabilities.mean(dim=0)  # (P, K)
     mean_entropy = -(mean_probabilities * mean_probabilities.clamp_min(1e-30).log()).sum(dim=1)
-    return labels, mean_entropy - member_entropy.mean(dim=0)
+    # Non-negative in exact arithmetic; clamp float round-off.
+    return labels, (mean_entropy - member_entropy.mean(dim=0)).clamp_min(0.0)
 
 
 def save_ensemble(ensemble: Ensemble, out_dir: str | Path) -> None:

@@ -1,0 +1,122 @@
+"""The command line, end to end, through click's CliRunner."""
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from cli import main
+from conftest import write_image_folder
+from pipeline.backbones import make_tiny_unet
+
+CLASSES = {"names": ["background", "disc", "square"], "ignore_label": 255}
+
+
+def invoke(*arguments):
+    result = CliRunner().invoke(main, ["--quiet", *map(str, arguments)], catch_exceptions=False)
+    return result
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    make_tiny_unet(sample_size=32, seed=0).save_pretrained(root / "unet")
+    for split, count, seed in (("train", 4, 0), ("test", 3, 1)):
+        write_image_folder(root / "data" / split, count=count, seed=seed)
+    (root / "data" / "classes.json").write_text(json.dumps(CLASSES))
+    return root
+
+
+def test_help_lists_every_command():
+    result = CliRunner().invoke(main, ["--help"])
+    assert result.exit_code == 0
+    for command in ("extract", "train", "evaluate", "inspect"):
+        assert command in result.output
+
+
+@pytest.fixture(scope="module")
+def trained(workspace):
+    """extract (train and test), train and evaluate through the CLI, once for this module."""
+    common = ["--checkpoint", workspace / "unet", "--steps", "50,150", "--blocks", "5,8,12", "--size", "32"]
+    outputs = {}
+    for split in ("train", "test"):
+        store = workspace / f"{split}.zarr"
+        outputs[f"extract_{split}"] = invoke("extract", *common, "--images", workspace / "data" / split, "--store", store)
+    outputs["train"] = invoke(
+        "train", "--store", workspace / "train.zarr", "--out", workspace / "ensemble", "--members", 2, "--max-epochs", 6
+    )
+    outputs["evaluate"] = invoke(
+        "evaluate", "--ensemble", workspace / "ensemble", "--store", workspace / "test.zarr", "--out", workspace / "results"
+    )
+    return outputs
+
+
+def test_extract_train_evaluate(workspace, trained):
+    for name, result in trained.items():
+        assert result.exit_code == 0, f"{name}: {result.output}"
+    assert "3 of 3 images written" in trained["extract_test"].output
+    assert (workspace / "ensemble" / "ensemble.json").is_file()
+    metrics = json.loads((workspace / "results" / "metrics.json").read_text())
+    assert set(metrics) >= {"miou", "per_class_iou", "pixel_accuracy", "mean_uncertainty"}
+    assert set(metrics["per_class_iou"]) == {"background", "disc", "square"}
+    assert 0.0 <= metrics["miou"] <= 1.0 and metrics["images"] == 3
+    mask = np.load(workspace / "results" / "masks" / "img_000.npy")
+    assert mask.shape == (32, 32) and set(np.unique(mask)) <= {0, 1, 2}
+    assert Image.open(workspace / "results" / "masks" / "img_000.png").size == (32, 32)
+    assert Image.open(workspace / "results" / "predictions.png").size[0] > 200
+
+
+def test_inspect(workspace, trained):
+    summary = json.loads(invoke("inspect", "--store", workspace / "test.zarr", "--json").output)
+    assert summary["images"] == {"total": 3, "done": 3}
+    assert summary["steps"] == [50, 150] and [b["block"] for b in summary["blocks"]] == [5, 8, 12]
+    assert summary["classes"] == CLASSES and summary["disk_bytes"] > 0
+    text = invoke("inspect", "--store", workspace / "test.zarr").output
+    assert "layout      native" in text and "3 of 3 done" in text
+    by_name = invoke("inspect", "--store", workspace / "test.zarr", "--image", "img_001", "--pixel", 3, 4, "--json")
+    by_index = invoke("inspect", "--store", workspace / "test.zarr", "--image", 1, "--pixel", 3, 4, "--json")
+    features = json.loads(by_name.output)["features"]
+    assert len(features) == summary["feature_dim"] and features == json.loads(by_index.output)["features"]
+
+
+def test_evaluating_with_an_ensemble_of_other_features_is_refused(workspace, trained, tmp_path):
+    result = invoke(
+        "extract", "--checkpoint", workspace / "unet", "--steps", "50", "--blocks", "5,8,12", "--size", "32",
+        "--images", workspace / "data" / "test", "--store", tmp_path / "other.zarr",
+    )
+    assert result.exit_code == 0, result.output
+    result = invoke("evaluate", "--ensemble", workspace / "ensemble", "--store", tmp_path / "other.zarr", "--out", tmp_path / "out")
+    assert result.exit_code == 1
+    assert "trained on other features" in result.output and "steps" in result.output
+
+
+def test_clear_errors_without_tracebacks(tmp_path):
+    result = invoke("extract", "--checkpoint", tmp_path / "missing.pt", "--images", tmp_path, "--store", tmp_path / "s.zarr")
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    result = invoke("inspect", "--store", tmp_path / "nothing.zarr")
+    assert result.exit_code == 1 and "no feature store" in result.output
+    result = invoke("extract", "--checkpoint", tmp_path, "--images", tmp_path, "--store", tmp_path / "s.zarr", "--steps", "5,x")
+    assert result.exit_code == 2 and "comma-separated integers" in result.output
+
+
+def test_golden_adm_fixture_through_the_cli(shared_dir, tmp_path):
+    """The fixture's pixel features, reproduced by `extract` + `inspect --pixel` (the issue's check)."""
+    fixture = shared_dir / "fixtures" / "adm-tiny"
+    expected = np.load(fixture / "adm_tiny_expected.npz")
+    image = np.round((expected["image"].transpose(1, 2, 0) + 1.0) * 127.5).astype(np.uint8)  # exact
+    (tmp_path / "images").mkdir()
+    Image.fromarray(image).save(tmp_path / "images" / "face.png")
+    result = invoke(
+        "extract", "--checkpoint", fixture / "adm_tiny.pt", "--images", tmp_path / "images",
+        "--store", tmp_path / "store.zarr", "--seed", 2, "--size", 64,
+    )
+    assert result.exit_code == 0, result.output
+    for row in (0, 17, 101, 255):
+        y, x = expected["pixel_yx"][row]
+        output = invoke("inspect", "--store", tmp_path / "store.zarr", "--image", 0, "--pixel", y, x, "--json").output
+        features = np.array(json.loads(output)["features"])
+        assert features.shape == (1056,)
+        # The store keeps float16: agreement to fp16 rounding of the fp32 reference.
+        np.testing.assert_allclose(features, expected["pixel_features"][row], rtol=2e-3, atol=2e-3)

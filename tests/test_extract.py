@@ -1,0 +1,114 @@
+import numpy as np
+import pytest
+import torch
+
+from conftest import write_image_folder
+from pipeline.backbones import decoder_block, make_tiny_unet
+from pipeline.config import ExtractSettings
+from pipeline.datasets import list_images, load_image
+from pipeline.diffusion import linear_alphas_cumprod, q_sample, shared_noise
+from pipeline.extract import compute_activations, extract_features
+from pipeline.features import upsample_and_concatenate
+from pipeline.store import FeatureStore, StoreMismatchError
+
+SETTINGS = ExtractSettings(steps=[50, 250], blocks=[5, 8, 12], seed=3, size=32, batch_size=3, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("model") / "tiny_unet"
+    make_tiny_unet(sample_size=32, seed=0).save_pretrained(folder)
+    return folder
+
+
+def test_noise_is_drawn_on_the_cpu_from_its_own_seed():
+    noise = shared_noise(seed=2, size=8)
+    expected = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(noise, expected)
+    torch.manual_seed(123)  # the global generator does not matter
+    assert torch.equal(shared_noise(seed=2, size=8), expected)
+
+
+def test_q_sample_uses_the_linear_schedule():
+    alphas_cumprod = linear_alphas_cumprod()
+    betas = np.linspace(1e-4, 0.02, 1000)
+    assert alphas_cumprod[250].item() == pytest.approx(np.prod(1 - betas[:251]))
+    images, noise = torch.ones(1, 3, 2, 2), torch.zeros(1, 3, 2, 2)
+    assert torch.allclose(q_sample(images, 0, noise, alphas_cumprod), torch.full_like(images, (1 - 1e-4) ** 0.5))
+    with pytest.raises(ValueError, match="outside"):
+        q_sample(images, 1000, noise, alphas_cumprod)
+
+
+def test_early_stop_after_last_block_gives_the_same_activations():
+    unet = make_tiny_unet(sample_size=32, seed=1)
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    modules = {block: decoder_block(unet, block) for block in (5, 12)}
+    captured = compute_activations(unet, modules, images, [100], shared_noise(0, 32))
+    full = []
+    handles = [m.register_forward_hook(lambda _m, _i, out: full.append(out)) for m in modules.values()]
+    with torch.no_grad():
+        noisy = q_sample(images, 100, shared_noise(0, 32), linear_alphas_cumprod())
+        unet(noisy, torch.full((2,), 100))
+    for handle in handles:
+        handle.remove()
+    for mine, reference in zip(captured, full):
+        torch.testing.assert_close(mine, reference)
+
+
+@pytest.mark.parametrize("layout", ["native", "dense"])
+def test_extracted_store_holds_the_upsampled_block_features(tmp_path, tiny_checkpoint, layout):
+    images = write_image_folder(tmp_path / "images", count=4)
+    settings = ExtractSettings(**{**SETTINGS.__dict__, "layout": layout})
+    summary = extract_features(tiny_checkpoint, images, tmp_path / "store.zarr", settings, show_progress=False)
+    assert (summary.images_total, summary.images_written) == (4, 4)
+    store = FeatureStore(tmp_path / "store.zarr")
+    assert store.num_images == 4 and store.schema.steps == [50, 250] and store.schema.blocks == [5, 8, 12]
+    assert store.image_names == [f"img_{index:03d}" for index in range(4)]
+    # Recompute image 2 by hand: same noise, same steps, blocks upsampled and concatenated step-major.
+    unet = make_tiny_unet(sample_size=32, seed=0)
+    modules = {block: decoder_block(unet, block) for block in (5, 8, 12)}
+    image = torch.from_numpy(load_image(list_images(images)[2], 32))[None]
+    activations = compute_activations(unet, modules, image, [50, 250], shared_noise(3, 32))
+    expected = upsample_and_concatenate(activations, 32)[0].numpy()  # (32, 32, D)
+    assert store.feature_dim == expected.shape[-1]
+    np.testing.assert_allclose(store.image_features(2), expected, atol=3e-3, rtol=3e-3)
+    labels = np.load(images / "img_002.npy")
+    np.testing.assert_array_equal(store.labels(2), labels)
+
+
+def test_a_complete_store_is_not_rewritten_and_an_interrupted_one_resumes(tmp_path, tiny_checkpoint):
+    images = write_image_folder(tmp_path / "images", count=5)
+    store_path = tmp_path / "store.zarr"
+    extract_features(tiny_checkpoint, images, store_path, SETTINGS, show_progress=False)
+    reference = FeatureStore(store_path).image_features(4)
+    # Simulate a run killed before images 3 and 4 were marked done.
+    import zarr
+
+    zarr.open_group(store_path, mode="r+")["done"][3:] = 0
+    modified = {path: path.stat().st_mtime_ns for path in store_path.rglob("*") if path.is_file()}
+    summary = extract_features(tiny_checkpoint, images, store_path, SETTINGS, show_progress=False)
+    assert summary.images_written == 2
+    np.testing.assert_array_equal(FeatureStore(store_path).image_features(4), reference)
+    again = extract_features(tiny_checkpoint, images, store_path, SETTINGS, show_progress=False)
+    assert again.images_written == 0
+    chunk_of_image_0 = next(path for path in modified if path.relative_to(store_path).parts[:3] == ("block_5", "c", "0"))
+    assert chunk_of_image_0.stat().st_mtime_ns == modified[chunk_of_image_0]
+
+
+def test_other_settings_on_an_existing_store_are_refused(tmp_path, tiny_checkpoint):
+    images = write_image_folder(tmp_path / "images", count=2)
+    extract_features(tiny_checkpoint, images, tmp_path / "store.zarr", SETTINGS, show_progress=False)
+    other = ExtractSettings(**{**SETTINGS.__dict__, "blocks": [5, 8]})
+    with pytest.raises(StoreMismatchError, match="block_shapes"):
+        extract_features(tiny_checkpoint, images, tmp_path / "store.zarr", other, show_progress=False)
+    (images / "img_001.png").write_bytes((images / "img_000.png").read_bytes())  # an image changed
+    with pytest.raises(StoreMismatchError, match="image_sha256"):
+        extract_features(tiny_checkpoint, images, tmp_path / "store.zarr", SETTINGS, show_progress=False)
+
+
+def test_blocks_outside_the_model_are_refused(tmp_path, tiny_checkpoint):
+    images = write_image_folder(tmp_path / "images", count=1)
+    settings = ExtractSettings(**{**SETTINGS.__dict__, "blocks": [5, 40]})
+    with pytest.raises(ValueError, match="40"):
+        extract_features(tiny_checkpoint, images, tmp_path / "store.zarr", settings, show_progress=False)
+    assert not (tmp_path / "store.zarr").exists()
