@@ -19,7 +19,6 @@ ADM's `output_blocks[b]`; every one of these modules returns a plain tensor (B, 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import operator
@@ -34,6 +33,8 @@ import torch
 from diffusers import UNet2DModel
 from diffusers.utils import is_accelerate_available
 
+from pipeline.datasets import file_sha256
+
 logger = logging.getLogger(__name__)
 
 SOURCE_GUIDED_DIFFUSION = "guided-diffusion"
@@ -43,7 +44,6 @@ SOURCE_DIFFUSERS = "diffusers"
 ADM_NORM_GROUPS = 32
 ADM_NORM_EPS = 1e-5
 
-_HASH_CHUNK_BYTES = 1 << 20
 _DIFFUSERS_WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 
 # guided-diffusion ResBlock parameter prefixes -> diffusers ResnetBlock2D parameter prefixes.
@@ -112,15 +112,6 @@ class AdmLayout:
     def learn_sigma(self) -> bool:
         """Whether the output holds the variance channels after the noise prediction."""
         return self.out_channels == 2 * self.in_channels
-
-
-def file_sha256(path: Path) -> str:
-    """SHA-256 hex digest of a file, read 1 MiB at a time."""
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as stream:
-        for chunk in iter(lambda: stream.read(_HASH_CHUNK_BYTES), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def load_backbone(path: str | Path, head_channels: int = 64) -> Backbone:

@@ -22,12 +22,12 @@ import torch
 import torch.nn.functional as F
 from diffusers import UNet2DModel
 
+from pipeline.datasets import file_sha256
 from pipeline.backbones import (
     Backbone,
     decoder_block,
     decoder_block_names,
     decoder_blocks,
-    file_sha256,
     load_backbone,
     make_tiny_unet,
 )
@@ -523,10 +523,3 @@ def test_missing_path_is_refused(tmp_path):
     missing = tmp_path / "nowhere" / "model.pt"
     with pytest.raises(FileNotFoundError, match="nowhere"):
         load_backbone(missing)
-
-
-def test_file_sha256_streams_large_files(tmp_path):
-    path = tmp_path / "blob.bin"
-    content = bytes(range(256)) * 9000  # 2.2 MiB: several 1 MiB chunks
-    path.write_bytes(content)
-    assert file_sha256(path) == hashlib.sha256(content).hexdigest()

@@ -1,0 +1,63 @@
+"""The DVC pipeline end to end, in a copy of the project with small settings."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import PROJECT_ROOT
+
+SMALL_SETTINGS = {
+    "demo": {"pool_images": 4, "train_images": 4, "test_images": 3},
+    "extract": {"steps": [50, 150], "batch_size": 4},
+    "train": {"members": 2, "max_epochs": 5},
+    "evaluate": {"pictures": 2},
+}
+
+
+def run(project: Path, *arguments: str) -> str:
+    environment = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    completed = subprocess.run(
+        [sys.executable, "-m", "dvc", *arguments], cwd=project, env=environment, capture_output=True, text=True
+    )
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    return completed.stdout + completed.stderr
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    project = tmp_path_factory.mktemp("project")
+    for name in ("pipeline", "stages"):
+        shutil.copytree(PROJECT_ROOT / name, project / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(PROJECT_ROOT / "dvc.yaml", project / "dvc.yaml")
+    params = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
+    for section, values in SMALL_SETTINGS.items():
+        params[section].update(values)
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    run(project, "init", "--no-scm", "-q")
+    return project
+
+
+def test_repro_runs_everything_then_nothing_then_only_training(project):
+    first = run(project, "repro")
+    for stage in ("demo_data", "demo_model", "extract@train", "extract@test", "train", "evaluate"):
+        assert f"Running stage '{stage}'" in first
+    metrics = json.loads((project / "data" / "results" / "metrics.json").read_text())
+    assert 0.0 <= metrics["miou"] <= 1.0 and metrics["images"] == 3
+    assert (project / "data" / "stores" / "train.zarr" / "zarr.json").is_file()
+    assert "miou" in run(project, "metrics", "show")
+
+    second = run(project, "repro")
+    assert "Running stage" not in second
+
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["train"]["seed"] = 1
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    third = run(project, "repro")
+    assert "Running stage 'train'" in third and "Running stage 'evaluate'" in third
+    assert "Running stage 'extract@train'" not in third and "Running stage 'extract@test'" not in third
