@@ -83,3 +83,24 @@ def write_image_folder(folder: Path, count: int, size: int = 32, labeled: bool =
         if labeled:
             np.save(folder / f"img_{index:03d}.npy", labels)
     return folder
+
+
+def write_learnable_store(path, count=4, size=16, seed=0):
+    """A store whose last block (16×16, 2 channels) encodes the label: the ensemble can learn it."""
+    rng = np.random.default_rng(seed)
+    schema = synthetic_schema("native", count, size)
+    writer = open_store_for_writing(path, schema)
+    all_labels = []
+    for index in range(count):
+        labels = np.zeros((size, size), dtype=np.int64)
+        top, left = rng.integers(0, size - 6), rng.integers(0, size - 11)
+        labels[top : top + 6, left : left + 6] = 1  # 36 pixels, clear of class 2's columns
+        labels[:, -5:] = 2  # 80 pixels
+        activations = synthetic_activations(index)
+        for step_position in range(len(STEPS)):
+            last = activations[step_position * len(BLOCK_SHAPES) + len(BLOCK_SHAPES) - 1]  # (2, 16, 16)
+            last[0] = torch.from_numpy(4.0 * (labels == 1))
+            last[1] = torch.from_numpy(4.0 * (labels == 2))
+        writer.write_image(index, np.zeros((size, size, 3), np.uint8), labels, activations)
+        all_labels.append(labels)
+    return all_labels
