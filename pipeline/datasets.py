@@ -87,6 +87,11 @@ def load_image(record: ImageRecord, size: int) -> np.ndarray:
     return pixels.transpose(2, 0, 1) / 127.5 - 1.0
 
 
+def model_input_to_uint8(image: np.ndarray) -> np.ndarray:
+    """The inverse of `load_image`'s scaling: (3, S, S) in [-1, 1] → uint8 (S, S, 3)."""
+    return np.clip(np.round((image.transpose(1, 2, 0) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
 def load_label_map(record: ImageRecord, size: int) -> np.ndarray | None:
     """Loads an image's label map, resized by nearest neighbour.
 

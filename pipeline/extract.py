@@ -14,7 +14,14 @@ from tqdm.auto import tqdm
 
 from pipeline.backbones import decoder_block, load_backbone
 from pipeline.config import ExtractSettings
-from pipeline.datasets import ClassInfo, file_sha256, list_images, load_image, load_label_map
+from pipeline.datasets import (
+    ClassInfo,
+    file_sha256,
+    list_images,
+    load_image,
+    load_label_map,
+    model_input_to_uint8,
+)
 from pipeline.devices import autocast_for, pick_device
 from pipeline.diffusion import linear_alphas_cumprod, q_sample, shared_noise
 from pipeline.hooks import capture_outputs, run_until_captured
@@ -79,11 +86,6 @@ def probe_block_shapes(
     ]
 
 
-def _to_uint8(image: np.ndarray) -> np.ndarray:
-    """(3, S, S) in [-1, 1] → uint8 (S, S, 3)."""
-    return np.clip(np.round((image.transpose(1, 2, 0) + 1.0) * 127.5), 0, 255).astype(np.uint8)
-
-
 def extract_features(
     checkpoint: str | Path,
     images_dir: str | Path,
@@ -140,7 +142,7 @@ def extract_features(
             )
             for position, index in enumerate(batch):
                 writer.write_image(
-                    index, _to_uint8(images[position]), labels[position], [a[position] for a in activations]
+                    index, model_input_to_uint8(images[position]), labels[position], [a[position] for a in activations]
                 )
             progress.update(len(batch))
     return ExtractionSummary(
