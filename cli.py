@@ -158,5 +158,52 @@ def inspect(context: _Context, store, as_json, image, pixel):
     _run(context, action)
 
 
+@main.command()
+@click.option("--images", required=True, type=click.Path(path_type=Path), help="Folder of unlabeled PNG/JPEG images.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Run folder (resumed if it holds state.pt).")
+@click.option("--steps", type=int, help="Total optimiser steps.")
+@click.option("--batch-size", type=int, help="Images per step.")
+@click.option("--image-size", type=int, help="Images are resized to this size.")
+@click.option("--channels", help="Channels per level, comma-separated.")
+@click.option("--attention-levels", help="Levels with attention (0 = full resolution), comma-separated.")
+@click.option("--learning-rate", type=float, help="AdamW learning rate.")
+@click.option("--ema-decay", type=float, help="Decay of the weight EMA.")
+@click.option("--flips/--no-flips", default=None, help="Random horizontal flips.")
+@click.option("--seed", type=int, help="Seeds the weights and every random draw.")
+@click.option("--checkpoint-every", type=int, help="Steps between checkpoints.")
+@click.option("--sample-every", type=int, help="Steps between sample grids while training (0: at the end only).")
+@click.option("--sample-count", type=int, help="Images in samples.png.")
+@click.option("--sample-steps", type=int, help="DDIM steps per sample.")
+@click.option("--device", help="auto, cpu, cuda, cuda:1, mps…")
+@click.pass_obj
+def pretrain(context: _Context, images, out, steps, batch_size, image_size, channels, attention_levels, learning_rate,
+             ema_decay, flips, seed, checkpoint_every, sample_every, sample_count, sample_steps, device):
+    """Train a DDPM on a folder of unlabeled images (resumes an unfinished run in --out).
+
+    Options left out take the defaults of PretrainSettings (pipeline/pretrain.py).
+    """
+    from pipeline.pretrain import PretrainSettings, pretrain_ddpm
+
+    def action():
+        given = {
+            "steps": steps, "batch_size": batch_size, "image_size": image_size,
+            "block_out_channels": _int_list(channels) if channels is not None else None,
+            "attention_levels": _int_list(attention_levels) if attention_levels is not None else None,
+            "learning_rate": learning_rate, "ema_decay": ema_decay, "horizontal_flips": flips, "seed": seed,
+            "checkpoint_every": checkpoint_every, "sample_every": sample_every, "sample_count": sample_count,
+            "sample_inference_steps": sample_steps, "device": device,
+        }
+        # Options left out keep PretrainSettings' defaults: one place for them.
+        settings = PretrainSettings(**{key: value for key, value in given.items() if value is not None})
+        summary = pretrain_ddpm(images, out, settings, show_progress=context.show_progress)
+        click.echo(
+            f"pretrain: {summary.steps_done} steps (from {summary.resumed_from}) on {summary.images} images, "
+            f"{summary.parameters} parameters, smoothed loss {summary.final_loss:.4f}; model saved to "
+            f"{summary.model_dir} in {summary.seconds:.1f} s on {summary.device}"
+        )
+
+    _run(context, action)
+
+
 if __name__ == "__main__":
     main()

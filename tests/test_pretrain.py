@@ -1,0 +1,155 @@
+"""DDPM pretraining: outputs, the saved model, resuming, refusals, sampling and the CLI command."""
+
+import csv
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from cli import main
+from conftest import write_image_folder
+from pipeline.backbones import decoder_block, decoder_block_names, load_backbone
+from pipeline.pretrain import PretrainSettings, build_unet, image_grid, pretrain_ddpm, sample_images
+
+# 5 levels of 32 channels, attention at the lowest: 1.2 M parameters, ~0.1 s per step of 4 images.
+TINY = PretrainSettings(
+    image_size=32, block_out_channels=[32, 32, 32, 32, 32], attention_levels=[4], steps=3, batch_size=4,
+    warmup_steps=2, checkpoint_every=2, sample_count=4, sample_inference_steps=3, device="cpu",
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One thread: on a shared 2-core machine two OpenMP threads can run 100x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    return write_image_folder(tmp_path_factory.mktemp("pretrain") / "images", count=8, labeled=False)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(images, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    return out, pretrain_ddpm(images, out, TINY, show_progress=False)
+
+
+def read_state(out):
+    return torch.load(out / "state.pt", map_location="cpu", weights_only=True)
+
+
+def test_a_run_writes_model_losses_and_samples(tiny_run):
+    out, summary = tiny_run
+    assert (summary.steps_done, summary.resumed_from, summary.images) == (3, 0, 8)
+    assert summary.model_dir == out / "model" and summary.parameters > 0 and np.isfinite(summary.final_loss)
+    assert {"config.json", "diffusion_pytorch_model.safetensors"} <= {path.name for path in (out / "model").iterdir()}
+    with open(out / "loss.csv") as stream:
+        rows = list(csv.DictReader(stream))
+    assert [int(row["step"]) for row in rows] == [1, 2, 3]
+    assert all(float(row["loss"]) > 0 for row in rows)
+    samples = Image.open(out / "samples.png")
+    assert samples.mode == "RGB" and samples.size[0] >= 2 * 96  # 2×2 cells of 96 px
+    record = json.loads((out / "pretrain.json").read_text())
+    assert record["settings"]["steps"] == 3 and record["summary"]["steps_done"] == 3
+    assert not list(out.glob("*.tmp"))
+
+
+def test_the_saved_model_is_the_ema_and_loads_as_a_backbone(tiny_run):
+    out, _ = tiny_run
+    backbone = load_backbone(out / "model")
+    assert len(decoder_block_names(backbone.unet)) == 15  # 5 levels × (layers_per_block + 1)
+    assert isinstance(decoder_block(backbone.unet, 12), torch.nn.Module)
+    assert backbone.architecture["sample_size"] == 32 and backbone.architecture["out_channels"] == 3
+    state = read_state(out)
+    for name, tensor in backbone.unet.state_dict().items():
+        assert torch.equal(tensor, state["ema"][name]), name
+    differences = [not torch.equal(state["ema"][name], state["model"][name]) for name in state["model"]]
+    assert any(differences), "after training the EMA weights must differ from the raw weights"
+
+
+def test_resuming_continues_exactly_like_an_uninterrupted_run(images, tmp_path):
+    settings = replace(TINY, steps=4, checkpoint_every=2, sample_count=1, sample_inference_steps=1)
+    first = pretrain_ddpm(images, tmp_path / "resumed", replace(settings, steps=2), show_progress=False)
+    assert first.steps_done == 2 and read_state(tmp_path / "resumed")["step"] == 2
+    resumed = pretrain_ddpm(images, tmp_path / "resumed", settings, show_progress=False)
+    assert (resumed.resumed_from, resumed.steps_done) == (2, 4)
+    straight = pretrain_ddpm(images, tmp_path / "straight", settings, show_progress=False)
+    a, b = read_state(tmp_path / "resumed"), read_state(tmp_path / "straight")
+    assert a["step"] == b["step"] == 4 and torch.equal(a["losses"], b["losses"]) and len(a["losses"]) == 4
+    for part in ("model", "ema"):
+        for name in a[part]:
+            assert torch.equal(a[part][name], b[part][name]), f"{part}.{name}"
+    assert (tmp_path / "resumed" / "loss.csv").read_text() == (tmp_path / "straight" / "loss.csv").read_text()
+    assert resumed.final_loss == straight.final_loss
+
+
+def test_a_complete_run_is_not_trained_again(images, tiny_run):
+    out, summary = tiny_run
+    again = pretrain_ddpm(images, out, replace(TINY, sample_count=1), show_progress=False)
+    assert (again.resumed_from, again.steps_done, again.final_loss) == (3, 3, summary.final_loss)
+
+
+def test_other_settings_images_or_fewer_steps_are_refused(images, tiny_run, tmp_path):
+    out, _ = tiny_run
+    before = (out / "state.pt").read_bytes()
+    with pytest.raises(ValueError, match=r"other settings \(learning_rate: 0.0002 there, 0.001 now\)"):
+        pretrain_ddpm(images, out, replace(TINY, learning_rate=1e-3), show_progress=False)
+    with pytest.raises(ValueError, match="block_out_channels"):
+        pretrain_ddpm(images, out, replace(TINY, block_out_channels=[32, 32, 32, 32, 64]), show_progress=False)
+    with pytest.raises(ValueError, match="already at step 3, past steps=2"):
+        pretrain_ddpm(images, out, replace(TINY, steps=2), show_progress=False)
+    other_images = write_image_folder(tmp_path / "other", count=8, labeled=False, seed=5)
+    with pytest.raises(ValueError, match="trained on other images"):
+        pretrain_ddpm(other_images, out, TINY, show_progress=False)
+    assert (out / "state.pt").read_bytes() == before
+
+
+def test_settings_are_checked():
+    with pytest.raises(ValueError, match="multiples of 32"):
+        PretrainSettings(block_out_channels=[48, 64])
+    with pytest.raises(ValueError, match="divisible by 2\\^4"):
+        PretrainSettings(image_size=40)
+    with pytest.raises(ValueError, match="attention_levels"):
+        PretrainSettings(attention_levels=[5])
+    with pytest.raises(ValueError, match="steps"):
+        PretrainSettings(steps=0)
+
+
+def test_sample_images_is_seeded_uint8():
+    unet = build_unet(replace(TINY, image_size=16, block_out_channels=[32, 32], attention_levels=[]))
+    first = sample_images(unet, 3, torch.Generator().manual_seed(0), num_inference_steps=2)
+    second = sample_images(unet, 3, torch.Generator().manual_seed(0), num_inference_steps=2)
+    assert first.shape == (3, 16, 16, 3) and first.dtype == np.uint8
+    np.testing.assert_array_equal(first, second)
+    assert unet.training  # build_unet returns a training-mode model; sampling restores the mode
+
+
+def test_image_grid_layout():
+    images = np.zeros((5, 8, 8, 3), dtype=np.uint8)
+    grid = image_grid(images, padding=2, min_cell=16)  # 3 columns, 2 rows of 16-px cells
+    assert grid.shape == (2 * 18 + 2, 3 * 18 + 2, 3) and grid.dtype == np.uint8
+    assert (grid[2:18, 2:18] == 0).all() and (grid[0] == 255).all()
+
+
+def test_the_cli_command(images, tmp_path):
+    arguments = [
+        "--quiet", "pretrain", "--images", images, "--out", tmp_path / "run", "--steps", 2, "--batch-size", 2,
+        "--channels", "32,32,32,32,32", "--attention-levels", "", "--sample-count", 1, "--sample-steps", 1,
+        "--device", "cpu",
+    ]
+    result = CliRunner().invoke(main, [str(argument) for argument in arguments], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "pretrain: 2 steps (from 0) on 8 images" in result.output
+    assert load_backbone(tmp_path / "run" / "model").architecture["block_out_channels"] == [32] * 5
+    refused = CliRunner().invoke(main, [str(argument) for argument in [*arguments, "--seed", 1]])
+    assert refused.exit_code == 1 and "other settings (seed: 0 there, 1 now)" in refused.output
+    assert "Traceback" not in refused.output
+    assert "pretrain" in CliRunner().invoke(main, ["--help"]).output
