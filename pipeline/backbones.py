@@ -405,9 +405,19 @@ def make_tiny_unet(sample_size: int = 32, seed: int = 0) -> UNet2DModel:
         resblock_updown=True,
     )
     config = adm_unet_config(layout, head_channels=32) | {"sample_size": sample_size}
+    return randomly_initialised_unet(config, seed)
+
+
+def randomly_initialised_unet(config: Mapping, seed: int) -> UNet2DModel:
+    """A `UNet2DModel` of the given configuration with fresh random weights (diffusers' own
+    initialisation), seeded without touching the global random state.
+
+    With the configuration of a trained model this is the "same network, random weights"
+    baseline: what the features owe to training rather than to the architecture.
+    """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        unet = UNet2DModel.from_config(config)
+        unet = UNet2DModel.from_config(dict(config))
     return unet.eval()
 
 

@@ -75,6 +75,7 @@ class TrainSettings:
         buffer_pixels: pixels gathered from the store at a time (bounds memory).
         cache_megabytes: RAM for the native feature tables kept between buffers.
         device: where the ensemble trains: "auto" (cuda > mps > cpu) or a torch device string.
+        threads: torch CPU threads while training (0: torch's default).
     """
 
     protocol: Protocol = "paper"
@@ -89,6 +90,7 @@ class TrainSettings:
     buffer_pixels: int = 65536
     cache_megabytes: int = 2048
     device: str = "auto"
+    threads: int = 0
 
     def __post_init__(self) -> None:
         for name in ("members", "batch_size", "max_epochs", "buffer_pixels"):
@@ -99,16 +101,31 @@ class TrainSettings:
 
 
 @dataclasses.dataclass(frozen=True)
+class BaselineSettings:
+    """The baselines the demo compares the diffusion features with.
+
+    Attributes:
+        random_weights_seed: seed of the same UNet's random initialisation.
+        pixel_neighbourhood: odd window width of the raw-pixel features (3: 27 values per pixel).
+    """
+
+    random_weights_seed: int = 0
+    pixel_neighbourhood: int = 3
+
+
+@dataclasses.dataclass(frozen=True)
 class EvaluateSettings:
     """How test images are predicted and scored.
 
     Attributes:
         pixels_per_batch: pixels pushed through the ensemble at once.
         pictures: how many test images get a picture in the prediction grid.
+        threads: torch CPU threads while predicting (0: torch's default).
     """
 
     pixels_per_batch: int = 16384
     pictures: int = 6
+    threads: int = 0
 
 
 def _type_matches(value: Any, expected: Any) -> bool:
@@ -177,9 +194,11 @@ class Params:
     extract: ExtractSettings
     train: TrainSettings
     evaluate: EvaluateSettings
+    baselines: BaselineSettings
 
 
-_SECTIONS = {"demo": DemoSpec, "extract": ExtractSettings, "train": TrainSettings, "evaluate": EvaluateSettings}
+_SECTIONS = {"demo": DemoSpec, "extract": ExtractSettings, "train": TrainSettings, "evaluate": EvaluateSettings,
+             "baselines": BaselineSettings}
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:

@@ -13,6 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pipeline.config import EvaluateSettings
+from pipeline.devices import torch_threads
 from pipeline.ensemble import Ensemble, load_ensemble, predict_with_uncertainty
 from pipeline.metrics import IoUAccumulator, top_decile_mean
 from pipeline.store import FeatureStore, StoreMismatchError
@@ -89,20 +90,21 @@ def evaluate_on_store(
     accumulator = IoUAccumulator(ensemble.num_classes, ensemble.ignore_label)
     (out_dir / "masks").mkdir(parents=True, exist_ok=True)
     uncertainties, grid_rows = [], []
-    for index in tqdm(np.flatnonzero(store.done_mask()), desc="evaluate", unit="image", disable=not show_progress):
-        index, name = int(index), store.image_names[index]
-        prediction = predict_image(ensemble, store, index, settings.pixels_per_batch)
-        target, image = store.labels(index), store.image(index)
-        if target is not None:
-            accumulator.update(prediction.labels, target)
-        uncertainties.append(prediction.uncertainty)
-        np.save(out_dir / "masks" / f"{name}.npy", prediction.labels.astype(np.int16))
-        save_png(out_dir / "masks" / f"{name}.png", overlay(image, prediction.labels, palette, ignore_label=ensemble.ignore_label))
-        if len(grid_rows) < settings.pictures:
-            grid_rows.append(
-                {"image": image, "ground_truth": target, "prediction": prediction.labels,
-                 "uncertainty": prediction.disagreement, "title": name}
-            )
+    with torch_threads(settings.threads):
+        for index in tqdm(np.flatnonzero(store.done_mask()), desc="evaluate", unit="image", disable=not show_progress):
+            index, name = int(index), store.image_names[index]
+            prediction = predict_image(ensemble, store, index, settings.pixels_per_batch)
+            target, image = store.labels(index), store.image(index)
+            if target is not None:
+                accumulator.update(prediction.labels, target)
+            uncertainties.append(prediction.uncertainty)
+            np.save(out_dir / "masks" / f"{name}.npy", prediction.labels.astype(np.int16))
+            save_png(out_dir / "masks" / f"{name}.png", overlay(image, prediction.labels, palette, ignore_label=ensemble.ignore_label))
+            if len(grid_rows) < settings.pictures:
+                grid_rows.append(
+                    {"image": image, "ground_truth": target, "prediction": prediction.labels,
+                     "uncertainty": prediction.disagreement, "title": name}
+                )
     per_class = accumulator.per_class_iou()
     metrics = {
         "miou": _nan_to_none(accumulator.mean_iou()),

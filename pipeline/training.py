@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from pipeline.config import TrainSettings
 from pipeline.datasets import ClassInfo
-from pipeline.devices import pick_device
+from pipeline.devices import pick_device, torch_threads
 from pipeline.ensemble import Ensemble, save_ensemble, train_ensemble
 from pipeline.sampling import PixelStream, select_labeled_pixels
 from pipeline.store import FeatureStore
@@ -61,16 +61,17 @@ def train_on_store(
         # Each member and epoch gets its own pixel order, reproducible from the seed.
         return stream.batches(np.random.default_rng([settings.seed, member, epoch]))
 
-    ensemble = train_ensemble(
-        epoch_batches,
-        store.feature_dim,
-        classes.names,
-        classes.ignore_label,
-        store.feature_description(),
-        settings,
-        pick_device(device),
-        show_progress,
-    )
+    with torch_threads(settings.threads):
+        ensemble = train_ensemble(
+            epoch_batches,
+            store.feature_dim,
+            classes.names,
+            classes.ignore_label,
+            store.feature_description(),
+            settings,
+            pick_device(device),
+            show_progress,
+        )
     save_ensemble(ensemble, out_dir)
     summary = TrainingSummary(
         ensemble_dir=Path(out_dir),

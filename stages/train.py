@@ -25,6 +25,7 @@ def main() -> None:
         for member, log in enumerate(ensemble.logs)
         for epoch, loss in enumerate(log.epoch_mean_loss)
     ]
+    Path(arguments.log).parent.mkdir(parents=True, exist_ok=True)
     Path(arguments.log).write_text(json.dumps(curve, indent=1))
     print(
         f"train: {len(summary.epochs_per_member)} members on {summary.training_pixels} pixels "

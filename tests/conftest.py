@@ -11,6 +11,9 @@ from PIL import Image
 
 from pipeline.store import BlockShape, StoreSchema, open_store_for_writing
 
+# Tiny models everywhere: one thread is as fast, and immune to a busy neighbour process.
+torch.set_num_threads(1)
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SHARED = PROJECT_ROOT.parent / "shared"
 

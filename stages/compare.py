@@ -1,0 +1,24 @@
+"""DVC stage: the demo's headline metrics, DDPM features beside the baselines."""
+
+import argparse
+from pathlib import Path
+
+from pipeline.comparison import write_comparison
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--ddpm", required=True, help="metrics.json of the DDPM features")
+    parser.add_argument("--random", required=True, help="metrics.json of the random-weights UNet")
+    parser.add_argument("--pixels", required=True, help="metrics.json of the raw pixels")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--chart", required=True)
+    arguments = parser.parse_args()
+
+    paths = {"ddpm": Path(arguments.ddpm), "random": Path(arguments.random), "pixels": Path(arguments.pixels)}
+    summary = write_comparison(paths, Path(arguments.out), Path(arguments.chart))
+    print("compare: " + ", ".join(f"{key} {value}" for key, value in summary.items()))
+
+
+if __name__ == "__main__":
+    main()

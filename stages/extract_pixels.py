@@ -1,0 +1,32 @@
+"""DVC stage: the raw-pixel baseline's features of one split."""
+
+import argparse
+import logging
+
+from pipeline.config import load_params
+from pipeline.datasets import find_class_info
+from pipeline.pixel_baseline import extract_pixel_features
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--images", required=True)
+    parser.add_argument("--store", required=True)
+    parser.add_argument("--params", default="params.yaml")
+    arguments = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+    params = load_params(arguments.params)
+    summary = extract_pixel_features(
+        arguments.images,
+        arguments.store,
+        params.extract.size,
+        params.baselines.pixel_neighbourhood,
+        classes=find_class_info(arguments.images),
+        replace_mismatched=True,
+    )
+    print(f"pixel features: {summary.images_written} of {summary.images_total} images to {summary.store_path}")
+
+
+if __name__ == "__main__":
+    main()
