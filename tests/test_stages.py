@@ -35,6 +35,7 @@ def project(tmp_path_factory):
     for name in ("pipeline", "stages"):
         shutil.copytree(PROJECT_ROOT / name, project / name, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(PROJECT_ROOT / "dvc.yaml", project / "dvc.yaml")
+    shutil.copytree(PROJECT_ROOT / "data" / "checkpoints", project / "data" / "checkpoints")
     params = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
     for section, values in SMALL_SETTINGS.items():
         params[section].update(values)
@@ -45,12 +46,18 @@ def project(tmp_path_factory):
 
 def test_repro_runs_everything_then_nothing_then_only_training(project):
     first = run(project, "repro")
-    for stage in ("demo_data", "demo_model", "extract@train", "extract@test", "train", "evaluate"):
+    for source in ("ddpm", "random", "pixels"):
+        for stage in (f"train@{source}", f"evaluate@{source}"):
+            assert f"Running stage '{stage}'" in first
+        metrics = json.loads((project / "data" / "results" / source / "metrics.json").read_text())
+        assert 0.0 <= metrics["miou"] <= 1.0 and metrics["images"] == 3
+        assert (project / "data" / "stores" / f"{source}-train.zarr" / "zarr.json").is_file()
+    for stage in ("demo_data", "random_model", "extract@ddpm-train", "extract@random-test", "extract_pixels@test", "compare"):
         assert f"Running stage '{stage}'" in first
-    metrics = json.loads((project / "data" / "results" / "metrics.json").read_text())
-    assert 0.0 <= metrics["miou"] <= 1.0 and metrics["images"] == 3
-    assert (project / "data" / "stores" / "train.zarr" / "zarr.json").is_file()
-    assert "miou" in run(project, "metrics", "show")
+    comparison = json.loads((project / "data" / "metrics.json").read_text())
+    assert set(comparison) >= {"miou", "miou_random_weights", "miou_pixels"}
+    shown = run(project, "metrics", "show")
+    assert "miou_random_weights" in shown and "miou_pixels" in shown
 
     second = run(project, "repro")
     assert "Running stage" not in second
@@ -59,5 +66,5 @@ def test_repro_runs_everything_then_nothing_then_only_training(project):
     params["train"]["seed"] = 1
     (project / "params.yaml").write_text(yaml.safe_dump(params))
     third = run(project, "repro")
-    assert "Running stage 'train'" in third and "Running stage 'evaluate'" in third
-    assert "Running stage 'extract@train'" not in third and "Running stage 'extract@test'" not in third
+    assert "Running stage 'train@ddpm'" in third and "Running stage 'evaluate@ddpm'" in third
+    assert "Running stage 'extract" not in third and "Running stage 'random_model'" not in third
