@@ -134,6 +134,24 @@ def evaluate(context: _Context, ensemble, store, out):
 
 
 @main.command()
+@click.option("--ensemble", required=True, type=click.Path(path_type=Path), help="Folder of a trained ensemble.")
+@click.option("--checkpoint", required=True, type=click.Path(path_type=Path), help="The checkpoint the ensemble's features came from.")
+@click.option("--images", required=True, type=click.Path(path_type=Path), help="Folder of PNG/JPEG images, any size.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder for masks, overlays and summary.json.")
+@click.option("--device", default="auto", show_default=True)
+@click.pass_obj
+def predict(context: _Context, ensemble, checkpoint, images, out, device):
+    """Segment new images (no labels needed) with a trained ensemble."""
+    from pipeline.prediction import predict_folder
+
+    def action():
+        summary = predict_folder(ensemble, checkpoint, images, out, device=device, show_progress=context.show_progress)
+        click.echo(f"predict: {summary.images} images segmented into {summary.out_dir} in {summary.seconds:.1f} s")
+
+    _run(context, action)
+
+
+@main.command()
 @click.option("--store", required=True, type=click.Path(path_type=Path), help="Feature store to look into.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.option("--image", help="Image index or name (with --pixel).")

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import logging
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -47,20 +48,35 @@ def check_ensemble_matches_store(ensemble: Ensemble, store: FeatureStore, ensemb
         )
 
 
-def predict_image(ensemble: Ensemble, store: FeatureStore, index: int, pixels_per_batch: int) -> ImagePrediction:
-    """Predicts every pixel of one stored image, a band of rows at a time."""
-    size = store.image_size
+def predict_pixels(
+    ensemble: Ensemble, pixel_features: Callable[[np.ndarray, np.ndarray], np.ndarray], size: int, pixels_per_batch: int
+) -> ImagePrediction:
+    """Predicts every pixel of a size×size image, a band of rows at a time.
+
+    Args:
+        ensemble: the trained members.
+        pixel_features: (ys, xs) → float32 (P, D) features of those pixels.
+        size: the image's side.
+        pixels_per_batch: about how many pixels go through the ensemble at once.
+    """
     rows_per_band = max(1, pixels_per_batch // size)
     labels = np.empty((size, size), dtype=np.int64)
     disagreement = np.empty((size, size), dtype=np.float32)
     for top in range(0, size, rows_per_band):
         rows = np.arange(top, min(top + rows_per_band, size))
         ys, xs = np.repeat(rows, size), np.tile(np.arange(size), len(rows))  # the band's pixels, row-major
-        features = torch.from_numpy(store.pixel_features(index, ys, xs))  # (P, D)
+        features = torch.from_numpy(pixel_features(ys, xs))  # (P, D)
         band_labels, band_disagreement = predict_with_uncertainty(ensemble.members, features)
         labels[rows] = band_labels.numpy().reshape(len(rows), size)
         disagreement[rows] = band_disagreement.numpy().reshape(len(rows), size)
     return ImagePrediction(labels, disagreement)
+
+
+def predict_image(ensemble: Ensemble, store: FeatureStore, index: int, pixels_per_batch: int) -> ImagePrediction:
+    """Predicts every pixel of one stored image."""
+    return predict_pixels(
+        ensemble, lambda ys, xs: store.pixel_features(index, ys, xs), store.image_size, pixels_per_batch
+    )
 
 
 def _nan_to_none(value: float) -> float | None:

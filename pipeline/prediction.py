@@ -1,0 +1,129 @@
+"""Segmenting new images with a trained ensemble: no labels, no store, one image at a time."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from pipeline.backbones import decoder_block, load_backbone
+from pipeline.datasets import list_images, load_image
+from pipeline.devices import pick_device, torch_threads
+from pipeline.diffusion import shared_noise
+from pipeline.ensemble import Ensemble, load_ensemble
+from pipeline.evaluation import predict_pixels
+from pipeline.extract import compute_activations
+from pipeline.features import gather_pixels_from_blocks
+from pipeline.store import StoreMismatchError
+from pipeline.visualize import class_palette, colour_mask, overlay, save_png, uncertainty_image
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class PredictionSummary:
+    """What a prediction run wrote."""
+
+    out_dir: Path
+    images: int
+    seconds: float
+
+
+def check_checkpoint_matches(ensemble: Ensemble, checkpoint_sha256: str, checkpoint: Path, ensemble_dir: Path) -> None:
+    """Refuses a checkpoint other than the one whose features trained the ensemble."""
+    expected = ensemble.features.get("checkpoint_sha256")
+    if expected != checkpoint_sha256:
+        raise StoreMismatchError(
+            f"the ensemble in {ensemble_dir} was trained on features of checkpoint sha256 {str(expected)[:12]}…, "
+            f"but {checkpoint} has sha256 {checkpoint_sha256[:12]}…; use the checkpoint the ensemble was trained with"
+        )
+
+
+def _resize_labels(labels: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Nearest-neighbour resize of an int label map (S, S) to (height, width)."""
+    size = labels.shape[0]
+    rows = (np.arange(height) * size // height)[:, None]
+    columns = (np.arange(width) * size // width)[None, :]
+    return labels[rows, columns]
+
+
+def _resize_values(values: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Bilinear resize of a float map (S, S) to (height, width)."""
+    return np.asarray(Image.fromarray(values.astype(np.float32)).resize((width, height), Image.Resampling.BILINEAR))
+
+
+def predict_folder(
+    ensemble_dir: str | Path,
+    checkpoint: str | Path,
+    images_dir: str | Path,
+    out_dir: str | Path,
+    pixels_per_batch: int = 16384,
+    device: str = "auto",
+    threads: int = 0,
+    show_progress: bool = True,
+) -> PredictionSummary:
+    """Segments every image of a folder and writes, per image: `<name>.npy` (labels at the
+    image's own size), `<name>_mask.png`, `<name>_overlay.png`, `<name>_uncertainty.png`; and
+    `summary.json` (per image: size, uncertainty score, class fractions).
+
+    Images are processed one at a time, so memory does not grow with the folder.
+    """
+    started = time.perf_counter()
+    ensemble_dir, checkpoint, out_dir = Path(ensemble_dir), Path(checkpoint), Path(out_dir)
+    # 1. The ensemble, and the model that makes the features it was trained on.
+    ensemble = load_ensemble(ensemble_dir)
+    backbone = load_backbone(checkpoint)
+    check_checkpoint_matches(ensemble, backbone.checkpoint_sha256, checkpoint, ensemble_dir)
+    features = ensemble.features
+    size, steps = features["image_size"], features["steps"]
+    torch_device = pick_device(device)
+    unet = backbone.unet.to(torch_device).eval()
+    block_modules = {block: decoder_block(unet, block) for block in features["blocks"]}
+    noise = shared_noise(features["noise_seed"], size)
+    palette = class_palette(ensemble.num_classes)
+    records = list_images(images_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # 2. Each image: features → votes → outputs at the image's own size.
+    summaries = []
+    with torch_threads(threads):
+        for record in tqdm(records, desc="predict", unit="image", disable=not show_progress):
+            model_input = torch.from_numpy(load_image(record, size))[None].to(torch_device)  # (1, 3, S, S)
+            activations = compute_activations(unet, block_modules, model_input, steps, noise)
+            tables = [activation[0] for activation in activations]  # per (step, block): (C, h, w)
+            prediction = predict_pixels(
+                ensemble, lambda ys, xs: gather_pixels_from_blocks(tables, ys, xs, size), size, pixels_per_batch
+            )
+            summaries.append(_write_outputs(record, prediction, ensemble, palette, out_dir))
+    (out_dir / "summary.json").write_text(
+        json.dumps({"ensemble": str(ensemble_dir), "checkpoint": str(checkpoint), "images": summaries}, indent=1)
+    )
+    return PredictionSummary(out_dir, len(records), time.perf_counter() - started)
+
+
+def _write_outputs(record, prediction, ensemble: Ensemble, palette: np.ndarray, out_dir: Path) -> dict:
+    with Image.open(record.image_path) as image:
+        original = np.asarray(image.convert("RGB"))  # (H, W, 3)
+    height, width = original.shape[:2]
+    labels = _resize_labels(prediction.labels, width, height)
+    disagreement = _resize_values(prediction.disagreement, width, height)
+    np.save(out_dir / f"{record.name}.npy", labels.astype(np.int16))
+    save_png(out_dir / f"{record.name}_mask.png", colour_mask(labels, palette, ignore_label=None))
+    save_png(out_dir / f"{record.name}_overlay.png", overlay(original, labels, palette, ignore_label=None))
+    save_png(out_dir / f"{record.name}_uncertainty.png", uncertainty_image(np.clip(disagreement, 0, None)))
+    counts = np.bincount(labels.ravel(), minlength=ensemble.num_classes)
+    return {
+        "name": record.name,
+        "width": width,
+        "height": height,
+        "uncertainty": round(prediction.uncertainty, 6),
+        "class_fractions": {
+            name: round(count / labels.size, 6) for name, count in zip(ensemble.class_names, counts) if count
+        },
+    }

@@ -1,0 +1,65 @@
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from cli import main
+from conftest import write_image_folder
+from pipeline.backbones import make_tiny_unet
+from pipeline.config import ExtractSettings, TrainSettings
+from pipeline.datasets import ClassInfo
+from pipeline.extract import extract_features
+from pipeline.prediction import predict_folder
+from pipeline.store import StoreMismatchError
+from pipeline.training import train_on_store
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("prediction")
+    make_tiny_unet(sample_size=32, seed=0).save_pretrained(root / "unet")
+    make_tiny_unet(sample_size=32, seed=1).save_pretrained(root / "other_unet")
+    write_image_folder(root / "train", count=3)
+    classes = ClassInfo(names=["background", "disc", "square"], ignore_label=255)
+    settings = ExtractSettings(steps=[50], blocks=[5, 8, 12], size=32, device="cpu")
+    extract_features(root / "unet", root / "train", root / "train.zarr", settings, classes, show_progress=False)
+    train_on_store(root / "train.zarr", root / "ensemble", TrainSettings(members=2, max_epochs=3, device="cpu"), show_progress=False)
+    images = root / "new"
+    images.mkdir()
+    rng = np.random.default_rng(5)
+    Image.fromarray(rng.integers(0, 255, (24, 40, 3), dtype=np.uint8)).save(images / "wide.png")
+    Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).convert("L").save(images / "grey large.jpg")
+    return root
+
+
+def test_predict_writes_outputs_at_each_images_size(trained, tmp_path):
+    summary = predict_folder(trained / "ensemble", trained / "unet", trained / "new", tmp_path, device="cpu", show_progress=False)
+    assert summary.images == 2
+    labels = np.load(tmp_path / "wide.npy")
+    assert labels.shape == (24, 40) and set(np.unique(labels)) <= {0, 1, 2}
+    assert np.load(tmp_path / "grey large.npy").shape == (64, 64)
+    for suffix in ("mask", "overlay", "uncertainty"):
+        assert Image.open(tmp_path / f"wide_{suffix}.png").size == (40, 24)
+    report = json.loads((tmp_path / "summary.json").read_text())
+    wide = next(image for image in report["images"] if image["name"] == "wide")
+    assert (wide["width"], wide["height"]) == (40, 24) and wide["uncertainty"] >= 0
+    assert sum(wide["class_fractions"].values()) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_predict_refuses_another_checkpoint(trained, tmp_path):
+    with pytest.raises(StoreMismatchError, match="checkpoint"):
+        predict_folder(trained / "ensemble", trained / "other_unet", trained / "new", tmp_path, device="cpu", show_progress=False)
+    assert not (tmp_path / "summary.json").exists()
+
+
+def test_predict_command(trained, tmp_path):
+    arguments = ["--quiet", "predict", "--ensemble", trained / "ensemble", "--checkpoint", trained / "unet",
+                 "--images", trained / "new", "--out", tmp_path / "out", "--device", "cpu"]
+    result = CliRunner().invoke(main, [str(argument) for argument in arguments])
+    assert result.exit_code == 0, result.output
+    assert "2 images segmented" in result.output
+    arguments[5] = trained / "other_unet"
+    result = CliRunner().invoke(main, [str(argument) for argument in arguments])
+    assert result.exit_code == 1 and "use the checkpoint the ensemble was trained with" in result.output
