@@ -156,14 +156,22 @@ def predict(context: _Context, ensemble, checkpoint, images, out, device):
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.option("--image", help="Image index or name (with --pixel).")
 @click.option("--pixel", nargs=2, type=int, help="Y X: print that pixel's feature vector.")
+@click.option("--verify", is_flag=True, help="Re-check every image against its checksum; exit 1 naming damaged images.")
 @click.pass_obj
-def inspect(context: _Context, store, as_json, image, pixel):
+def inspect(context: _Context, store, as_json, image, pixel, verify):
     """Describe a store, or print one pixel's features; no model needed."""
     from pipeline.inspection import format_summary, pixel_feature_vector, store_summary
     from pipeline.store import FeatureStore
 
     def action():
         feature_store = FeatureStore(store)
+        if verify:
+            damaged = feature_store.damaged_images()
+            checked = int(feature_store.done_mask().sum())
+            if damaged:
+                raise click.ClickException(f"{len(damaged)} of {checked} images in {store} are damaged: {', '.join(damaged)}")
+            click.echo(f"verify: all {checked} finished images in {store} match their checksums")
+            return
         if pixel:
             if image is None:
                 raise click.UsageError("--pixel needs --image")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import hashlib
 import logging
 import shutil
 import threading
@@ -47,6 +48,10 @@ class StoreMismatchError(ValueError):
 
 class IncompleteImageError(ValueError):
     """An image's features were not (completely) written."""
+
+
+class DamagedImageError(ValueError):
+    """An image's stored bytes fail their checksum."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,14 +112,25 @@ class StoreSchema:
         return cls(**fields)
 
 
-def _compressors(codec: str):
+def _compressors(codec: str) -> list:
+    """The chunk codecs: the compressor, then a CRC32C that makes every read check its chunk."""
     if codec == "blosc-lz4":
-        return [zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")]
-    if codec == "zstd":
-        return [zarr.codecs.ZstdCodec(level=3)]
-    if codec == "none":
-        return None
-    raise ValueError(f"unknown codec {codec!r}; use blosc-lz4, zstd or none")
+        compressors = [zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")]
+    elif codec == "zstd":
+        compressors = [zarr.codecs.ZstdCodec(level=3)]
+    elif codec == "none":
+        compressors = []
+    else:
+        raise ValueError(f"unknown codec {codec!r}; use blosc-lz4, zstd or none")
+    return [*compressors, zarr.codecs.Crc32cCodec()]
+
+
+def image_digest(regions: Sequence[np.ndarray]) -> np.ndarray:
+    """sha256 of an image's stored regions (features, labels, image) in a fixed order, uint8 (32,)."""
+    digest = hashlib.sha256()
+    for region in regions:
+        digest.update(np.ascontiguousarray(region).tobytes())
+    return np.frombuffer(digest.digest(), dtype=np.uint8)
 
 
 def _schema_differences(stored: StoreSchema, wanted: StoreSchema) -> list[str]:
@@ -156,22 +172,26 @@ class FeatureStoreWriter:
             labels: int (S, S), or None when the image has no label map.
             activations: per (step, block) in feature order, float (C_b, h_b, w_b).
         """
-        if self.schema.layout == "native":
-            self._write_native(index, activations)
-        else:
-            size = self.schema.image_size
-            pixels = upsample_and_concatenate([table[None] for table in activations], size)[0]  # (S, S, D)
-            self.group["pixels"][index] = pixels.to(torch.float16).numpy()
-        self.group["labels"][index] = NO_LABELS if labels is None else labels.astype(np.int16)
-        self.group["images"][index] = image
+        regions = {name: region for name, region in self._feature_regions(activations)}
+        regions["labels"] = np.full((self.schema.image_size,) * 2, NO_LABELS, np.int16) if labels is None else labels.astype(np.int16)
+        regions["images"] = np.asarray(image, dtype=np.uint8)
+        for name, region in regions.items():
+            self.group[name][index] = region
+        # The checksum and the done mark come last: a killed write leaves the image pending.
+        self.group["checksums"][index] = image_digest(list(regions.values()))
         self.group["done"][index] = 1
 
-    def _write_native(self, index: int, activations: Sequence[torch.Tensor]) -> None:
+    def _feature_regions(self, activations: Sequence[torch.Tensor]):
+        """(array name, float16 region) pairs of one image's features."""
+        if self.schema.layout == "dense":
+            size = self.schema.image_size
+            pixels = upsample_and_concatenate([table[None] for table in activations], size)[0]  # (S, S, D)
+            yield "pixels", pixels.to(torch.float16).numpy()
+            return
         num_blocks = len(self.schema.block_shapes)
         for position, shape in enumerate(self.schema.block_shapes):
             per_step = activations[position::num_blocks]  # this block at every step, in step order
-            stacked = torch.stack([table.to(torch.float16) for table in per_step])  # (T, C, h, w)
-            self.group[f"block_{shape.block}"][index] = stacked.numpy()
+            yield f"block_{shape.block}", torch.stack([table.to(torch.float16) for table in per_step]).numpy()  # (T, C, h, w)
 
 
 def open_store_for_writing(
@@ -213,12 +233,16 @@ def _create_store(path: Path, schema: StoreSchema, codec: str) -> zarr.Group:
 
     group = zarr.open_group(path, mode="w", zarr_format=3)
     size, count = schema.image_size, len(schema.image_names)
-    compressors = _compressors(codec)
-    group.create_array("images", shape=(count, size, size, 3), chunks=(1, size, size, 3), dtype="uint8")
+    compressors, small = _compressors(codec), _compressors("zstd")
     group.create_array(
-        "labels", shape=(count, size, size), chunks=(1, size, size), dtype="int16", fill_value=NO_LABELS
+        "images", shape=(count, size, size, 3), chunks=(1, size, size, 3), dtype="uint8", compressors=small
     )
-    group.create_array("done", shape=(count,), chunks=(1,), dtype="uint8", fill_value=0)
+    group.create_array(
+        "labels", shape=(count, size, size), chunks=(1, size, size), dtype="int16", fill_value=NO_LABELS,
+        compressors=small,
+    )
+    group.create_array("checksums", shape=(count, 32), chunks=(1, 32), dtype="uint8", compressors=small)
+    group.create_array("done", shape=(count,), chunks=(1,), dtype="uint8", fill_value=0, compressors=small)
     if schema.layout == "native":
         for shape in schema.block_shapes:
             group.create_array(
@@ -361,16 +385,44 @@ class FeatureStore:
                 "written; re-run extract to finish the store"
             )
 
+    def _read(self, array_name: str, index: int, *selection) -> np.ndarray:
+        """Reads (part of) one image's region; a chunk failing its CRC32C is a DamagedImageError."""
+        try:
+            return self.group[array_name][(index, *selection)]
+        except (ValueError, RuntimeError) as error:
+            raise DamagedImageError(
+                f"image {index} ({self.schema.image_names[index]}) in {self.path}: `{array_name}` cannot be read "
+                f"back ({error}); delete its done mark or the store and re-run extract"
+            ) from None
+
+    def _feature_array_names(self) -> list[str]:
+        if self.layout == "dense":
+            return ["pixels"]
+        return [f"block_{block}" for block in self.schema.blocks]
+
+    def verify_image(self, index: int) -> bool:
+        """Whether an image's stored bytes still match the checksum recorded when it was written."""
+        self._check_done(index)
+        try:
+            regions = [self._read(name, index) for name in [*self._feature_array_names(), "labels", "images"]]
+        except DamagedImageError:
+            return False
+        return bool(np.array_equal(image_digest(regions), self.group["checksums"][index]))
+
+    def damaged_images(self) -> list[str]:
+        """Names of the finished images whose bytes no longer match their checksums."""
+        return [self.schema.image_names[i] for i in np.flatnonzero(self.done_mask()) if not self.verify_image(int(i))]
+
     # --- per image --------------------------------------------------------------------------
     def image(self, index: int) -> np.ndarray:
         """The resized input image, uint8 (S, S, 3)."""
         self._check_done(index)
-        return self.group["images"][index]
+        return self._read("images", index)
 
     def labels(self, index: int) -> np.ndarray | None:
         """The image's label map, int64 (S, S), or None when it has none."""
         self._check_done(index)
-        labels = self.group["labels"][index].astype(np.int64)
+        labels = self._read("labels", index).astype(np.int64)
         return None if (labels == NO_LABELS).all() else labels
 
     def block_tables(self, index: int) -> list[torch.Tensor]:
@@ -381,7 +433,7 @@ class FeatureStore:
         if cached is not None:
             return cached
         self._check_done(index)
-        per_block = [torch.from_numpy(self.group[f"block_{block}"][index]) for block in self.schema.blocks]
+        per_block = [torch.from_numpy(self._read(name, index)) for name in self._feature_array_names()]
         tables = [per_block[b][s] for s in range(len(self.schema.steps)) for b in range(len(per_block))]
         self._cache.put(index, tables)
         return tables
@@ -403,7 +455,7 @@ class FeatureStore:
         for tile_id in np.unique(tile_ids):
             members = np.flatnonzero(tile_ids == tile_id)
             top, left = ys[members[0]] // tile * tile, xs[members[0]] // tile * tile
-            block = pixels[index, top : top + tile, left : left + tile]  # (tile, tile, D) float16
+            block = self._read("pixels", index, slice(top, top + tile), slice(left, left + tile))  # (tile, tile, D)
             features[members] = block[ys[members] - top, xs[members] - left]
         return features
 
@@ -411,7 +463,7 @@ class FeatureStore:
         """All pixel features of one image, float16 (S, S, D)."""
         if self.layout == "dense":
             self._check_done(index)
-            return self.group["pixels"][index]
+            return self._read("pixels", index)
         tables = self.block_tables(index)
         pixels = upsample_and_concatenate([table[None] for table in tables], self.image_size)[0]
         return pixels.to(torch.float16).numpy()

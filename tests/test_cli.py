@@ -120,3 +120,16 @@ def test_golden_adm_fixture_through_the_cli(shared_dir, tmp_path):
         assert features.shape == (1056,)
         # The store keeps float16: agreement to fp16 rounding of the fp32 reference.
         np.testing.assert_allclose(features, expected["pixel_features"][row], rtol=2e-3, atol=2e-3)
+
+
+def test_inspect_verify(workspace, trained, tmp_path):
+    import shutil
+
+    result = invoke("inspect", "--store", workspace / "test.zarr", "--verify")
+    assert result.exit_code == 0 and "all 3 finished images" in result.output
+    copy = tmp_path / "copy.zarr"
+    shutil.copytree(workspace / "test.zarr", copy)
+    chunk = next(path for path in (copy / "block_12" / "c" / "2").rglob("*") if path.is_file())
+    chunk.write_bytes(chunk.read_bytes()[:-7] + b"garbage")
+    result = invoke("inspect", "--store", copy, "--verify")
+    assert result.exit_code == 1 and "1 of 3 images" in result.output and "img_002" in result.output

@@ -9,6 +9,7 @@ from conftest import STEPS, synthetic_schema, write_synthetic_store
 from pipeline.features import upsample_and_concatenate
 from pipeline.store import (
     FeatureStore,
+    DamagedImageError,
     IncompleteImageError,
     StoreMismatchError,
     open_store_for_writing,
@@ -131,3 +132,39 @@ def test_chunks_hold_one_image_each(tmp_path):
     assert store.group["pixels"].chunks == (1, 16, 16, 24)
     assert store.group["labels"].chunks == (1, 16, 16)
     assert store.group["pixels"].dtype == np.float16
+
+
+def _chunk_files(store_path, array_name, index):
+    return [path for path in (store_path / array_name / "c" / str(index)).rglob("*") if path.is_file()]
+
+
+@pytest.mark.parametrize("layout", ["native", "dense"])
+def test_a_corrupted_chunk_fails_loudly_and_is_named_by_verify(tmp_path, layout):
+    write_synthetic_store(tmp_path / "store.zarr", layout, _labels(3))
+    array_name = "block_8" if layout == "native" else "pixels"
+    chunk = _chunk_files(tmp_path / "store.zarr", array_name, 1)[0]
+    damaged = bytearray(chunk.read_bytes())
+    damaged[len(damaged) // 2] ^= 0xFF
+    chunk.write_bytes(bytes(damaged))
+    store = FeatureStore(tmp_path / "store.zarr")
+    with pytest.raises(DamagedImageError, match="image_01"):
+        store.pixel_features(1, np.arange(16), np.arange(16))
+    assert store.damaged_images() == ["image_01"]
+    assert store.verify_image(0) and store.verify_image(2)
+
+
+def test_verify_catches_a_rewrite_that_bypassed_the_writer(tmp_path):
+    write_synthetic_store(tmp_path / "store.zarr", "native", _labels(2))
+    import zarr
+
+    labels = zarr.open_group(tmp_path / "store.zarr", mode="r+")["labels"]
+    labels[0, 0, 0] = (labels[0, 0, 0] + 1) % 3  # a valid chunk with other content
+    assert FeatureStore(tmp_path / "store.zarr").damaged_images() == ["image_00"]
+
+
+def test_every_chunk_carries_a_crc(tmp_path):
+    write_synthetic_store(tmp_path / "store.zarr", "native", _labels(1))
+    store = FeatureStore(tmp_path / "store.zarr")
+    for name in ("images", "labels", "block_5", "checksums", "done"):
+        codecs = [type(codec).__name__ for codec in store.group[name].metadata.codecs]
+        assert codecs[-1] == "Crc32cCodec", (name, codecs)
