@@ -155,12 +155,17 @@ def predict(context: _Context, ensemble, checkpoint, images, out, device):
 @click.option("--store", required=True, type=click.Path(path_type=Path), help="Feature store to look into.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.option("--image", help="Image index or name (with --pixel).")
-@click.option("--pixel", nargs=2, type=int, help="Y X: print that pixel's feature vector.")
+@click.option("--pixel", nargs=2, type=int, multiple=True, help="Y X: print that pixel's feature vector (repeat with --export).")
 @click.option("--verify", is_flag=True, help="Re-check every image against its checksum; exit 1 naming damaged images.")
+@click.option("--stats", is_flag=True, help="Per (step, block): mean, std, fraction of zeros (first 8 images).")
+@click.option("--pca", type=click.Path(path_type=Path), help="PNG: first 3 principal components of --image's features as RGB.")
+@click.option("--similarity", nargs=3, type=(int, int, click.Path(path_type=Path)), help="Y X PNG: cosine similarity of every pixel to pixel (Y, X) of --image.")
+@click.option("--compare-with", multiple=True, help="Other images for --similarity (repeatable).")
+@click.option("--export", type=click.Path(path_type=Path), help=".npy or .csv: the --pixel features of --image.")
 @click.pass_obj
-def inspect(context: _Context, store, as_json, image, pixel, verify):
-    """Describe a store, or print one pixel's features; no model needed."""
-    from pipeline.inspection import format_summary, pixel_feature_vector, store_summary
+def inspect(context: _Context, store, as_json, image, pixel, verify, stats, pca, similarity, compare_with, export):
+    """Describe a store, print or export pixels' features, draw what the features hold; no model needed."""
+    from pipeline import inspection
     from pipeline.store import FeatureStore
 
     def action():
@@ -172,14 +177,26 @@ def inspect(context: _Context, store, as_json, image, pixel, verify):
                 raise click.ClickException(f"{len(damaged)} of {checked} images in {store} are damaged: {', '.join(damaged)}")
             click.echo(f"verify: all {checked} finished images in {store} match their checksums")
             return
-        if pixel:
-            if image is None:
-                raise click.UsageError("--pixel needs --image")
-            features = pixel_feature_vector(feature_store, image, *pixel)
+        if (pixel or pca or similarity or export) and image is None:
+            raise click.UsageError("--pixel, --pca, --similarity and --export need --image")
+        if pca:
+            inspection.save_pca_pictures(feature_store, image, pca)
+            click.echo(f"inspect: principal components of {image} saved to {pca}")
+        if similarity:
+            inspection.save_similarity_pictures(feature_store, image, *similarity, list(compare_with))
+            click.echo(f"inspect: similarity map saved to {similarity[2]}")
+        if export:
+            features = inspection.export_pixel_features(feature_store, image, list(pixel), export)
+            click.echo(f"inspect: {features.shape[0]} pixels × {features.shape[1]} features exported to {export}")
+        elif pixel:
+            features = inspection.pixel_feature_vector(feature_store, image, *pixel[0])
             click.echo(json.dumps({"features": features}) if as_json else " ".join(f"{v:.6g}" for v in features))
+        if pca or similarity or export or pixel:
             return
-        summary = store_summary(feature_store)
-        click.echo(json.dumps(summary, indent=1) if as_json else format_summary(summary))
+        summary = inspection.store_summary(feature_store)
+        if stats:
+            summary["block_statistics"] = inspection.block_statistics(feature_store)
+        click.echo(json.dumps(summary, indent=1) if as_json else inspection.format_summary(summary))
 
     _run(context, action)
 

@@ -344,3 +344,47 @@ def _add_class_legend(
     if handles:
         figure.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 6),
                       fontsize=8, frameon=False)
+
+
+def save_picture_grid(
+    path: Path | str,
+    pictures: list[tuple[str, np.ndarray]],
+    title: str,
+    columns: int,
+    markers: dict[int, tuple[int, int]] | None = None,
+    colour_bar_label: str | None = None,
+) -> None:
+    """Saves titled pictures in a grid: RGB pictures as they are, 2-d maps with a colour bar.
+
+    Args:
+        path: Where to write the PNG.
+        pictures: (title, uint8 (H, W, 3) picture or float (H, W) map) pairs, in reading order.
+        title: the figure's title.
+        columns: pictures per row.
+        markers: picture position → (y, x) drawn there as a red cross (e.g. the reference pixel).
+        colour_bar_label: label of the colour bar of the 2-d maps (shared scale −1..1 is not
+            assumed: each map uses its own range).
+    """
+    rows = -(-len(pictures) // columns)
+    figure = Figure(figsize=(2.2 * columns, 2.3 * rows + 0.5), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(rows, columns, squeeze=False)
+    for cell in axes.ravel():
+        cell.set_xticks([])
+        cell.set_yticks([])
+        cell.set_frame_on(False)
+    markers = markers or {}
+    for position, (cell, (name, picture)) in enumerate(zip(axes.ravel(), pictures)):
+        if picture.ndim == 2:
+            shown = cell.imshow(picture, cmap="viridis", interpolation="nearest")
+            figure.colorbar(shown, ax=cell, shrink=0.8, label=colour_bar_label)
+        else:
+            cell.imshow(picture, interpolation="nearest")
+        if position in markers:
+            y, x = markers[position]
+            cell.plot([x], [y], marker="+", color="red", markersize=12, markeredgewidth=2)
+        cell.set_title(name, fontsize=9)
+    figure.suptitle(title)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100)
+    logger.info("saved %d pictures to %s", len(pictures), path)

@@ -133,3 +133,15 @@ def test_inspect_verify(workspace, trained, tmp_path):
     chunk.write_bytes(chunk.read_bytes()[:-7] + b"garbage")
     result = invoke("inspect", "--store", copy, "--verify")
     assert result.exit_code == 1 and "1 of 3 images" in result.output and "img_002" in result.output
+
+
+def test_inspect_pictures_stats_and_export(workspace, trained, tmp_path):
+    store = workspace / "test.zarr"
+    assert invoke("inspect", "--store", store, "--image", 0, "--pca", tmp_path / "pca.png").exit_code == 0
+    result = invoke("inspect", "--store", store, "--image", 0, "--similarity", 5, 6, tmp_path / "sim.png", "--compare-with", "img_001")
+    assert result.exit_code == 0 and (tmp_path / "sim.png").stat().st_size > 5000
+    result = invoke("inspect", "--store", store, "--image", 1, "--pixel", 0, 0, "--pixel", 4, 4, "--export", tmp_path / "f.npy")
+    assert result.exit_code == 0 and np.load(tmp_path / "f.npy").shape[0] == 2
+    stats = json.loads(invoke("inspect", "--store", store, "--stats", "--json").output)["block_statistics"]
+    assert [row["features"] for row in stats] == ["t50 b5", "t50 b8", "t50 b12", "t150 b5", "t150 b8", "t150 b12"]
+    assert invoke("inspect", "--store", store, "--pca", tmp_path / "x.png").exit_code == 2  # needs --image

@@ -30,3 +30,51 @@ def test_pixel_vector_by_index_or_name(store):
         resolve_image(store, "7")
     with pytest.raises(ValueError, match="outside"):
         pixel_feature_vector(store, "0", 16, 0)
+
+
+def test_block_statistics_match_numpy(store):
+    from pipeline.inspection import block_statistics, feature_groups
+
+    statistics = block_statistics(store)
+    assert [row["features"] for row in statistics][:3] == ["t50 b5", "t50 b8", "t50 b12"]
+    first = np.concatenate([store.image_features(i)[..., feature_groups(store)[0][1]].astype(np.float64).ravel() for i in range(2)])
+    assert statistics[0]["mean"] == pytest.approx(first.mean()) and statistics[0]["std"] == pytest.approx(first.std())
+    assert 0 <= statistics[0]["zero_fraction"] <= 1
+    assert "t50 b5" in format_summary({**store_summary(store), "block_statistics": statistics})
+
+
+def test_principal_components_picture_separates_two_regions():
+    from pipeline.inspection import principal_components_rgb
+
+    features = np.zeros((8, 8, 5), dtype=np.float32)
+    features[:, 4:, 0] = 1.0  # the right half differs along one direction
+    features += np.random.default_rng(0).normal(0, 0.01, features.shape)
+    rgb = principal_components_rgb(features)
+    assert rgb.shape == (8, 8, 3) and rgb.dtype == np.uint8
+    assert abs(int(rgb[:, :4, 0].mean()) - int(rgb[:, 4:, 0].mean())) > 150
+
+
+def test_similarity_is_one_at_the_reference_pixel(store):
+    from pipeline.inspection import cosine_similarity_map
+
+    reference = store.pixel_features(0, np.array([3]), np.array([5]))[0]
+    similarity = cosine_similarity_map(store, reference, 0)
+    assert similarity.shape == (16, 16) and similarity[3, 5] == pytest.approx(1.0, abs=1e-3)
+    assert similarity.max() <= 1.0 + 1e-5
+
+
+def test_pictures_and_export(store, tmp_path):
+    from PIL import Image
+
+    from pipeline.inspection import export_pixel_features, save_pca_pictures, save_similarity_pictures
+
+    save_pca_pictures(store, "0", tmp_path / "pca.png")
+    save_similarity_pictures(store, "0", 3, 5, tmp_path / "similarity.png", ["image_01"])
+    assert Image.open(tmp_path / "pca.png").size[0] > 300 and Image.open(tmp_path / "similarity.png").size[0] > 200
+    features = export_pixel_features(store, "1", [(0, 0), (3, 4)], tmp_path / "pixels.npy")
+    np.testing.assert_array_equal(np.load(tmp_path / "pixels.npy"), features)
+    export_pixel_features(store, "1", [(0, 0), (3, 4)], tmp_path / "pixels.csv")
+    table = np.loadtxt(tmp_path / "pixels.csv", delimiter=",", skiprows=1)
+    assert table.shape == (2, 26) and table[1, :2].tolist() == [3, 4]
+    with pytest.raises(ValueError, match=".npy or .csv"):
+        export_pixel_features(store, "1", [(0, 0)], tmp_path / "pixels.txt")
