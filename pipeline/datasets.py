@@ -43,6 +43,21 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def check_labels_complete(records: list[ImageRecord], folder: str | Path) -> None:
+    """A folder is labeled throughout or not at all: a few images without `.npy` maps among
+    labeled ones are almost surely a mistake.
+
+    Raises:
+        ValueError: naming the images that have no label map.
+    """
+    missing = [record.image_path.name for record in records if record.label_path is None]
+    if 0 < len(missing) < len(records):
+        shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
+        raise ValueError(
+            f"{folder}: {len(missing)} of {len(records)} images have no label map (same-stem .npy): {shown}"
+        )
+
+
 def list_images(folder: str | Path) -> list[ImageRecord]:
     """Lists the images of a folder in sorted order, with their label maps.
 
@@ -67,8 +82,23 @@ def list_images(folder: str | Path) -> list[ImageRecord]:
     return records
 
 
+def _open_rgb(record: ImageRecord) -> Image.Image:
+    try:
+        with Image.open(record.image_path) as image:
+            return image.convert("RGB")
+    except (OSError, SyntaxError, ValueError) as error:
+        raise ValueError(f"cannot read image {record.image_path}: {error}") from None
+
+
+def _to_model_input(rgb: Image.Image, size: int) -> np.ndarray:
+    if rgb.size != (size, size):
+        rgb = rgb.resize((size, size), Image.Resampling.BICUBIC)
+    pixels = np.asarray(rgb, dtype=np.float32)  # (size, size, 3) in 0..255
+    return pixels.transpose(2, 0, 1) / 127.5 - 1.0
+
+
 def load_image(record: ImageRecord, size: int) -> np.ndarray:
-    """Loads an image as the model's input.
+    """Loads an image of any size and mode as the model's input (resized to size×size).
 
     Returns:
         float32 array (3, size, size) scaled to [-1, 1].
@@ -76,15 +106,58 @@ def load_image(record: ImageRecord, size: int) -> np.ndarray:
     Raises:
         ValueError: naming the file if it cannot be decoded.
     """
-    try:
-        with Image.open(record.image_path) as image:
-            rgb = image.convert("RGB")
-    except (OSError, SyntaxError) as error:
-        raise ValueError(f"cannot read image {record.image_path}: {error}") from None
-    if rgb.size != (size, size):
-        rgb = rgb.resize((size, size), Image.Resampling.BICUBIC)
-    pixels = np.asarray(rgb, dtype=np.float32)  # (size, size, 3) in 0..255
-    return pixels.transpose(2, 0, 1) / 127.5 - 1.0
+    return _to_model_input(_open_rgb(record), size)
+
+
+def load_example(record: ImageRecord, size: int, classes: ClassInfo | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """An image and its label map as the feature store keeps them, checked.
+
+    The image must be square (the paper's protocol resizes, never crops). The label map must
+    have the image's height and width and, when `classes` is given, hold only class indices
+    and the ignore label.
+
+    Returns:
+        (float32 (3, size, size) in [-1, 1], int64 (size, size) labels or None).
+
+    Raises:
+        ValueError: naming the file and the problem.
+    """
+    rgb = _open_rgb(record)
+    labels = _checked_labels(record, rgb.size, size, classes)
+    return _to_model_input(rgb, size), labels
+
+
+def check_examples(records: list[ImageRecord], classes: ClassInfo | None = None) -> None:
+    """Checks every image header and label map before hours of extraction start.
+
+    Raises:
+        ValueError: naming the first file that `load_example` would refuse.
+    """
+    for record in records:
+        try:
+            with Image.open(record.image_path) as image:
+                image_size = image.size
+        except (OSError, SyntaxError, ValueError) as error:
+            raise ValueError(f"cannot read image {record.image_path}: {error}") from None
+        _checked_labels(record, image_size, 1, classes)
+
+
+def _checked_labels(
+    record: ImageRecord, image_size: tuple[int, int], size: int, classes: ClassInfo | None
+) -> np.ndarray | None:
+    width, height = image_size
+    if width != height:
+        raise ValueError(f"image {record.image_path} is {width}×{height}, not square; crop or pad it to a square first")
+    labels = load_label_map(record, size, expected_shape=(height, width))
+    if labels is not None and classes is not None:
+        valid = ((labels >= 0) & (labels < classes.num_classes)) | (labels == classes.ignore_label)
+        if not valid.all():
+            bad = np.unique(labels[~valid])[:10].tolist()
+            raise ValueError(
+                f"label map {record.label_path} holds {bad}: neither a class (0..{classes.num_classes - 1}) "
+                f"nor the ignore label {classes.ignore_label}"
+            )
+    return labels
 
 
 def model_input_to_uint8(image: np.ndarray) -> np.ndarray:
@@ -92,8 +165,13 @@ def model_input_to_uint8(image: np.ndarray) -> np.ndarray:
     return np.clip(np.round((image.transpose(1, 2, 0) + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
-def load_label_map(record: ImageRecord, size: int) -> np.ndarray | None:
+def load_label_map(record: ImageRecord, size: int, expected_shape: tuple[int, int] | None = None) -> np.ndarray | None:
     """Loads an image's label map, resized by nearest neighbour.
+
+    Args:
+        record: the image and its label map.
+        size: the side it is resized to.
+        expected_shape: (height, width) the map must have (the image's own), if known.
 
     Returns:
         int64 array (size, size), or None when the image has no label map.
@@ -111,6 +189,11 @@ def load_label_map(record: ImageRecord, size: int) -> np.ndarray | None:
         raise ValueError(
             f"label map {record.label_path} must be a 2-d integer array, got shape {labels.shape} "
             f"dtype {labels.dtype}"
+        )
+    if expected_shape is not None and labels.shape != expected_shape:
+        raise ValueError(
+            f"label map {record.label_path} is {labels.shape[0]}×{labels.shape[1]} but its image "
+            f"{record.image_path.name} is {expected_shape[0]}×{expected_shape[1]}"
         )
     if labels.shape != (size, size):
         height, width = labels.shape

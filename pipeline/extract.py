@@ -18,8 +18,9 @@ from pipeline.datasets import (
     ClassInfo,
     file_sha256,
     list_images,
-    load_image,
-    load_label_map,
+    check_examples,
+    check_labels_complete,
+    load_example,
     model_input_to_uint8,
 )
 from pipeline.devices import autocast_for, pick_device
@@ -109,6 +110,8 @@ def extract_features(
     started = time.perf_counter()
     # 1. The inputs: images (hashed, so a changed image is a changed store) and the model.
     records = list_images(images_dir)
+    check_labels_complete(records, images_dir)
+    check_examples(records, classes)
     backbone = load_backbone(checkpoint)
     device = pick_device(settings.device)
     unet = backbone.unet.to(device).eval()
@@ -135,8 +138,9 @@ def extract_features(
     with tqdm(total=len(pending), unit="image", desc="extract", disable=not show_progress) as progress:
         for start in range(0, len(pending), settings.batch_size):
             batch = pending[start : start + settings.batch_size]
-            images = np.stack([load_image(records[index], settings.size) for index in batch])  # (B, 3, S, S)
-            labels = [load_label_map(records[index], settings.size) for index in batch]
+            examples = [load_example(records[index], settings.size, classes) for index in batch]
+            images = np.stack([image for image, _ in examples])  # (B, 3, S, S)
+            labels = [label_map for _, label_map in examples]
             activations = compute_activations(
                 unet, block_modules, torch.from_numpy(images).to(device), settings.steps, noise
             )

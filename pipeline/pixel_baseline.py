@@ -15,7 +15,15 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from pipeline.datasets import ClassInfo, file_sha256, list_images, load_image, load_label_map, model_input_to_uint8
+from pipeline.datasets import (
+    ClassInfo,
+    check_examples,
+    check_labels_complete,
+    file_sha256,
+    list_images,
+    load_example,
+    model_input_to_uint8,
+)
 from pipeline.extract import ExtractionSummary
 from pipeline.store import BlockShape, StoreSchema, open_store_for_writing
 
@@ -55,6 +63,8 @@ def extract_pixel_features(
     """Writes the raw-pixel baseline features of a folder of images into a store."""
     started = time.perf_counter()
     records = list_images(images_dir)
+    check_labels_complete(records, images_dir)
+    check_examples(records, classes)
     channels = 3 * neighbourhood**2
     schema = StoreSchema(
         layout="native",
@@ -71,9 +81,9 @@ def extract_pixel_features(
     writer = open_store_for_writing(store_path, schema, replace_mismatched=replace_mismatched)
     pending = writer.pending_images()
     for index in tqdm(pending, desc="pixels", unit="image", disable=not show_progress):
-        image = load_image(records[index], size)  # (3, S, S)
+        image, labels = load_example(records[index], size, classes)  # (3, S, S), (S, S) or None
         features = neighbourhood_features(torch.from_numpy(image), neighbourhood)
-        writer.write_image(index, model_input_to_uint8(image), load_label_map(records[index], size), [features])
+        writer.write_image(index, model_input_to_uint8(image), labels, [features])
     return ExtractionSummary(
         store_path=Path(store_path),
         images_total=len(records),

@@ -73,3 +73,27 @@ def test_classes_json_is_found_beside_or_above_the_images(tmp_path):
     (tmp_path / "classes.json").write_text(json.dumps({"names": ["bg", "cat"], "ignore_label": 255}))
     info = find_class_info(tmp_path / "real" / "train")
     assert info.names == ["bg", "cat"] and info.ignore_label == 255 and info.num_classes == 2
+
+
+def test_examples_are_checked_before_extraction(tmp_path):
+    from pipeline.datasets import ClassInfo, check_examples, check_labels_complete, load_example
+
+    classes = ClassInfo(names=["bg", "a", "b"], ignore_label=255)
+    Image.new("RGB", (8, 8)).save(tmp_path / "ok.png")
+    np.save(tmp_path / "ok.npy", np.full((8, 8), 255, dtype=np.int32))  # ignore label anywhere is fine
+    image, labels = load_example(list_images(tmp_path)[0], 4, classes)
+    assert image.shape == (3, 4, 4) and labels.shape == (4, 4)
+    check_examples(list_images(tmp_path), classes)
+
+    np.save(tmp_path / "ok.npy", np.full((8, 8), 7, dtype=np.int64))
+    with pytest.raises(ValueError, match=r"ok.npy holds \[7\]"):
+        check_examples(list_images(tmp_path), classes)
+    np.save(tmp_path / "ok.npy", np.zeros((8, 6), dtype=np.uint8))
+    with pytest.raises(ValueError, match="8×6 but its image ok.png is 8×8"):
+        check_examples(list_images(tmp_path), classes)
+    np.save(tmp_path / "ok.npy", np.zeros((8, 8), dtype=np.uint8))
+    Image.new("RGB", (10, 8)).save(tmp_path / "wide.png")
+    with pytest.raises(ValueError, match="1 of 2 images have no label map.*wide.png"):
+        check_labels_complete(list_images(tmp_path), tmp_path)
+    with pytest.raises(ValueError, match="wide.png is 10×8, not square"):
+        check_examples(list_images(tmp_path), classes)
