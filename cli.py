@@ -93,19 +93,21 @@ def extract(context: _Context, checkpoint, images, store, steps, blocks, seed, s
 @click.option("--learning-rate", default=0.001, show_default=True)
 @click.option("--batch-size", default=64, show_default=True)
 @click.option("--max-epochs", default=100, show_default=True)
+@click.option("--protocol", type=click.Choice(["paper", "fast"]), default="paper", show_default=True, help="paper: as the official code; fast: members batched together.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--classes", type=click.Path(path_type=Path), help="classes.json (default: recorded in the store).")
 @click.pass_obj
-def train(context: _Context, store, out, members, seed, learning_rate, batch_size, max_epochs, device, classes):
+def train(context: _Context, store, out, members, seed, learning_rate, batch_size, max_epochs, protocol, device, classes):
     """Train the MLP ensemble on the labeled pixels of a store (the paper's protocol)."""
     from pipeline.training import train_on_store
 
     def action():
         settings = TrainSettings(
-            members=members, seed=seed, learning_rate=learning_rate, batch_size=batch_size, max_epochs=max_epochs
+            protocol=protocol, members=members, seed=seed, learning_rate=learning_rate, batch_size=batch_size,
+            max_epochs=max_epochs, device=device,
         )
         class_info = load_class_info(classes) if classes else None
-        _, summary = train_on_store(store, out, settings, class_info, device, context.show_progress)
+        _, summary = train_on_store(store, out, settings, class_info, context.show_progress)
         click.echo(
             f"train: {len(summary.epochs_per_member)} members on {summary.training_pixels} pixels "
             f"(epochs {summary.epochs_per_member}) saved to {summary.ensemble_dir} in {summary.seconds:.1f} s"

@@ -19,7 +19,7 @@ from pipeline.demo import DemoSpec
 
 Layout = Literal["native", "dense"]
 Codec = Literal["blosc-lz4", "zstd", "none"]
-Protocol = Literal["paper"]
+Protocol = Literal["paper", "fast"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,7 +63,9 @@ class TrainSettings:
     """How the MLP ensemble is trained (the paper's protocol by default).
 
     Attributes:
-        protocol: training protocol; "paper" follows the official implementation.
+        protocol: "paper" follows the official implementation (members one after the other,
+            batch 64); "fast" trains all members together as batched matrix products with
+            `fast_batch_size` pixels per member and step, each member in its own order.
         members: number of MLPs in the ensemble.
         seed: seeds initialisation and the pixel order of every member.
         learning_rate: Adam learning rate.
@@ -76,6 +78,8 @@ class TrainSettings:
         cache_megabytes: RAM for the native feature tables kept between buffers.
         device: where the ensemble trains: "auto" (cuda > mps > cpu) or a torch device string.
         threads: torch CPU threads while training (0: torch's default).
+        fast_batch_size: pixels per member and step in the fast protocol.
+        fast_learning_rate: Adam learning rate in the fast protocol.
     """
 
     protocol: Protocol = "paper"
@@ -91,6 +95,8 @@ class TrainSettings:
     cache_megabytes: int = 2048
     device: str = "auto"
     threads: int = 0
+    fast_batch_size: int = 1024
+    fast_learning_rate: float = 0.004
 
     def __post_init__(self) -> None:
         for name in ("members", "batch_size", "max_epochs", "buffer_pixels"):

@@ -113,6 +113,117 @@ def train_member(
     return log
 
 
+class FusedMembers(torch.nn.Module):
+    """M members of the paper's architecture computed together as batched matrix products.
+
+    Member m's batch is features[m]; its layers are slices [m] of the stacked weights, and its
+    BatchNorm statistics are its own (one BatchNorm over M·width channels). The loss is the sum
+    of the members' losses, so every member's gradient is what it would be alone.
+    """
+
+    def __init__(self, members: list[torch.nn.Sequential]):
+        super().__init__()
+        linears = [[layer for layer in member if isinstance(layer, torch.nn.Linear)] for member in members]
+        self.count = len(members)
+        self.weights = torch.nn.ParameterList(
+            [torch.nn.Parameter(torch.stack([m[k].weight.detach().T for m in linears])) for k in range(3)]
+        )  # each (M, in, out)
+        self.biases = torch.nn.ParameterList(
+            [torch.nn.Parameter(torch.stack([m[k].bias.detach() for m in linears])[:, None, :]) for k in range(3)]
+        )  # each (M, 1, out)
+        widths = [linears[0][0].out_features, linears[0][1].out_features]
+        self.norms = torch.nn.ModuleList([torch.nn.BatchNorm1d(self.count * width) for width in widths])
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """features (M, B, D) → logits (M, B, K)."""
+        hidden = features
+        for layer in range(2):
+            hidden = torch.relu(torch.baddbmm(self.biases[layer], hidden, self.weights[layer]))  # (M, B, W)
+            members, batch, width = hidden.shape
+            flat = hidden.permute(1, 0, 2).reshape(batch, members * width)  # (B, M·W): member-major channels
+            hidden = self.norms[layer](flat).reshape(batch, members, width).permute(1, 0, 2)
+        return torch.baddbmm(self.biases[2], hidden, self.weights[2])
+
+    def unfuse(self, feature_dim: int, num_classes: int) -> list[torch.nn.Sequential]:
+        """The members as separate `make_pixel_classifier` modules (eval mode)."""
+        members = []
+        for m in range(self.count):
+            model = make_pixel_classifier(feature_dim, num_classes, torch.Generator())
+            linears = [layer for layer in model if isinstance(layer, torch.nn.Linear)]
+            norms = [layer for layer in model if isinstance(layer, torch.nn.BatchNorm1d)]
+            with torch.no_grad():
+                for k, linear in enumerate(linears):
+                    linear.weight.copy_(self.weights[k][m].T)
+                    linear.bias.copy_(self.biases[k][m, 0])
+                for fused, norm in zip(self.norms, norms):
+                    width = norm.num_features
+                    part = slice(m * width, (m + 1) * width)
+                    norm.weight.copy_(fused.weight[part])
+                    norm.bias.copy_(fused.bias[part])
+                    norm.running_mean.copy_(fused.running_mean[part])
+                    norm.running_var.copy_(fused.running_var[part])
+                    norm.num_batches_tracked.copy_(fused.num_batches_tracked)
+            members.append(model.eval())
+        return members
+
+
+def train_fused(
+    epoch_batches: Callable[[int], Iterable[tuple[torch.Tensor, torch.Tensor]]],
+    feature_dim: int,
+    num_classes: int,
+    settings: TrainSettings,
+    device: torch.device = torch.device("cpu"),
+    show_progress: bool = True,
+) -> tuple[list[torch.nn.Sequential], list[MemberLog]]:
+    """The fast protocol: all members at once, `fast_batch_size` pixels each per step.
+
+    Adam at `fast_learning_rate`; the paper's stopping rule applied to the members' mean
+    batch loss, counted in fused steps.
+
+    Args:
+        epoch_batches: epoch → (features (M, B, D), labels (M, B)) batches.
+    """
+    members = [
+        make_pixel_classifier(feature_dim, num_classes, torch.Generator().manual_seed(settings.seed * 1000 + m))
+        for m in range(settings.members)
+    ]
+    fused = FusedMembers(members).to(device)
+    optimizer = torch.optim.Adam(fused.parameters(), lr=settings.fast_learning_rate)
+    log = MemberLog()
+    best_loss, steps_without_best = float("inf"), 0
+    fused.train()
+    for epoch in tqdm(range(settings.max_epochs), desc="train (fast)", unit="epoch", disable=not show_progress):
+        losses = []
+        for features, labels in epoch_batches(epoch):
+            if labels.shape[1] < 2:  # BatchNorm cannot train on a single pixel
+                continue
+            features, labels = features.to(device), labels.to(device)
+            optimizer.zero_grad()
+            logits = fused(features)  # (M, B, K)
+            per_member = torch.nn.functional.cross_entropy(
+                logits.reshape(-1, num_classes), labels.reshape(-1), reduction="none"
+            ).reshape(labels.shape).mean(dim=1)  # (M,)
+            per_member.sum().backward()
+            optimizer.step()
+            loss_value = per_member.mean().item()
+            losses.append(loss_value)
+            log.iterations += 1
+            if epoch >= settings.patience_from_epoch:
+                if loss_value < best_loss:
+                    best_loss, steps_without_best = loss_value, 0
+                else:
+                    steps_without_best += 1
+                if steps_without_best > settings.patience:
+                    log.stopped_early = True
+                    break
+        log.epochs = epoch + 1
+        log.epoch_mean_loss.append(float(np.mean(losses)) if losses else float("nan"))
+        if log.stopped_early:
+            break
+    fused.eval()
+    return fused.cpu().unfuse(feature_dim, num_classes), [dataclasses.replace(log) for _ in range(settings.members)]
+
+
 @dataclasses.dataclass
 class Ensemble:
     """Trained members with what they need to be used and checked later.

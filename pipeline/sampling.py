@@ -135,24 +135,46 @@ class PixelStream:
         features[by_image] = features_sorted  # back to the order of `chosen`
         return features
 
-    def batches(self, rng: np.random.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """One epoch of (features float32 (B, D), labels int64 (B,)) batches.
+    def buffers(self, rng: np.random.Generator) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """One epoch of (features float32 (N, D), labels int64 (N,)) buffers in visiting order.
 
         The next buffer is gathered in the background while the current one is consumed.
         """
         order = self.epoch_order(rng)
-        buffers: Sequence[np.ndarray] = [
+        chunks: Sequence[np.ndarray] = [
             order[start : start + self.buffer_pixels] for start in range(0, len(order), self.buffer_pixels)
         ]
         with concurrent.futures.ThreadPoolExecutor(max_workers=1) as prefetcher:
-            upcoming = prefetcher.submit(self.gather, buffers[0])
-            for position, chosen in enumerate(buffers):
+            upcoming = prefetcher.submit(self.gather, chunks[0])
+            for position, chosen in enumerate(chunks):
                 features = upcoming.result()
-                if position + 1 < len(buffers):
-                    upcoming = prefetcher.submit(self.gather, buffers[position + 1])
-                labels = self.pixels.label[chosen]
-                for start in range(0, len(chosen), self.batch_size):
-                    yield (
-                        torch.from_numpy(features[start : start + self.batch_size]),
-                        torch.from_numpy(labels[start : start + self.batch_size]),
-                    )
+                if position + 1 < len(chunks):
+                    upcoming = prefetcher.submit(self.gather, chunks[position + 1])
+                yield features, self.pixels.label[chosen]
+
+    def batches(self, rng: np.random.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """One epoch of (features float32 (B, D), labels int64 (B,)) batches."""
+        for features, labels in self.buffers(rng):
+            for start in range(0, len(labels), self.batch_size):
+                yield (
+                    torch.from_numpy(features[start : start + self.batch_size]),
+                    torch.from_numpy(labels[start : start + self.batch_size]),
+                )
+
+    def member_batches(self, rng: np.random.Generator, members: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """One epoch of batches for `members` models trained together, each in its own order.
+
+        Every buffer is read once and shuffled once per member, so the members see the same
+        pixels per buffer in different orders (the fast protocol's stand-in for fully
+        independent orders).
+
+        Yields:
+            features float32 (M, B, D), labels int64 (M, B).
+        """
+        for features, labels in self.buffers(rng):
+            count = len(labels)
+            orders = np.stack([rng.permutation(count) for _ in range(members)])  # (M, N)
+            features_tensor, labels_tensor = torch.from_numpy(features), torch.from_numpy(labels)
+            for start in range(0, count, self.batch_size):
+                chosen = torch.from_numpy(orders[:, start : start + self.batch_size])  # (M, B)
+                yield features_tensor[chosen], labels_tensor[chosen]

@@ -11,7 +11,7 @@ import numpy as np
 from pipeline.config import TrainSettings
 from pipeline.datasets import ClassInfo
 from pipeline.devices import pick_device, torch_threads
-from pipeline.ensemble import Ensemble, save_ensemble, train_ensemble
+from pipeline.ensemble import Ensemble, save_ensemble, train_ensemble, train_fused
 from pipeline.sampling import PixelStream, select_labeled_pixels
 from pipeline.store import FeatureStore
 
@@ -46,7 +46,6 @@ def train_on_store(
     out_dir: str | Path,
     settings: TrainSettings,
     classes: ClassInfo | None = None,
-    device: str = "auto",
     show_progress: bool = True,
 ) -> tuple[Ensemble, TrainingSummary]:
     """Trains an ensemble on every labeled pixel of a store and saves it to `out_dir`."""
@@ -55,23 +54,26 @@ def train_on_store(
     classes = store_classes(store, classes)
     pixels = select_labeled_pixels(store, classes.num_classes, classes.ignore_label, settings.min_class_pixels)
     logger.info("%d labeled pixels of %d classes from %s", len(pixels), classes.num_classes, store_path)
-    stream = PixelStream(store, pixels, settings.batch_size, settings.buffer_pixels)
-
-    def epoch_batches(member: int, epoch: int):
-        # Each member and epoch gets its own pixel order, reproducible from the seed.
-        return stream.batches(np.random.default_rng([settings.seed, member, epoch]))
-
+    device = pick_device(settings.device)
     with torch_threads(settings.threads):
-        ensemble = train_ensemble(
-            epoch_batches,
-            store.feature_dim,
-            classes.names,
-            classes.ignore_label,
-            store.feature_description(),
-            settings,
-            pick_device(device),
-            show_progress,
-        )
+        if settings.protocol == "fast":
+            stream = PixelStream(store, pixels, settings.fast_batch_size, settings.buffer_pixels)
+            members, logs = train_fused(
+                lambda epoch: stream.member_batches(np.random.default_rng([settings.seed, epoch]), settings.members),
+                store.feature_dim, classes.num_classes, settings, device, show_progress,
+            )
+            ensemble = Ensemble(members, store.feature_dim, classes.names, classes.ignore_label, store.feature_description(), logs)
+        else:
+            stream = PixelStream(store, pixels, settings.batch_size, settings.buffer_pixels)
+
+            def epoch_batches(member: int, epoch: int):
+                # Each member and epoch gets its own pixel order, reproducible from the seed.
+                return stream.batches(np.random.default_rng([settings.seed, member, epoch]))
+
+            ensemble = train_ensemble(
+                epoch_batches, store.feature_dim, classes.names, classes.ignore_label,
+                store.feature_description(), settings, device, show_progress,
+            )
     save_ensemble(ensemble, out_dir)
     summary = TrainingSummary(
         ensemble_dir=Path(out_dir),

@@ -19,7 +19,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     settings = load_params(arguments.params).train
-    ensemble, summary = train_on_store(arguments.store, arguments.out, settings, device=settings.device)
+    ensemble, summary = train_on_store(arguments.store, arguments.out, settings)
     curve = [
         {"member": member, "epoch": epoch, "loss": loss}
         for member, log in enumerate(ensemble.logs)

@@ -134,3 +134,46 @@ def test_saving_replaces_an_old_ensemble_atomically(tmp_path):
 def test_loading_a_missing_ensemble_names_the_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="no trained ensemble"):
         load_ensemble(tmp_path)
+
+
+def test_fused_members_compute_what_separate_members_compute():
+    from pipeline.ensemble import FusedMembers
+
+    members = [make_pixel_classifier(12, 4, torch.Generator().manual_seed(seed)) for seed in range(3)]
+    fused = FusedMembers(members)
+    features = torch.randn(3, 16, 12, generator=torch.Generator().manual_seed(9))  # (M, B, D)
+    # Training mode: each member normalises with its own batch's statistics.
+    for member in members:
+        member.train()
+    fused.train()
+    separate = torch.stack([member(features[m]) for m, member in enumerate(members)])
+    torch.testing.assert_close(fused(features), separate, atol=1e-5, rtol=1e-5)
+    # Gradients of the summed loss equal each member's own gradient.
+    labels = torch.randint(0, 4, (3, 16), generator=torch.Generator().manual_seed(1))
+    loss = torch.nn.functional.cross_entropy(fused(features).reshape(-1, 4), labels.reshape(-1), reduction="none")
+    loss.reshape(3, 16).mean(dim=1).sum().backward()
+    own = torch.nn.functional.cross_entropy(members[1](features[1]), labels[1])
+    own.backward()
+    torch.testing.assert_close(fused.weights[0].grad[1], members[1][0].weight.grad.T, atol=1e-6, rtol=1e-4)
+    # Unfused members in eval mode match the fused module in eval mode.
+    fused.eval()
+    unfused = fused.unfuse(12, 4)
+    torch.testing.assert_close(
+        torch.stack([member(features[m]) for m, member in enumerate(unfused)]), fused(features), atol=1e-5, rtol=1e-5
+    )
+
+
+def test_fast_protocol_learns_separable_classes():
+    from pipeline.ensemble import train_fused
+
+    def epoch_batches(epoch):
+        batches = [_separable_batches(member, epoch) for member in range(3)]  # per member: list of (B, D), (B,)
+        for parts in zip(*batches):
+            yield torch.stack([f for f, _ in parts]), torch.stack([l for _, l in parts])
+
+    settings = TrainSettings(members=3, max_epochs=8, fast_learning_rate=0.004)
+    members, logs = train_fused(epoch_batches, 6, 3, settings, show_progress=False)
+    assert len(members) == 3 and len(logs) == 3 and logs[0].epochs >= 1
+    features, labels = zip(*_separable_batches(99, 0))
+    predicted, _ = predict_with_uncertainty(members, torch.cat(features))
+    assert (predicted == torch.cat(labels)).float().mean() > 0.95

@@ -5,8 +5,8 @@ import torch
 from conftest import STEPS, synthetic_activations, synthetic_schema, write_learnable_store
 from pipeline.config import TrainSettings
 from pipeline.datasets import ClassInfo
-from pipeline.ensemble import load_ensemble
-from pipeline.store import open_store_for_writing
+from pipeline.ensemble import load_ensemble, predict_with_uncertainty
+from pipeline.store import FeatureStore, open_store_for_writing
 from pipeline.training import train_on_store
 
 
@@ -48,3 +48,14 @@ def test_a_store_without_labels_cannot_train(tmp_path):
     writer.write_image(0, np.zeros((16, 16, 3), np.uint8), None, synthetic_activations(0))
     with pytest.raises(ValueError, match="no labeled pixels"):
         train_on_store(tmp_path / "store.zarr", tmp_path / "out", SETTINGS, show_progress=False)
+
+
+def test_fast_protocol_on_a_store(tmp_path):
+    write_learnable_store(tmp_path / "train.zarr", seed=0)
+    settings = TrainSettings(protocol="fast", members=4, max_epochs=30, fast_batch_size=128, buffer_pixels=512, device="cpu")
+    ensemble, summary = train_on_store(tmp_path / "train.zarr", tmp_path / "ensemble", settings, show_progress=False)
+    assert len(ensemble.members) == 4 and summary.training_pixels == 1024
+    store = FeatureStore(tmp_path / "train.zarr")
+    ys, xs = np.arange(16).repeat(16), np.tile(np.arange(16), 16)  # every pixel, row-major
+    predicted, _ = predict_with_uncertainty(load_ensemble(tmp_path / "ensemble").members, torch.from_numpy(store.pixel_features(0, ys, xs)))
+    assert (predicted.numpy() == store.labels(0).ravel()).mean() > 0.95
