@@ -62,17 +62,56 @@ class MemberLog:
     epoch_mean_loss: list[float] = dataclasses.field(default_factory=list)
 
 
+def run_epochs(
+    epoch_batches: Callable[[int], Iterable[tuple[torch.Tensor, torch.Tensor]]],
+    train_step: Callable[[torch.Tensor, torch.Tensor], float | None],
+    settings: TrainSettings,
+    show_progress: bool = False,
+) -> MemberLog:
+    """The paper's epoch loop and stopping rule around any training step.
+
+    Up to `max_epochs` epochs. From epoch `patience_from_epoch` on, every step whose batch
+    loss is not a new best counts; a new best resets the count; training stops once the count
+    exceeds `patience`.
+
+    Args:
+        epoch_batches: epoch index → an iterable of (features, labels) batches.
+        train_step: takes one batch, updates the model, returns its loss (None: batch skipped).
+        settings: epochs and stopping rule.
+        show_progress: show a progress bar over epochs.
+    """
+    log = MemberLog()
+    best_loss, steps_without_best = float("inf"), 0
+    for epoch in tqdm(range(settings.max_epochs), desc="train", unit="epoch", disable=not show_progress):
+        losses = []
+        for features, labels in epoch_batches(epoch):
+            loss_value = train_step(features, labels)
+            if loss_value is None:
+                continue
+            losses.append(loss_value)
+            log.iterations += 1
+            if epoch >= settings.patience_from_epoch:
+                if loss_value < best_loss:
+                    best_loss, steps_without_best = loss_value, 0
+                else:
+                    steps_without_best += 1
+                if steps_without_best > settings.patience:
+                    log.stopped_early = True
+                    break
+        log.epochs = epoch + 1
+        log.epoch_mean_loss.append(float(np.mean(losses)) if losses else float("nan"))
+        if log.stopped_early:
+            break
+    return log
+
+
 def train_member(
     model: torch.nn.Module,
     epoch_batches: Callable[[int], Iterable[tuple[torch.Tensor, torch.Tensor]]],
     settings: TrainSettings,
     device: torch.device = torch.device("cpu"),
 ) -> MemberLog:
-    """Trains one member with the paper's protocol.
-
-    Adam, cross-entropy, up to `max_epochs` epochs. From epoch `patience_from_epoch` on, every
-    iteration whose batch loss is not a new best counts; a new best resets the count; training
-    stops once the count exceeds `patience`.
+    """Trains one member with the paper's protocol: Adam, cross-entropy, `run_epochs`' rule.
 
     Args:
         model: the member, on `device`.
@@ -82,33 +121,18 @@ def train_member(
     """
     optimizer = torch.optim.Adam(model.parameters(), lr=settings.learning_rate)
     criterion = torch.nn.CrossEntropyLoss()
-    log = MemberLog()
-    best_loss, iterations_without_best = float("inf"), 0
+
+    def train_step(features: torch.Tensor, labels: torch.Tensor) -> float | None:
+        if len(labels) < 2:  # BatchNorm cannot train on a single pixel
+            return None
+        optimizer.zero_grad()
+        loss = criterion(model(features.to(device)), labels.to(device))
+        loss.backward()
+        optimizer.step()
+        return loss.item()
+
     model.train()
-    for epoch in range(settings.max_epochs):
-        losses = []
-        for features, labels in epoch_batches(epoch):
-            if len(labels) < 2:  # BatchNorm cannot train on a single pixel
-                continue
-            optimizer.zero_grad()
-            loss = criterion(model(features.to(device)), labels.to(device))
-            loss.backward()
-            optimizer.step()
-            loss_value = loss.item()
-            losses.append(loss_value)
-            log.iterations += 1
-            if epoch >= settings.patience_from_epoch:
-                if loss_value < best_loss:
-                    best_loss, iterations_without_best = loss_value, 0
-                else:
-                    iterations_without_best += 1
-                if iterations_without_best > settings.patience:
-                    log.stopped_early = True
-                    break
-        log.epochs = epoch + 1
-        log.epoch_mean_loss.append(float(np.mean(losses)) if losses else float("nan"))
-        if log.stopped_early:
-            break
+    log = run_epochs(epoch_batches, train_step, settings)
     model.eval()
     return log
 
@@ -177,7 +201,7 @@ def train_fused(
 ) -> tuple[list[torch.nn.Sequential], list[MemberLog]]:
     """The fast protocol: all members at once, `fast_batch_size` pixels each per step.
 
-    Adam at `fast_learning_rate`; the paper's stopping rule applied to the members' mean
+    Adam at `fast_learning_rate`; `run_epochs`' stopping rule applied to the members' mean
     batch loss, counted in fused steps.
 
     Args:
@@ -189,37 +213,22 @@ def train_fused(
     ]
     fused = FusedMembers(members).to(device)
     optimizer = torch.optim.Adam(fused.parameters(), lr=settings.fast_learning_rate)
-    log = MemberLog()
-    best_loss, steps_without_best = float("inf"), 0
+
+    def train_step(features: torch.Tensor, labels: torch.Tensor) -> float | None:
+        if labels.shape[1] < 2:  # BatchNorm cannot train on a single pixel
+            return None
+        features, labels = features.to(device), labels.to(device)
+        optimizer.zero_grad()
+        logits = fused(features)  # (M, B, K)
+        per_member = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, num_classes), labels.reshape(-1), reduction="none"
+        ).reshape(labels.shape).mean(dim=1)  # (M,)
+        per_member.sum().backward()
+        optimizer.step()
+        return per_member.mean().item()
+
     fused.train()
-    for epoch in tqdm(range(settings.max_epochs), desc="train (fast)", unit="epoch", disable=not show_progress):
-        losses = []
-        for features, labels in epoch_batches(epoch):
-            if labels.shape[1] < 2:  # BatchNorm cannot train on a single pixel
-                continue
-            features, labels = features.to(device), labels.to(device)
-            optimizer.zero_grad()
-            logits = fused(features)  # (M, B, K)
-            per_member = torch.nn.functional.cross_entropy(
-                logits.reshape(-1, num_classes), labels.reshape(-1), reduction="none"
-            ).reshape(labels.shape).mean(dim=1)  # (M,)
-            per_member.sum().backward()
-            optimizer.step()
-            loss_value = per_member.mean().item()
-            losses.append(loss_value)
-            log.iterations += 1
-            if epoch >= settings.patience_from_epoch:
-                if loss_value < best_loss:
-                    best_loss, steps_without_best = loss_value, 0
-                else:
-                    steps_without_best += 1
-                if steps_without_best > settings.patience:
-                    log.stopped_early = True
-                    break
-        log.epochs = epoch + 1
-        log.epoch_mean_loss.append(float(np.mean(losses)) if losses else float("nan"))
-        if log.stopped_early:
-            break
+    log = run_epochs(epoch_batches, train_step, settings, show_progress)
     fused.eval()
     return fused.cpu().unfuse(feature_dim, num_classes), [dataclasses.replace(log) for _ in range(settings.members)]
 
