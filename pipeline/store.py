@@ -37,7 +37,7 @@ from pipeline.features import gather_pixels_from_blocks, upsample_and_concatenat
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: per-image checksums and CRC32C chunks
 DENSE_TILE = 32
 NO_LABELS = -1
 
@@ -48,6 +48,10 @@ class StoreMismatchError(ValueError):
 
 class IncompleteImageError(ValueError):
     """An image's features were not (completely) written."""
+
+
+class StoreFormatError(ValueError):
+    """The store was written in another format version."""
 
 
 class DamagedImageError(ValueError):
@@ -211,7 +215,12 @@ def open_store_for_writing(
     """
     path = Path(path)
     if path.exists():
-        stored = _read_schema(path) if _is_store(path) else None
+        try:
+            stored = _read_schema(path) if _is_store(path) else None
+        except StoreFormatError:
+            if not replace_mismatched:
+                raise
+            stored = None
         if stored == schema:
             return FeatureStoreWriter(zarr.open_group(path, mode="r+"), schema)
         if not replace_mismatched:
@@ -272,6 +281,11 @@ def _read_schema(path: Path) -> StoreSchema:
     document = group.attrs.get("segcache")
     if document is None:
         raise ValueError(f"{path} is a Zarr group but not a segcache feature store (no 'segcache' attribute)")
+    if document.get("format") != FORMAT_VERSION:
+        raise StoreFormatError(
+            f"{path} was written in store format {document.get('format')}; this version of segcache reads and "
+            f"writes format {FORMAT_VERSION}. Re-run extract into a new store (or let the DVC stage replace it)."
+        )
     return StoreSchema.from_json(document)
 
 

@@ -168,3 +168,19 @@ def test_every_chunk_carries_a_crc(tmp_path):
     for name in ("images", "labels", "block_5", "checksums", "done"):
         codecs = [type(codec).__name__ for codec in store.group[name].metadata.codecs]
         assert codecs[-1] == "Crc32cCodec", (name, codecs)
+
+
+def test_a_store_of_another_format_version_is_refused_or_replaced(tmp_path):
+    import zarr
+
+    from pipeline.store import StoreFormatError
+
+    write_synthetic_store(tmp_path / "store.zarr", "native", _labels(1))
+    group = zarr.open_group(tmp_path / "store.zarr", mode="r+")
+    group.attrs["segcache"] = {**group.attrs["segcache"], "format": 1}
+    with pytest.raises(StoreFormatError, match="format 1"):
+        FeatureStore(tmp_path / "store.zarr")
+    with pytest.raises(StoreFormatError):
+        open_store_for_writing(tmp_path / "store.zarr", synthetic_schema("native", 1))
+    writer = open_store_for_writing(tmp_path / "store.zarr", synthetic_schema("native", 1), replace_mismatched=True)
+    assert writer.pending_images() == [0]
