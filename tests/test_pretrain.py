@@ -153,3 +153,13 @@ def test_the_cli_command(images, tmp_path):
     assert refused.exit_code == 1 and "other settings (seed: 0 there, 1 now)" in refused.output
     assert "Traceback" not in refused.output
     assert "pretrain" in CliRunner().invoke(main, ["--help"]).output
+
+
+def test_the_loss_goes_down(images, tmp_path):
+    settings = replace(TINY, steps=40, learning_rate=2e-3, warmup_steps=5, checkpoint_every=40, sample_count=1)
+    pretrain_ddpm(images, tmp_path, settings, show_progress=False)
+    with open(tmp_path / "loss.csv") as stream:
+        losses = [float(row["loss"]) for row in csv.DictReader(stream)]
+    assert len(losses) == 40
+    # ε-prediction starts near MSE 1 (an untrained UNet) and drops quickly on 8 simple images.
+    assert np.mean(losses[-10:]) < 0.5 * np.mean(losses[:5])
