@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 
 from pipeline.backbones import load_backbone, randomly_initialised_unet
-from pipeline.config import EvaluateSettings, ExtractSettings, load_params
+from pipeline.config import EvaluateSettings, load_params
 from pipeline.datasets import find_class_info
 from pipeline.demo import write_demo_dataset
 from pipeline.evaluation import evaluate_on_store

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from conftest import write_synthetic_store
-from pipeline.sampling import LabeledPixels, PixelStream, select_labeled_pixels, usable_labels
+from pipeline.sampling import PixelStream, select_labeled_pixels, usable_labels
 from pipeline.store import FeatureStore
 
 
