@@ -16,6 +16,7 @@ from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
+from matplotlib.ticker import MaxNLocator
 from PIL import Image
 
 logger = logging.getLogger(__name__)
@@ -238,6 +239,63 @@ def save_per_class_iou_chart(
     axes.set_title(title)
     figure.savefig(path, dpi=100)
     logger.info("saved a per-class IoU chart of %d classes to %s", len(names), path)
+
+
+def training_curve_rows(losses_per_member: list[list[float]]) -> list[dict[str, float]]:
+    """Tabulates per-member epoch losses one row per epoch, one column per member (a DVC plot).
+
+    Members that stopped earlier simply lack a value in later rows.
+
+    Args:
+        losses_per_member: Member m's mean training loss of each epoch it ran.
+
+    Returns:
+        Rows ``{"epoch": e, "member_0": loss, ...}`` for e = 0 .. the longest run - 1.
+    """
+    longest = max((len(losses) for losses in losses_per_member), default=0)
+    rows = []
+    for epoch in range(longest):
+        row: dict[str, float] = {"epoch": epoch}
+        for member, losses in enumerate(losses_per_member):
+            if epoch < len(losses):
+                row[f"member_{member}"] = float(losses[epoch])
+        rows.append(row)
+    return rows
+
+
+def save_training_curves(
+    path: Path | str, losses_per_member: list[list[float]], title: str
+) -> None:
+    """Saves a line chart of each member's mean training loss per epoch (log scale).
+
+    Args:
+        path: Where to write the PNG.
+        losses_per_member: Member m's mean training loss of each epoch it ran.
+        title: Figure title.
+    """
+    if not any(losses_per_member):
+        raise ValueError("no training losses to draw")
+    figure = Figure(figsize=(6.5, 4.0), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots()
+    colours = matplotlib.colormaps["tab10"].colors
+    for member, losses in enumerate(losses_per_member):
+        epochs = np.arange(1, len(losses) + 1)
+        colour = colours[member % len(colours)]
+        axes.plot(epochs, losses, color=colour, linewidth=1.2, label=f"member {member}")
+        if len(losses):
+            axes.plot(epochs[-1], losses[-1], "o", color=colour, markersize=4)  # where it stopped
+    positive = all(value > 0 for losses in losses_per_member for value in losses)
+    if positive:
+        axes.set_yscale("log")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.set_xlabel("epoch")
+    axes.set_ylabel("mean cross-entropy")
+    axes.set_title(title)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=7, ncols=2, loc="upper right")
+    figure.savefig(path, dpi=100)
+    logger.info("saved training curves of %d members to %s", len(losses_per_member), path)
 
 
 def _tableau_colours() -> np.ndarray:

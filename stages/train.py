@@ -7,6 +7,7 @@ from pathlib import Path
 
 from pipeline.config import load_params
 from pipeline.training import train_on_store
+from pipeline.visualize import save_training_curves, training_curve_rows
 
 
 def main() -> None:
@@ -14,19 +15,17 @@ def main() -> None:
     parser.add_argument("--store", required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--log", required=True, help="training curve JSON (DVC plot)")
+    parser.add_argument("--chart", required=True, help="training curve PNG")
     parser.add_argument("--params", default="params.yaml")
     arguments = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     settings = load_params(arguments.params).train
     ensemble, summary = train_on_store(arguments.store, arguments.out, settings)
-    curve = [
-        {"member": member, "epoch": epoch, "loss": loss}
-        for member, log in enumerate(ensemble.logs)
-        for epoch, loss in enumerate(log.epoch_mean_loss)
-    ]
+    losses_per_member = [log.epoch_mean_loss for log in ensemble.logs]
     Path(arguments.log).parent.mkdir(parents=True, exist_ok=True)
-    Path(arguments.log).write_text(json.dumps(curve, indent=1))
+    Path(arguments.log).write_text(json.dumps(training_curve_rows(losses_per_member), indent=1))
+    save_training_curves(arguments.chart, losses_per_member, f"training loss per member ({Path(arguments.store).name})")
     print(
         f"train: {len(summary.epochs_per_member)} members on {summary.training_pixels} pixels "
         f"(epochs {summary.epochs_per_member}) saved to {summary.ensemble_dir} in {summary.seconds:.1f} s"

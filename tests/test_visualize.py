@@ -15,6 +15,8 @@ from pipeline.visualize import (
     save_per_class_iou_chart,
     save_png,
     save_prediction_grid,
+    save_training_curves,
+    training_curve_rows,
     uncertainty_image,
 )
 
@@ -155,3 +157,24 @@ def test_per_class_iou_chart_is_written(tmp_path):
     assert width == 650 and 200 <= height <= 400
     with pytest.raises(ValueError, match="zero"):
         save_per_class_iou_chart(path, {"zero": 1.5}, title="bad")
+
+
+def test_training_curve_rows_have_one_column_per_member_and_stop_where_members_stopped():
+    rows = training_curve_rows([[1.0, 0.5, 0.25], [2.0]])
+    assert rows == [
+        {"epoch": 0, "member_0": 1.0, "member_1": 2.0},
+        {"epoch": 1, "member_0": 0.5},
+        {"epoch": 2, "member_0": 0.25},
+    ]
+    assert training_curve_rows([]) == []
+
+
+def test_training_curves_chart_is_written(tmp_path):
+    path = tmp_path / "curves.png"
+    save_training_curves(path, [[1.0, 0.5, 0.4], [1.1, 0.6]], title="demo")
+    with Image.open(path) as picture:
+        assert picture.size == (650, 400)
+        pixels = np.asarray(picture.convert("RGB"))
+    assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 10  # lines and text, not a blank page
+    with pytest.raises(ValueError, match="no training losses"):
+        save_training_curves(path, [[], []], title="empty")
