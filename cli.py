@@ -141,13 +141,16 @@ def evaluate(context: _Context, ensemble, store, out):
 @click.option("--images", required=True, type=click.Path(path_type=Path), help="Folder of PNG/JPEG images, any size.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder for masks, overlays and summary.json.")
 @click.option("--device", default="auto", show_default=True)
+@click.option("--pictures", default=6, show_default=True, help="Images in the overview figure predictions.png.")
 @click.pass_obj
-def predict(context: _Context, ensemble, checkpoint, images, out, device):
+def predict(context: _Context, ensemble, checkpoint, images, out, device, pictures):
     """Segment new images (no labels needed) with a trained ensemble."""
     from pipeline.prediction import predict_folder
 
     def action():
-        summary = predict_folder(ensemble, checkpoint, images, out, device=device, show_progress=context.show_progress)
+        summary = predict_folder(
+            ensemble, checkpoint, images, out, device=device, show_progress=context.show_progress, pictures=pictures
+        )
         click.echo(f"predict: {summary.images} images segmented into {summary.out_dir} in {summary.seconds:.1f} s")
 
     _run(context, action)

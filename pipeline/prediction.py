@@ -22,7 +22,14 @@ from pipeline.evaluation import predict_pixels
 from pipeline.extract import compute_activations
 from pipeline.features import gather_pixels_from_blocks
 from pipeline.store import StoreMismatchError
-from pipeline.visualize import class_palette, colour_mask, overlay, save_png, uncertainty_image
+from pipeline.visualize import (
+    class_palette,
+    colour_mask,
+    overlay,
+    save_png,
+    save_prediction_grid,
+    uncertainty_image,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -68,12 +75,15 @@ def predict_folder(
     device: str = "auto",
     threads: int = 0,
     show_progress: bool = True,
+    pictures: int = 6,
 ) -> PredictionSummary:
     """Segments every image of a folder and writes, per image: `<name>.npy` (labels at the
     image's own size), `<name>_mask.png`, `<name>_overlay.png`, `<name>_uncertainty.png`; and
-    `summary.json` (per image: size, uncertainty score, class fractions).
+    `summary.json` (per image: size, uncertainty score, class fractions), and `predictions.png`
+    (image | prediction | uncertainty, with a class legend) for the first ``pictures`` images.
 
-    Images are processed one at a time, so memory does not grow with the folder.
+    Images are processed one at a time, so memory does not grow with the folder (only the
+    first ``pictures`` images are kept for the overview figure).
     """
     started = time.perf_counter()
     ensemble_dir, checkpoint, out_dir = Path(ensemble_dir), Path(checkpoint), Path(out_dir)
@@ -91,7 +101,7 @@ def predict_folder(
     records = list_images(images_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     # 2. Each image: features → votes → outputs at the image's own size.
-    summaries = []
+    summaries, picture_rows = [], []
     with torch_threads(threads):
         for record in tqdm(records, desc="predict", unit="image", disable=not show_progress):
             model_input = torch.from_numpy(load_image(record, size))[None].to(torch_device)  # (1, 3, S, S)
@@ -100,25 +110,33 @@ def predict_folder(
             prediction = predict_pixels(
                 ensemble, lambda ys, xs: gather_pixels_from_blocks(tables, ys, xs, size), size, pixels_per_batch
             )
-            summaries.append(_write_outputs(record, prediction, ensemble, palette, out_dir))
+            summary, picture_row = _write_outputs(record, prediction, ensemble, palette, out_dir)
+            summaries.append(summary)
+            if len(picture_rows) < pictures:
+                picture_rows.append(picture_row)
+    if picture_rows:
+        save_prediction_grid(out_dir / "predictions.png", picture_rows, ensemble.class_names, ignore_label=None)
     (out_dir / "summary.json").write_text(
         json.dumps({"ensemble": str(ensemble_dir), "checkpoint": str(checkpoint), "images": summaries}, indent=1)
     )
     return PredictionSummary(out_dir, len(records), time.perf_counter() - started)
 
 
-def _write_outputs(record, prediction, ensemble: Ensemble, palette: np.ndarray, out_dir: Path) -> dict:
+def _write_outputs(
+    record, prediction, ensemble: Ensemble, palette: np.ndarray, out_dir: Path
+) -> tuple[dict, dict]:
+    """Writes one image's outputs; returns its summary and its row of the overview figure."""
     with Image.open(record.image_path) as image:
         original = np.asarray(image.convert("RGB"))  # (H, W, 3)
     height, width = original.shape[:2]
     labels = _resize_labels(prediction.labels, width, height)
-    disagreement = _resize_values(prediction.disagreement, width, height)
+    disagreement = np.clip(_resize_values(prediction.disagreement, width, height), 0, None)
     np.save(out_dir / f"{record.name}.npy", labels.astype(np.int16))
     save_png(out_dir / f"{record.name}_mask.png", colour_mask(labels, palette, ignore_label=None))
     save_png(out_dir / f"{record.name}_overlay.png", overlay(original, labels, palette, ignore_label=None))
-    save_png(out_dir / f"{record.name}_uncertainty.png", uncertainty_image(np.clip(disagreement, 0, None)))
+    save_png(out_dir / f"{record.name}_uncertainty.png", uncertainty_image(disagreement))
     counts = np.bincount(labels.ravel(), minlength=ensemble.num_classes)
-    return {
+    summary = {
         "name": record.name,
         "width": width,
         "height": height,
@@ -127,3 +145,5 @@ def _write_outputs(record, prediction, ensemble: Ensemble, palette: np.ndarray, 
             name: round(count / labels.size, 6) for name, count in zip(ensemble.class_names, counts) if count
         },
     }
+    picture_row = {"image": original, "prediction": labels, "uncertainty": disagreement, "title": record.name}
+    return summary, picture_row

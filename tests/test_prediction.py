@@ -46,6 +46,14 @@ def test_predict_writes_outputs_at_each_images_size(trained, tmp_path):
     wide = next(image for image in report["images"] if image["name"] == "wide")
     assert (wide["width"], wide["height"]) == (40, 24) and wide["uncertainty"] >= 0
     assert sum(wide["class_fractions"].values()) == pytest.approx(1.0, abs=1e-5)
+    with Image.open(tmp_path / "predictions.png") as overview:  # two rows: image | prediction | uncertainty
+        assert overview.width > 300 and overview.height > 300
+
+
+def test_predict_overview_figure_is_optional(trained, tmp_path):
+    predict_folder(trained / "ensemble", trained / "unet", trained / "new", tmp_path, device="cpu",
+                   show_progress=False, pictures=0)
+    assert (tmp_path / "summary.json").exists() and not (tmp_path / "predictions.png").exists()
 
 
 def test_predict_refuses_another_checkpoint(trained, tmp_path):
