@@ -244,14 +244,21 @@ def _create_store(path: Path, schema: StoreSchema, codec: str) -> zarr.Group:
     size, count = schema.image_size, len(schema.image_names)
     compressors, small = _compressors(codec), _compressors("zstd")
     group.create_array(
-        "images", shape=(count, size, size, 3), chunks=(1, size, size, 3), dtype="uint8", compressors=small
+        "images", shape=(count, size, size, 3), chunks=(1, size, size, 3), dtype="uint8", compressors=small,
+        dimension_names=("image", "y", "x", "rgb"),
     )
     group.create_array(
         "labels", shape=(count, size, size), chunks=(1, size, size), dtype="int16", fill_value=NO_LABELS,
-        compressors=small,
+        compressors=small, dimension_names=("image", "y", "x"),
     )
-    group.create_array("checksums", shape=(count, 32), chunks=(1, 32), dtype="uint8", compressors=small)
-    group.create_array("done", shape=(count,), chunks=(1,), dtype="uint8", fill_value=0, compressors=small)
+    group.create_array(
+        "checksums", shape=(count, 32), chunks=(1, 32), dtype="uint8", compressors=small,
+        dimension_names=("image", "sha256_byte"),
+    )
+    group.create_array(
+        "done", shape=(count,), chunks=(1,), dtype="uint8", fill_value=0, compressors=small,
+        dimension_names=("image",),
+    )
     if schema.layout == "native":
         for shape in schema.block_shapes:
             group.create_array(
@@ -260,6 +267,8 @@ def _create_store(path: Path, schema: StoreSchema, codec: str) -> zarr.Group:
                 chunks=(1, len(schema.steps), shape.channels, shape.height, shape.width),
                 dtype="float16",
                 compressors=compressors,
+                # Named dimensions let xarray open the store; each block has its own sizes.
+                dimension_names=("image", "step", f"channel_{shape.block}", f"y_{shape.block}", f"x_{shape.block}"),
             )
     elif schema.layout == "dense":
         tile = min(DENSE_TILE, size)
@@ -269,6 +278,7 @@ def _create_store(path: Path, schema: StoreSchema, codec: str) -> zarr.Group:
             chunks=(1, tile, tile, schema.feature_dim),
             dtype="float16",
             compressors=compressors,
+            dimension_names=("image", "y", "x", "feature"),
         )
     else:
         raise ValueError(f"unknown layout {schema.layout!r}; use native or dense")

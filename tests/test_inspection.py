@@ -1,7 +1,9 @@
+import re
+
 import numpy as np
 import pytest
 
-from conftest import write_synthetic_store
+from conftest import PROJECT_ROOT, write_synthetic_store
 from pipeline.inspection import format_summary, pixel_feature_vector, resolve_image, store_summary
 from pipeline.store import FeatureStore
 
@@ -78,3 +80,17 @@ def test_pictures_and_export(store, tmp_path):
     assert table.shape == (2, 26) and table[1, :2].tolist() == [3, 4]
     with pytest.raises(ValueError, match=".npy or .csv"):
         export_pixel_features(store, "1", [(0, 0)], tmp_path / "pixels.txt")
+
+
+def test_readme_xarray_example_reads_the_store_without_segcache(tmp_path):
+    _, written = write_synthetic_store(tmp_path / "store.zarr", "native", [np.zeros((16, 16), np.int64), None])
+    readme = (PROJECT_ROOT / "README.md").read_text()
+    code = re.search(r"<!-- xarray-example.*?-->\n```python\n(.*?)```", readme, re.DOTALL).group(1)
+    code = code.replace("data/stores/ddpm-train.zarr", str(tmp_path / "store.zarr"))
+    namespace: dict = {}
+    exec(code, namespace)
+    # conftest writes activations per (step, block): block 12 is the last of each step's three.
+    expected = np.stack([written[0][step * 3 + 2][:, 5, 7] for step in range(2)])  # (step, channel)
+    np.testing.assert_allclose(namespace["pixel"], expected.astype(np.float16), rtol=1e-3)
+    assert namespace["names"] == ["image_00", "image_01"]
+    assert namespace["block"].dims == ("image", "step", "channel_12", "y_12", "x_12")
