@@ -92,8 +92,8 @@ class TrainSettings:
     patience: int = 50
     patience_from_epoch: int = 4
     min_class_pixels: int = 20
-    buffer_pixels: int = 65536
-    cache_megabytes: int = 2048
+    buffer_pixels: int = 32768
+    cache_megabytes: int = 1024
     device: str = "auto"
     threads: int = 0
     fast_batch_size: int = 256

@@ -16,6 +16,7 @@ import dask
 import numpy as np
 import torch
 
+from pipeline.features import gather_pixels
 from pipeline.store import FeatureStore
 
 
@@ -137,7 +138,18 @@ class PixelStream:
 
         def fill(image: int, rows: np.ndarray) -> None:
             wanted = chosen[rows]
-            features[rows] = self.store.pixel_features(image, self.pixels.y[wanted], self.pixels.x[wanted])
+            ys, xs = self.pixels.y[wanted], self.pixels.x[wanted]
+            if self.store.layout == "dense":
+                features[rows] = self.store.pixel_features(image, ys, xs)
+                return
+            # Native: block by block straight into the buffer, so the float32 temporaries are
+            # one block's columns (P × C_b), never the whole (P, D).
+            ys_tensor, xs_tensor = torch.from_numpy(ys.astype(np.int64)), torch.from_numpy(xs.astype(np.int64))
+            column = 0
+            for table in self.store.block_tables(image):
+                block_features = gather_pixels(table, ys_tensor, xs_tensor, self.store.image_size)  # (P, C_b)
+                features[rows, column : column + table.shape[0]] = block_features.numpy()
+                column += table.shape[0]
 
         tasks = [dask.delayed(fill)(int(image), rows) for image, rows in zip(images, positions)]
         if descending:
@@ -161,7 +173,7 @@ class PixelStream:
                 if position + 1 < len(chunks):
                     upcoming = prefetcher.submit(self.gather, chunks[position + 1], (position + 1) % 2 == 1)
                 yield features, self.pixels.label[chosen]
-                del features  # the next buffer may be gathered while this one is released
+                del features
 
     def batches(self, rng: np.random.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """One epoch of (features float32 (B, D), labels int64 (B,)) batches."""
@@ -171,6 +183,7 @@ class PixelStream:
                     torch.from_numpy(features[start : start + self.batch_size]).float(),
                     torch.from_numpy(labels[start : start + self.batch_size]),
                 )
+            del features, labels  # release this buffer before the one after next is gathered
 
     def member_batches(self, rng: np.random.Generator, members: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """One epoch of batches for `members` models trained together, each in its own order.
@@ -189,3 +202,6 @@ class PixelStream:
             for start in range(0, count, self.batch_size):
                 chosen = torch.from_numpy(orders[:, start : start + self.batch_size])  # (M, B)
                 yield features_tensor[chosen].float(), labels_tensor[chosen]
+            # Release this buffer before asking for the next: otherwise three buffers (this one,
+            # the next and the one being prefetched) would be alive at once.
+            del features, labels, features_tensor, labels_tensor
