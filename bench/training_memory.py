@@ -83,8 +83,8 @@ def run(quick: bool, scratch: Path) -> dict:
     for count in counts:
         store = write_synthetic_store(scratch / f"memory-{count}.zarr", "native", count, size, shapes, steps, classes)
         pixels = count * size * size
-        steps = base.buffer_pixels // base.fast_batch_size + STEPS_PAST_FIRST_BUFFER
-        settings = dataclasses.replace(base, fast_epochs=steps * base.fast_batch_size / pixels)
+        train_steps = base.buffer_pixels // base.fast_batch_size + STEPS_PAST_FIRST_BUFFER
+        settings = dataclasses.replace(base, fast_epochs=train_steps * base.fast_batch_size / pixels)
         measured = run_child(
             "bench.training_memory",
             {"store": str(store), "out": str(scratch / "memory-ensemble"), "settings": dataclasses.asdict(settings)},
