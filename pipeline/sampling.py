@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import uuid
 from collections.abc import Iterator, Sequence
 
 import dask
@@ -151,9 +152,15 @@ class PixelStream:
                 features[rows, column : column + table.shape[0]] = block_features.numpy()
                 column += table.shape[0]
 
-        tasks = [dask.delayed(fill)(int(image), rows) for image, rows in zip(images, positions)]
         if descending:
-            tasks.reverse()
+            images, positions = images[::-1], positions[::-1]
+        # Named keys: Dask then runs independent tasks in a fixed order of their names (with
+        # random names, in random order, and the alternation would not reach the cache).
+        token = uuid.uuid4().hex
+        tasks = [
+            dask.delayed(fill)(int(image), rows, dask_key_name=f"gather-{token}-{position:06d}")
+            for position, (image, rows) in enumerate(zip(images, positions))
+        ]
         dask.compute(*tasks, scheduler="threads")
         return features
 

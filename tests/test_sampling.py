@@ -1,3 +1,4 @@
+import dask
 import numpy as np
 import pytest
 import torch
@@ -98,6 +99,23 @@ def test_gather_memory_follows_the_buffer_not_the_dataset(tmp_path):
     stream.gather = lambda chosen, *rest: requested.append(len(chosen)) or original(chosen, *rest)
     sum(1 for _ in stream.batches(np.random.default_rng(0)))
     assert max(requested) == 32 and sum(requested) == len(pixels)
+
+
+def test_gathering_sweeps_the_images_in_the_requested_direction(tmp_path):
+    store, _ = _store_with_labels(tmp_path, "native")
+    pixels = select_labeled_pixels(store, num_classes=3, ignore_label=255)
+    stream = PixelStream(store, pixels, batch_size=16, buffer_pixels=60)
+    visits = []
+    original = store.block_tables
+    store.block_tables = lambda image: visits.append(image) or original(image)
+    chosen = np.arange(len(pixels))
+    with dask.config.set(num_workers=1):  # one worker: the visiting order is the task order
+        stream.gather(chosen)
+        forward = list(visits)
+        visits.clear()
+        stream.gather(chosen, descending=True)
+    # Whichever end Dask starts from, the two directions sweep in opposite orders.
+    assert sorted(forward) == [0, 1, 2] and visits == forward[::-1]
 
 
 def test_gathering_images_in_either_order_gives_the_same_buffer(tmp_path):
