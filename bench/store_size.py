@@ -9,15 +9,13 @@ dense store, and records bytes per image and seconds per image in bench/results/
 Random weights make activations that compress differently from a trained model's: the
 uncompressed sizes are exact, the compression ratios are indicative only.
 
-    python -m bench.store_size [--images 2] [--device auto]
+    python -m bench.store_size [--images 2] [--device auto]   (or as part of `python -m bench`)
 """
 
 import argparse
 import json
 import platform
 import shutil
-import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +23,7 @@ import torch
 from diffusers import UNet2DModel
 from PIL import Image
 
+from bench.common import write_result
 from pipeline.backbones import AdmLayout, adm_unet_config
 from pipeline.config import ExtractSettings
 from pipeline.extract import extract_features
@@ -55,42 +54,51 @@ def prepare_images(folder: Path, count: int) -> str:
     return f"{count} random-noise images"
 
 
+def run(quick: bool, scratch: Path, images: int = 2, device: str = "auto") -> dict:
+    """Bytes and seconds per image at the paper's size (skipped in quick mode: it builds a
+    552 M-parameter model and takes minutes per image on a CPU)."""
+    if quick:
+        return {"skipped": "quick mode"}
+    scratch = scratch / "store-size"
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(parents=True)
+    torch.manual_seed(0)
+    unet = UNet2DModel.from_config(adm_unet_config(PAPER_LAYOUT) | {"sample_size": 256})
+    unet.save_pretrained(scratch / "adm256")
+    parameters = sum(p.numel() for p in unet.parameters())
+    del unet
+    source = prepare_images(scratch / "images", images)
+    results = {"parameters": parameters, "images": source, "machine": platform.processor() or platform.machine(), "layouts": {}}
+    for layout in ("native", "dense"):
+        settings = ExtractSettings(layout=layout, batch_size=1, device=device)
+        summary = extract_features(scratch / "adm256", scratch / "images", scratch / f"{layout}.zarr", settings)
+        store = FeatureStore(scratch / f"{layout}.zarr")
+        names = ["pixels"] if layout == "dense" else [f"block_{b}" for b in settings.blocks]
+        raw = sum(store.group[name].nbytes for name in names) / store.num_images
+        stored = sum(
+            path.stat().st_size for name in names for path in (store.path / name).rglob("*") if path.is_file()
+        ) / store.num_images
+        results["layouts"][layout] = {
+            "feature_dim": summary.feature_dim,
+            "raw_fp16_bytes_per_image": raw,
+            "stored_bytes_per_image": stored,
+            "compression_ratio": raw / stored,
+            "seconds_per_image": summary.seconds / summary.images_total,
+            "device": summary.device,
+        }
+        print(layout, json.dumps(results["layouts"][layout]), flush=True)
+        shutil.rmtree(store.path)
+    shutil.rmtree(scratch)
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=2)
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--out", default=str(PROJECT_ROOT / "bench" / "results" / "store_size.json"))
+    parser.add_argument("--scratch", default=str(PROJECT_ROOT / "runs" / "bench-scratch"))
     arguments = parser.parse_args()
-    with tempfile.TemporaryDirectory() as scratch:
-        scratch = Path(scratch)
-        torch.manual_seed(0)
-        unet = UNet2DModel.from_config(adm_unet_config(PAPER_LAYOUT) | {"sample_size": 256})
-        unet.save_pretrained(scratch / "adm256")
-        parameters = sum(p.numel() for p in unet.parameters())
-        del unet
-        source = prepare_images(scratch / "images", arguments.images)
-        results = {"parameters": parameters, "images": source, "machine": platform.processor() or platform.machine(), "layouts": {}}
-        for layout in ("native", "dense"):
-            settings = ExtractSettings(layout=layout, batch_size=1, device=arguments.device)
-            summary = extract_features(scratch / "adm256", scratch / "images", scratch / f"{layout}.zarr", settings)
-            store = FeatureStore(scratch / f"{layout}.zarr")
-            features = "pixels" if layout == "dense" else [f"block_{b}" for b in settings.blocks]
-            names = [features] if isinstance(features, str) else features
-            raw = sum(store.group[name].nbytes for name in names) / store.num_images
-            stored = sum(
-                path.stat().st_size for name in names for path in (store.path / name).rglob("*") if path.is_file()
-            ) / store.num_images
-            results["layouts"][layout] = {
-                "feature_dim": summary.feature_dim,
-                "raw_fp16_bytes_per_image": raw,
-                "stored_bytes_per_image": stored,
-                "compression_ratio": raw / stored,
-                "seconds_per_image": summary.seconds / summary.images_total,
-                "device": summary.device,
-            }
-            print(layout, json.dumps(results["layouts"][layout]))
-    results["measured"] = time.strftime("%Y-%m-%d %H:%M")
-    Path(arguments.out).write_text(json.dumps(results, indent=1))
+    print(write_result("store_size", run(False, Path(arguments.scratch), arguments.images, arguments.device)))
 
 
 if __name__ == "__main__":

@@ -74,7 +74,8 @@ def gather_pixels(table: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor, size:
         ],
         dim=1,
     )  # (P, 4)
-    rows = table.float().reshape(channels, height * width).T  # (h*w, C)
+    # Row-major (h*w, C): embedding_bag on the transposed view is ~8x slower (measured).
+    rows = table.float().reshape(channels, height * width).T.contiguous()  # (h*w, C)
     return F.embedding_bag(neighbours, rows, per_sample_weights=weights, mode="sum")
 
 

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import uuid
 from collections.abc import Iterator, Sequence
 
 import dask
 import numpy as np
 import torch
 
+from pipeline.features import gather_pixels
 from pipeline.store import FeatureStore
 
 
@@ -87,7 +89,8 @@ class PixelStream:
         store: the feature store.
         pixels: the labeled pixels to visit.
         batch_size: pixels per yielded batch.
-        buffer_pixels: pixels gathered from the store at a time.
+        buffer_pixels: pixels gathered from the store at a time. A buffer is held as float16
+            (buffer_pixels × D × 2 bytes), and the next one is gathered while it is consumed.
     """
 
     def __init__(self, store: FeatureStore, pixels: LabeledPixels, batch_size: int, buffer_pixels: int):
@@ -120,23 +123,49 @@ class PixelStream:
             order[start : start + self.buffer_pixels] = window[rng.permutation(len(window))]
         return order
 
-    def gather(self, chosen: np.ndarray) -> np.ndarray:
-        """Features of chosen pixels (indices into `pixels`) as one Dask graph, float32 (P, D)."""
-        by_image = np.argsort(self.pixels.image_index[chosen], kind="stable")
-        chosen_sorted = chosen[by_image]
-        images, starts = np.unique(self.pixels.image_index[chosen_sorted], return_index=True)
-        groups = np.split(chosen_sorted, starts[1:])
+    def gather(self, chosen: np.ndarray, descending: bool = False) -> np.ndarray:
+        """Features of chosen pixels (indices into `pixels`), float16 (P, D), in the order of `chosen`.
+
+        One Dask task per image writes its pixels' rows straight into the result, so the
+        buffer exists once. `descending` visits the images in reverse order: alternating it
+        between buffers lets a table cache smaller than the store keep hitting (an LRU cache
+        swept in the same order every time would evict each table just before it is needed).
+        """
+        features = np.empty((len(chosen), self.store.feature_dim), dtype=np.float16)
+        image_of_chosen = self.pixels.image_index[chosen]
+        by_image = np.argsort(image_of_chosen, kind="stable")
+        images, starts = np.unique(image_of_chosen[by_image], return_index=True)
+        positions = np.split(by_image, starts[1:])  # per image: rows of `features` to fill
+
+        def fill(image: int, rows: np.ndarray) -> None:
+            wanted = chosen[rows]
+            ys, xs = self.pixels.y[wanted], self.pixels.x[wanted]
+            if self.store.layout == "dense":
+                features[rows] = self.store.pixel_features(image, ys, xs)
+                return
+            # Native: block by block straight into the buffer, so the float32 temporaries are
+            # one block's columns (P × C_b), never the whole (P, D).
+            ys_tensor, xs_tensor = torch.from_numpy(ys.astype(np.int64)), torch.from_numpy(xs.astype(np.int64))
+            column = 0
+            for table in self.store.block_tables(image):
+                block_features = gather_pixels(table, ys_tensor, xs_tensor, self.store.image_size)  # (P, C_b)
+                features[rows, column : column + table.shape[0]] = block_features.numpy()
+                column += table.shape[0]
+
+        if descending:
+            images, positions = images[::-1], positions[::-1]
+        # Named keys: Dask then runs independent tasks in a fixed order of their names (with
+        # random names, in random order, and the alternation would not reach the cache).
+        token = uuid.uuid4().hex
         tasks = [
-            dask.delayed(self.store.pixel_features)(int(image), self.pixels.y[group], self.pixels.x[group])
-            for image, group in zip(images, groups)
+            dask.delayed(fill)(int(image), rows, dask_key_name=f"gather-{token}-{position:06d}")
+            for position, (image, rows) in enumerate(zip(images, positions))
         ]
-        features_sorted = np.concatenate(dask.compute(*tasks, scheduler="threads"))  # (P, D) by image
-        features = np.empty_like(features_sorted)
-        features[by_image] = features_sorted  # back to the order of `chosen`
+        dask.compute(*tasks, scheduler="threads")
         return features
 
     def buffers(self, rng: np.random.Generator) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """One epoch of (features float32 (N, D), labels int64 (N,)) buffers in visiting order.
+        """One epoch of (features float16 (N, D), labels int64 (N,)) buffers in visiting order.
 
         The next buffer is gathered in the background while the current one is consumed.
         """
@@ -149,17 +178,19 @@ class PixelStream:
             for position, chosen in enumerate(chunks):
                 features = upcoming.result()
                 if position + 1 < len(chunks):
-                    upcoming = prefetcher.submit(self.gather, chunks[position + 1])
+                    upcoming = prefetcher.submit(self.gather, chunks[position + 1], (position + 1) % 2 == 1)
                 yield features, self.pixels.label[chosen]
+                del features
 
     def batches(self, rng: np.random.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """One epoch of (features float32 (B, D), labels int64 (B,)) batches."""
         for features, labels in self.buffers(rng):
             for start in range(0, len(labels), self.batch_size):
                 yield (
-                    torch.from_numpy(features[start : start + self.batch_size]),
+                    torch.from_numpy(features[start : start + self.batch_size]).float(),
                     torch.from_numpy(labels[start : start + self.batch_size]),
                 )
+            del features, labels  # release this buffer before the one after next is gathered
 
     def member_batches(self, rng: np.random.Generator, members: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """One epoch of batches for `members` models trained together, each in its own order.
@@ -177,4 +208,7 @@ class PixelStream:
             features_tensor, labels_tensor = torch.from_numpy(features), torch.from_numpy(labels)
             for start in range(0, count, self.batch_size):
                 chosen = torch.from_numpy(orders[:, start : start + self.batch_size])  # (M, B)
-                yield features_tensor[chosen], labels_tensor[chosen]
+                yield features_tensor[chosen].float(), labels_tensor[chosen]
+            # Release this buffer before asking for the next: otherwise three buffers (this one,
+            # the next and the one being prefetched) would be alive at once.
+            del features, labels, features_tensor, labels_tensor

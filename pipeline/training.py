@@ -60,7 +60,7 @@ def train_on_store(
             stream = PixelStream(store, pixels, settings.fast_batch_size, settings.buffer_pixels)
             members, logs = train_fused(
                 lambda epoch: stream.member_batches(np.random.default_rng([settings.seed, epoch]), settings.members),
-                store.feature_dim, classes.num_classes, settings, device, show_progress,
+                store.feature_dim, classes.num_classes, len(pixels), settings, device, show_progress,
             )
             ensemble = Ensemble(members, store.feature_dim, classes.names, classes.ignore_label, store.feature_description(), logs)
         else:

@@ -170,9 +170,22 @@ def test_fast_protocol_learns_separable_classes():
         for parts in zip(*batches):
             yield torch.stack([f for f, _ in parts]), torch.stack([l for _, l in parts])
 
-    settings = TrainSettings(members=3, max_epochs=8, fast_learning_rate=0.004)
-    members, logs = train_fused(epoch_batches, 6, 3, settings, show_progress=False)
-    assert len(members) == 3 and len(logs) == 3 and logs[0].epochs >= 1
+    settings = TrainSettings(members=3, fast_batch_size=64, fast_learning_rate=0.004, fast_epochs=4)
+    members, logs = train_fused(epoch_batches, 6, 3, 512, settings, show_progress=False)
+    assert len(members) == 3 and len(logs) == 3
+    assert (logs[0].epochs, logs[0].iterations) == (4, 4 * 512 // 64)
     features, labels = zip(*_separable_batches(99, 0))
     predicted, _ = predict_with_uncertainty(members, torch.cat(features))
     assert (predicted == torch.cat(labels)).float().mean() > 0.95
+
+
+def test_fast_protocol_stops_at_its_budget_of_passes_even_mid_epoch():
+    from pipeline.ensemble import train_fused
+
+    def epoch_batches(epoch):
+        for features, labels in _separable_batches(0, epoch):  # 8 batches of 64
+            yield features.expand(2, -1, -1), labels.expand(2, -1)
+
+    settings = TrainSettings(members=2, fast_batch_size=64, fast_epochs=1.5)
+    _, logs = train_fused(epoch_batches, 6, 3, 512, settings, show_progress=False)
+    assert (logs[0].epochs, logs[0].iterations) == (2, 12)

@@ -1,3 +1,4 @@
+import dask
 import numpy as np
 import pytest
 import torch
@@ -62,7 +63,9 @@ def test_stream_covers_every_pixel_once_per_epoch_with_correct_features(tmp_path
     expected = {}
     for image in range(3):
         rows = pixels.image_index == image
-        for vector, label in zip(store.pixel_features(image, pixels.y[rows], pixels.x[rows]), pixels.label[rows]):
+        # Buffers hold float16: the stored feature rounded as a dense store would keep it.
+        stored = store.pixel_features(image, pixels.y[rows], pixels.x[rows]).astype(np.float16).astype(np.float32)
+        for vector, label in zip(stored, pixels.label[rows]):
             expected[vector.tobytes()] = label
     assert all(expected[row.tobytes()] == label for row, label in zip(features, labels))
 
@@ -93,6 +96,46 @@ def test_gather_memory_follows_the_buffer_not_the_dataset(tmp_path):
     stream = PixelStream(store, pixels, batch_size=16, buffer_pixels=32)
     requested = []
     original = stream.gather
-    stream.gather = lambda chosen: requested.append(len(chosen)) or original(chosen)
+    stream.gather = lambda chosen, *rest: requested.append(len(chosen)) or original(chosen, *rest)
     sum(1 for _ in stream.batches(np.random.default_rng(0)))
     assert max(requested) == 32 and sum(requested) == len(pixels)
+
+
+def test_gathering_sweeps_the_images_in_the_requested_direction(tmp_path):
+    store, _ = _store_with_labels(tmp_path, "native")
+    pixels = select_labeled_pixels(store, num_classes=3, ignore_label=255)
+    stream = PixelStream(store, pixels, batch_size=16, buffer_pixels=60)
+    visits = []
+    original = store.block_tables
+    store.block_tables = lambda image: visits.append(image) or original(image)
+    chosen = np.arange(len(pixels))
+    with dask.config.set(num_workers=1):  # one worker: the visiting order is the task order
+        stream.gather(chosen)
+        forward = list(visits)
+        visits.clear()
+        stream.gather(chosen, descending=True)
+    # Whichever end Dask starts from, the two directions sweep in opposite orders.
+    assert sorted(forward) == [0, 1, 2] and visits == forward[::-1]
+
+
+def test_gathering_images_in_either_order_gives_the_same_buffer(tmp_path):
+    store, _ = _store_with_labels(tmp_path, "native")
+    pixels = select_labeled_pixels(store, num_classes=3, ignore_label=255)
+    stream = PixelStream(store, pixels, batch_size=16, buffer_pixels=60)
+    chosen = np.random.default_rng(0).permutation(len(pixels))[:100]
+    ascending, descending = stream.gather(chosen), stream.gather(chosen, descending=True)
+    assert ascending.dtype == np.float16 and ascending.shape == (100, store.feature_dim)
+    np.testing.assert_array_equal(ascending, descending)
+
+
+def test_member_batches_give_each_member_its_own_order_of_the_same_buffer(tmp_path):
+    store, _ = _store_with_labels(tmp_path, "native")
+    pixels = select_labeled_pixels(store, num_classes=3, ignore_label=255)
+    stream = PixelStream(store, pixels, batch_size=16, buffer_pixels=1000)
+    batches = list(stream.member_batches(np.random.default_rng(0), members=3))
+    features = torch.cat([batch for batch, _ in batches], dim=1)  # (M, P, D)
+    assert features.shape == (3, len(pixels), store.feature_dim) and features.dtype == torch.float32
+    assert not torch.equal(features[0], features[1])
+    # Each member sees every pixel once: the same rows, in another order.
+    rows = [sorted(map(bytes, member.numpy())) for member in features]
+    assert rows[0] == rows[1] == rows[2]

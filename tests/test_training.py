@@ -52,7 +52,7 @@ def test_a_store_without_labels_cannot_train(tmp_path):
 
 def test_fast_protocol_on_a_store(tmp_path):
     write_learnable_store(tmp_path / "train.zarr", seed=0)
-    settings = TrainSettings(protocol="fast", members=4, max_epochs=30, fast_batch_size=128, buffer_pixels=512, device="cpu")
+    settings = TrainSettings(protocol="fast", members=4, fast_epochs=30, fast_batch_size=128, buffer_pixels=512, device="cpu")
     ensemble, summary = train_on_store(tmp_path / "train.zarr", tmp_path / "ensemble", settings, show_progress=False)
     assert len(ensemble.members) == 4 and summary.training_pixels == 1024
     store = FeatureStore(tmp_path / "train.zarr")

@@ -1,0 +1,155 @@
+"""The summary table of bench/results/*.json: every figure beside its reference and target.
+
+    python -m bench.report [--results bench/results]   → bench/results/summary.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+from bench.common import RESULTS_DIR
+
+GB, MB = 1e9, 1e6
+
+
+def _load(results: Path, name: str) -> dict | None:
+    path = results / f"{name}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _holds(flags: dict | None) -> str:
+    if not flags:
+        return "—"
+    return "yes" if all(flags.values()) else "**no**: " + "; ".join(name for name, ok in flags.items() if not ok)
+
+
+def _extraction(result: dict) -> list[str]:
+    ratios, speed = result["ratios"], result["images_per_second"]
+    return [
+        f"| 1 extraction overhead ({result['model']}, {result['size']}², {result['images']} images, {result['device']}) "
+        f"| native {100 * ratios['native_vs_bare']:.0f} % of bare forwards ({speed['native']:.2f} vs {speed['bare_truncated']:.2f} img/s); "
+        f"dense {100 * ratios['dense_vs_bare']:.0f} % | bare forwards = 100 % | native ≥ 90 % | {_holds(result['targets'])} |"
+    ]
+
+
+def _memory(result: dict) -> list[str]:
+    rows = result["rows"]
+    peaks = ", ".join(f"{row['images']}: {row['peak_rss_bytes'] / GB:.2f}" for row in rows)
+    official = ", ".join(f"{row['images']}: {row['official_fp32_bytes'] / GB:.1f}" for row in rows)
+    return [
+        f"| 2 training peak RSS, GB by images (8448-d, 256²) | {peaks} (growth beyond the table cache "
+        f"{100 * result['growth_beyond_cache']:+.1f} %) | official fp32 in RAM: {official} | flat (< 10 %), ≤ 4 GB at 40 | "
+        f"{_holds(result['targets'])} |"
+    ]
+
+
+def _speed(result: dict) -> list[str]:
+    lines = []
+    for name, comparison in result.items():
+        if not isinstance(comparison, dict) or "speedup" not in comparison:
+            continue
+        lines.append(
+            f"| 3 training speed, {name} | fast {comparison['fast_seconds_median']:.1f} s, mIoU {comparison['fast_miou_mean']:.3f} "
+            f"({comparison['speedup']:.1f}× faster, gap {comparison['miou_gap_points']:+.2f} points) "
+            f"| paper protocol {comparison['paper_seconds_median']:.1f} s, mIoU {comparison['paper_miou_mean']:.3f} "
+            f"| ≥ 10×, within 1 point | {_holds(comparison['targets'])} |"
+        )
+    return lines
+
+
+def _sampling(result: dict) -> list[str]:
+    consumption, ratios = result["consumption"], result["ratios"]
+    return [
+        f"| 4 pixel stream, pixels/s ({result['feature_dim']}-d) | native {result['native']['pixels_per_second']:,.0f} "
+        f"({ratios['native_vs_fast_protocol']:.1f}× fast-protocol use, {ratios['native_vs_paper_protocol']:.1f}× paper-protocol use); "
+        f"dense {result['dense']['pixels_per_second']:,.0f} ({result['dense']['feature_chunk_reads_per_buffer']:.0f} whole-chunk reads per "
+        f"{result['dense']['buffer_pixels']:,}-pixel buffer) | ensemble uses {consumption['fast_protocol_pixels_per_second']:,.0f} (fast), "
+        f"{consumption['paper_protocol_pixels_per_second']:,.0f} (paper, per member) | ≥ 5× use | {_holds(result['targets'])} |"
+    ]
+
+
+def _storage(result: dict) -> list[str]:
+    lines = []
+    for source, measured in result["sources"].items():
+        cells = "; ".join(
+            f"{name} {row['stored_bytes_per_image'] / MB:.2f} MB ({row['ratio_vs_raw_fp16']:.2f}×, write {1000 * row['write_seconds_per_image']:.0f} ms)"
+            for name, row in measured["codecs"].items()
+        )
+        lines.append(f"| 5 storage per image, {source} ({measured['feature_dim']}-d) | {cells} | raw fp16 = 1.00× | default by measurement | — |")
+    paper = result.get("paper_size_raw_fp16_bytes_per_image")
+    if paper:
+        lines.append(
+            f"| 5 storage per image, paper size (8448-d, 256²) | native {paper['native'] / MB:.1f} MB fp16 | dense {paper['dense'] / MB:,.0f} MB; "
+            f"official fp32 in RAM {2 * paper['dense'] / MB:,.0f} MB | — | — |"
+        )
+    return lines
+
+
+def _dvc(result: dict) -> list[str]:
+    cells = "; ".join(
+        f"{name}: +{value['overhead_seconds']:.1f} s, disk {value['disk_vs_store']:.2f}× store"
+        for name, value in result["variants"].items()
+    )
+    fractions = result["overhead_fraction_of_extraction"]["not cached (cache: false, persist: true)"]
+    cpu = "n/a" if fractions["cpu"] is None else f"{100 * fractions['cpu']:.2f} %"
+    return [
+        f"| 6 DVC on a {result['store_bytes'] / GB:.2f} GB native store ({result['images']} images) | {cells} "
+        f"| chosen setting: {cpu} of CPU extraction, {100 * fractions['gpu_estimate']:.0f} % of GPU-estimate extraction "
+        f"| no doubled disk, ≤ 10 % | {_holds(result['targets'])} |"
+    ]
+
+
+def _evaluation(result: dict) -> list[str]:
+    rows = "; ".join(
+        f"{row['test_images']} images: peak {row['peak_rss_bytes'] / GB:.2f} GB, {row['images_per_second']:.2f} img/s" for row in result["rows"]
+    )
+    paper = result.get("paper_shape")
+    paper_text = f"; paper shape {paper['seconds_per_image']:.1f} s/image ({paper['pixels_per_second']:,.0f} px/s)" if paper else ""
+    return [
+        f"| 7 evaluation ({result['shape']['feature_dim']}-d, {result['shape']['size']}²) | {rows}{paper_text} "
+        f"| official: re-extracts test features every run | peak independent of test-set size | {_holds(result['targets'])} |"
+    ]
+
+
+SECTIONS: dict[str, Callable[[dict], list[str]]] = {
+    "extraction_overhead": _extraction,
+    "training_memory": _memory,
+    "training_speed": _speed,
+    "sampling_throughput": _sampling,
+    "storage_codecs": _storage,
+    "dvc_overhead": _dvc,
+    "evaluation_streaming": _evaluation,
+}
+
+
+def summary_table(results: Path) -> str:
+    lines = ["| target | segcache (measured) | reference | goal | holds |", "|---|---|---|---|---|"]
+    for name, section in SECTIONS.items():
+        result = _load(results, name)
+        if result is None:
+            lines.append(f"| {name} | not measured | | | |")
+            continue
+        try:
+            lines.extend(section(result))
+        except (KeyError, TypeError, ZeroDivisionError) as error:
+            lines.append(f"| {name} | incomplete result ({error!r}) | | | |")
+    return "\n".join(lines) + "\n"
+
+
+def write_summary(results: Path = RESULTS_DIR) -> Path:
+    path = results / "summary.md"
+    path.write_text(summary_table(results))
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--results", type=Path, default=RESULTS_DIR)
+    print(write_summary(parser.parse_args().results).read_text())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,144 @@
+"""Target 5: bytes per image for both layouts and every codec; the default chosen by measurement.
+
+Real activations (computed once per source, then written with each codec and layout, so the
+write and read times are the codec's alone):
+
+- demo: the committed demo DDPM (a trained model) on the demo's 16 training scenes, 32×32,
+  params.yaml's steps and blocks (864 features per pixel);
+- adm-tiny: ../shared/fixtures/adm-tiny (the paper's architecture at 1/8 width, random
+  weights) on 4 cat_15 images at 256×256 (1056 features per pixel).
+
+The paper-size figures (552 M-parameter ADM, 8448 features) are in store_size.json
+(`python -m bench.store_size`); raw sizes there are exact, compression indicative.
+
+    python -m bench.storage_codecs [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import shutil
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bench.common import PROJECT_ROOT, SHARED, directory_bytes, write_result
+from pipeline.backbones import decoder_block, load_backbone, make_tiny_unet
+from pipeline.config import ExtractSettings, load_params
+from pipeline.datasets import list_images, load_example
+from pipeline.diffusion import shared_noise
+from pipeline.extract import compute_activations, probe_block_shapes
+from pipeline.store import FeatureStore, StoreSchema, open_store_for_writing
+
+CODECS = ["none", "blosc-lz4", "zstd"]
+ADM_TINY = SHARED / "fixtures" / "adm-tiny" / "adm_tiny.pt"
+CAT_TRAIN = SHARED / "datasets" / "ddpm-seg" / "cat_15" / "real" / "train"
+DEMO_CHECKPOINT = PROJECT_ROOT / "data" / "checkpoints" / "demo_ddpm"
+
+
+def activations_of(checkpoint: Path, images_dir: Path, settings: ExtractSettings, count: int):
+    """(schema template, per image its activations) for the first `count` images."""
+    backbone = load_backbone(checkpoint)
+    unet = backbone.unet.eval()
+    block_modules = {block: decoder_block(unet, block) for block in settings.blocks}
+    records = list_images(images_dir)[:count]
+    images = np.stack([load_example(record, settings.size)[0] for record in records])  # (N, 3, S, S)
+    per_step_block = compute_activations(unet, block_modules, torch.from_numpy(images), settings.steps,
+                                         shared_noise(settings.seed, settings.size))
+    per_image = [[activation[index] for activation in per_step_block] for index in range(len(records))]
+    schema = StoreSchema(
+        layout="native", image_size=settings.size, steps=list(settings.steps),
+        block_shapes=probe_block_shapes(unet, block_modules, settings.size, torch.device("cpu")),
+        checkpoint_sha256=backbone.checkpoint_sha256, architecture=backbone.architecture, noise_seed=settings.seed,
+        image_names=[record.name for record in records], image_sha256=["0" * 64] * len(records),
+    )
+    return schema, per_image
+
+
+def measure_codecs(schema: StoreSchema, per_image: list, scratch: Path, repeats: int) -> dict:
+    rows = {}
+    size = schema.image_size
+    blank = np.zeros((size, size, 3), dtype=np.uint8)
+    for layout in ("native", "dense"):
+        layout_schema = dataclasses.replace(schema, layout=layout)
+        names = ["pixels"] if layout == "dense" else [f"block_{block}" for block in schema.blocks]
+        for codec in CODECS:
+            write_times, read_times = [], []
+            for _ in range(repeats):
+                path = scratch / f"codec-{layout}-{codec}.zarr"
+                shutil.rmtree(path, ignore_errors=True)
+                writer = open_store_for_writing(path, layout_schema, codec)
+                started = time.perf_counter()
+                for index, activations in enumerate(per_image):
+                    writer.write_image(index, blank, None, activations)
+                write_times.append((time.perf_counter() - started) / len(per_image))
+                store = FeatureStore(path, cache_megabytes=0)
+                started = time.perf_counter()
+                for index in range(len(per_image)):
+                    for name in names:
+                        store.group[name][index]
+                read_times.append((time.perf_counter() - started) / len(per_image))
+            raw = sum(store.group[name].nbytes for name in names) / len(per_image)
+            stored = sum(directory_bytes(path / name) for name in names) / len(per_image)
+            rows[f"{layout}/{codec}"] = {
+                "raw_fp16_bytes_per_image": raw,
+                "stored_bytes_per_image": stored,
+                "ratio_vs_raw_fp16": round(raw / stored, 4),
+                "write_seconds_per_image": round(statistics.median(write_times), 4),
+                "read_seconds_per_image": round(statistics.median(read_times), 4),
+            }
+            shutil.rmtree(path)
+    return rows
+
+
+def run(quick: bool, scratch: Path) -> dict:
+    torch.set_num_threads(1)
+    sources = {}
+    if quick:
+        images = scratch / "codec-images"
+        images.mkdir(parents=True, exist_ok=True)
+        from PIL import Image
+
+        for index in range(2):
+            Image.fromarray(np.random.default_rng(index).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(images / f"{index}.png")
+        make_tiny_unet(32).save_pretrained(scratch / "codec-unet")
+        sources["tiny random UNet, 32x32"] = (scratch / "codec-unet", images, ExtractSettings(size=32, blocks=[2, 3, 5]), 2)
+    else:
+        from pipeline.demo import write_demo_dataset
+
+        params = load_params(PROJECT_ROOT / "params.yaml")
+        write_demo_dataset(dataclasses.replace(params.demo, pool_images=0), scratch / "codec-demo")
+        sources["demo DDPM (trained), 32x32"] = (DEMO_CHECKPOINT, scratch / "codec-demo" / "real" / "train", params.extract, 16)
+        if ADM_TINY.is_file() and CAT_TRAIN.is_dir():
+            sources["adm-tiny (random weights), cat_15 at 256x256"] = (ADM_TINY, CAT_TRAIN, ExtractSettings(size=256), 4)
+    results = {}
+    for name, (checkpoint, images, settings, count) in sources.items():
+        schema, per_image = activations_of(checkpoint, images, settings, count)
+        results[name] = {"feature_dim": schema.feature_dim, "images": count,
+                         "codecs": measure_codecs(schema, per_image, scratch, 1 if quick else 3)}
+        print(name, results[name], flush=True)
+    return {
+        "what": "feature bytes per image on disk, compression ratio vs raw float16, write/read seconds per image",
+        "codecs": CODECS,
+        "sources": results,
+        "paper_size_raw_fp16_bytes_per_image": {"native": 3 * (1024 * 32**2 + 2 * 512 * 32**2 + 512 * 64**2 + 256 * 128**2) * 2,
+                                                "dense": 256 * 256 * 8448 * 2},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--scratch", default=str(PROJECT_ROOT / "runs" / "bench-scratch"))
+    arguments = parser.parse_args()
+    scratch = Path(arguments.scratch)
+    scratch.mkdir(parents=True, exist_ok=True)
+    print(write_result("storage_codecs", run(arguments.quick, scratch)))
+
+
+if __name__ == "__main__":
+    main()
