@@ -35,6 +35,8 @@ class ExtractSettings:
         batch_size: images per UNet forward.
         device: "auto" (cuda > mps > cpu) or a torch device string.
         codec: compression of the float16 chunks.
+        scheduler: address of a Dask distributed scheduler (e.g. "tcp://10.0.0.5:8786") whose
+            workers run the batches; None runs them in this process.
     """
 
     steps: list[int] = dataclasses.field(default_factory=lambda: [50, 150, 250])
@@ -45,6 +47,7 @@ class ExtractSettings:
     batch_size: int = 4
     device: str = "auto"
     codec: Codec = "blosc-lz4"
+    scheduler: str | None = None
 
     def __post_init__(self) -> None:
         if not self.steps or not self.blocks:
@@ -80,6 +83,8 @@ class TrainSettings:
         threads: torch CPU threads while training (0: torch's default).
         fast_batch_size: pixels per member and step in the fast protocol.
         fast_learning_rate: Adam learning rate in the fast protocol.
+        scheduler: address of a Dask distributed scheduler whose workers read the features;
+            None reads them with threads in this process. The ensemble trains here either way.
     """
 
     protocol: Protocol = "paper"
@@ -97,6 +102,7 @@ class TrainSettings:
     threads: int = 0
     fast_batch_size: int = 1024
     fast_learning_rate: float = 0.004
+    scheduler: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("members", "batch_size", "max_epochs", "buffer_pixels"):

@@ -2,7 +2,9 @@
 
 The labeled pixels are chosen first, as small index arrays. Each epoch visits them in a seeded
 random order; `buffer_pixels` of them at a time are gathered from the store as one Dask graph
-(one task per image), and the buffer is cut into training batches. Memory follows
+(one task per image), and the buffer is cut into training batches. The graph runs on threads
+here, or on a Dask cluster's workers when a distributed client is given (each worker opens the
+store once and reads the features where it is). Memory follows
 `buffer_pixels × feature_dim` (plus the store's table cache), never the dataset size.
 """
 
@@ -88,13 +90,19 @@ class PixelStream:
         pixels: the labeled pixels to visit.
         batch_size: pixels per yielded batch.
         buffer_pixels: pixels gathered from the store at a time.
+        client: a `distributed.Client` whose workers run the gathering graph; None: threads here.
     """
 
-    def __init__(self, store: FeatureStore, pixels: LabeledPixels, batch_size: int, buffer_pixels: int):
+    def __init__(
+        self, store: FeatureStore, pixels: LabeledPixels, batch_size: int, buffer_pixels: int, client=None
+    ):
         self.store = store
         self.pixels = pixels
         self.batch_size = batch_size
         self.buffer_pixels = max(buffer_pixels, batch_size)
+        self.client = client
+        # On a cluster, every worker holds its own copy of the store (reopened there, with its own cache).
+        self.store_on_workers = None if client is None else client.scatter(store, broadcast=True)
 
     def epoch_order(self, rng: np.random.Generator) -> np.ndarray:
         """A visiting order of all pixels.
@@ -126,11 +134,20 @@ class PixelStream:
         chosen_sorted = chosen[by_image]
         images, starts = np.unique(self.pixels.image_index[chosen_sorted], return_index=True)
         groups = np.split(chosen_sorted, starts[1:])
-        tasks = [
-            dask.delayed(self.store.pixel_features)(int(image), self.pixels.y[group], self.pixels.x[group])
-            for image, group in zip(images, groups)
-        ]
-        features_sorted = np.concatenate(dask.compute(*tasks, scheduler="threads"))  # (P, D) by image
+        if self.client is None:
+            tasks = [
+                dask.delayed(self.store.pixel_features)(int(image), self.pixels.y[group], self.pixels.x[group])
+                for image, group in zip(images, groups)
+            ]
+            features_sorted = np.concatenate(dask.compute(*tasks, scheduler="threads"))  # (P, D) by image
+        else:
+            tasks = [
+                dask.delayed(FeatureStore.pixel_features)(
+                    self.store_on_workers, int(image), self.pixels.y[group], self.pixels.x[group]
+                )
+                for image, group in zip(images, groups)
+            ]
+            features_sorted = np.concatenate(dask.compute(*tasks, scheduler=self.client))  # (P, D) by image
         features = np.empty_like(features_sorted)
         features[by_image] = features_sorted  # back to the order of `chosen`
         return features
