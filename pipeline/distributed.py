@@ -24,6 +24,7 @@ import logging
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import dask.base
 import distributed
@@ -31,9 +32,11 @@ import torch
 
 from pipeline.config import ExtractSettings
 from pipeline.datasets import ClassInfo, ImageRecord
-from pipeline.extract import FeatureExtractor, ModelDescription, describe_model, extract_batch, load_extractor
 from pipeline.storage import Location, is_url
 from pipeline.store import FeatureStoreWriter, StoreSchema, open_store_for_writing
+
+if TYPE_CHECKING:  # the model code is imported where a model is used: training needs only `cluster_client`
+    from pipeline.extract import FeatureExtractor, ModelDescription
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +92,8 @@ class ModelPerWorker(distributed.WorkerPlugin):
             torch.cuda.empty_cache()
 
     def model(self) -> FeatureExtractor:
+        from pipeline.extract import load_extractor
+
         with self.lock:
             if self.extractor is None:
                 self.extractor = load_extractor(self.checkpoint, self.blocks, self.device)
@@ -108,6 +113,8 @@ def _plugin(name: str) -> ModelPerWorker:
 
 
 def _describe_on_worker(plugin_name: str, size: int) -> ModelDescription:
+    from pipeline.extract import describe_model
+
     return describe_model(_plugin(plugin_name).model(), size)
 
 
@@ -120,6 +127,8 @@ def _extract_batch_on_worker(
     settings: ExtractSettings,
     classes: ClassInfo | None,
 ) -> int:
+    from pipeline.extract import extract_batch
+
     state = _plugin(plugin_name)
     return extract_batch(state.model(), state.writer(location, schema), records, batch, settings, classes)
 

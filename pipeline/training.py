@@ -11,6 +11,7 @@ import numpy as np
 from pipeline.config import TrainSettings
 from pipeline.datasets import ClassInfo
 from pipeline.devices import pick_device, torch_threads
+from pipeline.distributed import cluster_client
 from pipeline.ensemble import Ensemble, save_ensemble, train_ensemble, train_fused
 from pipeline.sampling import PixelStream, select_labeled_pixels
 from pipeline.store import FeatureStore
@@ -53,8 +54,6 @@ def train_on_store(
     With `settings.scheduler` set, the features are read by that Dask cluster's workers and sent
     here, where the ensemble trains.
     """
-    from pipeline.distributed import cluster_client  # brings the model code along: imported only when used
-
     started = time.perf_counter()
     store = FeatureStore(store_path, cache_megabytes=settings.cache_megabytes)
     classes = store_classes(store, classes)

@@ -49,21 +49,21 @@ class CountModelLoads(distributed.WorkerPlugin):
     """Counts, per worker, how often the extraction model is loaded."""
 
     def setup(self, worker):
-        import pipeline.distributed
+        import pipeline.extract
 
         self.loads = 0
-        self.original = pipeline.distributed.load_extractor
+        self.original = pipeline.extract.load_extractor
 
         def counting_load(*args, **kwargs):
             self.loads += 1
             return self.original(*args, **kwargs)
 
-        pipeline.distributed.load_extractor = counting_load
+        pipeline.extract.load_extractor = counting_load
 
     def teardown(self, worker):
-        import pipeline.distributed
+        import pipeline.extract
 
-        pipeline.distributed.load_extractor = self.original
+        pipeline.extract.load_extractor = self.original
 
 
 class KillWorkerOnce(distributed.WorkerPlugin):
