@@ -1,6 +1,7 @@
 """Stores at URLs: memory:// in-process, and a real S3 protocol against a moto server on loopback."""
 
 import pickle
+import shutil
 import socket
 from pathlib import Path
 
@@ -32,7 +33,7 @@ def _free_loopback_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def s3_bucket():
+def s3_server():
     """An S3-compatible server (moto) on a free loopback port with one empty bucket; stopped after."""
     port = _free_loopback_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
@@ -52,10 +53,15 @@ def s3_bucket():
         s3fs.S3FileSystem.clear_instance_cache()
         s3fs.S3FileSystem().mkdir(BUCKET)
         try:
-            yield f"s3://{BUCKET}"
+            yield f"http://127.0.0.1:{port}"
         finally:
             s3fs.S3FileSystem.clear_instance_cache()
             server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server):
+    return f"s3://{BUCKET}"
 
 
 @pytest.fixture(scope="module")
@@ -133,3 +139,22 @@ def test_cli_extracts_into_and_verifies_an_s3_store(s3_bucket, tiny_dataset):
     verified = runner.invoke(main, ["--quiet", "inspect", "--store", url, "--verify"])
     assert verified.exit_code == 0, verified.output
     assert "all 3 finished images" in verified.output
+
+
+def test_a_store_pushed_to_an_s3_dvc_remote_comes_back_intact(s3_server, tmp_path, monkeypatch):
+    from dvc.cli import main as dvc
+
+    monkeypatch.chdir(tmp_path)
+    write_synthetic_store(tmp_path / "train.zarr", "native", [np.zeros((16, 16), np.int64), None])
+    expected = FeatureStore(tmp_path / "train.zarr").image_features(0)
+    # The commands the README gives for keeping stores in a DVC remote on S3.
+    assert dvc(["init", "--no-scm", "-q"]) == 0
+    assert dvc(["add", "-q", "train.zarr"]) == 0
+    assert dvc(["remote", "add", "-d", "stores", f"s3://{BUCKET}/dvc-cache"]) == 0
+    assert dvc(["remote", "modify", "stores", "endpointurl", s3_server]) == 0
+    assert dvc(["push", "-q"]) == 0
+    for local_copy in (tmp_path / "train.zarr", tmp_path / ".dvc" / "cache"):
+        shutil.rmtree(local_copy)
+    assert dvc(["pull", "-q"]) == 0
+    store = FeatureStore(tmp_path / "train.zarr")
+    assert store.damaged_images() == [] and np.array_equal(store.image_features(0), expected)
