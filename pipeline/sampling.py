@@ -134,20 +134,12 @@ class PixelStream:
         chosen_sorted = chosen[by_image]
         images, starts = np.unique(self.pixels.image_index[chosen_sorted], return_index=True)
         groups = np.split(chosen_sorted, starts[1:])
-        if self.client is None:
-            tasks = [
-                dask.delayed(self.store.pixel_features)(int(image), self.pixels.y[group], self.pixels.x[group])
-                for image, group in zip(images, groups)
-            ]
-            features_sorted = np.concatenate(dask.compute(*tasks, scheduler="threads"))  # (P, D) by image
-        else:
-            tasks = [
-                dask.delayed(FeatureStore.pixel_features)(
-                    self.store_on_workers, int(image), self.pixels.y[group], self.pixels.x[group]
-                )
-                for image, group in zip(images, groups)
-            ]
-            features_sorted = np.concatenate(dask.compute(*tasks, scheduler=self.client))  # (P, D) by image
+        store = self.store if self.client is None else self.store_on_workers
+        tasks = [
+            dask.delayed(FeatureStore.pixel_features)(store, int(image), self.pixels.y[group], self.pixels.x[group])
+            for image, group in zip(images, groups)
+        ]
+        features_sorted = np.concatenate(dask.compute(*tasks, scheduler=self.client or "threads"))  # (P, D) by image
         features = np.empty_like(features_sorted)
         features[by_image] = features_sorted  # back to the order of `chosen`
         return features
