@@ -152,6 +152,8 @@ class ClusterBatches:
         self.plugin_name = f"segcache-model-{dask.base.tokenize(checkpoint, settings.blocks, settings.device)}"
         client.register_plugin(ModelPerWorker(checkpoint, settings.blocks, settings.device), name=self.plugin_name)
         workers = _workers(client)
+        if not workers:
+            logger.warning("the Dask scheduler %s has no workers yet: the tasks wait for them", client.scheduler.address)
         # Where workers declare GPUs (`--resources GPU=1`), every task takes one: one batch per GPU at a time.
         gpu_workers = sum(1 for info in workers.values() if info.get("resources", {}).get("GPU", 0) > 0)
         self.resources = {"GPU": 1} if gpu_workers else None

@@ -102,6 +102,32 @@ class KillWorkerOnce(distributed.WorkerPlugin):
         FeatureStoreWriter.write_image = self.original
 
 
+class FailWriteOnce(distributed.WorkerPlugin):
+    """Makes the first write of image `index` on any worker raise, as a transient storage error."""
+
+    def __init__(self, index, marker):
+        self.index, self.marker = index, str(marker)
+
+    def setup(self, worker):
+        from pipeline.store import FeatureStoreWriter
+
+        self.original = FeatureStoreWriter.write_image
+        index, marker, original = self.index, self.marker, self.original
+
+        def write_image_or_fail(writer, image_index, *args, **kwargs):
+            if image_index == index and not os.path.exists(marker):
+                open(marker, "w").close()
+                raise OSError("simulated: the object store is briefly unreachable")
+            return original(writer, image_index, *args, **kwargs)
+
+        FeatureStoreWriter.write_image = write_image_or_fail
+
+    def teardown(self, worker):
+        from pipeline.store import FeatureStoreWriter
+
+        FeatureStoreWriter.write_image = self.original
+
+
 def test_cluster_extraction_equals_in_process_and_loads_the_model_once_per_worker(cluster, dataset, tmp_path):
     address, client = cluster
     checkpoint, images, reference = dataset
@@ -119,6 +145,20 @@ def test_cluster_extraction_equals_in_process_and_loads_the_model_once_per_worke
     # The model is released on the workers after the run.
     plugins = client.run(lambda dask_worker: [name for name in dask_worker.plugins if name.startswith("segcache")])
     assert all(names == [] for names in plugins.values())
+
+
+def test_a_task_that_raises_is_retried(cluster, dataset, tmp_path):
+    address, client = cluster
+    checkpoint, images, reference = dataset
+    marker = tmp_path / "failed"
+    client.register_plugin(FailWriteOnce(index=4, marker=marker), name="fail-write-once")
+    try:
+        settings = dataclasses.replace(SETTINGS, scheduler=address)
+        extract_features(checkpoint, images, tmp_path / "cluster.zarr", settings, show_progress=False)
+    finally:
+        client.unregister_worker_plugin("fail-write-once")
+    assert marker.exists(), "no write failed"
+    assert_same_store(FeatureStore(tmp_path / "cluster.zarr"), reference)
 
 
 def test_a_worker_killed_mid_run_is_replaced_and_the_store_verifies(cluster, dataset, tmp_path):
