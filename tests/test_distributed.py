@@ -147,6 +147,27 @@ def test_cluster_extraction_equals_in_process_and_loads_the_model_once_per_worke
     assert all(names == [] for names in plugins.values())
 
 
+def test_workers_declaring_a_gpu_take_every_batch(cluster, dataset, tmp_path):
+    address, client = cluster
+    checkpoint, images, reference = dataset
+    gpu_worker = sorted(client.scheduler_info(n_workers=-1)["workers"])[0]
+
+    async def declare_gpus(dask_worker, count):
+        await dask_worker.set_resources(GPU=count)
+
+    client.run(declare_gpus, count=1, workers=[gpu_worker])  # as `dask worker --resources GPU=1`
+    try:
+        with distributed.get_task_stream(client) as task_stream:
+            settings = dataclasses.replace(SETTINGS, scheduler=address)
+            summary = extract_features(checkpoint, images, tmp_path / "cluster.zarr", settings, show_progress=False)
+    finally:
+        client.run(declare_gpus, count=0, workers=[gpu_worker])
+    assert "1 with GPUs" in summary.device
+    ran_on = {task["worker"] for task in task_stream.data if "extract_batch" in str(task["key"])}
+    assert ran_on == {gpu_worker}
+    assert_same_store(FeatureStore(tmp_path / "cluster.zarr"), reference)
+
+
 def test_a_task_that_raises_is_retried(cluster, dataset, tmp_path):
     address, client = cluster
     checkpoint, images, reference = dataset
