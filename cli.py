@@ -55,7 +55,7 @@ def main(click_context: click.Context, verbose: bool, quiet: bool) -> None:
 @main.command()
 @click.option("--checkpoint", required=True, type=click.Path(path_type=Path), help="guided-diffusion .pt/.safetensors or diffusers folder.")
 @click.option("--images", required=True, type=click.Path(path_type=Path), help="Folder of PNG/JPEG images (+ same-stem .npy labels).")
-@click.option("--store", required=True, type=click.Path(path_type=Path), help="Feature store to create or complete.")
+@click.option("--store", required=True, help="Feature store to create or complete: a folder or a URL (s3://…, gs://…).")
 @click.option("--steps", default="50,150,250", show_default=True, help="Diffusion steps, comma-separated.")
 @click.option("--blocks", default="5,6,7,8,12", show_default=True, help="Decoder blocks (guided-diffusion index).")
 @click.option("--seed", default=0, show_default=True, help="Seed of the shared noise.")
@@ -65,15 +65,16 @@ def main(click_context: click.Context, verbose: bool, quiet: bool) -> None:
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, mps…")
 @click.option("--codec", type=click.Choice(["blosc-lz4", "zstd", "none"]), default="blosc-lz4", show_default=True)
 @click.option("--classes", type=click.Path(path_type=Path), help="classes.json (default: found beside the images).")
+@click.option("--scheduler", help="Dask scheduler address (tcp://host:8786): its workers run the batches.")
 @click.pass_obj
-def extract(context: _Context, checkpoint, images, store, steps, blocks, seed, size, layout, batch_size, device, codec, classes):
+def extract(context: _Context, checkpoint, images, store, steps, blocks, seed, size, layout, batch_size, device, codec, classes, scheduler):
     """Extract pixel features of a folder of images into a store (resumes unfinished work)."""
     from pipeline.extract import extract_features
 
     def action():
         settings = ExtractSettings(
             steps=_int_list(steps), blocks=_int_list(blocks), seed=seed, size=size,
-            layout=layout, batch_size=batch_size, device=device, codec=codec,
+            layout=layout, batch_size=batch_size, device=device, codec=codec, scheduler=scheduler,
         )
         class_info = load_class_info(classes) if classes else find_class_info(images)
         summary = extract_features(checkpoint, images, store, settings, class_info, show_progress=context.show_progress)
@@ -86,7 +87,7 @@ def extract(context: _Context, checkpoint, images, store, steps, blocks, seed, s
 
 
 @main.command()
-@click.option("--store", required=True, type=click.Path(path_type=Path), help="Feature store of the training images.")
+@click.option("--store", required=True, help="Feature store of the training images (a folder or a URL).")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder for the trained ensemble.")
 @click.option("--members", default=10, show_default=True)
 @click.option("--seed", default=0, show_default=True)
@@ -96,15 +97,16 @@ def extract(context: _Context, checkpoint, images, store, steps, blocks, seed, s
 @click.option("--protocol", type=click.Choice(["paper", "fast"]), default="fast", show_default=True, help="fast: members batched together, 2 passes; paper: as the official code.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--classes", type=click.Path(path_type=Path), help="classes.json (default: recorded in the store).")
+@click.option("--scheduler", help="Dask scheduler address: its workers read the features; the ensemble trains here.")
 @click.pass_obj
-def train(context: _Context, store, out, members, seed, learning_rate, batch_size, max_epochs, protocol, device, classes):
+def train(context: _Context, store, out, members, seed, learning_rate, batch_size, max_epochs, protocol, device, classes, scheduler):
     """Train the MLP ensemble on the labeled pixels of a store (fast protocol by default)."""
     from pipeline.training import train_on_store
 
     def action():
         settings = TrainSettings(
             protocol=protocol, members=members, seed=seed, learning_rate=learning_rate, batch_size=batch_size,
-            max_epochs=max_epochs, device=device,
+            max_epochs=max_epochs, device=device, scheduler=scheduler,
         )
         class_info = load_class_info(classes) if classes else None
         _, summary = train_on_store(store, out, settings, class_info, context.show_progress)
@@ -118,7 +120,7 @@ def train(context: _Context, store, out, members, seed, learning_rate, batch_siz
 
 @main.command()
 @click.option("--ensemble", required=True, type=click.Path(path_type=Path), help="Folder of a trained ensemble.")
-@click.option("--store", required=True, type=click.Path(path_type=Path), help="Feature store of the test images.")
+@click.option("--store", required=True, help="Feature store of the test images (a folder or a URL).")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder for masks, pictures and metrics.json.")
 @click.pass_obj
 def evaluate(context: _Context, ensemble, store, out):
@@ -157,7 +159,7 @@ def predict(context: _Context, ensemble, checkpoint, images, out, device, pictur
 
 
 @main.command()
-@click.option("--store", required=True, type=click.Path(path_type=Path), help="Feature store to look into.")
+@click.option("--store", required=True, help="Feature store to look into (a folder or a URL).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.option("--image", help="Image index or name (with --pixel).")
 @click.option("--pixel", nargs=2, type=int, multiple=True, help="Y X: print that pixel's feature vector (repeat with --export).")

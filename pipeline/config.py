@@ -35,6 +35,8 @@ class ExtractSettings:
         batch_size: images per UNet forward.
         device: "auto" (cuda > mps > cpu) or a torch device string.
         codec: compression of the float16 chunks.
+        scheduler: address of a Dask distributed scheduler (e.g. "tcp://10.0.0.5:8786") whose
+            workers run the batches; None runs them in this process.
     """
 
     steps: list[int] = dataclasses.field(default_factory=lambda: [50, 150, 250])
@@ -45,6 +47,7 @@ class ExtractSettings:
     batch_size: int = 4
     device: str = "auto"
     codec: Codec = "blosc-lz4"
+    scheduler: str | None = None
 
     def __post_init__(self) -> None:
         if not self.steps or not self.blocks:
@@ -81,6 +84,8 @@ class TrainSettings:
         fast_batch_size: pixels per member and step in the fast protocol.
         fast_learning_rate: Adam's initial learning rate in the fast protocol (decays linearly to 0).
         fast_epochs: passes over the labeled pixels in the fast protocol (may be fractional).
+        scheduler: address of a Dask distributed scheduler whose workers read the features;
+            None reads them with threads in this process. The ensemble trains here either way.
     """
 
     protocol: Protocol = "fast"
@@ -99,6 +104,7 @@ class TrainSettings:
     fast_batch_size: int = 256
     fast_learning_rate: float = 0.004
     fast_epochs: float = 2.0
+    scheduler: str | None = None
 
     def __post_init__(self) -> None:
         positive = ("members", "batch_size", "max_epochs", "buffer_pixels", "learning_rate", "fast_batch_size",

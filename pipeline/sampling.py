@@ -2,7 +2,9 @@
 
 The labeled pixels are chosen first, as small index arrays. Each epoch visits them in a seeded
 random order; `buffer_pixels` of them at a time are gathered from the store as one Dask graph
-(one task per image), and the buffer is cut into training batches. Memory follows
+(one task per image), and the buffer is cut into training batches. The graph runs on threads
+here, or on a Dask cluster's workers when a distributed client is given (each worker opens the
+store once and reads the features where it is). Memory follows
 `buffer_pixels × feature_dim` (plus the store's table cache), never the dataset size.
 """
 
@@ -91,13 +93,19 @@ class PixelStream:
         batch_size: pixels per yielded batch.
         buffer_pixels: pixels gathered from the store at a time. A buffer is held as float16
             (buffer_pixels × D × 2 bytes), and the next one is gathered while it is consumed.
+        client: a `distributed.Client` whose workers run the gathering graph; None: threads here.
     """
 
-    def __init__(self, store: FeatureStore, pixels: LabeledPixels, batch_size: int, buffer_pixels: int):
+    def __init__(
+        self, store: FeatureStore, pixels: LabeledPixels, batch_size: int, buffer_pixels: int, client=None
+    ):
         self.store = store
         self.pixels = pixels
         self.batch_size = batch_size
         self.buffer_pixels = max(buffer_pixels, batch_size)
+        self.client = client
+        # On a cluster, every worker holds its own copy of the store (reopened there, with its own cache).
+        self.store_on_workers = None if client is None else client.scatter(store, broadcast=True)
 
     def epoch_order(self, rng: np.random.Generator) -> np.ndarray:
         """A visiting order of all pixels.
@@ -126,37 +134,39 @@ class PixelStream:
     def gather(self, chosen: np.ndarray, descending: bool = False) -> np.ndarray:
         """Features of chosen pixels (indices into `pixels`), float16 (P, D), in the order of `chosen`.
 
-        One Dask task per image writes its pixels' rows straight into the result, so the
-        buffer exists once. `descending` visits the images in reverse order: alternating it
-        between buffers lets a table cache smaller than the store keep hitting (an LRU cache
-        swept in the same order every time would evict each table just before it is needed).
+        One Dask task per image. On threads here, each task writes its pixels' rows straight
+        into the result, so the buffer exists once; on a cluster, each task returns its rows
+        and they are copied in as they arrive. `descending` visits the images in reverse order:
+        alternating it between buffers lets a table cache smaller than the store keep hitting
+        (an LRU cache swept in the same order every time would evict each table just before it
+        is needed).
         """
         features = np.empty((len(chosen), self.store.feature_dim), dtype=np.float16)
         image_of_chosen = self.pixels.image_index[chosen]
         by_image = np.argsort(image_of_chosen, kind="stable")
         images, starts = np.unique(image_of_chosen[by_image], return_index=True)
         positions = np.split(by_image, starts[1:])  # per image: rows of `features` to fill
-
-        def fill(image: int, rows: np.ndarray) -> None:
-            wanted = chosen[rows]
-            ys, xs = self.pixels.y[wanted], self.pixels.x[wanted]
-            if self.store.layout == "dense":
-                features[rows] = self.store.pixel_features(image, ys, xs)
-                return
-            # Native: block by block straight into the buffer, so the float32 temporaries are
-            # one block's columns (P × C_b), never the whole (P, D).
-            ys_tensor, xs_tensor = torch.from_numpy(ys.astype(np.int64)), torch.from_numpy(xs.astype(np.int64))
-            column = 0
-            for table in self.store.block_tables(image):
-                block_features = gather_pixels(table, ys_tensor, xs_tensor, self.store.image_size)  # (P, C_b)
-                features[rows, column : column + table.shape[0]] = block_features.numpy()
-                column += table.shape[0]
-
         if descending:
             images, positions = images[::-1], positions[::-1]
         # Named keys: Dask then runs independent tasks in a fixed order of their names (with
         # random names, in random order, and the alternation would not reach the cache).
         token = uuid.uuid4().hex
+        if self.client is not None:
+            tasks = [
+                dask.delayed(image_pixel_features)(
+                    self.store_on_workers, int(image), self.pixels.y[chosen[rows]], self.pixels.x[chosen[rows]],
+                    dask_key_name=f"gather-{token}-{position:06d}",
+                )
+                for position, (image, rows) in enumerate(zip(images, positions))
+            ]
+            for rows, image_features in zip(positions, dask.compute(*tasks, scheduler=self.client)):
+                features[rows] = image_features
+            return features
+
+        def fill(image: int, rows: np.ndarray) -> None:
+            wanted = chosen[rows]
+            write_pixel_features(self.store, image, self.pixels.y[wanted], self.pixels.x[wanted], features, rows)
+
         tasks = [
             dask.delayed(fill)(int(image), rows, dask_key_name=f"gather-{token}-{position:06d}")
             for position, (image, rows) in enumerate(zip(images, positions))
@@ -212,3 +222,29 @@ class PixelStream:
             # Release this buffer before asking for the next: otherwise three buffers (this one,
             # the next and the one being prefetched) would be alive at once.
             del features, labels, features_tensor, labels_tensor
+
+
+def write_pixel_features(
+    store: FeatureStore, image: int, ys: np.ndarray, xs: np.ndarray, out: np.ndarray, rows
+) -> None:
+    """Writes pixels (ys, xs)'s features of one image into ``out[rows]`` (float16, (·, D)).
+
+    Native stores are gathered block by block straight into ``out``, so the float32
+    temporaries are one block's columns (P × C_b), never the whole (P, D).
+    """
+    if store.layout == "dense":
+        out[rows] = store.pixel_features(image, ys, xs)
+        return
+    ys_tensor, xs_tensor = torch.from_numpy(ys.astype(np.int64)), torch.from_numpy(xs.astype(np.int64))
+    column = 0
+    for table in store.block_tables(image):
+        block_features = gather_pixels(table, ys_tensor, xs_tensor, store.image_size)  # (P, C_b)
+        out[rows, column : column + table.shape[0]] = block_features.numpy()
+        column += table.shape[0]
+
+
+def image_pixel_features(store: FeatureStore, image: int, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
+    """(P, D) float16: pixels (ys, xs)'s features of one image (a task a Dask worker runs)."""
+    out = np.empty((len(ys), store.feature_dim), dtype=np.float16)
+    write_pixel_features(store, image, ys, xs, out, slice(None))
+    return out

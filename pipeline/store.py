@@ -21,7 +21,6 @@ import collections
 import dataclasses
 import hashlib
 import logging
-import shutil
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,6 +33,15 @@ import zarr
 import zarr.codecs
 
 from pipeline.features import gather_pixels_from_blocks, upsample_and_concatenate
+from pipeline.storage import (
+    Location,
+    holds_zarr_group,
+    location_bytes,
+    location_exists,
+    open_zarr_group,
+    remove_location,
+    store_location,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -145,21 +153,23 @@ def _schema_differences(stored: StoreSchema, wanted: StoreSchema) -> list[str]:
     return differences
 
 
-def _is_store(path: Path) -> bool:
-    return (path / "zarr.json").is_file()
-
-
 class FeatureStoreWriter:
     """Writes images into a store created from its full schema up front."""
 
-    def __init__(self, group: zarr.Group, schema: StoreSchema):
+    def __init__(self, group: zarr.Group, schema: StoreSchema, location: Location):
         self.group = group
         self.schema = schema
+        self.location = location
 
     def pending_images(self) -> list[int]:
         """Indices of images not yet completely written."""
         done = self.group["done"][:]
         return [int(index) for index in np.flatnonzero(done == 0)]
+
+    def pending_among(self, indices: Sequence[int]) -> list[int]:
+        """Those of `indices` not yet completely written (reads only their done marks)."""
+        done = self.group["done"].get_orthogonal_selection(np.asarray(indices, dtype=np.int64))
+        return [int(index) for index, mark in zip(indices, done) if mark == 0]
 
     def write_image(
         self,
@@ -204,7 +214,7 @@ def open_store_for_writing(
     """Creates a store from its schema, or reopens one with the same schema to resume it.
 
     Args:
-        path: the store directory.
+        path: the store directory, or a URL fsspec reaches (s3://…, gs://…, memory://…).
         schema: what the store must hold.
         codec: compression for new arrays ("blosc-lz4", "zstd", "none").
         replace_mismatched: delete an existing store whose schema differs instead of refusing.
@@ -213,16 +223,16 @@ def open_store_for_writing(
         StoreMismatchError: when `path` holds another store (or other files) and
             `replace_mismatched` is False.
     """
-    path = Path(path)
-    if path.exists():
+    path = store_location(path)
+    if location_exists(path):
         try:
-            stored = _read_schema(path) if _is_store(path) else None
+            stored = _read_schema(path) if holds_zarr_group(path) else None
         except StoreFormatError:
             if not replace_mismatched:
                 raise
             stored = None
         if stored == schema:
-            return FeatureStoreWriter(zarr.open_group(path, mode="r+"), schema)
+            return FeatureStoreWriter(open_zarr_group(path, "r+"), schema, path)
         if not replace_mismatched:
             reason = (
                 f"it holds other features (differs in: {', '.join(_schema_differences(stored, schema))})"
@@ -233,14 +243,14 @@ def open_store_for_writing(
                 f"refusing to write into {path}: {reason}. Choose another --store path or delete it."
             )
         logger.warning("replacing %s: its contents do not match the requested extraction", path)
-        shutil.rmtree(path)
-    return FeatureStoreWriter(_create_store(path, schema, codec), schema)
+        remove_location(path)
+    return FeatureStoreWriter(_create_store(path, schema, codec), schema, path)
 
 
-def _create_store(path: Path, schema: StoreSchema, codec: str) -> zarr.Group:
+def _create_store(path: Location, schema: StoreSchema, codec: str) -> zarr.Group:
     import pipeline
 
-    group = zarr.open_group(path, mode="w", zarr_format=3)
+    group = open_zarr_group(path, "w", zarr_format=3)
     size, count = schema.image_size, len(schema.image_names)
     compressors, small = _compressors(codec), _compressors("zstd")
     group.create_array(
@@ -286,8 +296,8 @@ def _create_store(path: Path, schema: StoreSchema, codec: str) -> zarr.Group:
     return group
 
 
-def _read_schema(path: Path) -> StoreSchema:
-    group = zarr.open_group(path, mode="r")
+def _read_schema(path: Location) -> StoreSchema:
+    group = open_zarr_group(path, "r")
     document = group.attrs.get("segcache")
     if document is None:
         raise ValueError(f"{path} is a Zarr group but not a segcache feature store (no 'segcache' attribute)")
@@ -331,18 +341,28 @@ class FeatureStore:
     """Reads a feature store of either layout through one API.
 
     Args:
-        path: the store directory.
+        path: the store directory, or a URL fsspec reaches (s3://…, gs://…, memory://…).
         cache_megabytes: RAM for native block tables kept between reads (native layout).
+
+    A pickled store is its location and cache size: unpickled (on a Dask worker), it reopens
+    the store there with an empty cache of its own.
     """
 
     def __init__(self, path: str | Path, cache_megabytes: int = 512):
-        self.path = Path(path)
-        if not _is_store(self.path):
+        self.path = store_location(path)
+        self.cache_megabytes = cache_megabytes
+        if not holds_zarr_group(self.path):
             raise FileNotFoundError(f"no feature store at {self.path} (run `extract` first)")
-        self.group = zarr.open_group(self.path, mode="r")
+        self.group = open_zarr_group(self.path, "r")
         self.schema = _read_schema(self.path)
         self.code_version = self.group.attrs["segcache"].get("code_version")
         self._cache = _TableCache(cache_megabytes << 20)
+
+    def __getstate__(self) -> dict:
+        return {"path": self.path, "cache_megabytes": self.cache_megabytes}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["path"], state["cache_megabytes"])
 
     # --- what the store holds -------------------------------------------------------------
     @property
@@ -508,5 +528,5 @@ class FeatureStore:
         return dask.array.stack(per_image)
 
     def disk_bytes(self) -> int:
-        """Bytes the store takes on disk."""
-        return sum(path.stat().st_size for path in self.path.rglob("*") if path.is_file())
+        """Bytes the store takes on disk (or in object storage)."""
+        return location_bytes(self.path)

@@ -11,6 +11,7 @@ import numpy as np
 from pipeline.config import TrainSettings
 from pipeline.datasets import ClassInfo
 from pipeline.devices import pick_device, torch_threads
+from pipeline.distributed import cluster_client
 from pipeline.ensemble import Ensemble, save_ensemble, train_ensemble, train_fused
 from pipeline.sampling import PixelStream, select_labeled_pixels
 from pipeline.store import FeatureStore
@@ -48,23 +49,27 @@ def train_on_store(
     classes: ClassInfo | None = None,
     show_progress: bool = True,
 ) -> tuple[Ensemble, TrainingSummary]:
-    """Trains an ensemble on every labeled pixel of a store and saves it to `out_dir`."""
+    """Trains an ensemble on every labeled pixel of a store and saves it to `out_dir`.
+
+    With `settings.scheduler` set, the features are read by that Dask cluster's workers and sent
+    here, where the ensemble trains.
+    """
     started = time.perf_counter()
     store = FeatureStore(store_path, cache_megabytes=settings.cache_megabytes)
     classes = store_classes(store, classes)
     pixels = select_labeled_pixels(store, classes.num_classes, classes.ignore_label, settings.min_class_pixels)
     logger.info("%d labeled pixels of %d classes from %s", len(pixels), classes.num_classes, store_path)
     device = pick_device(settings.device)
-    with torch_threads(settings.threads):
+    with torch_threads(settings.threads), cluster_client(settings.scheduler) as client:
         if settings.protocol == "fast":
-            stream = PixelStream(store, pixels, settings.fast_batch_size, settings.buffer_pixels)
+            stream = PixelStream(store, pixels, settings.fast_batch_size, settings.buffer_pixels, client)
             members, logs = train_fused(
                 lambda epoch: stream.member_batches(np.random.default_rng([settings.seed, epoch]), settings.members),
                 store.feature_dim, classes.num_classes, len(pixels), settings, device, show_progress,
             )
             ensemble = Ensemble(members, store.feature_dim, classes.names, classes.ignore_label, store.feature_description(), logs)
         else:
-            stream = PixelStream(store, pixels, settings.batch_size, settings.buffer_pixels)
+            stream = PixelStream(store, pixels, settings.batch_size, settings.buffer_pixels, client)
 
             def epoch_batches(member: int, epoch: int):
                 # Each member and epoch gets its own pixel order, reproducible from the seed.

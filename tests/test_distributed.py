@@ -1,0 +1,225 @@
+"""Extraction and training on a real Dask cluster: 2 worker processes of 1 thread, a tiny UNet, 16×16 images."""
+
+import dataclasses
+import os
+
+import dask.config
+import distributed
+import numpy as np
+import pytest
+import torch
+
+from conftest import write_image_folder, write_learnable_store
+from pipeline.backbones import make_tiny_unet
+from pipeline.config import ExtractSettings, TrainSettings
+from pipeline.extract import extract_features
+from pipeline.sampling import PixelStream, select_labeled_pixels
+from pipeline.store import FeatureStore
+from pipeline.training import train_on_store
+
+SETTINGS = ExtractSettings(steps=[50, 250], blocks=[5, 8, 12], seed=3, size=16, batch_size=2, device="cpu")
+ARRAYS = ["block_5", "block_8", "block_12", "images", "labels", "checksums", "done"]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with distributed.LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+    ) as local_cluster, distributed.Client(local_cluster) as client:
+        yield local_cluster.scheduler_address, client
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """A tiny UNet, 6 labeled images and their store extracted in this process (the reference)."""
+    root = tmp_path_factory.mktemp("dataset")
+    make_tiny_unet(sample_size=16, seed=0).save_pretrained(root / "unet")
+    images = write_image_folder(root / "images", count=6, size=16)
+    extract_features(root / "unet", images, root / "in_process.zarr", SETTINGS, show_progress=False)
+    return root / "unet", images, FeatureStore(root / "in_process.zarr")
+
+
+def assert_same_store(store, reference):
+    for name in ARRAYS:
+        np.testing.assert_array_equal(store.group[name][:], reference.group[name][:], err_msg=name)
+    assert store.schema == reference.schema and store.damaged_images() == []
+
+
+class CountModelLoads(distributed.WorkerPlugin):
+    """Counts, per worker, how often the extraction model is loaded."""
+
+    def setup(self, worker):
+        import pipeline.extract
+
+        self.loads = 0
+        self.original = pipeline.extract.load_extractor
+
+        def counting_load(*args, **kwargs):
+            self.loads += 1
+            return self.original(*args, **kwargs)
+
+        pipeline.extract.load_extractor = counting_load
+
+    def teardown(self, worker):
+        import pipeline.extract
+
+        pipeline.extract.load_extractor = self.original
+
+
+class KillWorkerOnce(distributed.WorkerPlugin):
+    """Kills the worker process while it writes image `index`, the first time any worker does.
+
+    The image's first feature array is overwritten with garbage and its done mark is never set,
+    as when a machine dies in the middle of a write.
+    """
+
+    def __init__(self, index, marker):
+        self.index, self.marker = index, str(marker)
+
+    def setup(self, worker):
+        from pipeline.store import FeatureStoreWriter
+
+        self.original = FeatureStoreWriter.write_image
+        index, marker, original = self.index, self.marker, self.original
+
+        def write_image_or_die(writer, image_index, *args, **kwargs):
+            if image_index == index:
+                try:
+                    os.close(os.open(marker, os.O_CREAT | os.O_EXCL))  # only the first attempt dies
+                except FileExistsError:
+                    pass
+                else:
+                    first_array = f"block_{writer.schema.blocks[0]}"
+                    writer.group[first_array][image_index] = np.full(writer.group[first_array].shape[1:], 7.0)
+                    os._exit(1)
+            return original(writer, image_index, *args, **kwargs)
+
+        FeatureStoreWriter.write_image = write_image_or_die
+
+    def teardown(self, worker):
+        from pipeline.store import FeatureStoreWriter
+
+        FeatureStoreWriter.write_image = self.original
+
+
+class FailWriteOnce(distributed.WorkerPlugin):
+    """Makes the first write of image `index` on any worker raise, as a transient storage error."""
+
+    def __init__(self, index, marker):
+        self.index, self.marker = index, str(marker)
+
+    def setup(self, worker):
+        from pipeline.store import FeatureStoreWriter
+
+        self.original = FeatureStoreWriter.write_image
+        index, marker, original = self.index, self.marker, self.original
+
+        def write_image_or_fail(writer, image_index, *args, **kwargs):
+            if image_index == index and not os.path.exists(marker):
+                open(marker, "w").close()
+                raise OSError("simulated: the object store is briefly unreachable")
+            return original(writer, image_index, *args, **kwargs)
+
+        FeatureStoreWriter.write_image = write_image_or_fail
+
+    def teardown(self, worker):
+        from pipeline.store import FeatureStoreWriter
+
+        FeatureStoreWriter.write_image = self.original
+
+
+def test_cluster_extraction_equals_in_process_and_loads_the_model_once_per_worker(cluster, dataset, tmp_path):
+    address, client = cluster
+    checkpoint, images, reference = dataset
+    client.register_plugin(CountModelLoads(), name="count-model-loads")
+    try:
+        settings = dataclasses.replace(SETTINGS, scheduler=address)
+        summary = extract_features(checkpoint, images, tmp_path / "cluster.zarr", settings, show_progress=False)
+        loads = client.run(lambda dask_worker: dask_worker.plugins["count-model-loads"].loads)
+    finally:
+        client.unregister_worker_plugin("count-model-loads")
+    assert (summary.images_total, summary.images_written) == (6, 6) and "2 workers" in summary.device
+    assert_same_store(FeatureStore(tmp_path / "cluster.zarr"), reference)
+    # 4 tasks (the model description + 3 batches of 2), but at most one model load per worker.
+    assert 1 <= sum(loads.values()) <= 2 and max(loads.values()) == 1
+    # The model is released on the workers after the run.
+    plugins = client.run(lambda dask_worker: [name for name in dask_worker.plugins if name.startswith("segcache")])
+    assert all(names == [] for names in plugins.values())
+
+
+def test_workers_declaring_a_gpu_take_every_batch(cluster, dataset, tmp_path):
+    address, client = cluster
+    checkpoint, images, reference = dataset
+    gpu_worker = sorted(client.scheduler_info(n_workers=-1)["workers"])[0]
+
+    async def declare_gpus(dask_worker, count):
+        await dask_worker.set_resources(GPU=count)
+
+    client.run(declare_gpus, count=1, workers=[gpu_worker])  # as `dask worker --resources GPU=1`
+    try:
+        with distributed.get_task_stream(client) as task_stream:
+            settings = dataclasses.replace(SETTINGS, scheduler=address)
+            summary = extract_features(checkpoint, images, tmp_path / "cluster.zarr", settings, show_progress=False)
+    finally:
+        client.run(declare_gpus, count=0, workers=[gpu_worker])
+    assert "1 with GPUs" in summary.device
+    ran_on = {task["worker"] for task in task_stream.data if "extract_batch" in str(task["key"])}
+    assert ran_on == {gpu_worker}
+    assert_same_store(FeatureStore(tmp_path / "cluster.zarr"), reference)
+
+
+def test_a_task_that_raises_is_retried(cluster, dataset, tmp_path):
+    address, client = cluster
+    checkpoint, images, reference = dataset
+    marker = tmp_path / "failed"
+    client.register_plugin(FailWriteOnce(index=4, marker=marker), name="fail-write-once")
+    try:
+        settings = dataclasses.replace(SETTINGS, scheduler=address)
+        extract_features(checkpoint, images, tmp_path / "cluster.zarr", settings, show_progress=False)
+    finally:
+        client.unregister_worker_plugin("fail-write-once")
+    assert marker.exists(), "no write failed"
+    assert_same_store(FeatureStore(tmp_path / "cluster.zarr"), reference)
+
+
+def test_a_worker_killed_mid_run_is_replaced_and_the_store_verifies(cluster, dataset, tmp_path):
+    address, client = cluster
+    checkpoint, images, reference = dataset
+    marker = tmp_path / "killed"
+    client.register_plugin(KillWorkerOnce(index=3, marker=marker), name="kill-worker-once")
+    try:
+        settings = dataclasses.replace(SETTINGS, scheduler=address)
+        summary = extract_features(checkpoint, images, tmp_path / "cluster.zarr", settings, show_progress=False)
+    finally:
+        client.unregister_worker_plugin("kill-worker-once")
+    assert marker.exists(), "no worker was killed"
+    assert summary.images_written == 6
+    store = FeatureStore(tmp_path / "cluster.zarr")
+    assert store.done_mask().all()
+    assert_same_store(store, reference)
+
+
+def test_features_gathered_on_the_cluster_equal_those_read_here(cluster, tmp_path):
+    address, client = cluster
+    write_learnable_store(tmp_path / "train.zarr")
+    store = FeatureStore(tmp_path / "train.zarr")
+    pixels = select_labeled_pixels(store, num_classes=3, ignore_label=255)
+    chosen = np.random.default_rng(0).permutation(len(pixels))[:300]
+    here = PixelStream(store, pixels, batch_size=64, buffer_pixels=300).gather(chosen)
+    there = PixelStream(store, pixels, batch_size=64, buffer_pixels=300, client=client).gather(chosen)
+    np.testing.assert_array_equal(here, there)
+    # The ensemble trained from cluster-read features is the one trained from local reads.
+    settings = TrainSettings(members=1, max_epochs=2, buffer_pixels=300, device="cpu")
+    local, _ = train_on_store(tmp_path / "train.zarr", tmp_path / "local", settings, show_progress=False)
+    remote, _ = train_on_store(
+        tmp_path / "train.zarr", tmp_path / "remote", dataclasses.replace(settings, scheduler=address), show_progress=False
+    )
+    for mine, theirs in zip(local.members[0].parameters(), remote.members[0].parameters()):
+        assert torch.equal(mine, theirs)
+
+
+def test_an_unreachable_scheduler_is_a_clear_error(dataset, tmp_path):
+    checkpoint, images, _ = dataset
+    settings = dataclasses.replace(SETTINGS, scheduler="tcp://127.0.0.1:1")
+    with dask.config.set({"distributed.comm.timeouts.connect": "1s"}), pytest.raises(ValueError, match="cannot reach the Dask scheduler at tcp://127.0.0.1:1"):
+        extract_features(checkpoint, images, tmp_path / "store.zarr", settings, show_progress=False)
