@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +28,7 @@ from pipeline.datasets import (
 from pipeline.devices import autocast_for, pick_device
 from pipeline.diffusion import linear_alphas_cumprod, q_sample, shared_noise
 from pipeline.hooks import capture_outputs, run_until_captured
-from pipeline.store import BlockShape, StoreSchema, open_store_for_writing
+from pipeline.store import BlockShape, FeatureStoreWriter, StoreSchema, open_store_for_writing
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +39,7 @@ class ExtractionSummary:
 
     store_path: Path
     images_total: int
-    images_written: int
+    images_written: int  # by this run (not by another process working on the same store)
     feature_dim: int
     seconds: float
     device: str
@@ -87,6 +89,24 @@ def probe_block_shapes(
     ]
 
 
+@contextlib.contextmanager
+def _disk_full_explained(writer: FeatureStoreWriter, store_path: str | Path) -> Iterator[None]:
+    """Turns "no space left on device" into a message that says what is safe and what to do."""
+    try:
+        yield
+    except OSError as error:
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        total = len(writer.schema.image_names)
+        done = total - len(writer.pending_images())
+        raise OSError(
+            error.errno,
+            f"disk full while writing the feature store {store_path} ({error.strerror}): the {done} of {total} "
+            "images finished so far are complete and checksummed; free some space and re-run extract to finish "
+            "the rest",
+        ) from error
+
+
 def extract_features(
     checkpoint: str | Path,
     images_dir: str | Path,
@@ -134,25 +154,34 @@ def extract_features(
     if len(pending) < len(records):
         logger.info("%s: %d of %d images already done", store_path, len(records) - len(pending), len(records))
     # 3. Batches of pending images through the UNet, each image written as soon as it is done.
+    #    Images another process is writing are skipped, then waited for at the end (and written
+    #    here if that process died): any run that returns leaves a complete store.
     noise = shared_noise(settings.seed, settings.size)
-    with tqdm(total=len(pending), unit="image", desc="extract", disable=not show_progress) as progress:
-        for start in range(0, len(pending), settings.batch_size):
-            batch = pending[start : start + settings.batch_size]
-            examples = [load_example(records[index], settings.size, classes) for index in batch]
-            images = np.stack([image for image, _ in examples])  # (B, 3, S, S)
-            labels = [label_map for _, label_map in examples]
-            activations = compute_activations(
-                unet, block_modules, torch.from_numpy(images).to(device), settings.steps, noise
+
+    def write_batch(batch: list[int]) -> int:
+        examples = [load_example(records[index], settings.size, classes) for index in batch]
+        images = np.stack([image for image, _ in examples])  # (B, 3, S, S)
+        activations = compute_activations(unet, block_modules, torch.from_numpy(images).to(device), settings.steps, noise)
+        for position, index in enumerate(batch):
+            writer.write_image(
+                index, model_input_to_uint8(images[position]), examples[position][1], [a[position] for a in activations]
             )
-            for position, index in enumerate(batch):
-                writer.write_image(
-                    index, model_input_to_uint8(images[position]), labels[position], [a[position] for a in activations]
-                )
-            progress.update(len(batch))
+        return len(batch)
+
+    written = 0
+    with tqdm(total=len(pending), unit="image", desc="extract", disable=not show_progress) as progress, \
+            _disk_full_explained(writer, store_path):
+        for start in range(0, len(pending), settings.batch_size):
+            with writer.claim(pending[start : start + settings.batch_size]) as batch:
+                written += write_batch(batch) if batch else 0
+            progress.update(min(settings.batch_size, len(pending) - start))
+        for index in writer.pending_images():  # held by another writer a moment ago
+            with writer.claim([index], wait=True) as batch:
+                written += write_batch(batch) if batch else 0
     return ExtractionSummary(
         store_path=Path(store_path),
         images_total=len(records),
-        images_written=len(pending),
+        images_written=written,
         feature_dim=schema.feature_dim,
         seconds=time.perf_counter() - started,
         device=str(device),

@@ -3,10 +3,11 @@
 import argparse
 import json
 import logging
-from pathlib import Path
+import os
 
 from pipeline.config import load_params
 from pipeline.training import train_on_store
+from stages import output_path
 
 
 def main() -> None:
@@ -19,14 +20,17 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     settings = load_params(arguments.params).train
-    ensemble, summary = train_on_store(arguments.store, arguments.out, settings)
+    out, curve_path = output_path(arguments.out), output_path(arguments.log)
+    ensemble, summary = train_on_store(arguments.store, out, settings)
     curve = [
         {"member": member, "epoch": epoch, "loss": loss}
         for member, log in enumerate(ensemble.logs)
         for epoch, loss in enumerate(log.epoch_mean_loss)
     ]
-    Path(arguments.log).parent.mkdir(parents=True, exist_ok=True)
-    Path(arguments.log).write_text(json.dumps(curve, indent=1))
+    curve_path.parent.mkdir(parents=True, exist_ok=True)
+    staged = curve_path.with_name(curve_path.name + ".tmp")
+    staged.write_text(json.dumps(curve, indent=1))
+    os.replace(staged, curve_path)  # a kill leaves the old curve or the new one, never half a file
     print(
         f"train: {len(summary.epochs_per_member)} members on {summary.training_pixels} pixels "
         f"(epochs {summary.epochs_per_member}) saved to {summary.ensemble_dir} in {summary.seconds:.1f} s"
