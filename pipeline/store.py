@@ -42,7 +42,9 @@ import itertools
 import logging
 import os
 import shutil
+import tempfile
 import threading
+import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -367,8 +369,7 @@ def _create_store_atomically(path: Path, schema: StoreSchema, codec: str) -> Non
     """Builds the store beside `path`, then renames it into place: a kill leaves no half-made
     store, and of two writers creating it at once one wins and the other finds its store."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_name(f".{path.name}.creating-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.creating-", dir=path.parent))
     try:
         _create_store(staging, schema, codec)
         os.rename(staging, path)  # replaces an empty folder; fails on a non-empty one
@@ -382,8 +383,7 @@ def _create_store_atomically(path: Path, schema: StoreSchema, codec: str) -> Non
 
 def _remove_store(path: Path) -> None:
     """Renames the store aside (one atomic step: readers and writers never see half of it), then deletes it."""
-    retired = path.with_name(f".{path.name}.replaced-{os.getpid()}")
-    shutil.rmtree(retired, ignore_errors=True)
+    retired = path.with_name(f".{path.name}.replaced-{uuid.uuid4().hex}")
     with contextlib.suppress(FileNotFoundError):  # another writer replaced it first
         os.rename(path, retired)
     shutil.rmtree(retired, ignore_errors=True)
