@@ -90,20 +90,25 @@ def probe_block_shapes(
 
 
 @contextlib.contextmanager
-def _disk_full_explained(writer: FeatureStoreWriter, store_path: str | Path) -> Iterator[None]:
+def _disk_full_explained(store_path: str | Path, writer: FeatureStoreWriter | None) -> Iterator[None]:
     """Turns "no space left on device" into a message that says what is safe and what to do."""
     try:
         yield
     except OSError as error:
         if error.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
-        total = len(writer.schema.image_names)
-        done = total - len(writer.pending_images())
+        if writer is None:
+            state = "no store was created"
+        else:
+            total = len(writer.schema.image_names)
+            state = (
+                f"the {total - len(writer.pending_images())} of {total} images finished so far are complete and "
+                "checksummed"
+            )
         raise OSError(
             error.errno,
-            f"disk full while writing the feature store {store_path} ({error.strerror}): the {done} of {total} "
-            "images finished so far are complete and checksummed; free some space and re-run extract to finish "
-            "the rest",
+            f"disk full while writing the feature store {store_path} ({error.strerror}): {state}; free some space "
+            "and re-run extract to finish",
         ) from error
 
 
@@ -149,7 +154,8 @@ def extract_features(
         image_sha256=[file_sha256(record.image_path) for record in records],
         classes=None if classes is None else {"names": classes.names, "ignore_label": classes.ignore_label},
     )
-    writer = open_store_for_writing(store_path, schema, settings.codec, replace_mismatched)
+    with _disk_full_explained(store_path, None):
+        writer = open_store_for_writing(store_path, schema, settings.codec, replace_mismatched)
     pending = writer.pending_images()
     if len(pending) < len(records):
         logger.info("%s: %d of %d images already done", store_path, len(records) - len(pending), len(records))
@@ -170,7 +176,7 @@ def extract_features(
 
     written = 0
     with tqdm(total=len(pending), unit="image", desc="extract", disable=not show_progress) as progress, \
-            _disk_full_explained(writer, store_path):
+            _disk_full_explained(store_path, writer):
         for start in range(0, len(pending), settings.batch_size):
             with writer.claim(pending[start : start + settings.batch_size]) as batch:
                 written += write_batch(batch) if batch else 0

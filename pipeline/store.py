@@ -287,6 +287,7 @@ class FeatureStoreWriter:
         regions["labels"] = np.full((self.schema.image_size,) * 2, NO_LABELS, np.int16) if labels is None else labels.astype(np.int16)
         regions["images"] = np.asarray(image, dtype=np.uint8)
         pause_point("write-image-begin", index)
+        self._remove_partial_chunks(index)
         for position, (name, region) in enumerate(regions.items()):
             # Every chunk is written, even one equal to the fill value: a missing chunk is damage.
             self.group[name].with_config({"write_empty_chunks": True})[index] = region
@@ -296,6 +297,16 @@ class FeatureStoreWriter:
         self.group["checksums"][index] = image_digest(list(regions.values()))
         self.group["done"][index] = 1
         pause_point("write-image-done", index)
+
+    def _remove_partial_chunks(self, index: int) -> None:
+        """Deletes what a writer killed during one of this image's chunk writes left behind:
+        zarr's temporary `<chunk>.<uuid>.partial` files (the chunk itself is old or absent)."""
+        if self.path is None:
+            return
+        for name in self.schema.array_layouts():
+            chunks = self.path / name / "c"
+            for leftover in [*chunks.glob(f"{index}.*.partial"), *(chunks / str(index)).rglob("*.partial")]:
+                leftover.unlink(missing_ok=True)
 
     def _feature_regions(self, activations: Sequence[torch.Tensor]):
         """(array name, float16 region) pairs of one image's features."""
