@@ -143,7 +143,7 @@ def check_examples(records: list[ImageRecord], classes: ClassInfo | None = None)
                 image.load()  # decode it all: a truncated or corrupt file is refused before anything is written
         except (OSError, SyntaxError, ValueError) as error:
             raise ValueError(f"cannot read image {record.image_path}: {error}") from None
-        _checked_labels(record, image_size, 1, classes)
+        _checked_labels(record, image_size, image_size[0], classes)  # at full size: every value checked
 
 
 def _checked_labels(

@@ -18,7 +18,6 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -65,10 +64,11 @@ def reference_store(workspace) -> FeatureStore:
     return FeatureStore(path)
 
 
-def extract_arguments(workspace: Path, store_path: Path) -> list[str]:
+def extract_arguments(workspace: Path, store_path: Path, images: Path | None = None, checkpoint: Path | None = None):
+    """`extract` of the workspace's images with its tiny UNet, unless told other ones."""
     return [
-        "extract", "--checkpoint", str(workspace / "unet"), "--images", str(workspace / "data" / "images"),
-        "--store", str(store_path), *EXTRACT_OPTIONS,
+        "extract", "--checkpoint", str(checkpoint or workspace / "unet"),
+        "--images", str(images or workspace / "data" / "images"), "--store", str(store_path), *EXTRACT_OPTIONS,
     ]
 
 
@@ -359,3 +359,205 @@ def test_a_real_full_disk(workspace, reference_store, tmp_path):
     again = CliRunner().invoke(main, ["--quiet", *extract_arguments(workspace, store_path)])
     assert again.exit_code == 0 and f"{IMAGES - len(done)} of {IMAGES} images written" in again.output, again.output
     assert_same_as_uninterrupted(store_path, reference_store)
+
+
+# --- 3. bad inputs, through the command line ------------------------------------------------------
+
+
+def _random_rgb(height: int = 32, width: int = 32, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+
+
+def _damaged_copy(folder: Path, suffix: str, damage: str) -> str:
+    whole = folder / f"whole{suffix}"
+    Image.fromarray(_random_rgb()).save(whole)
+    data = bytearray(whole.read_bytes())
+    whole.unlink()
+    if damage == "truncated":
+        data = data[: len(data) // 2]
+    elif suffix == ".png":  # bytes of the compressed pixels flipped: the chunk's CRC and zlib catch it
+        for offset in range(len(data) // 2, len(data) // 2 + 4):
+            data[offset] ^= 0xFF
+    else:  # a garbled Huffman table. (Flipped bits in a JPEG's entropy-coded data usually decode to a
+        # wrong picture without any error: JPEG has no checksum, so no reader can refuse that.)
+        table = data.find(b"\xff\xc4")
+        data[table + 4 : table + 20] = b"\xff" * 16
+    (folder / f"broken{suffix}").write_bytes(bytes(data))
+    return f"broken{suffix}"
+
+
+def _labeled_image(folder: Path, labels: np.ndarray, shape: tuple[int, int] = (32, 32)) -> str:
+    Image.fromarray(_random_rgb(*shape)).save(folder / "img.png")
+    np.save(folder / "img.npy", labels)
+    return "img.npy"
+
+
+def _out_of_range_labels(folder: Path) -> str:
+    (folder / "classes.json").write_text(json.dumps(CLASSES))
+    labels = np.zeros((32, 32), np.int64)
+    labels[3, 4] = 7  # neither a class (0..2) nor the ignore label 255
+    return _labeled_image(folder, labels)
+
+
+def _nan_labels(folder: Path) -> str:
+    labels = np.zeros((32, 32), np.float32)
+    labels[5, 5] = np.nan
+    return _labeled_image(folder, labels)
+
+
+def _duplicate_stems(folder: Path) -> str:
+    Image.fromarray(_random_rgb()).save(folder / "scene.png")
+    Image.fromarray(_random_rgb()).save(folder / "scene.jpg")
+    return "scene"
+
+
+# case → a function that fills the folder and returns what the message must name
+BAD_IMAGE_FOLDERS = {
+    "empty folder": lambda folder: "no PNG or JPEG images",
+    "non-image files only": lambda folder: [(folder / "notes.txt").write_text("hi"), "no PNG or JPEG images"][1],
+    "text file named .png": lambda folder: [(folder / "fake.png").write_text("not an image"), "fake.png"][1],
+    "truncated PNG": lambda folder: _damaged_copy(folder, ".png", "truncated"),
+    "corrupt PNG": lambda folder: _damaged_copy(folder, ".png", "corrupt"),
+    "truncated JPEG": lambda folder: _damaged_copy(folder, ".jpg", "truncated"),
+    "corrupt JPEG": lambda folder: _damaged_copy(folder, ".jpg", "corrupt"),
+    "non-square image": lambda folder: [Image.fromarray(_random_rgb(24, 32)).save(folder / "wide.png"), "wide.png"][1],
+    "label map of the wrong shape": lambda folder: _labeled_image(folder, np.zeros((16, 16), np.uint8)),
+    "label map of a non-integer dtype": lambda folder: _labeled_image(folder, np.full((32, 32), 0.5, np.float32)),
+    "NaN in a float label map": _nan_labels,
+    "label values out of range": _out_of_range_labels,
+    "duplicate stems": _duplicate_stems,
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_IMAGE_FOLDERS))
+def test_bad_image_folders_are_refused_before_anything_is_written(workspace, tmp_path, case):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    named = BAD_IMAGE_FOLDERS[case](folder)
+    store_path = tmp_path / "store.zarr"
+    result = CliRunner().invoke(main, ["--quiet", *extract_arguments(workspace, store_path, images=folder)])
+    assert result.exit_code == 1, result.output
+    assert named in result.output and str(folder) in result.output, result.output
+    assert "Traceback" not in result.output
+    assert not store_path.exists()
+
+
+def test_grayscale_rgba_16_bit_and_unicode_names_are_handled(workspace, tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rgb = _random_rgb()
+    gray16 = (np.arange(32 * 32, dtype=np.uint16).reshape(32, 32) * 61).astype(np.uint16)  # 0..62,403
+    Image.fromarray(rgb[..., 0]).save(folder / "gray.png")
+    Image.fromarray(np.dstack([rgb, np.full((32, 32), 7, np.uint8)])).save(folder / "rgba.png")
+    Image.fromarray(gray16).save(folder / "gray16.png")
+    Image.fromarray(rgb).save(folder / "ünï cødé 名前 1.png")
+    result = CliRunner().invoke(main, ["--quiet", *extract_arguments(workspace, tmp_path / "store.zarr", images=folder)])
+    assert result.exit_code == 0, result.output
+    store = FeatureStore(tmp_path / "store.zarr")
+    assert store.image_names == ["gray", "gray16", "rgba", "ünï cødé 名前 1"]
+    np.testing.assert_array_equal(store.image(0), np.repeat(rgb[..., :1], 3, axis=2))  # gray → R = G = B
+    np.testing.assert_array_equal(store.image(1)[..., 0], (gray16 >> 8).astype(np.uint8))  # the high byte, not clipped
+    np.testing.assert_array_equal(store.image(2), rgb)  # alpha dropped
+    np.testing.assert_array_equal(store.image(3), rgb)
+    shown = CliRunner().invoke(main, ["inspect", "--store", str(tmp_path / "store.zarr"), "--image", "ünï cødé 名前 1",
+                                      "--pixel", "3", "4"])
+    assert shown.exit_code == 0 and len(shown.output.split()) == store.feature_dim, shown.output
+
+
+def _not_a_state_dict(folder: Path) -> Path:
+    torch.save([torch.zeros(2)], folder / "list.pt")
+    return folder / "list.pt"
+
+
+def _truncated_weights(folder: Path, workspace: Path) -> Path:
+    shutil.copytree(workspace / "unet", folder / "truncated_unet")
+    weights = folder / "truncated_unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    return folder / "truncated_unet"
+
+
+def _other_architecture(folder: Path, workspace: Path) -> Path:
+    shutil.copytree(workspace / "unet", folder / "other_unet")
+    config = json.loads((folder / "other_unet" / "config.json").read_text())
+    config["block_out_channels"] = [2 * channels for channels in config["block_out_channels"]]
+    (folder / "other_unet" / "config.json").write_text(json.dumps(config))
+    return folder / "other_unet"
+
+
+def _unrelated_network(folder: Path) -> Path:
+    torch.save({"encoder.weight": torch.zeros(4, 4)}, folder / "classifier.pt")
+    return folder / "classifier.pt"
+
+
+BAD_CHECKPOINTS = {
+    "not a state dict": lambda folder, workspace: _not_a_state_dict(folder),
+    "truncated": _truncated_weights,
+    "weights of another architecture": _other_architecture,
+    "not a diffusion UNet": lambda folder, workspace: _unrelated_network(folder),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CHECKPOINTS))
+def test_bad_checkpoints_are_refused_naming_the_file(workspace, tmp_path, case):
+    checkpoint = BAD_CHECKPOINTS[case](tmp_path, workspace)
+    arguments = extract_arguments(workspace, tmp_path / "store.zarr", checkpoint=checkpoint)
+    result = CliRunner().invoke(main, ["--quiet", *arguments])
+    assert result.exit_code == 1 and checkpoint.name in result.output and "Traceback" not in result.output, result.output
+    assert not (tmp_path / "store.zarr").exists()
+
+
+class _CreatesFileWhenUnpickled:
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_pickled_payloads_never_run_in_checkpoints_or_training_states(workspace, tmp_path):
+    marker = tmp_path / "pwned.txt"
+    evil = {"weight": torch.zeros(1), "payload": _CreatesFileWhenUnpickled(marker)}
+    torch.save(evil, tmp_path / "evil.pt")
+    arguments = extract_arguments(workspace, tmp_path / "store.zarr", checkpoint=tmp_path / "evil.pt")
+    result = CliRunner().invoke(main, ["--quiet", *arguments])
+    assert result.exit_code == 1 and "evil.pt" in result.output and "weights_only" in result.output
+    (tmp_path / "run").mkdir()
+    torch.save({**evil, "format": 1}, tmp_path / "run" / "state.pt")  # a planted pretraining checkpoint
+    images = write_image_folder(tmp_path / "unlabeled", count=2, labeled=False)
+    result = CliRunner().invoke(main, ["--quiet", "pretrain", "--images", str(images), "--out", str(tmp_path / "run"),
+                                       *PRETRAIN_OPTIONS])
+    assert result.exit_code == 1 and "state.pt" in result.output, result.output
+    assert not marker.exists() and not (tmp_path / "store.zarr").exists()
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [("--steps", "50,1000", "0..999"), ("--steps", "-1,50", "0..999"), ("--blocks", "5,40", "40")],
+)
+def test_steps_and_blocks_outside_the_model_are_refused(workspace, tmp_path, option, value, message):
+    arguments = extract_arguments(workspace, tmp_path / "store.zarr")
+    arguments[arguments.index(option) + 1] = value
+    result = CliRunner().invoke(main, ["--quiet", *arguments])
+    assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output, result.output
+    assert not (tmp_path / "store.zarr").exists()
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [({"stepz": [50]}, r"unknown key\(s\) \['stepz'\]"), ({"steps": "50,150"}, "`steps` must be list"),
+     ({"seed": 1.5}, "`seed` must be int"), ({"steps": [50, 1200]}, "0..999")],
+)
+def test_params_yaml_with_unknown_or_mistyped_keys_stops_the_stage(workspace, tmp_path, monkeypatch, change, message):
+    import stages.extract
+
+    params = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
+    params["extract"].update(change)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", [
+        "extract", "--checkpoint", str(workspace / "unet"), "--images", str(workspace / "data" / "images"),
+        "--store", "data/stores/train.zarr",
+    ])
+    with pytest.raises(ValueError, match=rf"params\.yaml: extract: .*{message}"):
+        stages.extract.main()
+    assert not (tmp_path / "data").exists()
