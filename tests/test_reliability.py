@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -245,6 +246,56 @@ def test_train_killed_keeps_the_old_ensemble_and_a_rerun_matches(tmp_path, monke
     assert sorted(path.name for path in out.parent.iterdir()) == ["ensemble"]
 
 
+class _Killed(BaseException):
+    """Stands for SIGKILL: nothing catches it, no cleanup runs after it."""
+
+
+def test_saving_an_ensemble_killed_at_any_step_never_leaves_one_that_loads_half(tmp_path, monkeypatch):
+    import pipeline.ensemble as ensemble_module
+
+    store = tmp_path / "train.zarr"
+    write_learnable_store(store)
+    settings = TrainSettings(**{**TRAIN, "max_epochs": 2})
+    old, _ = train_on_store(store, tmp_path / "ensemble", settings, show_progress=False)
+    new, _ = train_on_store(store, tmp_path / "unused", replace(settings, seed=5), show_progress=False)
+    # The file-system steps of save_ensemble, each of which a kill can precede.
+    steps = {"save_file": ensemble_module, "write_text": Path, "rename": Path}
+    originals = {name: getattr(owner, name) for name, owner in steps.items()}
+    originals["rmtree"] = shutil.rmtree
+    found = []
+    for kill_before in range(1, 8):
+        count = [0]
+
+        def step(name, *arguments, **keywords):
+            count[0] += 1
+            if count[0] == kill_before:
+                raise _Killed(name)
+            return originals[name](*arguments, **keywords)
+
+        with monkeypatch.context() as patch:
+            for name, owner in steps.items():
+                patch.setattr(owner, name, lambda *a, _name=name, **k: step(_name, *a, **k))
+            patch.setattr(shutil, "rmtree", lambda *a, **k: step("rmtree", *a, **k))
+            try:
+                ensemble_module.save_ensemble(new, tmp_path / "ensemble")
+            except _Killed:
+                pass
+        try:
+            survivor = load_ensemble(tmp_path / "ensemble")
+        except FileNotFoundError:  # killed between the two renames: no ensemble, never half of one
+            survivor = None
+        found.append(None if survivor is None else "old" if survivor.logs == old.logs else "new")
+        if survivor is not None:
+            expected = old if survivor.logs == old.logs else new
+            for mine, theirs in zip(survivor.members, expected.members):
+                for (name, tensor), (_, whole) in zip(mine.state_dict().items(), theirs.state_dict().items()):
+                    assert torch.equal(tensor, whole), (kill_before, name)
+        ensemble_module.save_ensemble(old, tmp_path / "ensemble")  # the rerun: back to the old one
+        assert load_ensemble(tmp_path / "ensemble").logs == old.logs
+    # Steps: weights, config, clear the retired slot, old → retired, new → in place, delete retired.
+    assert found == ["old", "old", "old", "old", None, "new", "new"]
+
+
 # --- 5. concurrency -------------------------------------------------------------------------------
 
 # Slows every image write down, so that two processes surely overlap.
@@ -280,6 +331,7 @@ def test_two_extracts_on_one_store_share_its_images_and_readers_see_only_whole_o
     outputs = [process.communicate() for process in processes]
     assert [process.returncode for process in processes] == [0, 0], outputs
     written = [int(re.search(r"(\d+) of 5 images written", stdout).group(1)) for stdout, _ in outputs]
+    print(f"images written by each of the two processes: {written}")
     assert sum(written) == IMAGES, written  # every image written once, by one of them
     assert checked, "the reader saw no finished image while the writers ran"
     assert_same_as_uninterrupted(store_path, reference_store)
