@@ -33,8 +33,8 @@ Safety of writing (what a kill, a full disk or a second writer can and cannot do
 from __future__ import annotations
 
 import collections
-import dataclasses
 import contextlib
+import dataclasses
 import errno
 import fcntl
 import hashlib
