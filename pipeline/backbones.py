@@ -738,9 +738,18 @@ def _load_diffusers_folder(folder: Path) -> tuple[UNet2DModel, Path]:
             low_cpu_mem_usage=is_accelerate_available(),  # without accelerate diffusers would warn and fall back
         )
     except Exception as error:  # from_pretrained raises OSError, ValueError, RuntimeError, SafetensorError, ...
-        raise ValueError(f"{model_folder}: could not load it as a diffusers UNet2DModel: {error}") from error
+        raise ValueError(
+            f"{model_folder}: could not load it as a diffusers UNet2DModel (a damaged weights file, or weights of "
+            f"another architecture than its config.json?): {_first_lines(error)}"
+        ) from error
     # from_pretrained prefers the .safetensors file when both exist, as the list order does.
     return unet.eval(), weights_paths[0]
+
+
+def _first_lines(error: Exception, count: int = 4) -> str:
+    """An error's first lines: a mismatch between two large models can list hundreds."""
+    lines = str(error).strip().splitlines()
+    return "\n".join(lines[:count]) + (f"\n… ({len(lines) - count} more lines)" if len(lines) > count else "")
 
 
 def _make_backbone(unet: UNet2DModel, checksum: str, source_format: str) -> Backbone:

@@ -85,6 +85,9 @@ def list_images(folder: str | Path) -> list[ImageRecord]:
 def _open_rgb(record: ImageRecord) -> Image.Image:
     try:
         with Image.open(record.image_path) as image:
+            if image.mode in ("I", "I;16", "I;16B", "I;16L"):
+                # 16-bit grayscale: keep the high byte, as PIL does for 16-bit RGB (convert() would clip to white).
+                image = Image.fromarray(np.clip(np.asarray(image, dtype=np.int64) >> 8, 0, 255).astype(np.uint8))
             return image.convert("RGB")
     except (OSError, SyntaxError, ValueError) as error:
         raise ValueError(f"cannot read image {record.image_path}: {error}") from None
@@ -128,7 +131,7 @@ def load_example(record: ImageRecord, size: int, classes: ClassInfo | None = Non
 
 
 def check_examples(records: list[ImageRecord], classes: ClassInfo | None = None) -> None:
-    """Checks every image header and label map before hours of extraction start.
+    """Checks every image (decoded in full) and label map before hours of extraction start.
 
     Raises:
         ValueError: naming the first file that `load_example` would refuse.
@@ -137,9 +140,10 @@ def check_examples(records: list[ImageRecord], classes: ClassInfo | None = None)
         try:
             with Image.open(record.image_path) as image:
                 image_size = image.size
+                image.load()  # decode it all: a truncated or corrupt file is refused before anything is written
         except (OSError, SyntaxError, ValueError) as error:
             raise ValueError(f"cannot read image {record.image_path}: {error}") from None
-        _checked_labels(record, image_size, 1, classes)
+        _checked_labels(record, image_size, image_size[0], classes)  # at full size: every value checked
 
 
 def _checked_labels(

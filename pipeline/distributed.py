@@ -177,8 +177,9 @@ class ClusterBatches:
     def run(
         self, writer: FeatureStoreWriter, records: Sequence[ImageRecord], batches: list[list[int]],
         classes: ClassInfo | None,
-    ) -> Iterator[int]:
-        """Submits every batch; yields a batch's number of images as it finishes.
+    ) -> Iterator[tuple[int, int]]:
+        """Submits every batch; yields (its number of images, the same again) as each finishes:
+        a finished task leaves every image of its batch done, whichever attempt wrote it.
 
         Raises:
             The first error a task still raised after its retries; the other tasks are cancelled.
@@ -197,6 +198,6 @@ class ClusterBatches:
         try:
             for future in distributed.as_completed(futures):
                 future.result()
-                yield sizes[future.key]
+                yield sizes[future.key], sizes[future.key]
         finally:
             self.client.cancel(futures)

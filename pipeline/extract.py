@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import logging
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -40,7 +41,7 @@ class ExtractionSummary:
 
     store_path: Location
     images_total: int
-    images_written: int
+    images_written: int  # by this run (not by another process working on the same store)
     feature_dim: int
     seconds: float
     device: str
@@ -181,11 +182,23 @@ class InProcessBatches:
     def run(
         self, writer: FeatureStoreWriter, records: Sequence[ImageRecord], batches: list[list[int]],
         classes: ClassInfo | None,
-    ) -> Iterator[int]:
-        """Extracts each batch; yields its number of images when it is done."""
+    ) -> Iterator[tuple[int, int]]:
+        """Extracts each batch; yields (images it covered, images this run wrote) as it goes.
+
+        Images another process holds (a claim on a local store) are skipped, then waited for at
+        the end and written here if that process died: a run that returns leaves a complete store.
+        """
+        def write(claimed: list[int]) -> int:
+            chosen = {index: records[index] for index in claimed}
+            return extract_batch(self.extractor, writer, chosen, claimed, self.settings, classes) if claimed else 0
+
         for batch in batches:
-            extract_batch(self.extractor, writer, {index: records[index] for index in batch}, batch, self.settings, classes)
-            yield len(batch)
+            with writer.claim(batch) as claimed:
+                written = write(claimed)
+            yield len(batch), written
+        for index in writer.pending_images():  # held by another writer a moment ago
+            with writer.claim([index], wait=True) as claimed:
+                yield 0, write(claimed)
 
 
 @contextlib.contextmanager
@@ -198,6 +211,29 @@ def batch_runner(checkpoint: str | Path, settings: ExtractSettings):
 
     with cluster_client(settings.scheduler) as client, ClusterBatches(client, checkpoint, settings) as batches:
         yield batches
+
+
+@contextlib.contextmanager
+def _disk_full_explained(store_path: str | Path, writer: FeatureStoreWriter | None) -> Iterator[None]:
+    """Turns "no space left on device" into a message that says what is safe and what to do."""
+    try:
+        yield
+    except OSError as error:
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        if writer is None:
+            state = "no store was created"
+        else:
+            total = len(writer.schema.image_names)
+            state = (
+                f"the {total - len(writer.pending_images())} of {total} images finished so far are complete and "
+                "checksummed"
+            )
+        raise OSError(
+            error.errno,
+            f"disk full while writing the feature store {store_path} ({error.strerror}): {state}; free some space "
+            "and re-run extract to finish",
+        ) from error
 
 
 def extract_features(
@@ -244,19 +280,23 @@ def extract_features(
             image_sha256=[file_sha256(record.image_path) for record in records],
             classes=None if classes is None else {"names": classes.names, "ignore_label": classes.ignore_label},
         )
-        writer = open_store_for_writing(store_path, schema, settings.codec, replace_mismatched)
+        with _disk_full_explained(store_path, None):
+            writer = open_store_for_writing(store_path, schema, settings.codec, replace_mismatched)
         pending = writer.pending_images()
         if len(pending) < len(records):
             logger.info("%s: %d of %d images already done", store_path, len(records) - len(pending), len(records))
         # 3. Batches of pending images through the UNet, each image written as soon as it is done.
         batches = [pending[start : start + settings.batch_size] for start in range(0, len(pending), settings.batch_size)]
-        with tqdm(total=len(pending), unit="image", desc="extract", disable=not show_progress) as progress:
-            for finished in runner.run(writer, records, batches, classes):
-                progress.update(finished)
+        written = 0
+        with tqdm(total=len(pending), unit="image", desc="extract", disable=not show_progress) as progress, \
+                _disk_full_explained(store_path, writer):
+            for covered, written_now in runner.run(writer, records, batches, classes):
+                progress.update(covered)
+                written += written_now
     return ExtractionSummary(
         store_path=store_path,
         images_total=len(records),
-        images_written=len(pending),
+        images_written=written,
         feature_dim=schema.feature_dim,
         seconds=time.perf_counter() - started,
         device=runner.where,

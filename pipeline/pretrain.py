@@ -44,6 +44,7 @@ from pipeline.backbones import AdmLayout, adm_unet_config
 from pipeline.datasets import list_images, load_image
 from pipeline.devices import pick_device
 from pipeline.diffusion import NUM_TRAIN_STEPS, linear_alphas_cumprod
+from pipeline.pause_points import pause_point
 from pipeline.visualize import save_png
 
 logger = logging.getLogger(__name__)
@@ -242,6 +243,7 @@ def pretrain_ddpm(
             if run.step < settings.steps and run.step % settings.checkpoint_every == 0:
                 _save_state(run.state_dict(), state_path)
                 _write_model_and_losses(run, out_dir)
+                pause_point("pretrain-checkpoint-saved", run.step)
                 last_log = _log_progress(run, last_log)
             if run.step < settings.steps and settings.sample_every and run.step % settings.sample_every == 0:
                 _write_samples(run.ema, settings, out_dir / SAMPLES_FILE)
@@ -388,6 +390,7 @@ def _save_state(state: dict, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(path.name + ".tmp")
     torch.save(state, temporary)
+    pause_point("pretrain-state-staged", state["step"])
     os.replace(temporary, path)
 
 

@@ -4,6 +4,7 @@ import argparse
 from pathlib import Path
 
 from pipeline.comparison import write_comparison
+from stages import output_path
 
 
 def main() -> None:
@@ -16,7 +17,7 @@ def main() -> None:
     arguments = parser.parse_args()
 
     paths = {"ddpm": Path(arguments.ddpm), "random": Path(arguments.random), "pixels": Path(arguments.pixels)}
-    summary = write_comparison(paths, Path(arguments.out), Path(arguments.chart))
+    summary = write_comparison(paths, output_path(arguments.out), output_path(arguments.chart))
     print("compare: " + ", ".join(f"{key} {value}" for key, value in summary.items()))
 
 

@@ -3,10 +3,10 @@
 import argparse
 import logging
 import shutil
-from pathlib import Path
 
 from pipeline.config import load_params
 from pipeline.demo import write_demo_dataset
+from stages import output_path
 
 
 def main() -> None:
@@ -17,7 +17,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     spec = load_params(arguments.params).demo
-    out = Path(arguments.out)
+    out = output_path(arguments.out)
     shutil.rmtree(out, ignore_errors=True)  # this stage's own output: always generated whole
     write_demo_dataset(spec, out)
     print(f"demo data: {spec.train_images} train, {spec.test_images} test, {spec.pool_images} unlabeled scenes in {out}")

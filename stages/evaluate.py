@@ -5,6 +5,7 @@ import logging
 
 from pipeline.config import load_params
 from pipeline.evaluation import evaluate_on_store
+from stages import output_path
 
 
 def main() -> None:
@@ -17,7 +18,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     settings = load_params(arguments.params).evaluate
-    metrics = evaluate_on_store(arguments.ensemble, arguments.store, arguments.out, settings)
+    metrics = evaluate_on_store(arguments.ensemble, arguments.store, output_path(arguments.out), settings)
     print(f"evaluate: {metrics['images']} images, mIoU {metrics['miou']}; written to {arguments.out}")
 
 

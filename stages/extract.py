@@ -6,6 +6,7 @@ import logging
 from pipeline.config import load_params
 from pipeline.datasets import find_class_info
 from pipeline.extract import extract_features
+from stages import output_path
 
 
 def main() -> None:
@@ -21,7 +22,7 @@ def main() -> None:
     summary = extract_features(
         arguments.checkpoint,
         arguments.images,
-        arguments.store,
+        output_path(arguments.store),
         settings,
         classes=find_class_info(arguments.images),
         replace_mismatched=True,  # the store is this stage's output: new settings mean a new store

@@ -6,6 +6,7 @@ import logging
 from pipeline.config import load_params
 from pipeline.datasets import find_class_info
 from pipeline.pixel_baseline import extract_pixel_features
+from stages import output_path
 
 
 def main() -> None:
@@ -19,7 +20,7 @@ def main() -> None:
     params = load_params(arguments.params)
     summary = extract_pixel_features(
         arguments.images,
-        arguments.store,
+        output_path(arguments.store),
         params.extract.size,
         params.baselines.pixel_neighbourhood,
         classes=find_class_info(arguments.images),

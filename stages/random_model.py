@@ -4,6 +4,7 @@ import argparse
 
 from pipeline.backbones import load_backbone, randomly_initialised_unet
 from pipeline.config import load_params
+from stages import output_path
 
 
 def main() -> None:
@@ -16,7 +17,7 @@ def main() -> None:
     settings = load_params(arguments.params).baselines
     trained = load_backbone(arguments.like)
     unet = randomly_initialised_unet(trained.architecture, settings.random_weights_seed)
-    unet.save_pretrained(arguments.out)
+    unet.save_pretrained(output_path(arguments.out))
     print(f"random model: {trained.source_format} architecture of {arguments.like}, seed {settings.random_weights_seed}, saved to {arguments.out}")
 
 

@@ -3,11 +3,13 @@
 import argparse
 import json
 import logging
+import os
 from pathlib import Path
 
 from pipeline.config import load_params
 from pipeline.training import train_on_store
 from pipeline.visualize import save_training_curves, training_curve_rows
+from stages import output_path
 
 
 def main() -> None:
@@ -21,11 +23,14 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     settings = load_params(arguments.params).train
-    ensemble, summary = train_on_store(arguments.store, arguments.out, settings)
+    out, curve_path, chart_path = output_path(arguments.out), output_path(arguments.log), output_path(arguments.chart)
+    ensemble, summary = train_on_store(arguments.store, out, settings)
     losses_per_member = [log.epoch_mean_loss for log in ensemble.logs]
-    Path(arguments.log).parent.mkdir(parents=True, exist_ok=True)
-    Path(arguments.log).write_text(json.dumps(training_curve_rows(losses_per_member), indent=1))
-    save_training_curves(arguments.chart, losses_per_member, f"training loss per member ({Path(arguments.store).name})")
+    curve_path.parent.mkdir(parents=True, exist_ok=True)
+    staged = curve_path.with_name(curve_path.name + ".tmp")
+    staged.write_text(json.dumps(training_curve_rows(losses_per_member), indent=1))
+    os.replace(staged, curve_path)  # a kill leaves the old curve or the new one, never half a file
+    save_training_curves(chart_path, losses_per_member, f"training loss per member ({Path(arguments.store).name})")
     print(
         f"train: {len(summary.epochs_per_member)} members on {summary.training_pixels} pixels "
         f"(epochs {summary.epochs_per_member}) saved to {summary.ensemble_dir} in {summary.seconds:.1f} s"

@@ -68,3 +68,29 @@ def test_repro_runs_everything_then_nothing_then_only_training(project):
     third = run(project, "repro")
     assert "Running stage 'train@ddpm'" in third and "Running stage 'evaluate@ddpm'" in third
     assert "Running stage 'extract" not in third and "Running stage 'random_model'" not in third
+
+
+def test_stages_write_only_inside_the_data_folder(tmp_path, monkeypatch):
+    from stages import output_path
+
+    monkeypatch.chdir(tmp_path)
+    assert output_path("data/stores/train.zarr") == Path("data/stores/train.zarr")
+    assert output_path(str(tmp_path / "data" / "models" / "ensemble")) == tmp_path / "data" / "models" / "ensemble"
+    for escaping in ("/tmp/elsewhere", "data/../outside", "data/stores/../../..", "../data/x", "data", ".", "~/x"):
+        with pytest.raises(ValueError, match=r"only inside .*data"):
+            output_path(escaping)
+
+
+def test_a_stage_given_a_path_outside_data_deletes_nothing(tmp_path, monkeypatch):
+    import stages.demo_data
+
+    (tmp_path / "victim").mkdir()
+    (tmp_path / "victim" / "keep.txt").write_text("mine")
+    project = tmp_path / "project"
+    project.mkdir()
+    shutil.copy(PROJECT_ROOT / "params.yaml", project / "params.yaml")
+    monkeypatch.chdir(project)
+    monkeypatch.setattr(sys, "argv", ["demo_data", "--out", "../victim"])  # demo_data replaces its output folder
+    with pytest.raises(ValueError, match="refusing to write '../victim'"):
+        stages.demo_data.main()
+    assert (tmp_path / "victim" / "keep.txt").read_text() == "mine"

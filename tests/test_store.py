@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import STEPS, synthetic_schema, write_synthetic_store
+from conftest import STEPS, synthetic_activations, synthetic_schema, write_synthetic_store
 from pipeline.features import upsample_and_concatenate
 from pipeline.store import (
     FeatureStore,
@@ -184,3 +184,189 @@ def test_a_store_of_another_format_version_is_refused_or_replaced(tmp_path):
         open_store_for_writing(tmp_path / "store.zarr", synthetic_schema("native", 1))
     writer = open_store_for_writing(tmp_path / "store.zarr", synthetic_schema("native", 1), replace_mismatched=True)
     assert writer.pending_images() == [0]
+
+
+# --- reliability: damage, hostile stores, interrupted and concurrent writers -------------------
+
+
+def test_a_missing_chunk_of_a_finished_image_is_damage_not_zeros(tmp_path):
+    labels = _labels(3)
+    labels[1] = None  # an unlabeled image: its label chunk holds only the fill value, and is still written
+    write_synthetic_store(tmp_path / "store.zarr", "native", labels)
+    for chunk in _chunk_files(tmp_path / "store.zarr", "block_12", 1):
+        chunk.unlink()  # as a partial copy of the store would leave it
+    store = FeatureStore(tmp_path / "store.zarr")
+    with pytest.raises(DamagedImageError, match=r"image_01.*block_12.*missing"):
+        store.image_features(1)
+    assert store.damaged_images() == ["image_01"]
+    assert store.labels(1) is None  # the written fill-value chunk is there
+
+
+def test_a_damaged_done_mark_leaves_the_image_pending_and_the_rest_readable(tmp_path):
+    write_synthetic_store(tmp_path / "store.zarr", "native", _labels(3))
+    (chunk,) = [path for path in (tmp_path / "store.zarr" / "done" / "c").iterdir() if path.name == "1"]
+    chunk.write_bytes(chunk.read_bytes()[:-2])  # fails its CRC32C
+    assert open_store_for_writing(tmp_path / "store.zarr", synthetic_schema("native", 3)).pending_images() == [1]
+    store = FeatureStore(tmp_path / "store.zarr")
+    assert store.done_mask().tolist() == [True, False, True]
+    with pytest.raises(DamagedImageError, match="image_01"):
+        store.image_features(1)
+    assert store.image_features(2).shape == (16, 16, 24)
+
+
+def test_a_folder_that_is_not_a_store_is_never_deleted_even_when_replacing(tmp_path):
+    (tmp_path / "store.zarr").mkdir()
+    (tmp_path / "store.zarr" / "precious.txt").write_text("keep me")
+    with pytest.raises(StoreMismatchError, match="never deleted"):
+        open_store_for_writing(tmp_path / "store.zarr", synthetic_schema("native", 1), replace_mismatched=True)
+    assert (tmp_path / "store.zarr" / "precious.txt").read_text() == "keep me"
+    (tmp_path / "empty.zarr").mkdir()  # an empty folder is no one's data: the store is made in it
+    assert open_store_for_writing(tmp_path / "empty.zarr", synthetic_schema("native", 1)).pending_images() == [0]
+
+
+def test_concurrent_creation_makes_one_store_and_leaves_nothing_beside_it(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    schema = synthetic_schema("native", 2)
+    with ThreadPoolExecutor(4) as pool:
+        writers = list(pool.map(lambda _: open_store_for_writing(tmp_path / "store.zarr", schema), range(4)))
+    assert all(writer.pending_images() == [0, 1] for writer in writers)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["store.zarr"]
+    replaced = open_store_for_writing(tmp_path / "store.zarr", synthetic_schema("native", 3), replace_mismatched=True)
+    assert replaced.pending_images() == [0, 1, 2]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["store.zarr"]
+
+
+def _zero_activations(schema):
+    return [torch.zeros(s.channels, s.height, s.width) for _ in schema.steps for s in schema.block_shapes]
+
+
+def test_claims_keep_two_writers_off_the_same_image(tmp_path):
+    schema = synthetic_schema("native", 3)
+    first = open_store_for_writing(tmp_path / "store.zarr", schema)
+    second = open_store_for_writing(tmp_path / "store.zarr", schema)  # another open file: as another process
+    image = np.zeros((16, 16, 3), np.uint8)
+    with first.claim([0, 1]) as mine:
+        assert mine == [0, 1]
+        with second.claim([0, 1, 2]) as theirs:
+            assert theirs == [2]  # 0 and 1 are held
+        first.write_image(0, image, None, _zero_activations(schema))
+    with second.claim([0, 1]) as theirs:
+        assert theirs == [1]  # 0 was finished meanwhile: never written twice
+    assert sorted(path.name for path in (tmp_path / "store.zarr" / ".claims").iterdir()) == ["0", "1", "2"]
+
+
+def test_disjoint_writers_in_parallel_and_a_reader_see_only_whole_images(tmp_path):
+    import multiprocessing
+
+    schema = synthetic_schema("native", 8)
+    open_store_for_writing(tmp_path / "store.zarr", schema)
+    context = multiprocessing.get_context("fork")
+    writers = [
+        context.Process(target=_write_images, args=(tmp_path / "store.zarr", part)) for part in ([0, 2, 4, 6], [1, 3, 5, 7])
+    ]
+    for process in writers:
+        process.start()
+    store = FeatureStore(tmp_path / "store.zarr")
+    seen_done = set()
+    while any(process.is_alive() for process in writers) or len(seen_done) < 8:
+        for index in range(8):
+            if store.done_mask()[index]:
+                assert store.verify_image(index), index  # done means whole, at every moment
+                seen_done.add(index)
+            else:
+                try:
+                    store.image_features(index)
+                except IncompleteImageError:
+                    continue
+                # Finished between the two reads (a race the writers may win): then it is whole.
+                assert store.done_mask()[index] and store.verify_image(index), index
+        if not any(process.is_alive() for process in writers):
+            break
+    for process in writers:
+        process.join()
+        assert process.exitcode == 0
+    assert store.done_mask().all() and store.damaged_images() == []
+    for index in range(8):
+        expected = _expected_image_features(synthetic_activations(index))  # (16, 16, 24)
+        np.testing.assert_allclose(store.image_features(index), expected, atol=2e-2, rtol=1e-2)
+
+
+def _write_images(path, indices):
+    writer = open_store_for_writing(path, synthetic_schema("native", 8))
+    for index in indices:
+        with writer.claim([index]) as claimed:
+            assert claimed == [index]
+            writer.write_image(index, np.full((16, 16, 3), index, np.uint8), None, synthetic_activations(index))
+
+
+def _write_hostile_store(path, marker):
+    """A segcache-looking store that also holds a Zarr v2 array whose chunk is a pickle that
+    creates `marker` when unpickled, and a v3 array with a codec segcache never writes."""
+    import json
+    import pickle
+
+    import zarr
+
+    write_synthetic_store(path, "native", _labels(1))
+    (path / ".zattrs").write_text(json.dumps(zarr.open_group(path, mode="r").attrs.asdict()))
+    (path / ".zgroup").write_text(json.dumps({"zarr_format": 2}))
+    (path / "payload").mkdir()
+    (path / "payload" / ".zarray").write_text(json.dumps({
+        "zarr_format": 2, "shape": [1], "chunks": [1], "dtype": "|O", "compressor": None, "fill_value": None,
+        "filters": [{"id": "pickle", "protocol": 5}], "order": "C", "dimension_separator": ".",
+    }))
+    (path / "payload" / "0").write_bytes(pickle.dumps(np.array([_CreatesFileWhenUnpickled(marker)], dtype=object)))
+
+
+class _CreatesFileWhenUnpickled:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_store_is_never_unpickled(tmp_path):
+    import pickle
+
+    marker = tmp_path / "pwned.txt"
+    _write_hostile_store(tmp_path / "store.zarr", marker)
+    store = FeatureStore(tmp_path / "store.zarr")  # read as Zarr v3 only: the v2 side is never looked at
+    assert store.verify_image(0) and store.image_features(0).shape == (16, 16, 24)
+    assert not marker.exists()
+    # The payload is live: unpickling the chunk, as its metadata asks a Zarr v2 reader to, runs it.
+    pickle.loads((tmp_path / "store.zarr" / "payload" / "0").read_bytes())[0].close()
+    assert marker.exists()
+
+
+def test_arrays_with_foreign_codecs_or_dtypes_are_refused(tmp_path):
+    import zarr
+
+    from pipeline.store import StoreFormatError
+
+    write_synthetic_store(tmp_path / "store.zarr", "native", _labels(1))
+    group = zarr.open_group(tmp_path / "store.zarr", mode="r+")
+    del group["block_8"]
+    group.create_array("block_8", shape=(1, 2, 4, 8, 8), chunks=(1, 2, 4, 8, 8), dtype="float16",
+                       compressors=[zarr.codecs.GzipCodec()])
+    with pytest.raises(StoreFormatError, match=r"block_8.*codec 'gzip'"):
+        FeatureStore(tmp_path / "store.zarr")
+    del group["block_8"]
+    group.create_array("block_8", shape=(1, 2, 4, 8, 8), chunks=(1, 2, 4, 8, 8), dtype="float32")
+    with pytest.raises(StoreFormatError, match=r"block_8.*dtype float32, expected float16"):
+        FeatureStore(tmp_path / "store.zarr")
+    with pytest.raises(StoreFormatError, match="block_8"):
+        open_store_for_writing(tmp_path / "store.zarr", synthetic_schema("native", 1))
+
+
+def test_malformed_provenance_is_a_format_error(tmp_path):
+    import zarr
+
+    from pipeline.store import StoreFormatError
+
+    write_synthetic_store(tmp_path / "store.zarr", "native", _labels(1))
+    group = zarr.open_group(tmp_path / "store.zarr", mode="r+")
+    group.attrs["segcache"] = {**group.attrs["segcache"], "block_shapes": [{"block": 5, "surprise": 1}]}
+    with pytest.raises(StoreFormatError, match="malformed"):
+        FeatureStore(tmp_path / "store.zarr")
