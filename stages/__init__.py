@@ -5,7 +5,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from pipeline.storage import location_bytes
+
 DATA_FOLDER = "data"
+
+
+def size_on_disk(path: str | Path) -> str:
+    """What a stage wrote, for its one-line summary: "12.3 MB"."""
+    return f"{location_bytes(Path(path)) / 1e6:,.1f} MB"
 
 
 def output_path(text: str) -> Path:

@@ -2,10 +2,11 @@
 
 import argparse
 import logging
+import time
 
 from pipeline.config import load_params
 from pipeline.evaluation import evaluate_on_store
-from stages import output_path
+from stages import output_path, size_on_disk
 
 
 def main() -> None:
@@ -18,8 +19,12 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     settings = load_params(arguments.params).evaluate
+    started = time.perf_counter()
     metrics = evaluate_on_store(arguments.ensemble, arguments.store, output_path(arguments.out), settings)
-    print(f"evaluate: {metrics['images']} images, mIoU {metrics['miou']}; written to {arguments.out}")
+    print(
+        f"evaluate: {metrics['images']} images, mIoU {metrics['miou']}; written to {arguments.out} "
+        f"({size_on_disk(arguments.out)}) in {time.perf_counter() - started:.1f} s"
+    )
 
 
 if __name__ == "__main__":

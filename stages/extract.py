@@ -6,7 +6,7 @@ import logging
 from pipeline.config import load_params
 from pipeline.datasets import find_class_info
 from pipeline.extract import extract_features
-from stages import output_path
+from stages import output_path, size_on_disk
 
 
 def main() -> None:
@@ -29,7 +29,8 @@ def main() -> None:
     )
     print(
         f"extract: {summary.images_written} of {summary.images_total} images written to {summary.store_path} "
-        f"({summary.feature_dim} features per pixel) in {summary.seconds:.1f} s on {summary.device}"
+        f"({summary.feature_dim} features per pixel, {size_on_disk(summary.store_path)}) in {summary.seconds:.1f} s "
+        f"on {summary.device}"
     )
 
 

@@ -6,7 +6,7 @@ import logging
 from pipeline.config import load_params
 from pipeline.datasets import find_class_info
 from pipeline.pixel_baseline import extract_pixel_features
-from stages import output_path
+from stages import output_path, size_on_disk
 
 
 def main() -> None:
@@ -26,7 +26,10 @@ def main() -> None:
         classes=find_class_info(arguments.images),
         replace_mismatched=True,
     )
-    print(f"pixel features: {summary.images_written} of {summary.images_total} images to {summary.store_path}")
+    print(
+        f"pixel features: {summary.images_written} of {summary.images_total} images to {summary.store_path} "
+        f"({size_on_disk(summary.store_path)}) in {summary.seconds:.1f} s"
+    )
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from pathlib import Path
 from pipeline.config import load_params
 from pipeline.training import train_on_store
 from pipeline.visualize import save_training_curves, training_curve_rows
-from stages import output_path
+from stages import output_path, size_on_disk
 
 
 def main() -> None:
@@ -33,7 +33,8 @@ def main() -> None:
     save_training_curves(chart_path, losses_per_member, f"training loss per member ({Path(arguments.store).name})")
     print(
         f"train: {len(summary.epochs_per_member)} members on {summary.training_pixels} pixels "
-        f"(epochs {summary.epochs_per_member}) saved to {summary.ensemble_dir} in {summary.seconds:.1f} s"
+        f"(epochs {summary.epochs_per_member}) saved to {summary.ensemble_dir} "
+        f"({size_on_disk(summary.ensemble_dir)}) in {summary.seconds:.1f} s"
     )
 
 
