@@ -145,3 +145,75 @@ def test_inspect_pictures_stats_and_export(workspace, trained, tmp_path):
     stats = json.loads(invoke("inspect", "--store", store, "--stats", "--json").output)["block_statistics"]
     assert [row["features"] for row in stats] == ["t50 b5", "t50 b8", "t50 b12", "t150 b5", "t150 b8", "t150 b12"]
     assert invoke("inspect", "--store", store, "--pca", tmp_path / "x.png").exit_code == 2  # needs --image
+
+
+def _corrupt_folder(root):
+    folder = write_image_folder(root / "corrupt", count=2, seed=0)
+    broken = sorted(folder.glob("*.png"))[0]
+    broken.write_bytes(broken.read_bytes()[:100])
+    return folder
+
+
+def _store_of_another_model(workspace, root):
+    """A store extracted with another UNet, at the path the next extract is pointed to."""
+    make_tiny_unet(sample_size=32, seed=5).save_pretrained(root / "other_unet")
+    result = invoke(
+        "extract", "--checkpoint", root / "other_unet", "--steps", "50,150", "--blocks", "5,8,12", "--size", "32",
+        "--images", workspace / "data" / "test", "--store", root / "taken.zarr",
+    )
+    assert result.exit_code == 0, result.output
+    return root / "taken.zarr"
+
+
+def _full_disk(monkeypatch):
+    import errno
+
+    from pipeline.store import FeatureStoreWriter
+
+    def no_space(*arguments, **keywords):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(FeatureStoreWriter, "write_image", no_space)
+
+
+# Issue 6's list of errors a person must understand: (case, what to run, text the message must hold).
+ERROR_CASES = ["missing checkpoint", "no images", "corrupt image", "store of another model", "full disk"]
+
+
+@pytest.mark.parametrize("case", ERROR_CASES)
+def test_errors_are_one_clear_message_naming_the_file(workspace, tmp_path, monkeypatch, case):
+    images, store, checkpoint = workspace / "data" / "test", tmp_path / "store.zarr", workspace / "unet"
+    if case == "missing checkpoint":
+        checkpoint, expected = tmp_path / "missing.pt", [str(tmp_path / "missing.pt"), "not found"]
+    elif case == "no images":
+        images = tmp_path / "empty"
+        images.mkdir()
+        expected = [str(images), "no PNG or JPEG images"]
+    elif case == "corrupt image":
+        images = _corrupt_folder(tmp_path)
+        expected = [str(images / "img_000.png"), "cannot read image"]
+    elif case == "store of another model":
+        store = _store_of_another_model(workspace, tmp_path)
+        expected = [str(store), "checkpoint_sha256", "Choose another --store"]
+    else:
+        _full_disk(monkeypatch)
+        expected = ["disk full", str(store), "re-run extract"]
+    result = invoke(
+        "extract", "--checkpoint", checkpoint, "--steps", "50,150", "--blocks", "5,8,12", "--size", "32",
+        "--images", images, "--store", store,
+    )
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output and result.output.startswith("Error: ")
+    for text in expected:
+        assert text in result.output, (text, result.output)
+    if case != "store of another model":
+        assert not store.exists() or case == "full disk"  # nothing written that looks valid
+
+
+def test_verbose_shows_the_traceback(tmp_path):
+    result = CliRunner().invoke(
+        main, ["--verbose", "extract", "--checkpoint", str(tmp_path / "missing.pt"), "--images", str(tmp_path),
+               "--store", str(tmp_path / "s.zarr")],
+    )
+    assert result.exit_code == 1 and isinstance(result.exception, ValueError)  # raised, not summarised
+    assert "no PNG or JPEG images" in str(result.exception)
