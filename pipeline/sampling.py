@@ -94,7 +94,8 @@ class PixelStream:
         self.store = store
         self.pixels = pixels
         self.batch_size = batch_size
-        self.buffer_pixels = max(buffer_pixels, batch_size)
+        # Whole batches per buffer: only an epoch's last batch can be short.
+        self.buffer_pixels = -(-max(buffer_pixels, batch_size) // batch_size) * batch_size
 
     def epoch_order(self, rng: np.random.Generator) -> np.ndarray:
         """A visiting order of all pixels.
