@@ -79,7 +79,7 @@ class Preset:
 
 def preset_names() -> list[str]:
     """Names of the presets shipped in `presets/`, sorted."""
-    return sorted(path.stem for path in PRESETS_DIR.glob("*.yaml") if path.stem != "params")
+    return sorted(path.stem for path in PRESETS_DIR.glob("*.yaml") if path.stem not in ("params", "dvc"))
 
 
 def load_preset(name_or_path: str | Path) -> Preset:
