@@ -284,16 +284,16 @@ def benchmark(context: _Context, preset, data, checkpoint, out, seeds, protocol,
         extract_settings = ExtractSettings(layout=layout, batch_size=batch_size, device=device)
         train_settings = TrainSettings(protocol=protocol, members=members, max_epochs=max_epochs, device=device, threads=threads)
         evaluate_settings = EvaluateSettings(iou=iou, threads=threads)
+        run_dir = out or Path("runs") / "benchmarks" / chosen.name
         report = run_benchmark(
-            chosen, data, checkpoint, out or Path("runs") / "benchmarks" / chosen.name, extract_settings, train_settings,
-            evaluate_settings, _int_list(seeds), overrides, context.show_progress,
+            chosen, data, checkpoint, run_dir, extract_settings, train_settings, evaluate_settings, _int_list(seeds),
+            overrides, context.show_progress,
         )
         paper = report["paper_miou_percent"]
         click.echo(
             f"benchmark {report['preset']}: mIoU {report['miou_percent']['mean']} ± {report['miou_percent']['std']} % "
             f"over seeds {report['seeds']} (paper: {paper['mean']} ± {paper['std']} %) in {report['seconds']['total']} s, "
-            f"peak memory {report['peak_memory_megabytes']['total']} MB; report in "
-            f"{(out or Path('runs') / 'benchmarks' / chosen.name) / 'report.md'}"
+            f"peak memory {report['peak_memory_megabytes']['total']} MB; report in {run_dir / 'report.md'}"
         )
 
     _run(context, action)

@@ -95,7 +95,8 @@ def evaluate_on_store(
     `predictions.png` (a grid of the first images), `per_class_iou.png` and `metrics.json`.
 
     Returns:
-        The metrics: miou, per_class_iou (by class name), pixel_accuracy, mean_uncertainty.
+        The metrics: miou (under `settings.iou`), miou_paper, miou_ignore_excluded, per_class_iou
+        (by class name, under `settings.iou`), pixel_accuracy, mean_uncertainty.
     """
     ensemble_dir, out_dir = Path(ensemble_dir), Path(out_dir)
     ensemble = load_ensemble(ensemble_dir)
