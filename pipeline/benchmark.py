@@ -163,7 +163,7 @@ def run_benchmark(
     counts = {"train": preset.train_images, "test": preset.test_images}
     records = {split: protocol_images(data_root, split, counts[split], preset) for split in SPLITS}
     # 2. Features of both splits, once; an interrupted run resumes here.
-    seconds, stores = {}, {}
+    seconds, stores, extracted = {}, {}, {}
     for split in SPLITS:
         images = link_images(records[split], out_dir / "images" / split)
         stores[split] = out_dir / "stores" / f"{split}.zarr"
@@ -171,6 +171,7 @@ def run_benchmark(
             checkpoint, images, stores[split], extract, preset.classes, replace_mismatched=True, show_progress=show_progress
         )
         seconds[f"extract_{split}"] = round(summary.seconds, 1)
+        extracted[split] = summary.images_written  # fewer than all when a run resumed
     memory = {"after_extraction": peak_memory_megabytes()}
     # 3. Per seed: train on the training store, evaluate on the test store.
     runs = []
@@ -193,6 +194,7 @@ def run_benchmark(
     seconds["total"] = round(time.perf_counter() - started, 1)
     report = _report(preset, data_root, checkpoint, extract, train, evaluate, records, stores, runs, seconds, memory)
     report["preset_overrides"] = overrides or {}
+    report["images_extracted_in_this_run"] = extracted
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "report.json").write_text(json.dumps(report, indent=1))
     (out_dir / "report.md").write_text(format_report(report))

@@ -45,7 +45,7 @@ def test_a_preset_runs_end_to_end_to_a_report(dataset, tmp_path):
     assert set(report["per_class_iou_percent"]) == {"background", "disc", "square"}
     assert report["seconds"]["total"] > 0 and report["store_megabytes"]["train"] > 0
     assert report["peak_memory_megabytes"]["total"] is None or report["peak_memory_megabytes"]["total"] > 50
-    assert report["preset_overrides"] == TINY
+    assert report["preset_overrides"] == TINY and report["images_extracted_in_this_run"] == {"train": 3, "test": 2}
     assert json.loads((tmp_path / "report.json").read_text()) == report
     assert "| paper (checkpoint n/a) | n/a |" in (tmp_path / "report.md").read_text()
     # Only the protocol's first images were extracted, in sorted order.
