@@ -172,6 +172,7 @@ def run_benchmark(
         )
         seconds[f"extract_{split}"] = round(summary.seconds, 1)
         extracted[split] = summary.images_written  # fewer than all when a run resumed
+        extract = dataclasses.replace(extract, device=summary.device)  # the device actually used
     memory = {"after_extraction": peak_memory_megabytes()}
     # 3. Per seed: train on the training store, evaluate on the test store.
     runs = []
@@ -264,6 +265,8 @@ def format_report(report: dict) -> str:
         f"Checkpoint: `{report['checkpoint']}` (sha256 {report['checkpoint_sha256'][:12]}…); "
         f"images: {report['images']['train']} train, {report['images']['test']} test; "
         f"features: {report['features']['feature_dim']} per pixel at {report['features']['image_size']}².",
+        f"Training: {report['train_settings']['members']} members, at most {report['train_settings']['max_epochs']} "
+        f"epochs, batch {report['train_settings']['batch_size']}; preset overrides: {report['preset_overrides'] or 'none'}.",
         f"Time: {report['seconds']['total']} s in all (extraction {report['seconds']['extract_train']} + "
         f"{report['seconds']['extract_test']} s, training {report['seconds']['train']} s, evaluation "
         f"{report['seconds']['evaluate']} s). Peak memory: {report['peak_memory_megabytes']['total']} MB. "
