@@ -99,3 +99,26 @@ def test_the_real_datasets_fit_their_presets(shared_dir, name):
         records = protocol_images(root, split, count, preset)
         assert len(records) == count
         assert [record.name for record in records] == sorted(record.name for record in records)
+
+
+def test_the_dvc_stage_reads_its_params_file(dataset, tmp_path, monkeypatch):
+    from stages import benchmark as stage
+
+    preset_file = tmp_path / "tiny.yaml"
+    preset_file.write_text(
+        "name: tiny\nclass_names: [background, disc, square]\nnum_classes: 3\nignore_label: 255\n"
+        "train_images: 2\ntest_images: 1\nimage_size: 32\nsteps: [50]\nblocks: [5, 8, 12]\ncheckpoint: unet\n"
+    )
+    params = tmp_path / "params.yaml"
+    params.write_text(
+        f"benchmark:\n  dataset: {preset_file}\n  seeds: [3]\n  test_images: 2\n"
+        "extract:\n  device: cpu\ntrain:\n  members: 1\n  max_epochs: 1\n  device: cpu\n"
+    )
+    monkeypatch.setattr("sys.argv", [
+        "benchmark", "--params", str(params), "--data", str(dataset / "data"), "--checkpoints", str(dataset),
+        "--out", str(tmp_path / "run"),
+    ])
+    stage.main()
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["seeds"] == [3] and report["images"] == {"train": 2, "test": 2}
+    assert report["preset_overrides"] == {"test_images": 2} and report["train_settings"]["members"] == 1
