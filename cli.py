@@ -255,5 +255,54 @@ def pretrain(context: _Context, images, out, steps, batch_size, image_size, chan
     _run(context, action)
 
 
+@main.command()
+@click.option("--preset", help="Preset name (presets/<name>.yaml: bedroom_28, ffhq_34, cat_15, horse_21, celeba_19, ade_bedroom_30) or a preset file; default: made from the dataset's classes.json.")
+@click.option("--data", required=True, type=click.Path(path_type=Path), help="Dataset root holding real/{train,test}/ (or train/, test/).")
+@click.option("--checkpoint", required=True, type=click.Path(path_type=Path), help="guided-diffusion .pt/.safetensors or diffusers folder.")
+@click.option("--out", type=click.Path(path_type=Path), help="Run folder (default runs/benchmarks/<preset>); resumes extraction.")
+@click.option("--seeds", default="0", show_default=True, help="Training seeds, comma-separated: one run each, mean ± std.")
+@click.option("--protocol", type=click.Choice(["paper", "fast"]), default="paper", show_default=True)
+@click.option("--iou", type=click.Choice(["paper", "ignore_excluded"]), default="paper", show_default=True, help="IoU definition of the headline mIoU (both are reported).")
+@click.option("--classes", type=click.Path(path_type=Path), help="classes.json for a dataset without a preset (default <data>/classes.json).")
+@click.option("--train-images", type=int, help="Override the preset: use the first N training images (0: all).")
+@click.option("--test-images", type=int, help="Override the preset: use the first N test images (0: all).")
+@click.option("--size", type=int, help="Override the preset's model input size.")
+@click.option("--steps", help="Override the preset's steps, comma-separated.")
+@click.option("--blocks", help="Override the preset's decoder blocks, comma-separated.")
+@click.option("--members", default=10, show_default=True, help="MLPs in the ensemble.")
+@click.option("--max-epochs", default=100, show_default=True)
+@click.option("--batch-size", default=4, show_default=True, help="Images per UNet forward during extraction.")
+@click.option("--layout", type=click.Choice(["native", "dense"]), default="native", show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, mps…")
+@click.option("--threads", default=1, show_default=True, help="torch CPU threads for training and evaluation (0: torch's default).")
+@click.pass_obj
+def benchmark(context: _Context, preset, data, checkpoint, out, seeds, protocol, iou, classes, train_images, test_images,
+              size, steps, blocks, members, max_epochs, batch_size, layout, device, threads):
+    """Run a benchmark end to end (extract train+test once, train and evaluate per seed) and write report.json/.md."""
+    from pipeline.benchmark import choose_preset, run_benchmark
+
+    def action():
+        chosen, overrides = choose_preset(
+            preset, data, classes, train_images=train_images, test_images=test_images, image_size=size,
+            steps=_int_list(steps) if steps else None, blocks=_int_list(blocks) if blocks else None,
+        )
+        extract_settings = ExtractSettings(layout=layout, batch_size=batch_size, device=device)
+        train_settings = TrainSettings(protocol=protocol, members=members, max_epochs=max_epochs, device=device, threads=threads)
+        evaluate_settings = EvaluateSettings(iou=iou, threads=threads)
+        run_dir = out or Path("runs") / "benchmarks" / chosen.name
+        report = run_benchmark(
+            chosen, data, checkpoint, run_dir, extract_settings, train_settings, evaluate_settings, _int_list(seeds),
+            overrides, context.show_progress,
+        )
+        paper = report["paper_miou_percent"]
+        click.echo(
+            f"benchmark {report['preset']}: mIoU {report['miou_percent']['mean']} ± {report['miou_percent']['std']} % "
+            f"over seeds {report['seeds']} (paper: {paper['mean']} ± {paper['std']} %) in {report['seconds']['total']} s, "
+            f"peak memory {report['peak_memory_megabytes']['total']} MB; report in {run_dir / 'report.md'}"
+        )
+
+    _run(context, action)
+
+
 if __name__ == "__main__":
     main()

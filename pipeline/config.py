@@ -16,6 +16,7 @@ from typing import Any, Literal
 import yaml
 
 from pipeline.demo import DemoSpec
+from pipeline.metrics import IoUDefinition
 
 Layout = Literal["native", "dense"]
 Codec = Literal["blosc-lz4", "zstd", "none"]
@@ -135,11 +136,40 @@ class EvaluateSettings:
         pixels_per_batch: pixels pushed through the ensemble at once.
         pictures: how many test images get a picture in the prediction grid.
         threads: torch CPU threads while predicting (0: torch's default).
+        iou: which IoU `miou` reports: "paper" (the official code's: predictions on ignored
+            pixels count against the predicted class, absent classes score 0) or
+            "ignore_excluded" (ignored pixels count nowhere, absent classes are left out).
+            metrics.json holds both.
     """
 
     pixels_per_batch: int = 16384
     pictures: int = 6
     threads: int = 0
+    iou: IoUDefinition = "paper"
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchmarkSettings:
+    """Which benchmark a run reproduces (the `benchmark` section of presets/params.yaml).
+
+    The preset fixes classes, image counts, size, steps and blocks; the `extract`, `train` and
+    `evaluate` sections give the rest (their size, steps and blocks are replaced by the preset's).
+
+    Attributes:
+        dataset: a preset name (presets/<name>.yaml) or a preset file.
+        seeds: one training run per seed; the report gives mean ± std over them.
+        train_images: use this many training images instead of the preset's (None: the preset's).
+        test_images: the same for test images.
+    """
+
+    dataset: str = "ffhq_34"
+    seeds: list[int] = dataclasses.field(default_factory=lambda: [0])
+    train_images: int | None = None
+    test_images: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.seeds:
+            raise ValueError("benchmark: `seeds` must not be empty")
 
 
 def _type_matches(value: Any, expected: Any) -> bool:
@@ -209,10 +239,11 @@ class Params:
     train: TrainSettings
     evaluate: EvaluateSettings
     baselines: BaselineSettings
+    benchmark: BenchmarkSettings = dataclasses.field(default_factory=BenchmarkSettings)
 
 
 _SECTIONS = {"demo": DemoSpec, "extract": ExtractSettings, "train": TrainSettings, "evaluate": EvaluateSettings,
-             "baselines": BaselineSettings}
+             "baselines": BaselineSettings, "benchmark": BenchmarkSettings}
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:

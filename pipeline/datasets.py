@@ -58,6 +58,31 @@ def check_labels_complete(records: list[ImageRecord], folder: str | Path) -> Non
         )
 
 
+def require_label_maps(records: list[ImageRecord], folder: str | Path) -> None:
+    """Every image of a labeled split (train or test of a benchmark) needs its label map.
+
+    Raises:
+        ValueError: naming the images that have no same-stem `.npy` label map.
+    """
+    missing = [record.image_path.name for record in records if record.label_path is None]
+    if missing:
+        shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
+        raise ValueError(
+            f"{folder}: {len(missing)} of {len(records)} images have no label map (same-stem .npy): {shown}"
+        )
+
+
+def first_images(records: list[ImageRecord], count: int, folder: str | Path) -> list[ImageRecord]:
+    """The paper's protocol: the first `count` images in sorted order (0: all of them).
+
+    Raises:
+        ValueError: when the folder holds fewer than `count` images.
+    """
+    if count > len(records):
+        raise ValueError(f"{folder} holds {len(records)} images but the protocol uses the first {count}")
+    return records[:count] if count else list(records)
+
+
 def list_images(folder: str | Path) -> list[ImageRecord]:
     """Lists the images of a folder in sorted order, with their label maps.
 
@@ -68,7 +93,10 @@ def list_images(folder: str | Path) -> list[ImageRecord]:
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"image folder not found: {folder}")
-    image_paths = sorted(path for path in folder.iterdir() if path.suffix.lower() in IMAGE_SUFFIXES)
+    # Sorted by file name, as the official code sorts its paths (so "10.png" comes before "2.png").
+    image_paths = sorted(
+        (path for path in folder.iterdir() if path.suffix.lower() in IMAGE_SUFFIXES), key=lambda path: path.name
+    )
     if not image_paths:
         raise ValueError(f"no PNG or JPEG images in {folder}")
     stems = [path.stem for path in image_paths]
@@ -95,7 +123,8 @@ def _open_rgb(record: ImageRecord) -> Image.Image:
 
 def _to_model_input(rgb: Image.Image, size: int) -> np.ndarray:
     if rgb.size != (size, size):
-        rgb = rgb.resize((size, size), Image.Resampling.BICUBIC)
+        # Bilinear, as the official code's torchvision Resize does on PIL images.
+        rgb = rgb.resize((size, size), Image.Resampling.BILINEAR)
     pixels = np.asarray(rgb, dtype=np.float32)  # (size, size, 3) in 0..255
     return pixels.transpose(2, 0, 1) / 127.5 - 1.0
 

@@ -124,7 +124,7 @@ def train_member(
     criterion = torch.nn.CrossEntropyLoss()
 
     def train_step(features: torch.Tensor, labels: torch.Tensor) -> float | None:
-        if len(labels) < 2:  # BatchNorm cannot train on a single pixel
+        if len(labels) < settings.batch_size:  # the official DataLoader drops the last, short batch
             return None
         optimizer.zero_grad()
         loss = criterion(model(features.to(device)), labels.to(device))

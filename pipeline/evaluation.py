@@ -23,7 +23,6 @@ from pipeline.visualize import class_palette, overlay, save_per_class_iou_chart,
 logger = logging.getLogger(__name__)
 
 
-
 @dataclasses.dataclass(frozen=True)
 class ImagePrediction:
     """One image's prediction: labels int64 (S, S), Jensen–Shannon map float32 (S, S)."""
@@ -96,7 +95,8 @@ def evaluate_on_store(
     `predictions.png` (a grid of the first images), `per_class_iou.png` and `metrics.json`.
 
     Returns:
-        The metrics: miou, per_class_iou (by class name), pixel_accuracy, mean_uncertainty.
+        The metrics: miou (under `settings.iou`), miou_paper, miou_ignore_excluded, per_class_iou
+        (by class name, under `settings.iou`), pixel_accuracy, mean_uncertainty.
     """
     ensemble_dir, out_dir = Path(ensemble_dir), Path(out_dir)
     ensemble = load_ensemble(ensemble_dir)
@@ -121,9 +121,12 @@ def evaluate_on_store(
                     {"image": image, "ground_truth": target, "prediction": prediction.labels,
                      "uncertainty": prediction.disagreement, "title": name}
                 )
-    per_class = accumulator.per_class_iou()
+    per_class = accumulator.per_class_iou(settings.iou)
     metrics = {
-        "miou": _nan_to_none(accumulator.mean_iou()),
+        "miou": _nan_to_none(accumulator.mean_iou(settings.iou)),
+        "iou_definition": settings.iou,
+        "miou_paper": _nan_to_none(accumulator.mean_iou("paper")),
+        "miou_ignore_excluded": _nan_to_none(accumulator.mean_iou("ignore_excluded")),
         "pixel_accuracy": _nan_to_none(accumulator.pixel_accuracy()),
         "mean_uncertainty": _nan_to_none(float(np.mean(uncertainties))) if uncertainties else None,
         "per_class_iou": {

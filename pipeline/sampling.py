@@ -102,7 +102,8 @@ class PixelStream:
         self.store = store
         self.pixels = pixels
         self.batch_size = batch_size
-        self.buffer_pixels = max(buffer_pixels, batch_size)
+        # Whole batches per buffer: only an epoch's last batch can be short.
+        self.buffer_pixels = -(-max(buffer_pixels, batch_size) // batch_size) * batch_size
         self.client = client
         # On a cluster, every worker holds its own copy of the store (reopened there, with its own cache).
         self.store_on_workers = None if client is None else client.scatter(store, broadcast=True)

@@ -6,7 +6,18 @@ import pytest
 from PIL import Image
 
 from conftest import write_image_folder
-from pipeline.datasets import file_sha256, find_class_info, list_images, load_image, load_label_map
+from pipeline.datasets import (
+    ClassInfo,
+    check_examples,
+    file_sha256,
+    find_class_info,
+    first_images,
+    list_images,
+    load_example,
+    load_image,
+    load_label_map,
+    require_label_maps,
+)
 
 
 def test_file_sha256_streams_large_files(tmp_path):
@@ -97,3 +108,78 @@ def test_examples_are_checked_before_extraction(tmp_path):
         check_labels_complete(list_images(tmp_path), tmp_path)
     with pytest.raises(ValueError, match="wide.png is 10×8, not square"):
         check_examples(list_images(tmp_path), classes)
+
+
+# --- the paper's format and its variants -----------------------------------------------------
+
+
+def _write_pair(folder, stem, image_size=(8, 8), labels=None, suffix=".png"):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(len(stem))
+    Image.fromarray(rng.integers(0, 255, (image_size[1], image_size[0], 3), dtype=np.uint8)).save(folder / f"{stem}{suffix}")
+    if labels is not None:
+        np.save(folder / f"{stem}.npy", labels)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int32, np.int64])
+def test_label_maps_of_any_integer_width_load_alike(tmp_path, dtype):
+    labels = np.array([[0, 1, 2, 255]] * 4, dtype=dtype)
+    _write_pair(tmp_path, "a", (4, 4), labels)
+    (record,) = list_images(tmp_path)
+    _, loaded = load_example(record, 4, ClassInfo(["a", "b", "c"], ignore_label=255))
+    assert loaded.dtype == np.int64
+    np.testing.assert_array_equal(loaded, labels.astype(np.int64))
+
+
+def test_ignore_label_zero_is_accepted_and_255_present_with_ignore_255(tmp_path):
+    _write_pair(tmp_path / "zero", "a", (4, 4), np.array([[0, 1, 2, 2]] * 4, dtype=np.int32))
+    check_examples(list_images(tmp_path / "zero"), ClassInfo(["background", "b", "c"], ignore_label=0))
+    _write_pair(tmp_path / "ff", "a", (4, 4), np.array([[255, 1, 2, 2]] * 4, dtype=np.int32))
+    check_examples(list_images(tmp_path / "ff"), ClassInfo(["a", "b", "c"], ignore_label=255))
+    with pytest.raises(ValueError, match=r"a\.npy holds \[255\]"):
+        check_examples(list_images(tmp_path / "ff"), ClassInfo(["background", "b", "c"], ignore_label=0))
+
+
+def test_jpeg_images_are_read(tmp_path):
+    _write_pair(tmp_path, "photo", (16, 16), np.zeros((16, 16), np.uint8), suffix=".jpg")
+    (record,) = list_images(tmp_path)
+    image, labels = load_example(record, 8)
+    assert record.image_path.suffix == ".jpg" and image.shape == (3, 8, 8) and labels.shape == (8, 8)
+
+
+def test_a_non_square_image_is_refused_by_name(tmp_path):
+    _write_pair(tmp_path, "wide", (12, 8), np.zeros((8, 12), np.uint8))
+    with pytest.raises(ValueError, match=r"wide\.png is 12×8, not square"):
+        check_examples(list_images(tmp_path))
+
+
+def test_a_labeled_split_names_every_image_without_a_label_map(tmp_path):
+    for stem in ("a", "b", "c"):
+        _write_pair(tmp_path, stem, (4, 4), np.zeros((4, 4), np.uint8) if stem == "b" else None)
+    with pytest.raises(ValueError, match=r"2 of 3 images have no label map.*a\.png, c\.png"):
+        require_label_maps(list_images(tmp_path), tmp_path)
+
+
+def test_first_images_in_sorted_order_as_the_official_code(tmp_path):
+    for stem in ("2", "10", "1"):
+        _write_pair(tmp_path, stem, (4, 4), np.zeros((4, 4), np.uint8))
+    records = list_images(tmp_path)
+    assert [record.name for record in records] == ["1", "10", "2"]  # string order, like sorted(paths)
+    assert [record.name for record in first_images(records, 2, tmp_path)] == ["1", "10"]
+    assert len(first_images(records, 0, tmp_path)) == 3
+    with pytest.raises(ValueError, match="holds 3 images but the protocol uses the first 5"):
+        first_images(records, 5, tmp_path)
+
+
+def test_images_are_resized_bilinearly_and_labels_by_nearest_neighbour(tmp_path):
+    pixels = np.random.default_rng(0).integers(0, 255, (20, 20, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "a.png")
+    np.save(tmp_path / "a.npy", np.arange(400, dtype=np.int32).reshape(20, 20) % 7)
+    (record,) = list_images(tmp_path)
+    image, labels = load_example(record, 8)
+    # torchvision's Resize on a PIL image (the official transform) is PIL's bilinear resize.
+    expected = np.asarray(Image.fromarray(pixels).resize((8, 8), Image.Resampling.BILINEAR), np.float32) / 127.5 - 1
+    np.testing.assert_allclose(image, expected.transpose(2, 0, 1), atol=1e-6)
+    # cv2.INTER_NEAREST: source index floor(i · 20 / 8).
+    source = np.arange(8) * 20 // 8
+    np.testing.assert_array_equal(labels, (np.arange(400).reshape(20, 20) % 7)[source][:, source])

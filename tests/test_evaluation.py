@@ -26,6 +26,9 @@ def test_evaluation_scores_masks_and_pictures(trained, tmp_path):
         trained / "ensemble", trained / "test.zarr", tmp_path, EvaluateSettings(pictures=2), show_progress=False
     )
     assert metrics["miou"] > 0.9 and metrics["pixel_accuracy"] > 0.95 and metrics["images"] == 3
+    # The headline is the official IoU; both definitions are reported (equal here: no ignored pixels).
+    assert metrics["iou_definition"] == "paper" and metrics["miou"] == metrics["miou_paper"]
+    assert metrics["miou_ignore_excluded"] == pytest.approx(metrics["miou_paper"])
     assert set(metrics["per_class_iou"]) == {"background", "round", "square"}
     assert metrics["mean_uncertainty"] >= 0
     assert json.loads((tmp_path / "metrics.json").read_text()) == metrics

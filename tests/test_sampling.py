@@ -19,6 +19,14 @@ def test_rare_classes_per_image_become_ignored():
     assert usable[9, 9] == 255 and usable.dtype == np.int64
 
 
+def test_ignore_label_zero_is_a_class_index_that_never_trains():
+    labels = np.zeros((10, 10), dtype=np.int32)  # bedroom_28's format: int32, class 0 is the ignore label
+    labels[:3, :] = 1  # 30 pixels
+    labels[9, :4] = 2  # 4 pixels: rare, becomes 0 (ignored)
+    usable = usable_labels(labels, ignore_label=0, num_classes=3, min_class_pixels=20)
+    assert set(np.unique(usable).tolist()) == {0, 1} and (usable[:3] == 1).all() and (usable[9, :4] == 0).all()
+
+
 def test_out_of_range_labels_are_refused():
     with pytest.raises(ValueError, match="neither"):
         usable_labels(np.array([[0, 7]]), ignore_label=255, num_classes=3, min_class_pixels=1)

@@ -1,0 +1,126 @@
+"""Benchmark presets: the paper's six datasets as data files in `presets/<name>.yaml`.
+
+A preset holds what one benchmark needs besides the images: class names and the ignore label,
+how many of the (sorted) train and test images the protocol uses, the model size, steps and
+blocks, the checkpoint the paper used, and the paper's mIoU to compare with. A user's own
+dataset becomes a preset too (`preset_for_dataset`), from its `classes.json`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import yaml
+
+from pipeline.config import settings_from_mapping
+from pipeline.datasets import ClassInfo
+
+PRESETS_DIR = Path(__file__).resolve().parents[1] / "presets"
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    """One benchmark.
+
+    Attributes:
+        name: the benchmark's name, e.g. "ffhq_34".
+        description: what the images and classes are.
+        class_names: K names; label value k is class_names[k].
+        num_classes: K, stated separately so that a miscounted list is caught.
+        ignore_label: the label of pixels that are never trained nor scored (may be a class index).
+        train_images: how many of the sorted training images are used (the paper's "first N");
+            0: all of them.
+        test_images: the same for the test images.
+        image_size: the model's input size (images and labels are resized to it).
+        steps: diffusion steps t, in feature order.
+        blocks: decoder blocks (guided-diffusion `output_blocks` index), in feature order.
+        checkpoint: file name of the checkpoint the paper used ("" when none).
+        checkpoint_url: where that checkpoint is published ("" when none).
+        paper_miou: the paper's mIoU in percent (None for a user's dataset).
+        paper_miou_std: its standard deviation over runs, in percent.
+    """
+
+    name: str
+    class_names: list[str]
+    num_classes: int
+    ignore_label: int
+    train_images: int
+    test_images: int
+    description: str = ""
+    image_size: int = 256
+    steps: list[int] = dataclasses.field(default_factory=lambda: [50, 150, 250])
+    blocks: list[int] = dataclasses.field(default_factory=lambda: [5, 6, 7, 8, 12])
+    checkpoint: str = ""
+    checkpoint_url: str = ""
+    paper_miou: float | None = None
+    paper_miou_std: float | None = None
+
+    def __post_init__(self) -> None:
+        if len(self.class_names) != self.num_classes:
+            raise ValueError(f"num_classes is {self.num_classes} but class_names lists {len(self.class_names)} names")
+        if len(set(self.class_names)) != len(self.class_names):
+            raise ValueError("class_names has repeated names")
+        if self.train_images < 0 or self.test_images < 0 or self.image_size <= 0:
+            raise ValueError(
+                f"train_images and test_images must be ≥ 0 and image_size positive, got "
+                f"{self.train_images}, {self.test_images}, {self.image_size}"
+            )
+
+    @property
+    def classes(self) -> ClassInfo:
+        return ClassInfo(names=list(self.class_names), ignore_label=self.ignore_label)
+
+    @property
+    def scored_classes(self) -> int:
+        """Classes that count in mIoU: all but the ignore label when it is a class index."""
+        return self.num_classes - (1 if 0 <= self.ignore_label < self.num_classes else 0)
+
+
+def preset_names() -> list[str]:
+    """Names of the presets shipped in `presets/`, sorted."""
+    return sorted(path.stem for path in PRESETS_DIR.glob("*.yaml") if path.stem not in ("params", "dvc"))
+
+
+def load_preset(name_or_path: str | Path) -> Preset:
+    """Reads a preset by name (`presets/<name>.yaml`) or from a YAML file path.
+
+    Raises:
+        FileNotFoundError: naming the known presets when the name is unknown.
+        ValueError: naming the file and key on unknown keys, wrong types or a miscounted class list.
+    """
+    candidate = Path(name_or_path)
+    path = candidate if candidate.suffix in (".yaml", ".yml") else PRESETS_DIR / f"{name_or_path}.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"no preset {str(name_or_path)!r} ({path} not found); known presets: {preset_names()}")
+    try:
+        document = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise ValueError(f"{path}: not valid YAML: {error}") from None
+    required = [field.name for field in dataclasses.fields(Preset) if field.default is dataclasses.MISSING
+                and field.default_factory is dataclasses.MISSING]
+    missing = [key for key in required if not isinstance(document, dict) or key not in document]
+    if missing:
+        raise ValueError(f"{path}: missing key(s) {missing}")
+    return settings_from_mapping(Preset, document, str(path))
+
+
+def preset_for_dataset(classes: ClassInfo, name: str, document: dict | None = None) -> Preset:
+    """A preset for a user's dataset: its classes, all its images unless `classes.json` says
+    how many (its optional `train` and `test` counts), and the paper's steps, blocks and size.
+
+    Args:
+        classes: the dataset's class names and ignore label.
+        name: a name for reports.
+        document: the parsed `classes.json`, for its optional `train`/`test` counts.
+    """
+    document = document or {}
+    return Preset(
+        name=name,
+        description=f"user dataset {name}",
+        class_names=list(classes.names),
+        num_classes=classes.num_classes,
+        ignore_label=classes.ignore_label,
+        train_images=int(document.get("train", 0)),
+        test_images=int(document.get("test", 0)),
+    )
