@@ -73,7 +73,7 @@ class DemoSpec:
 
     size: int = 32
     pool_images: int = 4000
-    train_images: int = 16
+    train_images: int = 20
     test_images: int = 64
     seed: int = 0
     min_digits: int = 2
