@@ -400,7 +400,10 @@ def _add_class_legend(
         handles.append(Patch(facecolor=np.array(IGNORE_COLOUR) / 255.0, edgecolor="black",
                              linewidth=0.5, label="ignore"))
     if handles:
-        figure.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 6),
+        # As many columns as fit the figure's width (8-point text: ~5.5 px a character at 100 dpi).
+        entry_pixels = 30 + 5.5 * max(len(handle.get_label()) for handle in handles)
+        fitting = int(figure.get_figwidth() * 100 // entry_pixels)
+        figure.legend(handles=handles, loc="outside lower center", ncols=max(1, min(len(handles), 6, fitting)),
                       fontsize=8, frameon=False)
 
 
