@@ -66,35 +66,33 @@ class CountModelLoads(distributed.WorkerPlugin):
         pipeline.extract.load_extractor = self.original
 
 
-class KillWorkerOnce(distributed.WorkerPlugin):
-    """Kills the worker process while it writes image `index`, the first time any worker does.
-
-    The image's first feature array is overwritten with garbage and its done mark is never set,
-    as when a machine dies in the middle of a write.
-    """
+class MisbehaveOnce(distributed.WorkerPlugin):
+    """Makes the first write of image `index` on any worker misbehave (`misbehave`), once:
+    a marker file created atomically tells the later attempts that it already happened."""
 
     def __init__(self, index, marker):
         self.index, self.marker = index, str(marker)
+
+    def misbehave(self, writer, image_index):
+        raise NotImplementedError
 
     def setup(self, worker):
         from pipeline.store import FeatureStoreWriter
 
         self.original = FeatureStoreWriter.write_image
-        index, marker, original = self.index, self.marker, self.original
+        plugin, original = self, self.original
 
-        def write_image_or_die(writer, image_index, *args, **kwargs):
-            if image_index == index:
+        def write_image_or_misbehave(writer, image_index, *args, **kwargs):
+            if image_index == plugin.index:
                 try:
-                    os.close(os.open(marker, os.O_CREAT | os.O_EXCL))  # only the first attempt dies
+                    os.close(os.open(plugin.marker, os.O_CREAT | os.O_EXCL))
                 except FileExistsError:
                     pass
                 else:
-                    first_array = f"block_{writer.schema.blocks[0]}"
-                    writer.group[first_array][image_index] = np.full(writer.group[first_array].shape[1:], 7.0)
-                    os._exit(1)
+                    plugin.misbehave(writer, image_index)
             return original(writer, image_index, *args, **kwargs)
 
-        FeatureStoreWriter.write_image = write_image_or_die
+        FeatureStoreWriter.write_image = write_image_or_misbehave
 
     def teardown(self, worker):
         from pipeline.store import FeatureStoreWriter
@@ -102,30 +100,21 @@ class KillWorkerOnce(distributed.WorkerPlugin):
         FeatureStoreWriter.write_image = self.original
 
 
-class FailWriteOnce(distributed.WorkerPlugin):
-    """Makes the first write of image `index` on any worker raise, as a transient storage error."""
+class KillWorkerOnce(MisbehaveOnce):
+    """Kills the worker process while it writes image `index`: the image's first feature array
+    is overwritten with garbage and its done mark is never set, as when a machine dies mid-write."""
 
-    def __init__(self, index, marker):
-        self.index, self.marker = index, str(marker)
+    def misbehave(self, writer, image_index):
+        first_array = f"block_{writer.schema.blocks[0]}"
+        writer.group[first_array][image_index] = np.full(writer.group[first_array].shape[1:], 7.0)
+        os._exit(1)
 
-    def setup(self, worker):
-        from pipeline.store import FeatureStoreWriter
 
-        self.original = FeatureStoreWriter.write_image
-        index, marker, original = self.index, self.marker, self.original
+class FailWriteOnce(MisbehaveOnce):
+    """Makes the first write of image `index` raise, as a transient storage error."""
 
-        def write_image_or_fail(writer, image_index, *args, **kwargs):
-            if image_index == index and not os.path.exists(marker):
-                open(marker, "w").close()
-                raise OSError("simulated: the object store is briefly unreachable")
-            return original(writer, image_index, *args, **kwargs)
-
-        FeatureStoreWriter.write_image = write_image_or_fail
-
-    def teardown(self, worker):
-        from pipeline.store import FeatureStoreWriter
-
-        FeatureStoreWriter.write_image = self.original
+    def misbehave(self, writer, image_index):
+        raise OSError("simulated: the object store is briefly unreachable")
 
 
 def test_cluster_extraction_equals_in_process_and_loads_the_model_once_per_worker(cluster, dataset, tmp_path):
