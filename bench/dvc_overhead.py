@@ -73,6 +73,7 @@ def measure_variant(source: Path, project: Path, out_flags: dict, link_type: str
 
 
 def run(quick: bool, scratch: Path, images: int = 20) -> dict:
+    scratch = Path(scratch).resolve()  # the stage's command runs inside the DVC project
     if quick:
         source = write_synthetic_store(scratch / "dvc-source.zarr", "native", 2, 16, TINY_BLOCK_SHAPES, TINY_STEPS, 3)
         images = 2
