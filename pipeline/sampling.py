@@ -11,6 +11,7 @@ store once and reads the features where it is). Memory follows
 from __future__ import annotations
 
 import concurrent.futures
+import ctypes
 import dataclasses
 import uuid
 from collections.abc import Iterator, Sequence
@@ -228,7 +229,9 @@ class PixelStream:
             features_tensor, labels_tensor = torch.from_numpy(features), torch.from_numpy(labels)
             for start in range(0, count, self.batch_size):
                 chosen = torch.from_numpy(orders[:, start : start + self.batch_size])  # (M, B)
-                yield features_tensor[chosen].float(), labels_tensor[chosen]
+                # index_select on the flattened index: ~15 % faster than indexing with (M, B).
+                rows = features_tensor.index_select(0, chosen.reshape(-1)).float()  # (M·B, D)
+                yield rows.reshape(*chosen.shape, -1), labels_tensor[chosen]  # (M, B, D), (M, B)
             # Release this buffer before asking for the next: otherwise three buffers (this one,
             # the next and the one being prefetched) would be alive at once.
             del features, labels, features_tensor, labels_tensor
@@ -258,3 +261,21 @@ def image_pixel_features(store: FeatureStore, image: int, ys: np.ndarray, xs: np
     out = np.empty((len(ys), store.feature_dim), dtype=np.float16)
     write_pixel_features(store, image, ys, xs, out, slice(None))
     return out
+
+
+def return_large_allocations_promptly(threshold_bytes: int = 1 << 20) -> bool:
+    """Makes glibc serve every allocation of `threshold_bytes` or more with its own mmap.
+
+    Streaming from a store larger than the table cache reads and frees tens of MB of tables per
+    image, over and over. glibc's default raises its mmap threshold after the first such free
+    (up to 32 MiB), after which those reads come from its heaps, which keep the freed memory:
+    measured 0.4-0.5 GB of resident memory held beyond the buffers and cache at the paper's
+    shapes (bench/results/training_memory.json). A fixed threshold gives it back at every free.
+    Process-wide; a no-op (False) where the C library is not glibc.
+    """
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    m_mmap_threshold = -3  # from glibc's malloc.h
+    return bool(mallopt(m_mmap_threshold, threshold_bytes))
