@@ -101,9 +101,9 @@ class TrainSettings:
     cache_megabytes: int = 512
     device: str = "auto"
     threads: int = 0
-    fast_batch_size: int = 512
-    fast_learning_rate: float = 0.008
-    fast_epochs: float = 2.0
+    fast_batch_size: int = 256
+    fast_learning_rate: float = 0.006
+    fast_epochs: float = 1.5
     scheduler: str | None = None
 
     def __post_init__(self) -> None:
