@@ -94,7 +94,7 @@ def extract(context: _Context, checkpoint, images, store, steps, blocks, seed, s
 @click.option("--learning-rate", default=0.001, show_default=True)
 @click.option("--batch-size", default=64, show_default=True)
 @click.option("--max-epochs", default=100, show_default=True)
-@click.option("--protocol", type=click.Choice(["paper", "fast"]), default="fast", show_default=True, help="fast: members batched together, 2 passes; paper: as the official code.")
+@click.option("--protocol", type=click.Choice(["paper", "fast"]), default="fast", show_default=True, help="fast: members batched together, 1.5 passes; paper: as the official code.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--classes", type=click.Path(path_type=Path), help="classes.json (default: recorded in the store).")
 @click.option("--scheduler", help="Dask scheduler address: its workers read the features; the ensemble trains here.")

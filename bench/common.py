@@ -74,8 +74,21 @@ def median_seconds(function: Callable[[], object], repeats: int) -> tuple[float,
 
 
 def peak_rss_bytes() -> int:
-    """This process's peak resident memory so far (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """This process's peak resident memory so far.
+
+    Read from /proc/self/status (VmHWM: the high-water mark of this address space), not from
+    getrusage: ru_maxrss of a child started by subprocess begins at its parent's RSS at the
+    time of the fork (Linux carries it over through exec), so a child of a large runner would
+    report the runner's memory as its own peak.
+    """
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 def current_rss_bytes() -> int:

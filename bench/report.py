@@ -39,9 +39,13 @@ def _memory(result: dict) -> list[str]:
     rows = result["rows"]
     peaks = ", ".join(f"{row['images']}: {row['peak_rss_bytes'] / GB:.2f}" for row in rows)
     official = ", ".join(f"{row['images']}: {row['official_fp32_bytes'] / GB:.1f}" for row in rows)
+    beyond = ", ".join(f"{row['beyond_held_bytes'] / GB:.2f}" for row in rows)
+    held = rows[-1]["held_by_choice"]
+    held_text = " + ".join(f"{name.replace('_', ' ')} {value / GB:.2f}" for name, value in held.items())
     return [
-        f"| 2 training peak RSS, GB by images (8448-d, 256²) | {peaks} (growth beyond the table cache "
-        f"{100 * result['growth_beyond_cache']:+.1f} %) | official fp32 in RAM: {official} | flat (< 10 %), ≤ 4 GB at 40 | "
+        f"| 2 training peak RSS, GB by images (8448-d, 256², cache {result['settings']['cache_megabytes']} MB) | {peaks}; "
+        f"held by choice at {rows[-1]['images']}: {held_text}; the rest {beyond} "
+        f"({100 * result['growth_beyond_held']:+.1f} %) | official fp32 in RAM: {official} | rest flat (< 10 %), ≤ 4 GB at 40 | "
         f"{_holds(result['targets'])} |"
     ]
 
@@ -79,6 +83,8 @@ def _storage(result: dict) -> list[str]:
             for name, row in measured["codecs"].items()
         )
         lines.append(f"| 5 storage per image, {source} ({measured['feature_dim']}-d) | {cells} | raw fp16 = 1.00× | default by measurement | — |")
+    if "decision" in result:
+        lines.append(f"| 5 default codec | {result['decision']['default']}: {result['decision']['reasoning']} | | | |")
     paper = result.get("paper_size_raw_fp16_bytes_per_image")
     if paper:
         lines.append(
@@ -94,10 +100,13 @@ def _dvc(result: dict) -> list[str]:
         for name, value in result["variants"].items()
     )
     fractions = result["overhead_fraction_of_extraction"]["not cached (cache: false, persist: true)"]
-    cpu = "n/a" if fractions["cpu"] is None else f"{100 * fractions['cpu']:.2f} %"
+    cpu = "n/a" if fractions["cpu"] is None else f"{100 * fractions['cpu']:.1f} %"
+    per_image = result["overhead_seconds_per_image"]["not cached (cache: false, persist: true)"]
+    seconds = result["extraction_seconds_per_image"]
     return [
         f"| 6 DVC on a {result['store_bytes'] / GB:.2f} GB native store ({result['images']} images) | {cells} "
-        f"| chosen setting: {cpu} of CPU extraction, {100 * fractions['gpu_estimate']:.0f} % of GPU-estimate extraction "
+        f"| chosen setting (cache: false): +{per_image:.2f} s/image = {cpu} of CPU extraction ({seconds['cpu_paper_size_measured']:.1f} s/image), "
+        f"{100 * fractions['gpu_estimate']:.0f} % of GPU-estimate forwards ({seconds['gpu_estimate']:.3f} s/image) "
         f"| no doubled disk, ≤ 10 % | {_holds(result['targets'])} |"
     ]
 
@@ -107,7 +116,10 @@ def _evaluation(result: dict) -> list[str]:
         f"{row['test_images']} images: peak {row['peak_rss_bytes'] / GB:.2f} GB, {row['images_per_second']:.2f} img/s" for row in result["rows"]
     )
     paper = result.get("paper_shape")
-    paper_text = f"; paper shape {paper['seconds_per_image']:.1f} s/image ({paper['pixels_per_second']:,.0f} px/s)" if paper else ""
+    paper_text = (
+        f"; paper shape (8448-d, 256², 10 members) {paper['seconds_per_image']:.1f} s/image ({paper['pixels_per_second']:,.0f} px/s)"
+        if paper else ""
+    )
     return [
         f"| 7 evaluation ({result['shape']['feature_dim']}-d, {result['shape']['size']}²) | {rows}{paper_text} "
         f"| official: re-extracts test features every run | peak independent of test-set size | {_holds(result['targets'])} |"

@@ -7,6 +7,13 @@ into the second buffer, so the first buffer has been released, the second is in 
 third is being gathered: the steady state of a long run. The official implementation's figure
 is computed the way it allocates: every training pixel's 8448 features as float32 in RAM.
 
+"Held by choice" is what the settings size on purpose, independent of the number of images:
+two float16 buffers (the one being consumed and the one being gathered), the table cache as
+filled at the end, the ensemble's parameters, gradients and Adam moments, and one fused batch
+(float32 plus its float16 gather). The rest (the interpreter and libraries, the labeled-pixel
+index at 14 bytes per pixel, tables being read outside the cache, allocator slack) must stay
+flat: its growth from the fewest to the most images is the "flat" target.
+
     python -m bench.training_memory [--quick]
 """
 
@@ -66,6 +73,16 @@ def child(arguments: dict) -> dict:
     }
 
 
+def model_state_bytes(feature_dim: int, num_classes: int, members: int) -> int:
+    """Parameters, gradients and Adam's two moments of the ensemble, float32."""
+    from pipeline.ensemble import make_pixel_classifier
+
+    import torch
+
+    member = make_pixel_classifier(feature_dim, num_classes, torch.Generator().manual_seed(0))
+    return 4 * 4 * members * sum(parameter.numel() for parameter in member.parameters())
+
+
 def official_bytes(images: int, size: int, feature_dim: int) -> int:
     """What the official code allocates: all pixels' features as float32."""
     return images * size * size * feature_dim * 4
@@ -90,12 +107,20 @@ def run(quick: bool, scratch: Path) -> dict:
             {"store": str(store), "out": str(scratch / "memory-ensemble"), "settings": dataclasses.asdict(settings)},
         )
         feature_dim = measured["feature_dim"]
-        held = 2 * settings.buffer_pixels * feature_dim * 2 + measured["table_cache_bytes"]  # two fp16 buffers + cache
+        held = {
+            "buffers": 2 * settings.buffer_pixels * feature_dim * 2,  # float16
+            "table_cache": measured["table_cache_bytes"],
+            "model_and_optimizer": model_state_bytes(feature_dim, classes, settings.members),
+            "fused_batch": settings.members * settings.fast_batch_size * feature_dim * (4 + 2),
+        }
         rows.append(
             {
                 "images": count,
                 **measured,
-                "held_by_choice_bytes": held,
+                "held_by_choice": held,
+                "held_by_choice_bytes": sum(held.values()),
+                "labeled_pixel_index_bytes": measured["training_pixels"] * (10 + 4),  # LabeledPixels + epoch order
+                "beyond_held_bytes": measured["peak_rss_bytes"] - sum(held.values()),
                 "peak_minus_cache_bytes": measured["peak_rss_bytes"] - measured["table_cache_bytes"],
                 "official_fp32_bytes": official_bytes(count, size, feature_dim),
             }
@@ -103,7 +128,8 @@ def run(quick: bool, scratch: Path) -> dict:
         print(json.dumps(rows[-1]), flush=True)
         shutil.rmtree(store)
     first, last = rows[0], rows[-1]
-    growth = last["peak_minus_cache_bytes"] / first["peak_minus_cache_bytes"] - 1
+    growth = last["beyond_held_bytes"] / first["beyond_held_bytes"] - 1
+    growth_beyond_cache = last["peak_minus_cache_bytes"] / first["peak_minus_cache_bytes"] - 1
     return {
         "what": "peak RSS of the train stage (fast protocol, default buffer and cache) vs training images",
         "settings": {
@@ -113,11 +139,12 @@ def run(quick: bool, scratch: Path) -> dict:
             "steps_per_measurement": base.buffer_pixels // base.fast_batch_size + STEPS_PAST_FIRST_BUFFER,
         },
         "rows": rows,
-        "growth_beyond_cache": round(growth, 4),
+        "growth_beyond_held": round(growth, 4),
+        "growth_beyond_cache": round(growth_beyond_cache, 4),
         "peak_rss_bytes_at_most_images": last["peak_rss_bytes"],
         "official_fp32_bytes_at_most_images": last["official_fp32_bytes"],
         "targets": {
-            "flat (growth beyond the table cache < 10 %)": growth < 0.10,
+            "flat (growth beyond what is held by choice < 10 %)": growth < 0.10,
             "at most 4 GB at the largest count": last["peak_rss_bytes"] <= 4e9,
         },
     }

@@ -122,7 +122,9 @@ def run(quick: bool, scratch: Path, seeds: int = 2, cat_seeds: int = 1, cat_size
         return results
     train, test = demo_stores(scratch)
     results["demo"] = compare_protocols(train, test, scratch, seeds, base)
-    if CAT.is_dir() and ADM_TINY.is_file():
+    if cat_seeds == 0:
+        results["cat_15"] = "skipped: --cat-seeds 0"
+    elif CAT.is_dir() and ADM_TINY.is_file():
         train, test = cat_stores(scratch, cat_size)
         results[f"cat_15 ({cat_size}x{cat_size}, adm-tiny random weights)"] = compare_protocols(train, test, scratch, cat_seeds, base)
     else:
@@ -134,7 +136,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--seeds", type=int, default=2, help="seeds per protocol on the demo")
-    parser.add_argument("--cat-seeds", type=int, default=1, help="seeds per protocol on cat_15")
+    parser.add_argument("--cat-seeds", type=int, default=1, help="seeds per protocol on cat_15 (0: skip it)")
     parser.add_argument("--scratch", default=str(PROJECT_ROOT / "runs" / "bench-scratch"))
     arguments = parser.parse_args()
     scratch = Path(arguments.scratch)

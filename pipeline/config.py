@@ -99,12 +99,12 @@ class TrainSettings:
     patience_from_epoch: int = 4
     min_class_pixels: int = 20
     buffer_pixels: int = 32768
-    cache_megabytes: int = 1024
+    cache_megabytes: int = 512
     device: str = "auto"
     threads: int = 0
     fast_batch_size: int = 256
-    fast_learning_rate: float = 0.004
-    fast_epochs: float = 2.0
+    fast_learning_rate: float = 0.006
+    fast_epochs: float = 1.5
     scheduler: str | None = None
 
     def __post_init__(self) -> None:

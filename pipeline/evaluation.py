@@ -100,7 +100,8 @@ def evaluate_on_store(
     """
     ensemble_dir, out_dir = Path(ensemble_dir), Path(out_dir)
     ensemble = load_ensemble(ensemble_dir)
-    store = FeatureStore(store_path)
+    # Each image is read once: no table cache, whose filling would grow with the test set.
+    store = FeatureStore(store_path, cache_megabytes=0)
     check_ensemble_matches_store(ensemble, store, ensemble_dir)
     palette = class_palette(ensemble.num_classes)
     accumulator = IoUAccumulator(ensemble.num_classes, ensemble.ignore_label)

@@ -13,7 +13,7 @@ from pipeline.datasets import ClassInfo
 from pipeline.devices import pick_device, torch_threads
 from pipeline.distributed import cluster_client
 from pipeline.ensemble import Ensemble, save_ensemble, train_ensemble, train_fused
-from pipeline.sampling import PixelStream, select_labeled_pixels
+from pipeline.sampling import PixelStream, return_large_allocations_promptly, select_labeled_pixels
 from pipeline.store import FeatureStore
 
 logger = logging.getLogger(__name__)
@@ -55,6 +55,7 @@ def train_on_store(
     here, where the ensemble trains.
     """
     started = time.perf_counter()
+    return_large_allocations_promptly()  # else table reads past the cache pile up in glibc's heaps
     store = FeatureStore(store_path, cache_megabytes=settings.cache_megabytes)
     classes = store_classes(store, classes)
     pixels = select_labeled_pixels(store, classes.num_classes, classes.ignore_label, settings.min_class_pixels)

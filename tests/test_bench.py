@@ -5,11 +5,16 @@ are exercised by `python -m bench --quick`.)
 """
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
 
 from bench import extraction_overhead, sampling_throughput, storage_codecs, training_speed
-from bench.common import write_result
+from bench.common import PROJECT_ROOT, RESULTS_DIR, current_rss_bytes, write_result
 from bench.report import summary_table
 
 
@@ -24,3 +29,19 @@ def test_quick_benchmark_writes_a_result_the_summary_can_read(tmp_path, module):
     assert "caveat" in written["environment"]
     table = summary_table(tmp_path / "results")
     assert "incomplete result" not in table and f"| {name} | not measured" not in table
+
+
+def test_committed_results_fill_every_row_of_the_summary():
+    table = summary_table(RESULTS_DIR)
+    assert "incomplete result" not in table and "not measured" not in table
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="needs Linux /proc")
+def test_a_child_reports_its_own_peak_not_its_parents():
+    # ru_maxrss of a subprocess starts at the parent's RSS; the child must not report that.
+    held = np.ones(300 << 20, dtype=np.uint8)  # 300 MB resident here
+    child = subprocess.run(
+        [sys.executable, "-c", "from bench.common import peak_rss_bytes; print(peak_rss_bytes())"],
+        cwd=PROJECT_ROOT, env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}, capture_output=True, text=True, check=True,
+    )
+    assert int(child.stdout) < current_rss_bytes() - held.nbytes // 2

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import write_synthetic_store
-from pipeline.sampling import PixelStream, select_labeled_pixels, usable_labels
+from pipeline.sampling import PixelStream, return_large_allocations_promptly, select_labeled_pixels, usable_labels
 from pipeline.store import FeatureStore
 
 
@@ -86,6 +86,26 @@ def test_epoch_orders_differ_by_seed_and_repeat_with_it(tmp_path):
     assert np.array_equal(first, stream.epoch_order(np.random.default_rng(1)))
     assert not np.array_equal(first, stream.epoch_order(np.random.default_rng(2)))
     assert np.array_equal(np.sort(first), np.arange(len(pixels)))
+
+
+@pytest.mark.parametrize("layout", ["native", "dense"])
+def test_per_pixel_arrays_are_narrow_and_labels_reach_training_as_int64(tmp_path, layout):
+    # What is held for every labeled pixel during a run: 10 bytes, plus a 4-byte epoch order.
+    store, _ = _store_with_labels(tmp_path, layout)
+    pixels = select_labeled_pixels(store, num_classes=3, ignore_label=255)
+    widths = [array.itemsize for array in (pixels.image_index, pixels.y, pixels.x, pixels.label)]
+    assert sum(widths) == 10
+    stream = PixelStream(store, pixels, batch_size=64, buffer_pixels=128)
+    order = stream.epoch_order(np.random.default_rng(0))
+    assert order.dtype == np.int32 and np.array_equal(np.sort(order), np.arange(len(pixels)))
+    if layout == "native":  # the same order as an int64 permutation: seeds keep their meaning
+        assert np.array_equal(order, np.random.default_rng(0).permutation(len(pixels)))
+    _, labels = next(iter(stream.batches(np.random.default_rng(0))))
+    assert labels.dtype == torch.int64
+
+
+def test_return_large_allocations_promptly_is_safe_to_call():
+    assert return_large_allocations_promptly() in (True, False)
 
 
 def test_dense_order_keeps_each_buffer_within_few_tiles(tmp_path):
