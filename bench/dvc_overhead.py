@@ -61,7 +61,7 @@ STAGE_SCRIPT = """
 import json, pathlib, shutil, sys, time
 started = time.perf_counter()
 shutil.rmtree('store.zarr', ignore_errors=True)
-shutil.copytree(sys.argv[1], 'store.zarr')
+shutil.copytree(sys.argv[1], 'store.zarr', copy_function=shutil.copy)  # fresh mtimes, as new writes have
 pathlib.Path('summary.json').write_text(json.dumps({'store': 'store.zarr'}))
 pathlib.Path('.command_seconds').write_text(str(time.perf_counter() - started))
 """
