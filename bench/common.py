@@ -7,6 +7,7 @@ is shared, so absolute times drift while ratios of interleaved measurements hold
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -181,3 +182,21 @@ def write_result(name: str, result: dict, out_dir: Path = RESULTS_DIR) -> Path:
     path = out_dir / f"{name}.json"
     path.write_text(json.dumps({"environment": environment(), **result}, indent=1) + "\n")
     return path
+
+
+def command_line(
+    description: str, child: bool = False, add_options: Callable[[argparse.ArgumentParser], None] | None = None
+) -> tuple[argparse.Namespace, Path]:
+    """A benchmark script's arguments: --quick, --scratch (created), --child when it forks
+    measured children, and its own options; returns them with the scratch folder."""
+    parser = argparse.ArgumentParser(description=description.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    if child:
+        parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--scratch", default=str(PROJECT_ROOT / "runs" / "bench-scratch"))
+    if add_options is not None:
+        add_options(parser)
+    arguments = parser.parse_args()
+    scratch = Path(arguments.scratch)
+    scratch.mkdir(parents=True, exist_ok=True)
+    return arguments, scratch

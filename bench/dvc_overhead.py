@@ -18,7 +18,6 @@ paper's size (store_size.json) and the GPU figure in NOTES.md (≤ 35 ms per for
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import statistics
@@ -28,7 +27,7 @@ import time
 from pathlib import Path
 
 from bench.common import (
-    PROJECT_ROOT,
+    command_line,
     RESULTS_DIR,
     TINY_BLOCK_SHAPES,
     TINY_STEPS,
@@ -143,13 +142,7 @@ def run(quick: bool, scratch: Path, images: int = 20, repeats: int = 3) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--images", type=int, default=20)
-    parser.add_argument("--scratch", default=str(PROJECT_ROOT / "runs" / "bench-scratch"))
-    arguments = parser.parse_args()
-    scratch = Path(arguments.scratch)
-    scratch.mkdir(parents=True, exist_ok=True)
+    arguments, scratch = command_line(__doc__, add_options=lambda parser: parser.add_argument("--images", type=int, default=20))
     print(write_result("dvc_overhead", run(arguments.quick, scratch, arguments.images)))
 
 

@@ -10,17 +10,16 @@ shape (256×256, 8448 features, 34 classes, 10 members) is timed on one image.
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
 
 from bench.common import (
+    command_line,
     PAPER_BLOCK_SHAPES,
     PAPER_CLASSES,
     PAPER_SIZE,
     PAPER_STEPS,
-    PROJECT_ROOT,
     TINY_BLOCK_SHAPES,
     TINY_SIZE,
     TINY_STEPS,
@@ -105,16 +104,10 @@ def run(quick: bool, scratch: Path) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--child", help=argparse.SUPPRESS)
-    parser.add_argument("--scratch", default=str(PROJECT_ROOT / "runs" / "bench-scratch"))
-    arguments = parser.parse_args()
+    arguments, scratch = command_line(__doc__, child=True)
     if arguments.child:
         print(json.dumps(child(json.loads(arguments.child))))
         return
-    scratch = Path(arguments.scratch)
-    scratch.mkdir(parents=True, exist_ok=True)
     print(write_result("evaluation_streaming", run(arguments.quick, scratch)))
 
 

@@ -18,7 +18,6 @@ on cat_15 training images; without ../shared, a tiny UNet on generated images.
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import statistics
 import time
@@ -28,7 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bench.common import PROJECT_ROOT, SHARED, write_result
+from bench.common import SHARED, command_line, write_result
 from pipeline.backbones import decoder_block, load_backbone, make_tiny_unet
 from pipeline.config import ExtractSettings
 from pipeline.datasets import list_images, load_example
@@ -129,14 +128,11 @@ def run(quick: bool, scratch: Path, count: int = 8, repeats: int = 3) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--images", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--scratch", default=str(PROJECT_ROOT / "runs" / "bench-scratch"))
-    arguments = parser.parse_args()
-    scratch = Path(arguments.scratch)
-    scratch.mkdir(parents=True, exist_ok=True)
+    def options(parser):
+        parser.add_argument("--images", type=int, default=8)
+        parser.add_argument("--repeats", type=int, default=3)
+
+    arguments, scratch = command_line(__doc__, add_options=options)
     print(write_result("extraction_overhead", run(arguments.quick, scratch, arguments.images, arguments.repeats)))
 
 

@@ -12,7 +12,6 @@ protocol (batch 64), on random inputs of the same width.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 from pathlib import Path
@@ -21,11 +20,11 @@ import numpy as np
 import torch
 
 from bench.common import (
+    command_line,
     PAPER_BLOCK_SHAPES,
     PAPER_CLASSES,
     PAPER_SIZE,
     PAPER_STEPS,
-    PROJECT_ROOT,
     TINY_BLOCK_SHAPES,
     TINY_SIZE,
     TINY_STEPS,
@@ -142,12 +141,7 @@ def run(quick: bool, scratch: Path) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--scratch", default=str(PROJECT_ROOT / "runs" / "bench-scratch"))
-    arguments = parser.parse_args()
-    scratch = Path(arguments.scratch)
-    scratch.mkdir(parents=True, exist_ok=True)
+    arguments, scratch = command_line(__doc__)
     print(write_result("sampling_throughput", run(arguments.quick, scratch)))
 
 

@@ -16,7 +16,6 @@ The paper-size figures (552 M-parameter ADM, 8448 features) are in store_size.js
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import shutil
 import statistics
@@ -26,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.common import PROJECT_ROOT, SHARED, directory_bytes, write_result
+from bench.common import command_line, PROJECT_ROOT, SHARED, directory_bytes, write_result
 from pipeline.backbones import decoder_block, load_backbone, make_tiny_unet
 from pipeline.config import ExtractSettings, load_params
 from pipeline.datasets import list_images, load_example
@@ -146,12 +145,7 @@ def run(quick: bool, scratch: Path) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--scratch", default=str(PROJECT_ROOT / "runs" / "bench-scratch"))
-    arguments = parser.parse_args()
-    scratch = Path(arguments.scratch)
-    scratch.mkdir(parents=True, exist_ok=True)
+    arguments, scratch = command_line(__doc__)
     print(write_result("storage_codecs", run(arguments.quick, scratch)))
 
 

@@ -14,7 +14,6 @@ thread each), and are scored on the same test store:
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import statistics
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import PROJECT_ROOT, SHARED, TINY_BLOCK_SHAPES, TINY_STEPS, write_result, write_synthetic_store
+from bench.common import command_line, PROJECT_ROOT, SHARED, TINY_BLOCK_SHAPES, TINY_STEPS, write_result, write_synthetic_store
 from pipeline.config import EvaluateSettings, ExtractSettings, TrainSettings, load_params
 from pipeline.devices import torch_threads
 from pipeline.evaluation import predict_image
@@ -133,14 +132,11 @@ def run(quick: bool, scratch: Path, seeds: int = 2, cat_seeds: int = 1, cat_size
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--seeds", type=int, default=2, help="seeds per protocol on the demo")
-    parser.add_argument("--cat-seeds", type=int, default=1, help="seeds per protocol on cat_15 (0: skip it)")
-    parser.add_argument("--scratch", default=str(PROJECT_ROOT / "runs" / "bench-scratch"))
-    arguments = parser.parse_args()
-    scratch = Path(arguments.scratch)
-    scratch.mkdir(parents=True, exist_ok=True)
+    def options(parser):
+        parser.add_argument("--seeds", type=int, default=2, help="seeds per protocol on the demo")
+        parser.add_argument("--cat-seeds", type=int, default=1, help="seeds per protocol on cat_15 (0: skip it)")
+
+    arguments, scratch = command_line(__doc__, add_options=options)
     print(write_result("training_speed", run(arguments.quick, scratch, arguments.seeds, arguments.cat_seeds)))
 
 
