@@ -13,13 +13,12 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from pipeline.backbones import decoder_block, load_backbone
 from pipeline.datasets import list_images, load_image
-from pipeline.devices import pick_device, torch_threads
+from pipeline.devices import torch_threads
 from pipeline.diffusion import shared_noise
 from pipeline.ensemble import Ensemble, load_ensemble
 from pipeline.evaluation import predict_pixels
-from pipeline.extract import compute_activations
+from pipeline.extract import compute_activations, load_extractor
 from pipeline.features import gather_pixels_from_blocks
 from pipeline.store import StoreMismatchError
 from pipeline.visualize import (
@@ -89,13 +88,10 @@ def predict_folder(
     ensemble_dir, checkpoint, out_dir = Path(ensemble_dir), Path(checkpoint), Path(out_dir)
     # 1. The ensemble, and the model that makes the features it was trained on.
     ensemble = load_ensemble(ensemble_dir)
-    backbone = load_backbone(checkpoint)
-    check_checkpoint_matches(ensemble, backbone.checkpoint_sha256, checkpoint, ensemble_dir)
     features = ensemble.features
+    extractor = load_extractor(checkpoint, features["blocks"], device)
+    check_checkpoint_matches(ensemble, extractor.backbone.checkpoint_sha256, checkpoint, ensemble_dir)
     size, steps = features["image_size"], features["steps"]
-    torch_device = pick_device(device)
-    unet = backbone.unet.to(torch_device).eval()
-    block_modules = {block: decoder_block(unet, block) for block in features["blocks"]}
     noise = shared_noise(features["noise_seed"], size)
     palette = class_palette(ensemble.num_classes)
     records = list_images(images_dir)
@@ -104,8 +100,10 @@ def predict_folder(
     summaries, picture_rows = [], []
     with torch_threads(threads):
         for record in tqdm(records, desc="predict", unit="image", disable=not show_progress):
-            model_input = torch.from_numpy(load_image(record, size))[None].to(torch_device)  # (1, 3, S, S)
-            activations = compute_activations(unet, block_modules, model_input, steps, noise)
+            model_input = torch.from_numpy(load_image(record, size))[None].to(extractor.device)  # (1, 3, S, S)
+            activations = compute_activations(
+                extractor.backbone.unet, extractor.block_modules, model_input, steps, noise
+            )
             tables = [activation[0] for activation in activations]  # per (step, block): (C, h, w)
             prediction = predict_pixels(
                 ensemble, lambda ys, xs: gather_pixels_from_blocks(tables, ys, xs, size), size, pixels_per_batch
