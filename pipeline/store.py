@@ -266,7 +266,7 @@ class FeatureStoreWriter:
         the process dies (the kernel drops it, so a killed writer never leaves an image locked).
         """
         if self.path is None:
-            yield [index for index in indices if not self._is_done(index)]
+            yield self.pending_among(indices)
             return
         claims_dir = self.path / CLAIMS_DIR
         claims_dir.mkdir(exist_ok=True)
@@ -294,9 +294,9 @@ class FeatureStoreWriter:
             return False
 
     def pending_among(self, indices: Sequence[int]) -> list[int]:
-        """Those of `indices` not yet completely written (reads only their done marks)."""
-        done = self.group["done"].get_orthogonal_selection(np.asarray(indices, dtype=np.int64))
-        return [int(index) for index, mark in zip(indices, done) if mark == 0]
+        """Those of `indices` not yet completely written (reads only their done marks; an
+        unreadable mark counts as not done)."""
+        return [int(index) for index in indices if not self._is_done(index)]
 
     def write_image(
         self,
