@@ -57,10 +57,11 @@ SUMMARY_FILE = "pretrain.json"
 STATE_FORMAT = 1
 # Settings that do not change what is trained: a resumed run may change them (steps to extend it).
 _RESUMABLE_FIELDS = frozenset(
-    {"steps", "checkpoint_every", "sample_every", "sample_count", "sample_inference_steps", "device"}
+    {"steps", "checkpoint_every", "sample_every", "sample_count", "sample_inference_steps", "device", "precision"}
 )
 _GROUP_NORM_GROUPS = 32  # guided-diffusion's GroupNorm(32, C): every width must be a multiple
 _LOSS_SMOOTHING = 0.98  # EMA factor of the smoothed loss shown in the progress bar and loss.csv
+_AUTOCAST_DTYPES = {"float32": None, "bfloat16": torch.bfloat16}  # precision → autocast dtype
 _SAMPLE_SEED = 1234  # samples.png always starts from the same noise, so grids compare across runs
 
 
@@ -92,6 +93,9 @@ class PretrainSettings:
         sample_count: Images in samples.png.
         sample_inference_steps: DDIM steps per sample.
         device: "auto" (cuda > mps > cpu) or a torch device string.
+        precision: "float32", or "bfloat16" to run the forward pass under bfloat16 autocast
+            (weights, optimiser and loss stay float32): about 1.5-2× faster on CPUs with AMX or
+            AVX-512 BF16 and on recent GPUs. A resumed run may switch it.
     """
 
     image_size: int = 32
@@ -113,8 +117,11 @@ class PretrainSettings:
     sample_count: int = 64
     sample_inference_steps: int = 50
     device: str = "auto"
+    precision: str = "float32"
 
     def __post_init__(self) -> None:
+        if self.precision not in _AUTOCAST_DTYPES:
+            raise ValueError(f"pretrain: precision must be one of {sorted(_AUTOCAST_DTYPES)}, got {self.precision!r}")
         levels = len(self.block_out_channels)
         if levels == 0 or any(c <= 0 or c % _GROUP_NORM_GROUPS for c in self.block_out_channels):
             raise ValueError(f"pretrain: block_out_channels must be multiples of 32, got {self.block_out_channels}")
@@ -306,8 +313,10 @@ class _TrainingRun:
         alpha_bar = alphas_cumprod[timesteps].view(-1, 1, 1, 1)
         noisy = (alpha_bar.sqrt() * clean + (1.0 - alpha_bar).sqrt() * noise).to(self.device)
         # 3. ε-prediction MSE, clipped gradients, warmed-up learning rate.
-        prediction = self.unet(noisy, timesteps.to(self.device)).sample
-        loss = F.mse_loss(prediction, noise.to(self.device))
+        autocast_dtype = _AUTOCAST_DTYPES[self.settings.precision]
+        with torch.autocast(self.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            prediction = self.unet(noisy, timesteps.to(self.device)).sample
+        loss = F.mse_loss(prediction.float(), noise.to(self.device))
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.settings.gradient_clip > 0:

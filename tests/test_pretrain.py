@@ -121,6 +121,21 @@ def test_settings_are_checked():
         PretrainSettings(attention_levels=[5])
     with pytest.raises(ValueError, match="steps"):
         PretrainSettings(steps=0)
+    with pytest.raises(ValueError, match="precision must be one of"):
+        PretrainSettings(precision="float16")
+
+
+def test_a_float32_run_can_resume_in_bfloat16(images, tmp_path):
+    settings = replace(TINY, steps=2, checkpoint_every=2, sample_count=1, sample_inference_steps=1)
+    pretrain_ddpm(images, tmp_path, settings, show_progress=False)
+    before = read_state(tmp_path)
+    resumed = pretrain_ddpm(images, tmp_path, replace(settings, steps=4, precision="bfloat16"), show_progress=False)
+    after = read_state(tmp_path)
+    assert (resumed.resumed_from, resumed.steps_done) == (2, 4)
+    # The weights stay float32 (autocast only lowers the forward pass) and did train on.
+    assert all(tensor.dtype == torch.float32 for tensor in after["model"].values())
+    assert any(not torch.equal(before["model"][name], after["model"][name]) for name in after["model"])
+    assert torch.equal(after["losses"][:2], before["losses"]) and len(after["losses"]) == 4
 
 
 def test_sample_images_is_seeded_uint8():
@@ -155,8 +170,10 @@ def test_the_cli_command(images, tmp_path):
     assert "pretrain" in CliRunner().invoke(main, ["--help"]).output
 
 
-def test_the_loss_goes_down(images, tmp_path):
-    settings = replace(TINY, steps=40, learning_rate=2e-3, warmup_steps=5, checkpoint_every=40, sample_count=1)
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_the_loss_goes_down(images, tmp_path, precision):
+    settings = replace(TINY, steps=40, learning_rate=2e-3, warmup_steps=5, checkpoint_every=40, sample_count=1,
+                       precision=precision)
     pretrain_ddpm(images, tmp_path, settings, show_progress=False)
     with open(tmp_path / "loss.csv") as stream:
         losses = [float(row["loss"]) for row in csv.DictReader(stream)]
