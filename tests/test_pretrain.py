@@ -158,12 +158,13 @@ def test_the_cli_command(images, tmp_path):
     arguments = [
         "--quiet", "pretrain", "--images", images, "--out", tmp_path / "run", "--steps", 2, "--batch-size", 2,
         "--channels", "32,32,32,32,32", "--attention-levels", "", "--sample-count", 1, "--sample-steps", 1,
-        "--device", "cpu",
+        "--device", "cpu", "--precision", "bfloat16",
     ]
     result = CliRunner().invoke(main, [str(argument) for argument in arguments], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert "pretrain: 2 steps (from 0) on 8 images" in result.output
     assert load_backbone(tmp_path / "run" / "model").architecture["block_out_channels"] == [32] * 5
+    assert json.loads((tmp_path / "run" / "pretrain.json").read_text())["settings"]["precision"] == "bfloat16"
     refused = CliRunner().invoke(main, [str(argument) for argument in [*arguments, "--seed", 1]])
     assert refused.exit_code == 1 and "other settings (seed: 0 there, 1 now)" in refused.output
     assert "Traceback" not in refused.output
