@@ -5,6 +5,7 @@ looked at). Each checkpoint is compared with the same architecture with random w
 demo's steps and blocks (params.yaml), with the chosen training protocol. Used to pick the
 committed demo DDPM among the checkpoints of a pretraining run; results go to
 bench/results/demo_checkpoint_validation.json (one entry per checkpoint, appended).
+bench/demo_feature_sweep.py uses the same helpers to compare steps and blocks.
 
     python -m bench.demo_checkpoint_validation --checkpoint runs/demo_ddpm/model [--protocol paper]
 """
@@ -15,40 +16,57 @@ import json
 import tempfile
 from pathlib import Path
 
+from bench.common import PROJECT_ROOT
 from pipeline.backbones import load_backbone, randomly_initialised_unet
-from pipeline.config import EvaluateSettings, load_params
-from pipeline.datasets import find_class_info
+from pipeline.config import EvaluateSettings, ExtractSettings, TrainSettings, load_params
+from pipeline.datasets import ClassInfo, find_class_info
 from pipeline.demo import write_demo_dataset
 from pipeline.evaluation import evaluate_on_store
 from pipeline.extract import extract_features
 from pipeline.training import train_on_store
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 VALIDATION_SEED_OFFSET = 1000  # the demo's seed + this: scenes no split of the demo contains
 
 
-def validation_miou(checkpoint: Path, scratch: Path, validation_images: int, protocol: str, seeds: list[int]) -> dict:
-    """mIoU on validation scenes of the checkpoint's features and of its random-weights twin."""
-    params = load_params(PROJECT_ROOT / "params.yaml")
-    spec = dataclasses.replace(params.demo, pool_images=0, test_images=validation_images)
+@dataclasses.dataclass(frozen=True)
+class ValidationData:
+    """The demo's labeled training scenes and validation scenes of another seed."""
+
+    train_images: Path
+    validation_images: Path
+    classes: ClassInfo
+
+
+def write_validation_data(scratch: Path, validation_images: int) -> ValidationData:
+    """Writes the demo's training scenes (params.yaml) and `validation_images` validation scenes."""
+    demo = load_params(PROJECT_ROOT / "params.yaml").demo
+    spec = dataclasses.replace(demo, pool_images=0, test_images=validation_images)
     write_demo_dataset(spec, scratch / "train_data")
     write_demo_dataset(dataclasses.replace(spec, seed=spec.seed + VALIDATION_SEED_OFFSET), scratch / "validation_data")
-    classes = find_class_info(scratch / "train_data" / "real" / "train")
-    architecture = load_backbone(checkpoint).architecture
-    randomly_initialised_unet(architecture, params.baselines.random_weights_seed).save_pretrained(scratch / "random_unet")
-    result = {}
-    for source, weights in (("ddpm", checkpoint), ("random", scratch / "random_unet")):
-        run = scratch / source
-        extract_features(weights, scratch / "train_data" / "real" / "train", run / "train.zarr", params.extract, classes, show_progress=False)
-        extract_features(weights, scratch / "validation_data" / "real" / "test", run / "val.zarr", params.extract, classes, show_progress=False)
-        result[source] = []
-        for seed in seeds:
-            settings = dataclasses.replace(params.train, protocol=protocol, seed=seed)
-            train_on_store(run / "train.zarr", run / f"ensemble-{seed}", settings, show_progress=False)
-            metrics = evaluate_on_store(run / f"ensemble-{seed}", run / "val.zarr", run / f"results-{seed}", EvaluateSettings(threads=1), show_progress=False)
-            result[source].append(round(metrics["miou"], 6))
-    result["margin_points"] = [round(100 * (d - r), 2) for d, r in zip(result["ddpm"], result["random"])]
-    return result
+    train_images = scratch / "train_data" / "real" / "train"
+    return ValidationData(train_images, scratch / "validation_data" / "real" / "test", find_class_info(train_images))
+
+
+def write_random_twin(checkpoint: Path, out_dir: Path) -> Path:
+    """The checkpoint's architecture with random weights (the demo's baseline seed), saved to out_dir."""
+    seed = load_params(PROJECT_ROOT / "params.yaml").baselines.random_weights_seed
+    randomly_initialised_unet(load_backbone(checkpoint).architecture, seed).save_pretrained(out_dir)
+    return out_dir
+
+
+def validation_miou(
+    weights: Path, data: ValidationData, run_dir: Path, extract: ExtractSettings, trainings: list[TrainSettings]
+) -> list[float]:
+    """Extracts the training and validation scenes with `weights`; mIoU of one ensemble per training setting."""
+    extract_features(weights, data.train_images, run_dir / "train.zarr", extract, data.classes, show_progress=False)
+    extract_features(weights, data.validation_images, run_dir / "val.zarr", extract, data.classes, show_progress=False)
+    mious = []
+    for number, settings in enumerate(trainings):
+        ensemble = run_dir / f"ensemble-{number}"
+        train_on_store(run_dir / "train.zarr", ensemble, settings, show_progress=False)
+        metrics = evaluate_on_store(ensemble, run_dir / "val.zarr", run_dir / f"results-{number}", EvaluateSettings(threads=1), show_progress=False)
+        mious.append(round(metrics["miou"], 6))
+    return mious
 
 
 def main() -> None:
@@ -60,9 +78,16 @@ def main() -> None:
     parser.add_argument("--seeds", default="0", help="Ensemble seeds, comma-separated.")
     parser.add_argument("--out", default=str(PROJECT_ROOT / "bench" / "results" / "demo_checkpoint_validation.json"))
     arguments = parser.parse_args()
-    seeds = [int(seed) for seed in arguments.seeds.split(",")]
+    params = load_params(PROJECT_ROOT / "params.yaml")
+    trainings = [dataclasses.replace(params.train, protocol=arguments.protocol, seed=int(seed)) for seed in arguments.seeds.split(",")]
+    checkpoint = Path(arguments.checkpoint)
     with tempfile.TemporaryDirectory() as scratch:
-        result = validation_miou(Path(arguments.checkpoint), Path(scratch), arguments.validation_images, arguments.protocol, seeds)
+        scratch = Path(scratch)
+        data = write_validation_data(scratch, arguments.validation_images)
+        random_twin = write_random_twin(checkpoint, scratch / "random_unet")
+        result = {source: validation_miou(weights, data, scratch / source, params.extract, trainings)
+                  for source, weights in (("ddpm", checkpoint), ("random", random_twin))}
+    result["margin_points"] = [round(100 * (d - r), 2) for d, r in zip(result["ddpm"], result["random"])]
     entry = {"checkpoint": arguments.label or arguments.checkpoint, "protocol": arguments.protocol,
              "validation_images": arguments.validation_images, **result}
     print(json.dumps(entry), flush=True)
