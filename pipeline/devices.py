@@ -26,6 +26,18 @@ def autocast_for(device: torch.device):
     return contextlib.nullcontext()
 
 
+def has_native_bfloat16(device: torch.device) -> bool:
+    """Whether `device` computes in bfloat16 natively; False for CPUs without AVX-512 BF16 or AMX.
+
+    On such a CPU torch emulates bfloat16 arithmetic: measured on this project's AVX2 build
+    machine, a DDPM training step took 26.9 s in bfloat16 autocast against 2.3 s in float32.
+    """
+    if device.type != "cpu":
+        return True
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private, hence getattr
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
 @contextlib.contextmanager
 def torch_threads(count: int) -> Iterator[None]:
     """Runs the body with `count` CPU threads for torch (0: leave torch's default), then restores.

@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 
 from pipeline.backbones import AdmLayout, adm_unet_config
 from pipeline.datasets import list_images, load_image
-from pipeline.devices import pick_device
+from pipeline.devices import has_native_bfloat16, pick_device
 from pipeline.diffusion import NUM_TRAIN_STEPS, linear_alphas_cumprod
 from pipeline.pause_points import pause_point
 from pipeline.visualize import save_png
@@ -95,7 +95,8 @@ class PretrainSettings:
         device: "auto" (cuda > mps > cpu) or a torch device string.
         precision: "float32", or "bfloat16" to run the forward pass under bfloat16 autocast
             (weights, optimiser and loss stay float32): about 1.5-2× faster on CPUs with AMX or
-            AVX-512 BF16 and on recent GPUs. A resumed run may switch it.
+            AVX-512 BF16 and on recent GPUs, but ~10× slower on CPUs without them (a warning
+            says so). A resumed run may switch it.
     """
 
     image_size: int = 32
@@ -228,6 +229,9 @@ def pretrain_ddpm(
     started = time.perf_counter()
     out_dir = Path(out_dir)
     device = pick_device(settings.device)
+    if settings.precision == "bfloat16" and not has_native_bfloat16(device):
+        logger.warning("pretrain: this CPU has no native bfloat16 (AVX-512 BF16 or AMX): torch emulates it, "
+                       "about 10× slower than --precision float32")
     # 1. Data and the run's components; a checkpoint, if any, overwrites their initial state.
     images, images_sha256 = load_image_tensor(Path(images_dir), settings.image_size)
     run = _TrainingRun.create(settings, device, len(images), images_sha256)
