@@ -31,7 +31,6 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from sklearn.datasets import load_digits
 from tqdm import tqdm
 
 logger = logging.getLogger(__name__)
@@ -97,6 +96,10 @@ def load_digit_halves(seed: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         (N, 8, 8) float32 in [0, 1] and ``targets`` (N,) int64 in 0..9. ``train`` (used by the
         pool and train splits) gets the first 899 of the permuted digits, ``test`` the other 898.
     """
+    # Imported here: every stage reads params.yaml through pipeline.config, which imports this
+    # module, and scikit-learn takes ~2 s to import on a slow CPU.
+    from sklearn.datasets import load_digits
+
     bunch = load_digits()
     digits = (bunch.images / 16.0).astype(np.float32)  # (1797, 8, 8), source range 0..16
     targets = bunch.target.astype(np.int64)
