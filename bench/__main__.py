@@ -30,6 +30,7 @@ BENCHMARKS = [
     "training_memory",  # 2: peak RSS vs training images
     "evaluation_streaming",  # 7: peak RSS vs test images
     "dvc_overhead",  # 6: DVC bookkeeping of stores
+    "pretrain_speed",  # DDPM pretraining step, float32 vs bfloat16
 ]
 
 
