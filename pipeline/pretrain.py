@@ -230,8 +230,8 @@ def pretrain_ddpm(
     out_dir = Path(out_dir)
     device = pick_device(settings.device)
     if settings.precision == "bfloat16" and not has_native_bfloat16(device):
-        logger.warning("pretrain: this CPU has no native bfloat16 (AVX-512 BF16 or AMX): torch emulates it, "
-                       "about 10× slower than --precision float32")
+        logger.warning("pretrain: %s has no native bfloat16 (a CPU needs AVX-512 BF16 or AMX): torch emulates "
+                       "it, about 10× slower than --precision float32", device)
     # 1. Data and the run's components; a checkpoint, if any, overwrites their initial state.
     images, images_sha256 = load_image_tensor(Path(images_dir), settings.image_size)
     run = _TrainingRun.create(settings, device, len(images), images_sha256)

@@ -43,7 +43,9 @@ def test_native_bfloat16_on_a_cpu_follows_its_instruction_sets(monkeypatch, avx5
     assert has_native_bfloat16(torch.device("cpu")) is expected
 
 
-def test_gpus_count_as_native_bfloat16(monkeypatch):
-    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
-    assert has_native_bfloat16(torch.device("cuda"))
+@pytest.mark.parametrize("supported", [False, True])
+def test_native_bfloat16_on_a_cuda_gpu_asks_cuda_without_emulation(monkeypatch, supported):
+    asked = []
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation: asked.append(including_emulation) or supported)
+    assert has_native_bfloat16(torch.device("cuda")) is supported
+    assert asked == [False]
