@@ -20,7 +20,7 @@ from bench.common import PROJECT_ROOT
 from pipeline.backbones import load_backbone, randomly_initialised_unet
 from pipeline.config import EvaluateSettings, ExtractSettings, TrainSettings, load_params
 from pipeline.datasets import ClassInfo, find_class_info
-from pipeline.demo import write_demo_dataset
+from pipeline.demo import DemoSpec, write_demo_dataset
 from pipeline.evaluation import evaluate_on_store
 from pipeline.extract import extract_features
 from pipeline.training import train_on_store
@@ -37,9 +37,8 @@ class ValidationData:
     classes: ClassInfo
 
 
-def write_validation_data(scratch: Path, validation_images: int) -> ValidationData:
-    """Writes the demo's training scenes (params.yaml) and `validation_images` validation scenes."""
-    demo = load_params(PROJECT_ROOT / "params.yaml").demo
+def write_validation_data(scratch: Path, demo: DemoSpec, validation_images: int) -> ValidationData:
+    """Writes the demo's training scenes and `validation_images` validation scenes of another seed."""
     spec = dataclasses.replace(demo, pool_images=0, test_images=validation_images)
     write_demo_dataset(spec, scratch / "train_data")
     write_demo_dataset(dataclasses.replace(spec, seed=spec.seed + VALIDATION_SEED_OFFSET), scratch / "validation_data")
@@ -47,9 +46,8 @@ def write_validation_data(scratch: Path, validation_images: int) -> ValidationDa
     return ValidationData(train_images, scratch / "validation_data" / "real" / "test", find_class_info(train_images))
 
 
-def write_random_twin(checkpoint: Path, out_dir: Path) -> Path:
-    """The checkpoint's architecture with random weights (the demo's baseline seed), saved to out_dir."""
-    seed = load_params(PROJECT_ROOT / "params.yaml").baselines.random_weights_seed
+def write_random_twin(checkpoint: Path, seed: int, out_dir: Path) -> Path:
+    """The checkpoint's architecture with random weights drawn from `seed`, saved to out_dir."""
     randomly_initialised_unet(load_backbone(checkpoint).architecture, seed).save_pretrained(out_dir)
     return out_dir
 
@@ -83,8 +81,8 @@ def main() -> None:
     checkpoint = Path(arguments.checkpoint)
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
-        data = write_validation_data(scratch, arguments.validation_images)
-        random_twin = write_random_twin(checkpoint, scratch / "random_unet")
+        data = write_validation_data(scratch, params.demo, arguments.validation_images)
+        random_twin = write_random_twin(checkpoint, params.baselines.random_weights_seed, scratch / "random_unet")
         result = {source: validation_miou(weights, data, scratch / source, params.extract, trainings)
                   for source, weights in (("ddpm", checkpoint), ("random", random_twin))}
     result["margin_points"] = [round(100 * (d - r), 2) for d, r in zip(result["ddpm"], result["random"])]

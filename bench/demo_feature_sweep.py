@@ -34,8 +34,8 @@ def main() -> None:
     results = {}
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
-        data = write_validation_data(scratch, arguments.validation_images)
-        random_twin = write_random_twin(Path(arguments.checkpoint), scratch / "random_unet")
+        data = write_validation_data(scratch, params.demo, arguments.validation_images)
+        random_twin = write_random_twin(Path(arguments.checkpoint), params.baselines.random_weights_seed, scratch / "random_unet")
         for number, (name, (steps, blocks)) in enumerate(SETTINGS.items()):
             extract = dataclasses.replace(params.extract, steps=steps, blocks=blocks)
             results[name] = {

@@ -449,6 +449,16 @@ def test_diffusers_safetensors_file_with_config(tmp_path, config_place):
     torch.testing.assert_close(output, run_with_hooks(unet, sample, 50, [])[0], rtol=0, atol=0)
 
 
+def test_loaded_weights_sit_in_freshly_allocated_aligned_memory(tmp_path):
+    # safetensors would hand out views at arbitrary offsets of the file; some CPU kernels
+    # round differently on unaligned data, so the same weights would compute other bits.
+    unet = make_tiny_unet(seed=5)
+    unet.save_pretrained(tmp_path / "model")
+    backbone = load_backbone(tmp_path / "model")
+    tensors = list(backbone.unet.parameters()) + list(backbone.unet.buffers())
+    assert all(tensor.data_ptr() % 64 == 0 for tensor in tensors)
+
+
 def test_diffusers_safetensors_without_config_is_refused(tmp_path):
     path = tmp_path / "no_config.safetensors"
     safetensors.torch.save_file(make_tiny_unet().state_dict(), str(path))
