@@ -29,22 +29,10 @@ from pipeline.datasets import (
 from pipeline.devices import autocast_for, pick_device
 from pipeline.diffusion import linear_alphas_cumprod, q_sample, shared_noise
 from pipeline.hooks import capture_outputs, run_until_captured
-from pipeline.storage import Location, store_location
-from pipeline.store import BlockShape, FeatureStoreWriter, StoreSchema, open_store_for_writing
+from pipeline.storage import store_location
+from pipeline.store import BlockShape, ExtractionSummary, FeatureStoreWriter, StoreSchema, open_store_for_writing
 
 logger = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass(frozen=True)
-class ExtractionSummary:
-    """What an extraction did."""
-
-    store_path: Location
-    images_total: int
-    images_written: int  # by this run (not by another process working on the same store)
-    feature_dim: int
-    seconds: float
-    device: str
 
 
 def compute_activations(

@@ -23,8 +23,7 @@ from pipeline.datasets import (
     load_example,
     model_input_to_uint8,
 )
-from pipeline.extract import ExtractionSummary
-from pipeline.store import BlockShape, StoreSchema, open_store_for_writing
+from pipeline.store import BlockShape, ExtractionSummary, StoreSchema, open_store_for_writing
 
 logger = logging.getLogger(__name__)
 

@@ -234,6 +234,18 @@ def _done_marks(group: zarr.Group, count: int) -> np.ndarray:
         return marks
 
 
+@dataclasses.dataclass(frozen=True)
+class ExtractionSummary:
+    """What an extraction into a store did (the UNet's features or the raw-pixel baseline)."""
+
+    store_path: Location
+    images_total: int
+    images_written: int  # by this run (not by another process working on the same store)
+    feature_dim: int
+    seconds: float
+    device: str
+
+
 class FeatureStoreWriter:
     """Writes images into a store created from its full schema up front.
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,20 @@ torch.set_num_threads(1)
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SHARED = PROJECT_ROOT.parent / "shared"
+
+# `-n auto` (pyproject.toml) runs the tests on this many pytest-xdist workers: one per CPU this
+# process may use, at most 4 (each worker holds its own torch, about 0.4 GB).
+MAX_TEST_WORKERS = 4
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(usable, MAX_TEST_WORKERS))
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Tests marked slow go first, so no worker is left running one alone at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: order kept otherwise
 
 # Three blocks at three resolutions, two steps: D = 2 * (6 + 4 + 2) = 24.
 BLOCK_SHAPES = [BlockShape(5, 6, 4, 4), BlockShape(8, 4, 8, 8), BlockShape(12, 2, 16, 16)]

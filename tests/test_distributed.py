@@ -117,6 +117,7 @@ class FailWriteOnce(MisbehaveOnce):
         raise OSError("simulated: the object store is briefly unreachable")
 
 
+@pytest.mark.slow
 def test_cluster_extraction_equals_in_process_and_loads_the_model_once_per_worker(cluster, dataset, tmp_path):
     address, client = cluster
     checkpoint, images, reference = dataset

@@ -178,6 +178,7 @@ def test_the_cli_command(images, tmp_path):
     assert "pretrain" in CliRunner().invoke(main, ["--help"]).output
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["float32", "bfloat16"])
 def test_the_loss_goes_down(images, tmp_path, precision):
     # 4 levels on 16×16 images: a CPU without native bfloat16 emulates it about 10× slower.

@@ -147,6 +147,7 @@ EXTRACT_KILLS = [
 ]
 
 
+@pytest.mark.slow
 def test_extract_killed_at_any_moment_resumes_to_the_uninterrupted_store(workspace, reference_store, tmp_path):
     store_path = tmp_path / "store.zarr"
     arguments = extract_arguments(workspace, store_path)
@@ -176,6 +177,7 @@ PRETRAIN_OPTIONS = [
 ]
 
 
+@pytest.mark.slow
 def test_pretrain_killed_resumes_from_its_last_checkpoint_exactly(workspace, tmp_path):
     images = write_image_folder(tmp_path / "unlabeled", count=4, labeled=False)
     out = tmp_path / "run"
@@ -310,6 +312,7 @@ FeatureStoreWriter.write_image = slow_write_image
 """
 
 
+@pytest.mark.slow
 def test_two_extracts_on_one_store_share_its_images_and_readers_see_only_whole_ones(
     workspace, reference_store, tmp_path
 ):

@@ -44,6 +44,7 @@ def project(tmp_path_factory):
     return project
 
 
+@pytest.mark.slow
 def test_repro_runs_everything_then_nothing_then_only_training(project):
     first = run(project, "repro")
     for source in ("ddpm", "random", "pixels"):
