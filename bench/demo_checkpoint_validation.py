@@ -2,12 +2,12 @@
 
 Validation scenes come from another seed than the demo's splits (the test split is never
 looked at). Each checkpoint is compared with the same architecture with random weights, at the
-demo's steps and blocks (params.yaml), with the chosen training protocol. Used to pick the
-committed demo DDPM among the checkpoints of a pretraining run; results go to
-bench/results/demo_checkpoint_validation.json (one entry per checkpoint, appended).
-bench/demo_feature_sweep.py uses the same helpers to compare steps and blocks.
+demo's steps and blocks (params.yaml), and with the raw-pixel baseline, with the chosen training
+protocol and labeled budget. Used to pick the committed demo DDPM among the checkpoints of a
+pretraining run; results go to bench/results/demo_checkpoint_validation.json (one entry per run,
+appended). bench/demo_feature_sweep.py uses the same helpers to compare steps and blocks.
 
-    python -m bench.demo_checkpoint_validation --checkpoint runs/demo_ddpm/model [--protocol paper]
+    python -m bench.demo_checkpoint_validation --checkpoint runs/demo_ddpm/model [--protocol paper] [--train-images 10]
 """
 
 import argparse
@@ -23,6 +23,7 @@ from pipeline.datasets import ClassInfo, find_class_info
 from pipeline.demo import DemoSpec, write_demo_dataset
 from pipeline.evaluation import evaluate_on_store
 from pipeline.extract import extract_features
+from pipeline.pixel_baseline import extract_pixel_features
 from pipeline.training import train_on_store
 
 VALIDATION_SEED_OFFSET = 1000  # the demo's seed + this: scenes no split of the demo contains
@@ -58,6 +59,20 @@ def validation_miou(
     """Extracts the training and validation scenes with `weights`; mIoU of one ensemble per training setting."""
     extract_features(weights, data.train_images, run_dir / "train.zarr", extract, data.classes, show_progress=False)
     extract_features(weights, data.validation_images, run_dir / "val.zarr", extract, data.classes, show_progress=False)
+    return _ensemble_mious(run_dir, trainings)
+
+
+def pixel_validation_miou(
+    data: ValidationData, run_dir: Path, size: int, neighbourhood: int, trainings: list[TrainSettings]
+) -> list[float]:
+    """The same as validation_miou for the raw-pixel baseline (each pixel's RGB neighbourhood)."""
+    for images, store in ((data.train_images, "train.zarr"), (data.validation_images, "val.zarr")):
+        extract_pixel_features(images, run_dir / store, size, neighbourhood, data.classes, show_progress=False)
+    return _ensemble_mious(run_dir, trainings)
+
+
+def _ensemble_mious(run_dir: Path, trainings: list[TrainSettings]) -> list[float]:
+    """Trains one ensemble per setting on run_dir/train.zarr; their mIoU on run_dir/val.zarr."""
     mious = []
     for number, settings in enumerate(trainings):
         ensemble = run_dir / f"ensemble-{number}"
@@ -74,6 +89,7 @@ def main() -> None:
     parser.add_argument("--validation-images", type=int, default=64)
     parser.add_argument("--protocol", default="fast", choices=["fast", "paper"])
     parser.add_argument("--seeds", default="0", help="Ensemble seeds, comma-separated.")
+    parser.add_argument("--train-images", type=int, help="Labeled training scenes (default: params.yaml demo.train_images).")
     parser.add_argument("--out", default=str(PROJECT_ROOT / "bench" / "results" / "demo_checkpoint_validation.json"))
     arguments = parser.parse_args()
     params = load_params(PROJECT_ROOT / "params.yaml")
@@ -81,13 +97,16 @@ def main() -> None:
     checkpoint = Path(arguments.checkpoint)
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
-        data = write_validation_data(scratch, params.demo, arguments.validation_images)
+        demo = params.demo if arguments.train_images is None else dataclasses.replace(params.demo, train_images=arguments.train_images)
+        data = write_validation_data(scratch, demo, arguments.validation_images)
         random_twin = write_random_twin(checkpoint, params.baselines.random_weights_seed, scratch / "random_unet")
         result = {source: validation_miou(weights, data, scratch / source, params.extract, trainings)
                   for source, weights in (("ddpm", checkpoint), ("random", random_twin))}
+        result["pixels"] = pixel_validation_miou(data, scratch / "pixels", params.extract.size, params.baselines.pixel_neighbourhood, trainings)
     result["margin_points"] = [round(100 * (d - r), 2) for d, r in zip(result["ddpm"], result["random"])]
+    result["margin_over_pixels_points"] = [round(100 * (d - p), 2) for d, p in zip(result["ddpm"], result["pixels"])]
     entry = {"checkpoint": arguments.label or arguments.checkpoint, "protocol": arguments.protocol,
-             "validation_images": arguments.validation_images, **result}
+             "train_images": demo.train_images, "validation_images": arguments.validation_images, **result}
     print(json.dumps(entry), flush=True)
     out = Path(arguments.out)
     entries = json.loads(out.read_text()) if out.is_file() else []
