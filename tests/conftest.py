@@ -19,7 +19,7 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SHARED = PROJECT_ROOT.parent / "shared"
 
 # `-n auto` (pyproject.toml) runs the tests on this many pytest-xdist workers: one per CPU this
-# process may use, at most 4 (each worker holds its own torch, about 0.4 GB).
+# process may use, at most 4 (each worker imports its own torch and diffusers).
 MAX_TEST_WORKERS = 4
 
 
