@@ -95,14 +95,17 @@ def main() -> None:
     params = load_params(PROJECT_ROOT / "params.yaml")
     trainings = [dataclasses.replace(params.train, protocol=arguments.protocol, seed=int(seed)) for seed in arguments.seeds.split(",")]
     checkpoint = Path(arguments.checkpoint)
+    demo = dataclasses.replace(params.demo, train_images=arguments.train_images or params.demo.train_images)
+    baselines = params.baselines
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
-        demo = params.demo if arguments.train_images is None else dataclasses.replace(params.demo, train_images=arguments.train_images)
         data = write_validation_data(scratch, demo, arguments.validation_images)
-        random_twin = write_random_twin(checkpoint, params.baselines.random_weights_seed, scratch / "random_unet")
+        random_twin = write_random_twin(checkpoint, baselines.random_weights_seed, scratch / "random_unet")
         result = {source: validation_miou(weights, data, scratch / source, params.extract, trainings)
                   for source, weights in (("ddpm", checkpoint), ("random", random_twin))}
-        result["pixels"] = pixel_validation_miou(data, scratch / "pixels", params.extract.size, params.baselines.pixel_neighbourhood, trainings)
+        result["pixels"] = pixel_validation_miou(
+            data, scratch / "pixels", params.extract.size, baselines.pixel_neighbourhood, trainings
+        )
     result["margin_points"] = [round(100 * (d - r), 2) for d, r in zip(result["ddpm"], result["random"])]
     result["margin_over_pixels_points"] = [round(100 * (d - p), 2) for d, p in zip(result["ddpm"], result["pixels"])]
     entry = {"checkpoint": arguments.label or arguments.checkpoint, "protocol": arguments.protocol,

@@ -182,8 +182,8 @@ def test_the_cli_command(images, tmp_path):
 @pytest.mark.parametrize("precision", ["float32", "bfloat16"])
 def test_the_loss_goes_down(images, tmp_path, precision):
     # 4 levels on 16×16 images: a CPU without native bfloat16 emulates it about 10× slower.
-    settings = replace(TINY, image_size=16, block_out_channels=[32, 32, 32, 32], attention_levels=[3], steps=40, learning_rate=2e-3, warmup_steps=5, checkpoint_every=40,
-                       sample_count=1, precision=precision)
+    settings = replace(TINY, image_size=16, block_out_channels=[32, 32, 32, 32], attention_levels=[3], steps=40,
+                       learning_rate=2e-3, warmup_steps=5, checkpoint_every=40, sample_count=1, precision=precision)
     pretrain_ddpm(images, tmp_path, settings, show_progress=False)
     with open(tmp_path / "loss.csv") as stream:
         losses = [float(row["loss"]) for row in csv.DictReader(stream)]
