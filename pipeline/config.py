@@ -77,7 +77,9 @@ class TrainSettings:
         max_epochs: upper bound on epochs per member.
         patience: stop after more than this many iterations in a row without a new best batch loss.
         patience_from_epoch: the patience count starts at this epoch index (the paper: epoch > 3).
-        min_class_pixels: per image, a class with fewer labeled pixels is ignored.
+        min_class_pixels: per image, a class with fewer labeled pixels is ignored. None: the
+            paper's 20 pixels at 256×256, scaled with the image area (1 at 32×32: no class is
+            dropped), so small parts of small images are not erased.
         buffer_pixels: pixels gathered from the store at a time (bounds memory).
         cache_megabytes: RAM for the native feature tables kept between buffers.
         device: where the ensemble trains: "auto" (cuda > mps > cpu) or a torch device string.
@@ -85,6 +87,8 @@ class TrainSettings:
         fast_batch_size: pixels per member and step in the fast protocol.
         fast_learning_rate: Adam's initial learning rate in the fast protocol (decays linearly to 0).
         fast_epochs: passes over the labeled pixels in the fast protocol (may be fractional).
+        fast_min_steps: the fast protocol takes at least this many steps, however few the
+            pixels (small images: 1.5 passes over 20 images of 32×32 are only 120 steps).
         scheduler: address of a Dask distributed scheduler whose workers read the features;
             None reads them with threads in this process. The ensemble trains here either way.
     """
@@ -97,7 +101,7 @@ class TrainSettings:
     max_epochs: int = 100
     patience: int = 50
     patience_from_epoch: int = 4
-    min_class_pixels: int = 20
+    min_class_pixels: int | None = None
     buffer_pixels: int = 32768
     cache_megabytes: int = 512
     device: str = "auto"
@@ -105,6 +109,7 @@ class TrainSettings:
     fast_batch_size: int = 256
     fast_learning_rate: float = 0.006
     fast_epochs: float = 1.5
+    fast_min_steps: int = 400
     scheduler: str | None = None
 
     def __post_init__(self) -> None:
@@ -113,6 +118,10 @@ class TrainSettings:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"train: `{name}` must be positive, got {getattr(self, name)}")
+        if self.fast_min_steps < 0 or (self.min_class_pixels is not None and self.min_class_pixels < 0):
+            raise ValueError(
+                f"train: `fast_min_steps` and `min_class_pixels` must be >= 0, got {self.fast_min_steps}, {self.min_class_pixels}"
+            )
 
 
 @dataclasses.dataclass(frozen=True)

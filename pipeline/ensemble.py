@@ -193,8 +193,15 @@ class FusedMembers(torch.nn.Module):
 
 
 def fast_schedule_steps(settings: TrainSettings, training_pixels: int) -> int:
-    """Fused optimiser steps of the fast protocol: `fast_epochs` passes over the pixels."""
-    return max(1, math.ceil(settings.fast_epochs * training_pixels / settings.fast_batch_size))
+    """Fused optimiser steps of the fast protocol: `fast_epochs` passes over the pixels, and at
+    least `fast_min_steps`.
+
+    The floor matters for small images: 20 labeled 32×32 images make 1.5 passes only 120 steps,
+    too few for the MLPs to learn parts that cover 1 % of the pixels (eyes, brows, noses: IoU 0
+    in bench/results/fast_protocol_classes.json), where 256×256 images give thousands.
+    """
+    passes = math.ceil(settings.fast_epochs * training_pixels / settings.fast_batch_size)
+    return max(1, passes, settings.fast_min_steps)
 
 
 def train_fused(

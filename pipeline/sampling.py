@@ -16,12 +16,20 @@ import dataclasses
 import uuid
 from collections.abc import Iterator, Sequence
 
+import logging
+
 import dask
 import numpy as np
 import torch
 
 from pipeline.features import gather_pixels
 from pipeline.store import FeatureStore
+
+logger = logging.getLogger(__name__)
+
+# The paper's rule: a class with fewer than 20 labeled pixels in a 256×256 image is ignored there.
+PAPER_MIN_CLASS_PIXELS = 20
+PAPER_IMAGE_AREA = 256 * 256
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,21 +76,52 @@ def usable_labels(labels: np.ndarray, ignore_label: int, num_classes: int, min_c
     return labels
 
 
+def scaled_min_class_pixels(image_height: int, image_width: int, setting: int | None = None) -> int:
+    """The per-image pixel count below which a class is ignored.
+
+    Args:
+        image_height, image_width: the label maps' size.
+        setting: a fixed count, or None for the paper's 20 pixels at 256×256 scaled with the
+            image area (rounded, at least 1: at 32×32 nothing is dropped).
+    """
+    if setting is not None:
+        return setting
+    return max(1, round(PAPER_MIN_CLASS_PIXELS * image_height * image_width / PAPER_IMAGE_AREA))
+
+
 def select_labeled_pixels(
-    store: FeatureStore, num_classes: int, ignore_label: int, min_class_pixels: int = 20
+    store: FeatureStore,
+    num_classes: int,
+    ignore_label: int,
+    min_class_pixels: int | None = None,
+    class_names: Sequence[str] | None = None,
 ) -> LabeledPixels:
-    """Every usable labeled pixel of every labeled image in the store."""
+    """Every usable labeled pixel of every labeled image in the store.
+
+    A class that `usable_labels` drops from some image is logged as a warning, naming the
+    class and in how many images it was dropped; louder when it is left with no pixel at all.
+
+    Args:
+        min_class_pixels: see `scaled_min_class_pixels` (None: scaled with the image area).
+        class_names: for the warnings (default: the class indices).
+    """
     if store.image_size > np.iinfo(np.uint16).max or num_classes > np.iinfo(np.int16).max:
         raise ValueError(f"{store.path}: images over 65535 pixels wide or over 32767 classes are not supported")
+    threshold = scaled_min_class_pixels(store.image_size, store.image_size, min_class_pixels)
+    dropped_in_images = np.zeros(num_classes, dtype=np.int64)
+    labeled_images = 0
     parts = []
     for index in np.flatnonzero(store.done_mask()):
         labels = store.labels(int(index))
         if labels is None:
             continue
         try:
-            labels = usable_labels(labels, ignore_label, num_classes, min_class_pixels)
+            usable = usable_labels(labels, ignore_label, num_classes, threshold)
         except ValueError as error:
             raise ValueError(f"{store.path}, image {store.image_names[index]}: {error}") from None
+        labeled_images += 1
+        dropped_in_images += _class_presence(labels, ignore_label, num_classes) & ~_class_presence(usable, ignore_label, num_classes)
+        labels = usable
         ys, xs = np.nonzero(labels != ignore_label)
         parts.append(
             (np.full(len(ys), index, dtype=np.int32), ys.astype(np.uint16), xs.astype(np.uint16), labels[ys, xs].astype(np.int16))
@@ -90,7 +129,30 @@ def select_labeled_pixels(
     if not parts:
         raise ValueError(f"{store.path} has no labeled pixels to train on (no image has a usable label map)")
     image_index, ys, xs, label = (np.concatenate(column) for column in zip(*parts))
-    return LabeledPixels(image_index, ys, xs, label)
+    pixels = LabeledPixels(image_index, ys, xs, label)
+    _warn_about_dropped_classes(dropped_in_images, pixels.class_counts(num_classes), labeled_images, threshold, class_names)
+    return pixels
+
+
+def _class_presence(labels: np.ndarray, ignore_label: int, num_classes: int) -> np.ndarray:
+    """bool (num_classes,): which classes have at least one pixel in `labels`."""
+    present = np.unique(labels[labels != ignore_label]).astype(np.int64)
+    mask = np.zeros(num_classes, dtype=bool)
+    mask[present[(present >= 0) & (present < num_classes)]] = True
+    return mask
+
+
+def _warn_about_dropped_classes(
+    dropped_in_images: np.ndarray, kept_counts: np.ndarray, labeled_images: int, threshold: int, class_names
+) -> None:
+    for class_index in np.flatnonzero(dropped_in_images):
+        name = class_names[class_index] if class_names is not None else str(class_index)
+        lost = "; it has no pixel left to train on and will never be predicted" if kept_counts[class_index] == 0 else ""
+        logger.warning(
+            "class %r has fewer than %d labeled pixels in %d of %d labeled images and is ignored there%s "
+            "(train.min_class_pixels sets the threshold)",
+            name, threshold, dropped_in_images[class_index], labeled_images, lost,
+        )
 
 
 class PixelStream:

@@ -58,7 +58,7 @@ def train_on_store(
     return_large_allocations_promptly()  # else table reads past the cache pile up in glibc's heaps
     store = FeatureStore(store_path, cache_megabytes=settings.cache_megabytes)
     classes = store_classes(store, classes)
-    pixels = select_labeled_pixels(store, classes.num_classes, classes.ignore_label, settings.min_class_pixels)
+    pixels = select_labeled_pixels(store, classes.num_classes, classes.ignore_label, settings.min_class_pixels, classes.names)
     logger.info("%d labeled pixels of %d classes from %s", len(pixels), classes.num_classes, store_path)
     device = pick_device(settings.device)
     with torch_threads(settings.threads), cluster_client(settings.scheduler) as client:

@@ -103,22 +103,27 @@ def write_image_folder(folder: Path, count: int, size: int = 32, labeled: bool =
     return folder
 
 
-def write_learnable_store(path, count=4, size=16, seed=0):
-    """A store whose last block (16×16, 2 channels) encodes the label: the ensemble can learn it."""
+def write_learnable_store(path, count=4, size=16, seed=0, round_side=6, signal=4.0, noise=0.0):
+    """A store whose last block (16×16, 2 channels) encodes the label: the ensemble can learn it.
+
+    Class 1 is a round_side × round_side square (36 pixels by default; 2: a part of 4 pixels),
+    class 2 the last 5 columns (80 pixels), the rest background. The two channels are
+    `signal` × each class's indicator, plus normal noise of std `noise`.
+    """
     rng = np.random.default_rng(seed)
     schema = synthetic_schema("native", count, size)
     writer = open_store_for_writing(path, schema)
     all_labels = []
     for index in range(count):
         labels = np.zeros((size, size), dtype=np.int64)
-        top, left = rng.integers(0, size - 6), rng.integers(0, size - 11)
-        labels[top : top + 6, left : left + 6] = 1  # 36 pixels, clear of class 2's columns
+        top, left = rng.integers(0, size - round_side), rng.integers(0, size - 5 - round_side)
+        labels[top : top + round_side, left : left + round_side] = 1  # clear of class 2's columns
         labels[:, -5:] = 2  # 80 pixels
-        activations = synthetic_activations(index)
+        activations = synthetic_activations(index + 1000 * seed)
         for step_position in range(len(STEPS)):
             last = activations[step_position * len(BLOCK_SHAPES) + len(BLOCK_SHAPES) - 1]  # (2, 16, 16)
-            last[0] = torch.from_numpy(4.0 * (labels == 1))
-            last[1] = torch.from_numpy(4.0 * (labels == 2))
+            last[0] = torch.from_numpy(signal * (labels == 1) + noise * rng.standard_normal((size, size)))
+            last[1] = torch.from_numpy(signal * (labels == 2) + noise * rng.standard_normal((size, size)))
         writer.write_image(index, np.zeros((size, size, 3), np.uint8), labels, activations)
         all_labels.append(labels)
     return all_labels

@@ -45,4 +45,5 @@ def test_defaults_are_the_papers():
     extract, train = ExtractSettings(), TrainSettings()
     assert extract.steps == [50, 150, 250] and extract.blocks == [5, 6, 7, 8, 12] and extract.size == 256
     assert (train.members, train.learning_rate, train.batch_size, train.max_epochs) == (10, 0.001, 64, 100)
-    assert (train.patience, train.patience_from_epoch, train.min_class_pixels) == (50, 4, 20)
+    assert (train.patience, train.patience_from_epoch) == (50, 4)
+    assert train.min_class_pixels is None  # the paper's 20 at 256², scaled with the image area

@@ -1,10 +1,14 @@
+import logging
+
 import dask
 import numpy as np
 import pytest
 import torch
 
 from conftest import write_synthetic_store
-from pipeline.sampling import PixelStream, return_large_allocations_promptly, select_labeled_pixels, usable_labels
+from pipeline.sampling import (
+    PixelStream, return_large_allocations_promptly, scaled_min_class_pixels, select_labeled_pixels, usable_labels,
+)
 from pipeline.store import FeatureStore
 
 
@@ -30,6 +34,33 @@ def test_ignore_label_zero_is_a_class_index_that_never_trains():
 def test_out_of_range_labels_are_refused():
     with pytest.raises(ValueError, match="neither"):
         usable_labels(np.array([[0, 7]]), ignore_label=255, num_classes=3, min_class_pixels=1)
+
+
+@pytest.mark.parametrize("side, expected", [(256, 20), (512, 80), (128, 5), (64, 1), (32, 1), (16, 1)])
+def test_the_rare_class_threshold_scales_with_the_image_area(side, expected):
+    assert scaled_min_class_pixels(side, side) == expected  # the paper's 20 at 256×256
+    assert scaled_min_class_pixels(side, side, setting=7) == 7  # a set value is used as it is
+
+
+def test_a_class_dropped_from_images_is_named_in_a_warning(tmp_path, caplog):
+    labels = []
+    for index in range(3):
+        label_map = np.zeros((16, 16), dtype=np.int64)
+        label_map[0, : 3 + 30 * (index == 0)] = 1  # class 1: 16 pixels in image 0 (the whole row), 3 in the others
+        label_map[5, :2] = 2  # class 2: 2 pixels in every image
+        labels.append(label_map)
+    write_synthetic_store(tmp_path / "store.zarr", "native", labels)
+    store = FeatureStore(tmp_path / "store.zarr")
+    with caplog.at_level(logging.WARNING, logger="pipeline.sampling"):
+        pixels = select_labeled_pixels(store, 3, 255, min_class_pixels=10, class_names=["background", "round", "square"])
+    assert pixels.class_counts(3)[1] == 16 and pixels.class_counts(3)[2] == 0
+    messages = [record.getMessage() for record in caplog.records]
+    assert any("'round'" in message and "2 of 3" in message and "never" not in message for message in messages)
+    assert any("'square'" in message and "3 of 3" in message and "never be predicted" in message for message in messages)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="pipeline.sampling"):
+        pixels = select_labeled_pixels(store, 3, 255)  # scaled with the area: 1 pixel at 16×16, nothing dropped
+    assert pixels.class_counts(3)[2] == 6 and not caplog.records
 
 
 def _store_with_labels(tmp_path, layout):

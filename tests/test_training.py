@@ -59,3 +59,50 @@ def test_fast_protocol_on_a_store(tmp_path):
     ys, xs = np.arange(16).repeat(16), np.tile(np.arange(16), 16)  # every pixel, row-major
     predicted, _ = predict_with_uncertainty(load_ensemble(tmp_path / "ensemble").members, torch.from_numpy(store.pixel_features(0, ys, xs)))
     assert (predicted.numpy() == store.labels(0).ravel()).mean() > 0.95
+
+
+def _part_iou(ensemble_dir, store_path, part: int) -> float:
+    """IoU of class `part` over every image of a store."""
+    store, members = FeatureStore(store_path), load_ensemble(ensemble_dir).members
+    ys, xs = np.arange(16).repeat(16), np.tile(np.arange(16), 16)  # every pixel, row-major
+    intersection = union = 0
+    for index in range(len(store.image_names)):
+        predicted, _ = predict_with_uncertainty(members, torch.from_numpy(store.pixel_features(index, ys, xs)))
+        predicted, target = predicted.numpy() == part, store.labels(index).ravel() == part
+        intersection, union = intersection + (predicted & target).sum(), union + (predicted | target).sum()
+    return intersection / union
+
+
+@pytest.fixture(scope="module")
+def small_part_stores(tmp_path_factory):
+    """8 training and 4 held-out 16×16 images where class 1 is a noisy part of 4 pixels (1.6 % of them)."""
+    root = tmp_path_factory.mktemp("small_part")
+    write_learnable_store(root / "train.zarr", count=8, seed=0, round_side=2, signal=2.0, noise=0.5)
+    write_learnable_store(root / "test.zarr", count=4, seed=1, round_side=2, signal=2.0, noise=0.5)
+    return root
+
+
+def test_a_part_of_a_few_pixels_survives_the_default_training(small_part_stores, tmp_path):
+    root = small_part_stores
+    defaults = TrainSettings(members=2, device="cpu")
+    train_on_store(root / "train.zarr", tmp_path / "default", defaults, show_progress=False)
+    assert _part_iou(tmp_path / "default", root / "test.zarr", part=1) > 0.5
+    # What the old defaults did: the paper's 20-pixel rule at 16×16 drops the part everywhere...
+    dropping = TrainSettings(members=2, device="cpu", min_class_pixels=20)
+    train_on_store(root / "train.zarr", tmp_path / "dropping", dropping, show_progress=False)
+    assert _part_iou(tmp_path / "dropping", root / "test.zarr", part=1) == 0.0
+    # ...and 1.5 passes without the step floor (12 steps) never learn it.
+    floorless = TrainSettings(members=2, device="cpu", fast_min_steps=0)
+    train_on_store(root / "train.zarr", tmp_path / "floorless", floorless, show_progress=False)
+    assert _part_iou(tmp_path / "floorless", root / "test.zarr", part=1) < 0.1
+
+
+def test_the_fast_protocol_learns_the_small_part_the_paper_protocol_learns(small_part_stores, tmp_path):
+    root = small_part_stores
+    ious = {}
+    for protocol in ("paper", "fast"):
+        settings = TrainSettings(protocol=protocol, members=2, device="cpu")
+        train_on_store(root / "train.zarr", tmp_path / protocol, settings, show_progress=False)
+        ious[protocol] = _part_iou(tmp_path / protocol, root / "test.zarr", part=1)
+    assert ious["paper"] > 0.5
+    assert ious["fast"] >= ious["paper"] - 0.05, ious
