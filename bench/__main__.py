@@ -26,6 +26,7 @@ BENCHMARKS = [
     "store_size",  # 5: the same at the paper's size (552 M-parameter ADM)
     "extraction_overhead",  # 1: extract stage vs bare forwards
     "training_speed",  # 3: fast vs paper protocol
+    "fast_protocol_classes",  # 3: the same per class, on validation images
     "sampling_throughput",  # 4: stream vs ensemble consumption
     "training_memory",  # 2: peak RSS vs training images
     "evaluation_streaming",  # 7: peak RSS vs test images
