@@ -178,6 +178,7 @@ class PixelStream:
         self.client = client
         # On a cluster, every worker holds its own copy of the store (reopened there, with its own cache).
         self.store_on_workers = None if client is None else client.scatter(store, broadcast=True)
+        self._resident: np.ndarray | None = None  # all pixels' features, when they fit in one buffer
 
     def epoch_order(self, rng: np.random.Generator) -> np.ndarray:
         """A visiting order of all pixels, int32 (P,) (4 bytes per pixel while an epoch runs).
@@ -251,9 +252,16 @@ class PixelStream:
     def buffers(self, rng: np.random.Generator) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """One epoch of (features float16 (N, D), labels int64 (N,)) buffers in visiting order.
 
-        The next buffer is gathered in the background while the current one is consumed.
+        The next buffer is gathered in the background while the current one is consumed. When
+        every labeled pixel fits in one buffer (small images, few labels), the features are
+        gathered once and kept: later epochs only reorder them.
         """
         order = self.epoch_order(rng)
+        if len(order) <= self.buffer_pixels:
+            if self._resident is None:  # (P, D) float16, in the order of `pixels`
+                self._resident = self.gather(np.arange(len(order)))
+            yield self._resident[order], self.pixels.label[order].astype(np.int64)
+            return
         chunks: Sequence[np.ndarray] = [
             order[start : start + self.buffer_pixels] for start in range(0, len(order), self.buffer_pixels)
         ]

@@ -198,3 +198,19 @@ def test_member_batches_give_each_member_its_own_order_of_the_same_buffer(tmp_pa
     # Each member sees every pixel once: the same rows, in another order.
     rows = [sorted(map(bytes, member.numpy())) for member in features]
     assert rows[0] == rows[1] == rows[2]
+
+
+def test_pixels_that_fit_in_one_buffer_are_gathered_once_and_reordered_every_epoch(tmp_path, monkeypatch):
+    write_synthetic_store(tmp_path / "store.zarr", "native", [np.zeros((16, 16), np.int64), np.ones((16, 16), np.int64)])
+    store = FeatureStore(tmp_path / "store.zarr")
+    pixels = select_labeled_pixels(store, 3, 255)
+    kept = PixelStream(store, pixels, batch_size=64, buffer_pixels=1024)
+    calls = []
+    gather = PixelStream.gather
+    monkeypatch.setattr(PixelStream, "gather", lambda self, *args: calls.append(len(args[0])) or gather(self, *args))
+    epochs = [list(kept.batches(np.random.default_rng(epoch))) for epoch in range(3)]
+    assert calls == [512]  # once, for all 512 pixels
+    for epoch, batches in enumerate(epochs):  # the same batches as a stream that gathers afresh
+        fresh = list(PixelStream(store, pixels, batch_size=64, buffer_pixels=1024).batches(np.random.default_rng(epoch)))
+        assert all(torch.equal(a, c) and torch.equal(b, d) for (a, b), (c, d) in zip(batches, fresh))
+    assert not torch.equal(epochs[0][0][1], epochs[1][0][1])  # another order each epoch
