@@ -1,6 +1,6 @@
 """Which demo DDPM checkpoint gives the best features? Validation mIoU per checkpoint.
 
-Validation scenes come from another seed than the demo's splits (the test split is never
+Validation faces come from another seed than the demo's splits (the test split is never
 looked at). Each checkpoint is compared with the same architecture with random weights, at the
 demo's steps and blocks (params.yaml), and with the raw-pixel baseline, with the chosen training
 protocol and labeled budget. Used to pick the committed demo DDPM among the checkpoints of a
@@ -26,12 +26,12 @@ from pipeline.extract import extract_features
 from pipeline.pixel_baseline import extract_pixel_features
 from pipeline.training import train_on_store
 
-VALIDATION_SEED_OFFSET = 1000  # the demo's seed + this: scenes no split of the demo contains
+VALIDATION_SEED_OFFSET = 1000  # the demo's seed + this: faces no split of the demo contains
 
 
 @dataclasses.dataclass(frozen=True)
 class ValidationData:
-    """The demo's labeled training scenes and validation scenes of another seed."""
+    """The demo's labeled training faces and validation faces of another seed."""
 
     train_images: Path
     validation_images: Path
@@ -39,7 +39,7 @@ class ValidationData:
 
 
 def write_validation_data(scratch: Path, demo: DemoSpec, validation_images: int) -> ValidationData:
-    """Writes the demo's training scenes and `validation_images` validation scenes of another seed."""
+    """Writes the demo's training faces and `validation_images` validation faces of another seed."""
     spec = dataclasses.replace(demo, pool_images=0, test_images=validation_images)
     write_demo_dataset(spec, scratch / "train_data")
     write_demo_dataset(dataclasses.replace(spec, seed=spec.seed + VALIDATION_SEED_OFFSET), scratch / "validation_data")
@@ -56,7 +56,7 @@ def write_random_twin(checkpoint: Path, seed: int, out_dir: Path) -> Path:
 def validation_miou(
     weights: Path, data: ValidationData, run_dir: Path, extract: ExtractSettings, trainings: list[TrainSettings]
 ) -> list[float]:
-    """Extracts the training and validation scenes with `weights`; mIoU of one ensemble per training setting."""
+    """Extracts the training and validation faces with `weights`; mIoU of one ensemble per training setting."""
     extract_features(weights, data.train_images, run_dir / "train.zarr", extract, data.classes, show_progress=False)
     extract_features(weights, data.validation_images, run_dir / "val.zarr", extract, data.classes, show_progress=False)
     return _ensemble_mious(run_dir, trainings)
@@ -89,7 +89,7 @@ def main() -> None:
     parser.add_argument("--validation-images", type=int, default=64)
     parser.add_argument("--protocol", default="fast", choices=["fast", "paper"])
     parser.add_argument("--seeds", default="0", help="Ensemble seeds, comma-separated.")
-    parser.add_argument("--train-images", type=int, help="Labeled training scenes (default: params.yaml demo.train_images).")
+    parser.add_argument("--train-images", type=int, help="Labeled training faces (default: params.yaml demo.train_images).")
     parser.add_argument("--out", default=str(PROJECT_ROOT / "bench" / "results" / "demo_checkpoint_validation.json"))
     arguments = parser.parse_args()
     params = load_params(PROJECT_ROOT / "params.yaml")

@@ -1,6 +1,6 @@
 """Which steps and blocks suit the demo's small DDPM? mIoU on a validation split, per setting.
 
-Validation scenes come from another seed than the demo's splits (the test split is never
+Validation faces come from another seed than the demo's splits (the test split is never
 looked at). For each setting, the DDPM and the same UNet with random weights are compared with
 the default training protocol. Results go to bench/results/demo_feature_sweep.json.
 

@@ -3,7 +3,7 @@
 Both protocols train on the same store, one after the other for each seed (side by side, one
 thread each), and are scored on the same test store:
 
-- demo: the digit-scene demo (16 labeled 32×32 scenes, 64 test scenes) with the committed demo
+- demo: the cartoon-face demo (20 labeled 32×32 faces, 64 test faces) with the committed demo
   DDPM's features (params.yaml's extract settings: 864 features per pixel);
 - cat_15: the paper's cat_15 split (30 train, 20 test) from ../shared, resized to 64×64, with
   features of ../shared/fixtures/adm-tiny (the paper's ADM architecture at 1/8 width, random
@@ -79,7 +79,7 @@ def compare_protocols(train_store: Path, test_store: Path, scratch: Path, seeds:
 
 
 def demo_stores(scratch: Path) -> tuple[Path, Path]:
-    """The demo's train and test scenes, extracted with the committed demo DDPM."""
+    """The demo's train and test faces, extracted with the committed demo DDPM."""
     from pipeline.datasets import find_class_info
     from pipeline.demo import write_demo_dataset
     from pipeline.extract import extract_features

@@ -34,16 +34,30 @@ def compare_feature_sources(miou_by_source: dict[str, float]) -> dict:
     return summary
 
 
-def write_comparison(metrics_paths: dict[str, Path], out_json: Path, out_chart: Path) -> dict:
-    """Reads each source's `metrics.json`, writes the comparison JSON and a bar chart."""
-    miou_by_source = {}
+def per_class_by_source(per_class_by_source_name: dict[str, dict[str, float | None]]) -> dict[str, dict[str, float | None]]:
+    """Class → {source → IoU}: the sources' per-class IoU side by side, in the first source's class order."""
+    classes = list(next(iter(per_class_by_source_name.values()), {}))
+    return {name: {source: per_class.get(name) for source, per_class in per_class_by_source_name.items()} for name in classes}
+
+
+def write_comparison(metrics_paths: dict[str, Path], out_json: Path, out_chart: Path, out_per_class: Path | None = None) -> dict:
+    """Reads each source's `metrics.json`; writes the headline JSON, a bar chart of the sources'
+    mIoU and, when `out_per_class` is given, every class's IoU by source."""
+    miou_by_source, per_class = {}, {}
     for source, path in metrics_paths.items():
         try:
-            miou_by_source[source] = json.loads(Path(path).read_text())["miou"]
+            metrics = json.loads(Path(path).read_text())
+            miou_by_source[source], per_class[source] = metrics["miou"], metrics["per_class_iou"]
         except (OSError, ValueError, KeyError) as error:
             raise ValueError(f"cannot read the mIoU of {source!r} from {path}: {error}") from None
     summary = compare_feature_sources(miou_by_source)
+    known = [iou for iou in per_class.get("ddpm", {}).values() if iou is not None]
+    if known:  # the class the DDPM features segment worst: a mean can hide a lost small part
+        summary["lowest_class_iou"] = min(known)
     Path(out_json).write_text(json.dumps(summary, indent=1))
+    if out_per_class is not None:
+        Path(out_per_class).write_text(json.dumps(per_class_by_source(per_class), indent=1))
     chart = {FEATURE_SOURCES[source][1]: miou for source, miou in miou_by_source.items()}
-    save_per_class_iou_chart(out_chart, chart, "demo test mIoU by features (same ensemble, same labels)")
+    # No mean line: a mean of the three sources' mIoU means nothing.
+    save_per_class_iou_chart(out_chart, chart, "demo test mIoU by features (same ensemble, same labels)", mean_line=False)
     return summary

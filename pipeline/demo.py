@@ -1,25 +1,29 @@
-"""A tiny, self-contained demo dataset: scenes of handwritten digits on colour gradients.
+"""The embedded demo dataset: generated cartoon faces, segmented into their parts.
 
-Every scene is made from scikit-learn's bundled 8×8 digits (``load_digits``, 1,797 of them),
-so nothing is downloaded. A scene holds 2–4 digits of varied size, position and colour on a
-random two-colour gradient with mild noise; its label map gives, for every pixel, 0 for
-background or 1 + the digit's value (11 classes).
+The paper's benchmarks segment the *parts of one object class* (FFHQ-34: eyes, brows, nose,
+mouth, hair, ears, …), where a DDPM trained on unlabeled images of that class has learned where
+the parts are. This module makes a license-free, offline task of that shape: faces of random
+position, size, tilt, turn, proportions and hair style on colour gradients, with 8 classes:
+background, skin, hair, ear, eye, brow, nose and mouth.
 
-Colour never gives the class away: a digit's colour is drawn from the same distribution as the
-background colours, independently of its value, and only rejected when it is too close to the
-background under it. Shape is the only cue, which is what diffusion features should capture.
+Colour never gives a class away: skin, hair, eye, brow and mouth colours are each drawn
+uniformly and independently (ears share the skin's colour, the nose is the skin made lighter
+or darker), and a part's colour is only redrawn when it is too close to the colour under it to
+see. A segmenter has to tell the parts apart by shape and by where they sit in the face.
 
-The 1,797 digits are split by a seeded permutation into two disjoint halves: ``pool`` and
-``train`` scenes use the first half, ``test`` scenes the second, so test digits are unseen
-handwriting. Scene ``i`` of a split depends only on ``(seed, split, i)``: growing the pool does
-not change the labeled scenes.
+Faces are drawn at ``_SUPERSAMPLING`` times the resolution, the painter's way (later parts
+over earlier ones), into a class map; the image is that class map's colours averaged down to
+the output size (anti-aliased edges), and a pixel's label is the class at its centre.
+
+Image ``i`` of a split depends only on ``(seed, split, i)``: growing the pool does not change
+the labeled images, and the test split has its own random stream.
 
 On disk this is the paper's dataset format::
 
-    <out>/real/train/scene_0000.png + scene_0000.npy   (uint8 labels, same stem)
+    <out>/real/train/face_0000.png + face_0000.npy   (uint8 labels, same stem)
     <out>/real/test/...
-    <out>/pool/scene_0000.png                          (unlabeled, for DDPM training)
-    <out>/classes.json                                 {"num_classes", "ignore_label", ...}
+    <out>/pool/face_0000.png                         (unlabeled, for DDPM training)
+    <out>/classes.json                               {"num_classes", "ignore_label", "names", ...}
 """
 
 from __future__ import annotations
@@ -36,24 +40,22 @@ from tqdm import tqdm
 logger = logging.getLogger(__name__)
 
 CLASS_NAMES: tuple[str, ...] = (
-    "background", "zero", "one", "two", "three", "four",
-    "five", "six", "seven", "eight", "nine",
+    "background", "skin", "hair", "ear", "eye", "brow", "nose", "mouth",
 )
+BACKGROUND, SKIN, HAIR, EAR, EYE, BROW, NOSE, MOUTH = range(len(CLASS_NAMES))
 IGNORE_LABEL = 255
 
-# Entropy words that keep the random streams of the digit split and of each split apart.
-_STREAM_CODES = {"digits": 0, "pool": 1, "train": 2, "test": 3}
-# A digit is drawn on a box one source pixel wider on each side, so strokes that touch the
-# 8×8 frame still fade out smoothly instead of being cut.
-_SOURCE_PADDING = 1
-# Below this RGB distance (colours in [0, 1], maximum √3) from the background under it a
-# candidate digit colour is rejected as too faint to see.
-_MIN_COLOUR_DISTANCE = 0.5
+# Entropy words that keep the random streams of the splits apart.
+_STREAM_CODES = {"pool": 1, "train": 2, "test": 3}
+_SUPERSAMPLING = 4
+# Below this RGB distance (colours in [0, 1], maximum √3) from the colour under it, a part's
+# colour is redrawn: a part the eye cannot see cannot be labeled.
+_MIN_COLOUR_DISTANCE = 0.35
 _COLOUR_CANDIDATES = 16
-_POSITION_CANDIDATES = 8
-# Largest share of an earlier digit's box that a later one may cover when a better place exists.
-_MAX_BOX_OVERLAP = 0.3
 _NOISE_STD = 3.0 / 255.0
+# Face half-width as a share of the image side, and its largest tilt.
+_FACE_HALF_WIDTH = (0.24, 0.34)
+_MAX_TILT_DEGREES = 15.0
 
 
 @dataclass(frozen=True)
@@ -61,13 +63,11 @@ class DemoSpec:
     """What to generate.
 
     Attributes:
-        size: Side of the square scenes in pixels (at least 16).
-        pool_images: Unlabeled scenes for DDPM training.
-        train_images: Labeled few-shot training scenes.
-        test_images: Labeled test scenes (held-out handwriting).
+        size: Side of the square images in pixels (at least 16).
+        pool_images: Unlabeled faces for DDPM training.
+        train_images: Labeled few-shot training faces.
+        test_images: Labeled test faces (their own random stream).
         seed: Seed of every random choice.
-        min_digits: Fewest digits in a scene.
-        max_digits: Most digits in a scene.
     """
 
     size: int = 32
@@ -75,85 +75,61 @@ class DemoSpec:
     train_images: int = 20
     test_images: int = 64
     seed: int = 0
-    min_digits: int = 2
-    max_digits: int = 4
 
     def __post_init__(self) -> None:
-        _check_scene_settings(self.size, self.min_digits, self.max_digits)
+        _check_size(self.size)
         for name in ("pool_images", "train_images", "test_images"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
 
-def load_digit_halves(seed: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Splits scikit-learn's digits into two disjoint halves by a seeded permutation.
+@dataclass(frozen=True)
+class _Face:
+    """Where a face sits and how it is shaped, in image pixels and face units.
+
+    Face units: the face's half-width is 1, x to its right, y downwards, origin at its centre.
+    """
+
+    centre: tuple[float, float]  # (x, y) in pixels
+    half_width: float  # pixels per face unit
+    tilt: float  # radians, clockwise
+    height: float  # face half-height in face units
+    turn: float  # sideways shift of the inner parts (a head turning), face units
+    long_hair: bool
+    hairline: float  # y of the fringe's lower edge, face units
+
+
+def make_face(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Draws one face on a gradient background.
 
     Args:
-        seed: Seed of the permutation.
+        rng: The image's random generator (all choices come from it).
+        size: Side of the image in pixels (at least 16).
 
     Returns:
-        ``{"train": (digits, targets), "test": (digits, targets)}`` where ``digits`` is
-        (N, 8, 8) float32 in [0, 1] and ``targets`` (N,) int64 in 0..9. ``train`` (used by the
-        pool and train splits) gets the first 899 of the permuted digits, ``test`` the other 898.
+        ``(image, labels)``: image (size, size, 3) uint8 RGB; labels (size, size) uint8 class
+        indices into ``CLASS_NAMES``: the class drawn at each pixel's centre.
     """
-    # Imported here: every stage reads params.yaml through pipeline.config, which imports this
-    # module, and scikit-learn takes ~2 s to import on a slow CPU.
-    from sklearn.datasets import load_digits
+    _check_size(size)
+    face = _random_face(rng, size)
+    fine = size * _SUPERSAMPLING
+    # Pixel-centre coordinates of the fine grid, in output pixels: (fine, fine) each.
+    rows, columns = (np.mgrid[0:fine, 0:fine] + 0.5) / _SUPERSAMPLING
+    x, y = _to_face_units(face, columns, rows)  # (fine, fine) each
 
-    bunch = load_digits()
-    digits = (bunch.images / 16.0).astype(np.float32)  # (1797, 8, 8), source range 0..16
-    targets = bunch.target.astype(np.int64)
-    order = _stream_rng(seed, "digits").permutation(len(targets))
-    half = (len(order) + 1) // 2
-    return {
-        "train": (digits[order[:half]], targets[order[:half]]),
-        "test": (digits[order[half:]], targets[order[half:]]),
-    }
+    classes = np.full((fine, fine), BACKGROUND, dtype=np.uint8)
+    for label, region in _face_regions(face, x, y):
+        classes[region] = label
 
-
-def make_scene(
-    rng: np.random.Generator,
-    digits: np.ndarray,
-    targets: np.ndarray,
-    size: int,
-    min_digits: int,
-    max_digits: int,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Composes one scene: a colour gradient with digits drawn on top, later ones over earlier.
-
-    Args:
-        rng: The scene's random generator (all choices come from it).
-        digits: (N, 8, 8) float grey digits, intensities in [0, 1].
-        targets: (N,) int digit values in 0..9.
-        size: Side of the scene in pixels (at least 16).
-        min_digits: Fewest digits to draw (at least 1).
-        max_digits: Most digits to draw.
-
-    Returns:
-        ``(image, labels)``: image (size, size, 3) uint8 RGB; labels (size, size) uint8 with 0
-        for background and ``1 + value`` where a digit's upscaled intensity exceeds one half.
-    """
-    _check_scene_settings(size, min_digits, max_digits)
-    _check_digits(digits, targets)
-    canvas = _gradient_background(rng, size)  # (size, size, 3) float in [0, 1]
-    labels = np.zeros((size, size), dtype=np.uint8)
-    boxes: list[tuple[int, int, int]] = []  # (row, column, side) of each drawn digit
-    for _ in range(int(rng.integers(min_digits, max_digits + 1))):
-        index = int(rng.integers(len(targets)))
-        side = _digit_box_side(rng, size)
-        row, column = _choose_position(rng, size, side, boxes)
-        boxes.append((row, column, side))
-        intensity = _upscale_digit(digits[index], side)  # (side, side) float in [0, 1]
-        window = (slice(row, row + side), slice(column, column + side))
-        colour = _choose_colour(rng, canvas[window].reshape(-1, 3).mean(axis=0))
-        # Smoothstep around 1/2: crisp strokes, anti-aliased edges, and alpha > 1/2 exactly
-        # where the label says "digit", so labels and pixels agree.
-        ramp = np.clip((intensity - 0.3) / 0.4, 0.0, 1.0)
-        alpha = (ramp * ramp * (3.0 - 2.0 * ramp))[..., None]
-        canvas[window] = canvas[window] * (1.0 - alpha) + colour * alpha
-        labels[window][intensity > 0.5] = targets[index] + 1
+    background = _gradient_background(rng, fine)  # (fine, fine, 3)
+    colours = _part_colours(rng, background[fine // 2, fine // 2])  # (classes, 3)
+    canvas = np.where((classes == BACKGROUND)[..., None], background, colours[classes])
+    # Average each SUPERSAMPLING² block: (fine, fine, 3) → (size, S, size, S, 3) → (size, size, 3).
+    canvas = canvas.reshape(size, _SUPERSAMPLING, size, _SUPERSAMPLING, 3).mean(axis=(1, 3))
     canvas += rng.normal(0.0, _NOISE_STD, size=canvas.shape)
     image = np.clip(np.rint(canvas * 255.0), 0, 255).astype(np.uint8)
+    centre = _SUPERSAMPLING // 2
+    labels = classes[centre::_SUPERSAMPLING, centre::_SUPERSAMPLING].copy()  # (size, size)
     return image, labels
 
 
@@ -163,7 +139,7 @@ def write_demo_dataset(spec: DemoSpec, out_dir: Path) -> None:
     Args:
         spec: What to generate.
         out_dir: Target folder; created if missing, refused if it already holds anything
-            (stale scenes from a bigger earlier run would otherwise stay behind).
+            (stale images from a bigger earlier run would otherwise stay behind).
 
     Raises:
         FileExistsError: ``out_dir`` exists and is not empty.
@@ -171,25 +147,20 @@ def write_demo_dataset(spec: DemoSpec, out_dir: Path) -> None:
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise FileExistsError(f"demo dataset folder is not empty: {out_dir}")
-    halves = load_digit_halves(spec.seed)
     splits = (
-        ("pool", spec.pool_images, out_dir / "pool", "train"),
-        ("train", spec.train_images, out_dir / "real" / "train", "train"),
-        ("test", spec.test_images, out_dir / "real" / "test", "test"),
+        ("pool", spec.pool_images, out_dir / "pool"),
+        ("train", spec.train_images, out_dir / "real" / "train"),
+        ("test", spec.test_images, out_dir / "real" / "test"),
     )
-    for split, count, folder, half in splits:
+    for split, count, folder in splits:
         folder.mkdir(parents=True, exist_ok=True)
-        digits, targets = halves[half]
-        scenes = tqdm(range(count), desc=f"demo {split}", unit="scene", disable=split != "pool")
-        for index in scenes:
-            rng = _stream_rng(spec.seed, split, index)
-            image, labels = make_scene(
-                rng, digits, targets, spec.size, spec.min_digits, spec.max_digits
-            )
-            Image.fromarray(image).save(folder / f"scene_{index:04d}.png")
+        faces = tqdm(range(count), desc=f"demo {split}", unit="face", disable=split != "pool")
+        for index in faces:
+            image, labels = make_face(stream_rng(spec.seed, split, index), spec.size)
+            Image.fromarray(image).save(folder / f"face_{index:04d}.png")
             if split != "pool":
-                np.save(folder / f"scene_{index:04d}.npy", labels)
-        logger.info("wrote %d %s scenes to %s", count, split, folder)
+                np.save(folder / f"face_{index:04d}.npy", labels)
+        logger.info("wrote %d %s faces to %s", count, split, folder)
     classes = {
         "num_classes": len(CLASS_NAMES),
         "ignore_label": IGNORE_LABEL,
@@ -200,91 +171,115 @@ def write_demo_dataset(spec: DemoSpec, out_dir: Path) -> None:
     (out_dir / "classes.json").write_text(json.dumps(classes, indent=1) + "\n")
 
 
-def _stream_rng(seed: int, stream: str, index: int = 0) -> np.random.Generator:
-    """A generator that depends only on (seed, stream, index)."""
-    return np.random.default_rng([seed, _STREAM_CODES[stream], index])
+def stream_rng(seed: int, split: str, index: int = 0) -> np.random.Generator:
+    """The random generator of image ``index`` of ``split``: depends only on these three."""
+    return np.random.default_rng([seed, _STREAM_CODES[split], index])
 
 
-def _check_scene_settings(size: int, min_digits: int, max_digits: int) -> None:
+def _check_size(size: int) -> None:
     if size < 16:
-        raise ValueError(f"scene size must be at least 16 pixels, got {size}")
-    if not 1 <= min_digits <= max_digits:
-        raise ValueError(
-            f"need 1 <= min_digits <= max_digits, got min_digits={min_digits}, "
-            f"max_digits={max_digits}"
-        )
+        raise ValueError(f"image size must be at least 16 pixels, got {size}")
 
 
-def _check_digits(digits: np.ndarray, targets: np.ndarray) -> None:
-    if digits.ndim != 3 or digits.shape[1:] != (8, 8):
-        raise ValueError(f"digits must have shape (N, 8, 8), got {digits.shape}")
-    if targets.shape != (len(digits),) or len(digits) == 0:
-        raise ValueError(
-            f"targets must have shape ({len(digits)},) with N > 0, got {targets.shape}"
-        )
-    if digits.min() < 0.0 or digits.max() > 1.0:
-        raise ValueError(
-            f"digit intensities must lie in [0, 1], got [{digits.min()}, {digits.max()}]"
-        )
-    if targets.min() < 0 or targets.max() > 9:
-        raise ValueError(f"targets must lie in 0..9, got [{targets.min()}, {targets.max()}]")
+def _random_face(rng: np.random.Generator, size: int) -> _Face:
+    half_width = rng.uniform(*_FACE_HALF_WIDTH) * size
+    height = rng.uniform(1.15, 1.4)
+    # Keep the face (and most of its hair) inside the image.
+    margin_x, margin_y = 1.1 * half_width, 1.1 * height * half_width
+    centre = (
+        rng.uniform(margin_x, max(margin_x, size - margin_x)),
+        rng.uniform(margin_y, max(margin_y, size - margin_y)),
+    )
+    return _Face(
+        centre=centre,
+        half_width=half_width,
+        tilt=np.deg2rad(rng.uniform(-_MAX_TILT_DEGREES, _MAX_TILT_DEGREES)),
+        height=height,
+        turn=rng.uniform(-0.15, 0.15),
+        long_hair=bool(rng.random() < 0.5),
+        hairline=rng.uniform(-0.85, -0.45) * height,
+    )
+
+
+def _to_face_units(face: _Face, columns: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Image coordinates (pixels) → face units (rotated by the face's tilt)."""
+    dx = (columns - face.centre[0]) / face.half_width
+    dy = (rows - face.centre[1]) / face.half_width
+    cos, sin = np.cos(face.tilt), np.sin(face.tilt)
+    return cos * dx + sin * dy, -sin * dx + cos * dy
+
+
+def _ellipse(x: np.ndarray, y: np.ndarray, cx: float, cy: float, rx: float, ry: float) -> np.ndarray:
+    return ((x - cx) / rx) ** 2 + ((y - cy) / ry) ** 2 <= 1.0
+
+
+def _face_regions(face: _Face, x: np.ndarray, y: np.ndarray) -> list[tuple[int, np.ndarray]]:
+    """The parts as (class, boolean mask) pairs, in painting order (later ones on top)."""
+    h, turn = face.height, face.turn
+    skull = _ellipse(x, y, 0.0, -0.1 * h, 1.15, 1.05 * h)
+    back_hair = skull & (y < -0.2 * h)
+    if face.long_hair:  # falls behind the face down to the jaw
+        back_hair |= _ellipse(x, y, 0.0, 0.1 * h, 1.25, 1.05 * h) & (y < 0.75 * h)
+    head = _ellipse(x, y, 0.0, 0.0, 1.0, h)
+    eye_y, eye_x = -0.05 * h, 0.42
+    regions = [
+        (HAIR, back_hair),
+        (EAR, _ellipse(np.abs(x), y, 1.0, 0.05 * h, 0.2, 0.3)),
+        (SKIN, head),
+        (HAIR, head & (y < face.hairline)),  # the fringe
+        (EYE, _ellipse(np.abs(x - turn), y, eye_x, eye_y, 0.2, 0.13)),
+        (BROW, (np.abs(np.abs(x - turn) - eye_x) < 0.24) & (np.abs(y - (eye_y - 0.3)) < 0.07)),
+        (NOSE, _nose(x - turn * 1.2, y, h)),
+        (MOUTH, _ellipse(x, y, turn, 0.55 * h, 0.34, 0.12)),
+    ]
+    return regions
+
+
+def _nose(x: np.ndarray, y: np.ndarray, h: float) -> np.ndarray:
+    """A triangle pointing up: apex between the eyes, base above the mouth."""
+    top, bottom = 0.0, 0.32 * h
+    within = (y >= top) & (y <= bottom)
+    half_base = 0.17 * (y - top) / (bottom - top)
+    return within & (np.abs(x) <= half_base + 0.03)
 
 
 def _random_colours(rng: np.random.Generator, count: int) -> np.ndarray:
-    """(count, 3) float RGB in [0, 1]: the one distribution of background and digit colours."""
+    """(count, 3) float RGB in [0, 1]: the one distribution of every drawn colour."""
     return rng.uniform(0.0, 1.0, size=(count, 3))
 
 
-def _gradient_background(rng: np.random.Generator, size: int) -> np.ndarray:
-    """(size, size, 3) float: a linear blend of two random colours along a random direction."""
+def _visible_colour(rng: np.random.Generator, under: np.ndarray) -> np.ndarray:
+    """(3,): the first of a few random colours far enough from ``under`` (3,) to see.
+
+    Falls back to the farthest candidate; the draw never looks at the part's class.
+    """
+    candidates = _random_colours(rng, _COLOUR_CANDIDATES)
+    distances = np.linalg.norm(candidates - under, axis=1)
+    visible = np.flatnonzero(distances >= _MIN_COLOUR_DISTANCE)
+    return candidates[visible[0] if len(visible) else int(np.argmax(distances))]
+
+
+def _part_colours(rng: np.random.Generator, background: np.ndarray) -> np.ndarray:
+    """(len(CLASS_NAMES), 3) float RGB: each class's colour in this face (background unused)."""
+    colours = np.zeros((len(CLASS_NAMES), 3))
+    colours[SKIN] = _visible_colour(rng, background)
+    colours[HAIR] = _visible_colour(rng, colours[SKIN])
+    colours[EAR] = colours[SKIN]
+    for part in (EYE, BROW, MOUTH):
+        colours[part] = _visible_colour(rng, colours[SKIN])
+    shift = rng.uniform(0.15, 0.3) * rng.choice([-1.0, 1.0])
+    nose = colours[SKIN] + shift
+    if nose.min() < 0.0 or nose.max() > 1.0:  # no room that way: shift the other way
+        nose = colours[SKIN] - shift
+    colours[NOSE] = np.clip(nose, 0.0, 1.0)
+    return colours
+
+
+def _gradient_background(rng: np.random.Generator, side: int) -> np.ndarray:
+    """(side, side, 3) float: a linear blend of two random colours along a random direction."""
     start, end = _random_colours(rng, 2)
     angle = rng.uniform(0.0, 2.0 * np.pi)
-    rows, columns = np.mgrid[0:size, 0:size] / (size - 1)
+    rows, columns = np.mgrid[0:side, 0:side] / (side - 1)
     position = rows * np.sin(angle) + columns * np.cos(angle)
     position = (position - position.min()) / (position.max() - position.min())
     return start + position[..., None] * (end - start)
-
-
-def _digit_box_side(rng: np.random.Generator, size: int) -> int:
-    """Side of the drawn box: the digit body is size/4..size/2 pixels, plus its padding."""
-    body = int(rng.integers(round(size / 4), round(size / 2) + 1))
-    return round(body * (8 + 2 * _SOURCE_PADDING) / 8)
-
-
-def _choose_position(
-    rng: np.random.Generator, size: int, side: int, boxes: list[tuple[int, int, int]]
-) -> tuple[int, int]:
-    """Top-left corner of a new box: the first candidate that hides little of earlier boxes.
-
-    Falls back to the candidate with the least overlap, so digits may still partly overlap.
-    """
-    corners = rng.integers(0, size - side + 1, size=(_POSITION_CANDIDATES, 2))
-    worst_overlaps = np.zeros(len(corners))
-    for row, column, old_side in boxes:
-        height = np.clip(np.minimum(corners[:, 0] + side, row + old_side)
-                         - np.maximum(corners[:, 0], row), 0, None)
-        width = np.clip(np.minimum(corners[:, 1] + side, column + old_side)
-                        - np.maximum(corners[:, 1], column), 0, None)
-        worst_overlaps = np.maximum(worst_overlaps, height * width / old_side**2)
-    acceptable = np.flatnonzero(worst_overlaps <= _MAX_BOX_OVERLAP)
-    chosen = acceptable[0] if len(acceptable) else int(np.argmin(worst_overlaps))
-    return int(corners[chosen, 0]), int(corners[chosen, 1])
-
-
-def _upscale_digit(digit: np.ndarray, side: int) -> np.ndarray:
-    """(side, side) float in [0, 1]: the padded 8×8 digit resized bicubically."""
-    padded = np.zeros((8 + 2 * _SOURCE_PADDING,) * 2, dtype=np.float32)  # np.pad is slow here
-    padded[_SOURCE_PADDING:-_SOURCE_PADDING, _SOURCE_PADDING:-_SOURCE_PADDING] = digit
-    resized = Image.fromarray(padded).resize((side, side), Image.Resampling.BICUBIC)
-    return np.clip(np.asarray(resized), 0.0, 1.0)  # bicubic overshoots slightly
-
-
-def _choose_colour(rng: np.random.Generator, background: np.ndarray) -> np.ndarray:
-    """(3,) float: the first of a few random colours far enough from ``background`` (3,).
-
-    Falls back to the farthest candidate; the draw never looks at the digit's class.
-    """
-    candidates = _random_colours(rng, _COLOUR_CANDIDATES)
-    distances = np.linalg.norm(candidates - background, axis=1)
-    visible = np.flatnonzero(distances >= _MIN_COLOUR_DISTANCE)
-    return candidates[visible[0] if len(visible) else int(np.argmax(distances))]

@@ -200,7 +200,7 @@ def save_prediction_grid(
 
 
 def save_per_class_iou_chart(
-    path: Path | str, per_class_iou: dict[str, float | None], title: str
+    path: Path | str, per_class_iou: dict[str, float | None], title: str, mean_line: bool = True
 ) -> None:
     """Saves a horizontal bar chart of per-class IoU; classes without a value read "n/a".
 
@@ -209,6 +209,7 @@ def save_per_class_iou_chart(
         per_class_iou: Class name -> IoU in [0, 1], or None where the class is absent from
             both ground truth and prediction. Drawn top to bottom in the dict's order.
         title: Figure title.
+        mean_line: Draw the mean of the known values as a dashed line.
     """
     if not per_class_iou:
         raise ValueError("per_class_iou is empty: nothing to draw")
@@ -228,7 +229,7 @@ def save_per_class_iou_chart(
         axes.text((value or 0.0) + 0.01, position, text, va="center", fontsize=8, zorder=3,
                   bbox=dict(facecolor="white", edgecolor="none", pad=1.0))
     known = [value for value in values if value is not None]  # the mean line is over these
-    if known:
+    if known and mean_line:
         axes.axvline(float(np.mean(known)), color="tab:red", linestyle="--",
                      label=f"mean {100.0 * np.mean(known):.1f}%")
         axes.legend(loc="lower right", fontsize=8)

@@ -14,10 +14,12 @@ def main() -> None:
     parser.add_argument("--pixels", required=True, help="metrics.json of the raw pixels")
     parser.add_argument("--out", required=True)
     parser.add_argument("--chart", required=True)
+    parser.add_argument("--per-class", help="where to write every class's IoU by feature source")
     arguments = parser.parse_args()
 
     paths = {"ddpm": Path(arguments.ddpm), "random": Path(arguments.random), "pixels": Path(arguments.pixels)}
-    summary = write_comparison(paths, output_path(arguments.out), output_path(arguments.chart))
+    per_class = output_path(arguments.per_class) if arguments.per_class else None
+    summary = write_comparison(paths, output_path(arguments.out), output_path(arguments.chart), per_class)
     print("compare: " + ", ".join(f"{key} {value}" for key, value in summary.items()))
 
 

@@ -1,4 +1,4 @@
-"""DVC stage: generate the digit-scene demo dataset (pool, few-shot train split, test split)."""
+"""DVC stage: generate the cartoon-face demo dataset (pool, few-shot train split, test split)."""
 
 import argparse
 import logging
@@ -20,7 +20,7 @@ def main() -> None:
     out = output_path(arguments.out)
     shutil.rmtree(out, ignore_errors=True)  # this stage's own output: always generated whole
     write_demo_dataset(spec, out)
-    print(f"demo data: {spec.train_images} train, {spec.test_images} test, {spec.pool_images} unlabeled scenes in {out}")
+    print(f"demo data: {spec.train_images} train, {spec.test_images} test, {spec.pool_images} unlabeled faces in {out}")
 
 
 if __name__ == "__main__":

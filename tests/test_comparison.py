@@ -19,10 +19,16 @@ def test_write_comparison_reads_metrics_files(tmp_path):
     paths = {}
     for source, miou in (("ddpm", 0.5), ("random", 0.25), ("pixels", 0.125)):
         paths[source] = tmp_path / f"{source}.json"
-        paths[source].write_text(json.dumps({"miou": miou}))
-    summary = write_comparison(paths, tmp_path / "metrics.json", tmp_path / "chart.png")
+        per_class = {"background": 0.9, "eye": miou / 2, "nose": None if source == "pixels" else miou}
+        paths[source].write_text(json.dumps({"miou": miou, "per_class_iou": per_class}))
+    summary = write_comparison(paths, tmp_path / "metrics.json", tmp_path / "chart.png", tmp_path / "per_class.json")
     assert json.loads((tmp_path / "metrics.json").read_text()) == summary
     assert summary["margin_over_pixels"] == 37.5 and (tmp_path / "chart.png").stat().st_size > 1000
+    assert summary["lowest_class_iou"] == 0.25  # the DDPM features' eye
+    per_class = json.loads((tmp_path / "per_class.json").read_text())
+    assert list(per_class) == ["background", "eye", "nose"]
+    assert per_class["eye"] == {"ddpm": 0.25, "random": 0.125, "pixels": 0.0625}
+    assert per_class["nose"]["pixels"] is None
     paths["pixels"].write_text("{}")
     with pytest.raises(ValueError, match="pixels"):
         write_comparison(paths, tmp_path / "metrics.json", tmp_path / "chart.png")
