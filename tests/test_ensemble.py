@@ -170,7 +170,7 @@ def test_fast_protocol_learns_separable_classes():
         for parts in zip(*batches):
             yield torch.stack([f for f, _ in parts]), torch.stack([l for _, l in parts])
 
-    settings = TrainSettings(members=3, fast_batch_size=64, fast_learning_rate=0.004, fast_epochs=4)
+    settings = TrainSettings(members=3, fast_batch_size=64, fast_learning_rate=0.004, fast_epochs=4, fast_min_steps=0)
     members, logs = train_fused(epoch_batches, 6, 3, 512, settings, show_progress=False)
     assert len(members) == 3 and len(logs) == 3
     assert (logs[0].epochs, logs[0].iterations) == (4, 4 * 512 // 64)
@@ -186,6 +186,10 @@ def test_fast_protocol_stops_at_its_budget_of_passes_even_mid_epoch():
         for features, labels in _separable_batches(0, epoch):  # 8 batches of 64
             yield features.expand(2, -1, -1), labels.expand(2, -1)
 
-    settings = TrainSettings(members=2, fast_batch_size=64, fast_epochs=1.5)
+    settings = TrainSettings(members=2, fast_batch_size=64, fast_epochs=1.5, fast_min_steps=0)
     _, logs = train_fused(epoch_batches, 6, 3, 512, settings, show_progress=False)
     assert (logs[0].epochs, logs[0].iterations) == (2, 12)
+    # With few pixels the step floor sets the budget instead: 20 steps are 2.5 passes.
+    floored = dataclasses.replace(settings, fast_min_steps=20)
+    _, logs = train_fused(epoch_batches, 6, 3, 512, floored, show_progress=False)
+    assert (logs[0].epochs, logs[0].iterations) == (3, 20)
