@@ -94,13 +94,13 @@ def extract(context: _Context, checkpoint, images, store, steps, blocks, seed, s
 @click.option("--learning-rate", default=0.001, show_default=True)
 @click.option("--batch-size", default=64, show_default=True)
 @click.option("--max-epochs", default=100, show_default=True)
-@click.option("--protocol", type=click.Choice(["paper", "fast"]), default="fast", show_default=True, help="fast: members batched together, 1.5 passes; paper: as the official code.")
+@click.option("--protocol", type=click.Choice(["paper", "fast"]), default="paper", show_default=True, help="paper: as the official code; fast: members batched together, 1.5 passes and at least 400 steps (faster, can be a little less accurate).")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--classes", type=click.Path(path_type=Path), help="classes.json (default: recorded in the store).")
 @click.option("--scheduler", help="Dask scheduler address: its workers read the features; the ensemble trains here.")
 @click.pass_obj
 def train(context: _Context, store, out, members, seed, learning_rate, batch_size, max_epochs, protocol, device, classes, scheduler):
-    """Train the MLP ensemble on the labeled pixels of a store (fast protocol by default)."""
+    """Train the MLP ensemble on the labeled pixels of a store (the paper's protocol by default)."""
     from pipeline.training import train_on_store
 
     def action():

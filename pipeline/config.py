@@ -64,7 +64,7 @@ class ExtractSettings:
 
 @dataclasses.dataclass(frozen=True)
 class TrainSettings:
-    """How the MLP ensemble is trained (the fast protocol by default; the paper's is selectable).
+    """How the MLP ensemble is trained (the paper's protocol by default; the fast one is selectable).
 
     Attributes:
         protocol: "paper" follows the official implementation (members one after the other,
@@ -93,7 +93,7 @@ class TrainSettings:
             None reads them with threads in this process. The ensemble trains here either way.
     """
 
-    protocol: Protocol = "fast"
+    protocol: Protocol = "paper"
     members: int = 10
     seed: int = 0
     learning_rate: float = 0.001

@@ -91,8 +91,8 @@ def test_a_part_of_a_few_pixels_survives_the_default_training(small_part_stores,
     dropping = TrainSettings(members=2, device="cpu", min_class_pixels=20)
     train_on_store(root / "train.zarr", tmp_path / "dropping", dropping, show_progress=False)
     assert _part_iou(tmp_path / "dropping", root / "test.zarr", part=1) == 0.0
-    # ...and 1.5 passes without the step floor (12 steps) never learn it.
-    floorless = TrainSettings(members=2, device="cpu", fast_min_steps=0)
+    # ...and the fast protocol's 1.5 passes without its step floor (12 steps) never learn it.
+    floorless = TrainSettings(protocol="fast", members=2, device="cpu", fast_min_steps=0)
     train_on_store(root / "train.zarr", tmp_path / "floorless", floorless, show_progress=False)
     assert _part_iou(tmp_path / "floorless", root / "test.zarr", part=1) < 0.1
 
