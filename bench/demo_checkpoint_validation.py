@@ -18,9 +18,9 @@ from pathlib import Path
 
 from bench.common import PROJECT_ROOT
 from pipeline.backbones import load_backbone, randomly_initialised_unet
-from pipeline.config import EvaluateSettings, ExtractSettings, TrainSettings, load_params
+from pipeline.config import DemoSpec, EvaluateSettings, ExtractSettings, TrainSettings, load_params
 from pipeline.datasets import ClassInfo, find_class_info
-from pipeline.demo import DemoSpec, write_demo_dataset
+from pipeline.demo import write_demo_dataset
 from pipeline.evaluation import evaluate_on_store
 from pipeline.extract import extract_features
 from pipeline.pixel_baseline import extract_pixel_features

@@ -15,12 +15,40 @@ from typing import Any, Literal
 
 import yaml
 
-from pipeline.demo import DemoSpec
-from pipeline.metrics import IoUDefinition
-
 Layout = Literal["native", "dense"]
 Codec = Literal["blosc-lz4", "zstd", "none"]
 Protocol = Literal["paper", "fast"]
+IoUDefinition = Literal["paper", "ignore_excluded"]
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoSpec:
+    """What the demo dataset generator (pipeline/demo.py) makes.
+
+    Attributes:
+        size: Side of the square images in pixels (at least 16).
+        pool_images: Unlabeled faces for DDPM training.
+        train_images: Labeled few-shot training faces.
+        test_images: Labeled test faces (their own random stream).
+        seed: Seed of every random choice.
+    """
+
+    size: int = 32
+    pool_images: int = 4000
+    train_images: int = 20
+    test_images: int = 64
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_demo_size(self.size)
+        for name in ("pool_images", "train_images", "test_images"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+
+def check_demo_size(size: int) -> None:
+    if size < 16:
+        raise ValueError(f"image size must be at least 16 pixels, got {size}")
 
 
 @dataclasses.dataclass(frozen=True)

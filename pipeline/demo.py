@@ -37,6 +37,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from pipeline.config import DemoSpec, check_demo_size
+
 logger = logging.getLogger(__name__)
 
 CLASS_NAMES: tuple[str, ...] = (
@@ -56,31 +58,6 @@ _NOISE_STD = 3.0 / 255.0
 # Face half-width as a share of the image side, and its largest tilt.
 _FACE_HALF_WIDTH = (0.24, 0.34)
 _MAX_TILT_DEGREES = 15.0
-
-
-@dataclass(frozen=True)
-class DemoSpec:
-    """What to generate.
-
-    Attributes:
-        size: Side of the square images in pixels (at least 16).
-        pool_images: Unlabeled faces for DDPM training.
-        train_images: Labeled few-shot training faces.
-        test_images: Labeled test faces (their own random stream).
-        seed: Seed of every random choice.
-    """
-
-    size: int = 32
-    pool_images: int = 4000
-    train_images: int = 20
-    test_images: int = 64
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        _check_size(self.size)
-        for name in ("pool_images", "train_images", "test_images"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
 
 @dataclass(frozen=True)
@@ -110,7 +87,7 @@ def make_face(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarr
         ``(image, labels)``: image (size, size, 3) uint8 RGB; labels (size, size) uint8 class
         indices into ``CLASS_NAMES``: the class drawn at each pixel's centre.
     """
-    _check_size(size)
+    check_demo_size(size)
     face = _random_face(rng, size)
     fine = size * _SUPERSAMPLING
     # Pixel-centre coordinates of the fine grid, in output pixels: (fine, fine) each.
@@ -174,11 +151,6 @@ def write_demo_dataset(spec: DemoSpec, out_dir: Path) -> None:
 def stream_rng(seed: int, split: str, index: int = 0) -> np.random.Generator:
     """The random generator of image ``index`` of ``split``: depends only on these three."""
     return np.random.default_rng([seed, _STREAM_CODES[split], index])
-
-
-def _check_size(size: int) -> None:
-    if size < 16:
-        raise ValueError(f"image size must be at least 16 pixels, got {size}")
 
 
 def _random_face(rng: np.random.Generator, size: int) -> _Face:

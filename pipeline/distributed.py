@@ -35,31 +35,12 @@ from pipeline.datasets import ClassInfo, ImageRecord
 from pipeline.storage import Location, is_url
 from pipeline.store import FeatureStoreWriter, StoreSchema, open_store_for_writing
 
-if TYPE_CHECKING:  # the model code is imported where a model is used: training needs only `cluster_client`
+if TYPE_CHECKING:  # the model code is imported where a model is used
     from pipeline.extract import FeatureExtractor, ModelDescription
 
 logger = logging.getLogger(__name__)
 
 TASK_RETRIES = 2  # retries of a task that raised (a worker that dies is handled by the scheduler)
-
-
-@contextlib.contextmanager
-def cluster_client(address: str | None) -> Iterator[distributed.Client | None]:
-    """A client of the Dask scheduler at `address` for the body, or None when `address` is None.
-
-    Raises:
-        ValueError: when no scheduler answers at `address`.
-    """
-    if address is None:
-        yield None
-        return
-    try:
-        client = distributed.Client(address)  # waits distributed.comm.timeouts.connect (30 s) for it
-    except OSError as error:
-        raise ValueError(f"cannot reach the Dask scheduler at {address}: {error}") from None
-    with client:
-        logger.info("connected to the Dask scheduler at %s (%d workers)", address, len(_workers(client)))
-        yield client
 
 
 def _workers(client: distributed.Client) -> dict:

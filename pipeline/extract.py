@@ -195,7 +195,8 @@ def batch_runner(checkpoint: str | Path, settings: ExtractSettings):
     if settings.scheduler is None:
         yield InProcessBatches(checkpoint, settings)
         return
-    from pipeline.distributed import ClusterBatches, cluster_client
+    from pipeline.cluster import cluster_client
+    from pipeline.distributed import ClusterBatches
 
     with cluster_client(settings.scheduler) as client, ClusterBatches(client, checkpoint, settings) as batches:
         yield batches

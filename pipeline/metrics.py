@@ -15,11 +15,9 @@ On label maps without ignore-labeled pixels in which every class occurs, the two
 
 from __future__ import annotations
 
-from typing import Literal
-
 import numpy as np
 
-IoUDefinition = Literal["paper", "ignore_excluded"]
+from pipeline.config import IoUDefinition
 
 
 class IoUAccumulator:

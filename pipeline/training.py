@@ -11,7 +11,7 @@ import numpy as np
 from pipeline.config import TrainSettings
 from pipeline.datasets import ClassInfo
 from pipeline.devices import pick_device, torch_threads
-from pipeline.distributed import cluster_client
+from pipeline.cluster import cluster_client
 from pipeline.ensemble import Ensemble, save_ensemble, train_ensemble, train_fused
 from pipeline.sampling import PixelStream, return_large_allocations_promptly, select_labeled_pixels
 from pipeline.store import FeatureStore

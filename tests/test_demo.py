@@ -12,6 +12,7 @@ from PIL import Image
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import cross_val_score
 
+from pipeline.config import DemoSpec
 from pipeline.demo import (
     BACKGROUND,
     BROW,
@@ -21,7 +22,6 @@ from pipeline.demo import (
     MOUTH,
     NOSE,
     SKIN,
-    DemoSpec,
     make_face,
     stream_rng,
     write_demo_dataset,

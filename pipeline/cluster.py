@@ -1,0 +1,35 @@
+"""A client of a Dask distributed cluster, or none: what every command with `--scheduler` opens.
+
+Kept apart from the extraction's cluster code (pipeline/distributed.py) so that training,
+which only needs a client, does not import the model code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+
+import distributed
+
+logger = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def cluster_client(address: str | None) -> Iterator[distributed.Client | None]:
+    """A client of the Dask scheduler at `address` for the body, or None when `address` is None.
+
+    Raises:
+        ValueError: when no scheduler answers at `address`.
+    """
+    if address is None:
+        yield None
+        return
+    try:
+        client = distributed.Client(address)  # waits distributed.comm.timeouts.connect (30 s) for it
+    except OSError as error:
+        raise ValueError(f"cannot reach the Dask scheduler at {address}: {error}") from None
+    with client:
+        workers = client.scheduler_info(n_workers=-1)["workers"]
+        logger.info("connected to the Dask scheduler at %s (%d workers)", address, len(workers))
+        yield client

@@ -1,0 +1,126 @@
+"""DVC sees the real graph: each stage's code deps are exactly the project files it imports.
+
+The import closure of a stage is computed from the source (every `import`/`from … import` of
+`pipeline` or `stages`, at any depth, function-level ones included) starting from the module
+its command runs (`python -m stages.<name>`). A stage that imports a file it does not list
+would not re-run when that file changes; one that lists a file it does not import re-runs for
+nothing.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import PROJECT_ROOT
+
+PACKAGES = ("pipeline", "stages")
+PIPELINES = {"dvc.yaml": PROJECT_ROOT, "presets/dvc.yaml": PROJECT_ROOT}  # file → folder its paths are relative to
+
+
+def module_file(module: str) -> Path | None:
+    """`pipeline.store` → pipeline/store.py (or a package's __init__.py); None outside the project."""
+    if module.split(".")[0] not in PACKAGES:
+        return None
+    path = PROJECT_ROOT.joinpath(*module.split("."))
+    if path.with_suffix(".py").is_file():
+        return path.with_suffix(".py")
+    if (path / "__init__.py").is_file():
+        return path / "__init__.py"
+    raise AssertionError(f"import of {module!r} names no file of the project")
+
+
+def runtime_nodes(node: ast.AST):
+    """Every node under `node` except the bodies of `if TYPE_CHECKING:` (never run)."""
+    for child in ast.iter_child_nodes(node):
+        if isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test):
+            yield from (grandchild for orelse in child.orelse for grandchild in [orelse, *runtime_nodes(orelse)])
+            continue
+        yield child
+        yield from runtime_nodes(child)
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Every project module `path` imports at run time, anywhere in the file."""
+    modules = set()
+    for node in runtime_nodes(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            modules.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            modules.add(node.module)
+            # `from pipeline import store` imports the module pipeline.store.
+            modules.update(f"{node.module}.{alias.name}" for alias in node.names
+                           if module_file_or_none(f"{node.module}.{alias.name}") is not None)
+    return {module for module in modules if module.split(".")[0] in PACKAGES}
+
+
+def module_file_or_none(module: str) -> Path | None:
+    try:
+        return module_file(module)
+    except AssertionError:
+        return None
+
+
+def import_closure(module: str) -> set[str]:
+    """Project files (relative paths) that running `module` executes: it, its imports, theirs…,
+    and the package __init__ files on the way (where they hold more than a docstring and a
+    version)."""
+    seen: set[Path] = set()
+    pending = [module]
+    while pending:
+        name = pending.pop()
+        parts = name.split(".")
+        for depth in range(1, len(parts) + 1):  # importing a.b.c runs a/__init__, a/b/__init__, then c
+            path = module_file(".".join(parts[:depth]))
+            if path is None or path in seen:
+                continue
+            seen.add(path)
+            pending.extend(imported_modules(path))
+    return {str(path.relative_to(PROJECT_ROOT)) for path in seen if not _trivial(path)}
+
+
+def _trivial(path: Path) -> bool:
+    """A package __init__ with nothing but a docstring and assignments runs nothing worth a dep."""
+    if path.name != "__init__.py":
+        return False
+    tree = ast.parse(path.read_text())
+    return all(isinstance(node, (ast.Expr, ast.Assign)) for node in tree.body)
+
+
+def stages_of(pipeline_file: str) -> list[tuple[str, str, list[str]]]:
+    """(stage name, command, code deps relative to the project root) of every stage."""
+    definition = yaml.safe_load((PROJECT_ROOT / pipeline_file).read_text())
+    found = []
+    for name, stage in definition["stages"].items():
+        body = stage.get("do", stage)
+        working_dir = PIPELINES[pipeline_file] / Path(pipeline_file).parent / body.get("wdir", ".")
+        deps = [str((working_dir / dep).resolve().relative_to(PROJECT_ROOT)) for dep in body.get("deps", [])
+                if isinstance(dep, str) and dep.endswith(".py")]
+        found.append((name, body["cmd"], deps))
+    return found
+
+
+ALL_STAGES = [(file, *stage) for file in PIPELINES for stage in stages_of(file)]
+
+
+@pytest.mark.parametrize("pipeline_file, stage, command, deps", ALL_STAGES, ids=[f"{f}:{s}" for f, s, _, _ in ALL_STAGES])
+def test_a_stage_depends_on_exactly_the_code_it_imports(pipeline_file, stage, command, deps):
+    match = re.search(r"python -m (stages\.\w+)", command)
+    assert match, f"{pipeline_file}:{stage}: command does not run a stages module: {command}"
+    closure = import_closure(match.group(1))
+    missing, extra = sorted(closure - set(deps)), sorted(set(deps) - closure)
+    assert not missing and not extra, f"{pipeline_file}:{stage}: deps lack {missing}; deps list but never import {extra}"
+
+
+def test_the_closure_sees_function_level_imports(tmp_path, monkeypatch):
+    """The check would fail if a stage gained an import without its dep: the closure finds
+    imports at any depth, so adding one changes it."""
+    closure = import_closure("stages.train")
+    assert "pipeline/training.py" in closure and "stages/train.py" in closure and "stages/__init__.py" in closure
+    source = ast.parse("def f():\n    from pipeline import visualize\n    import pipeline.hooks\n")
+    monkeypatch.setattr(ast, "parse", lambda *args, **kwargs: source)
+    assert imported_modules(PROJECT_ROOT / "stages" / "train.py") >= {"pipeline.visualize", "pipeline.hooks"}
