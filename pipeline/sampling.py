@@ -13,10 +13,9 @@ from __future__ import annotations
 import concurrent.futures
 import ctypes
 import dataclasses
+import logging
 import uuid
 from collections.abc import Iterator, Sequence
-
-import logging
 
 import dask
 import numpy as np
