@@ -30,6 +30,7 @@ BENCHMARKS = [
     "sampling_throughput",  # 4: stream vs ensemble consumption
     "training_memory",  # 2: peak RSS vs training images
     "evaluation_streaming",  # 7: peak RSS vs test images
+    "inference_speed",  # 7: first layer at native resolution vs upsampled features
     "dvc_overhead",  # 6: DVC bookkeeping of stores
     "pretrain_speed",  # DDPM pretraining step, float32 vs bfloat16
 ]

@@ -145,6 +145,21 @@ def _evaluation(result: dict) -> list[str]:
     ]
 
 
+def _inference(result: dict) -> list[str]:
+    lines = []
+    for name, comparison in result.items():
+        if not isinstance(comparison, dict) or "speedup" not in comparison:
+            continue
+        lines.append(
+            f"| 7 inference, {name} | block tables {comparison['seconds_per_image_block_tables']:.2f} s/image "
+            f"({comparison['speedup']:.1f}× faster; {comparison['pixels_with_other_labels']} pixels of "
+            f"{comparison['images']} images labeled otherwise, disagreement within {comparison['largest_disagreement_difference']:.1e}) "
+            f"| upsampled feature vectors {comparison['seconds_per_image_upsampled_features']:.2f} s/image "
+            f"| ≥ 6×, labels identical | {_holds(comparison['targets'])} |"
+        )
+    return lines
+
+
 def _pretrain(result: dict) -> list[str]:
     steps, model = result["seconds_per_step"], result["model"]
     native = "native" if result["native_bfloat16"] else "emulated"
@@ -164,6 +179,7 @@ SECTIONS: dict[str, Callable[[dict], list[str]]] = {
     "storage_codecs": _storage,
     "dvc_overhead": _dvc,
     "evaluation_streaming": _evaluation,
+    "inference_speed": _inference,
     "pretrain_speed": _pretrain,
 }
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -341,6 +342,14 @@ def predict_with_uncertainty(members: list[torch.nn.Module], features: torch.Ten
         jensen_shannon float32 (P,): entropy of the mean softmax minus the mean member entropy (≥ 0).
     """
     logits = torch.stack([member(features) for member in members])  # (M, P, K)
+    return votes_and_disagreement(logits)
+
+
+def votes_and_disagreement(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ensemble's labels and Jensen–Shannon disagreement from its members' logits (M, P, K).
+
+    Returns the same pair as `predict_with_uncertainty`.
+    """
     votes = logits.argmax(dim=2).T  # (P, M)
     labels = torch.mode(votes, dim=1).values
     probabilities = logits.softmax(dim=2)
@@ -349,6 +358,40 @@ def predict_with_uncertainty(members: list[torch.nn.Module], features: torch.Ten
     mean_entropy = -(mean_probabilities * mean_probabilities.clamp_min(1e-30).log()).sum(dim=1)
     # Non-negative in exact arithmetic; clamp float round-off.
     return labels, (mean_entropy - member_entropy.mean(dim=0)).clamp_min(0.0)
+
+
+@torch.inference_mode()
+def predict_from_block_tables(
+    members: list[torch.nn.Module], tables: list[torch.Tensor], size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`predict_with_uncertainty` for every pixel of a size×size image, from its block tables.
+
+    A pixel's features are the blocks upsampled bilinearly and concatenated, and upsampling
+    is linear, so each member's first layer is applied at every block's own resolution and
+    upsampled after: W·up(f) = Σ_b up(W_b·f_b). The result equals predicting from the full
+    feature vectors up to float round-off, with 128 upsampled channels per member instead of
+    D (8448 at the paper's shape).
+
+    Args:
+        members: trained members in eval mode (`make_pixel_classifier`'s layers).
+        tables: per (step, block) in feature order, (C_b, h_b, w_b), any float dtype.
+        size: the image side.
+
+    Returns:
+        labels int64 (size·size,) and disagreement float32 (size·size,), row-major.
+    """
+    tables = [table.float() for table in tables]
+    widths = [table.shape[0] for table in tables]
+    member_logits = []
+    for member in members:
+        first, rest = member[0], member[1:]
+        hidden = first.bias.view(-1, 1, 1).expand(-1, size, size).clone()  # (H1, S, S)
+        for weight, table in zip(torch.split(first.weight, widths, dim=1), tables):  # weight (H1, C_b)
+            native = torch.einsum("oc,chw->ohw", weight, table)  # (H1, h_b, w_b)
+            hidden += F.interpolate(native[None], size=(size, size), mode="bilinear", align_corners=False)[0]
+        pixels = hidden.reshape(hidden.shape[0], size * size).T  # (H1, S, S) -> (S·S, H1)
+        member_logits.append(rest(pixels))
+    return votes_and_disagreement(torch.stack(member_logits))  # (M, S·S, K)
 
 
 def save_ensemble(ensemble: Ensemble, out_dir: str | Path) -> None:

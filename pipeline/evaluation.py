@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from pipeline.config import EvaluateSettings
 from pipeline.devices import torch_threads
-from pipeline.ensemble import Ensemble, load_ensemble, predict_with_uncertainty
+from pipeline.ensemble import Ensemble, load_ensemble, predict_from_block_tables, predict_with_uncertainty
 from pipeline.metrics import IoUAccumulator, top_decile_mean
 from pipeline.store import FeatureStore, StoreMismatchError
 from pipeline.visualize import class_palette, overlay, save_per_class_iou_chart, save_png, save_prediction_grid
@@ -71,8 +71,19 @@ def predict_pixels(
     return ImagePrediction(labels, disagreement)
 
 
+def predict_from_tables(ensemble: Ensemble, tables: list[torch.Tensor], size: int) -> ImagePrediction:
+    """Predicts every pixel of a size×size image from its block tables (per (step, block),
+    (C_b, h_b, w_b)), each member's first layer at the blocks' own resolution."""
+    labels, disagreement = predict_from_block_tables(ensemble.members, tables, size)
+    # (S·S,) row-major -> (S, S)
+    return ImagePrediction(labels.numpy().reshape(size, size), disagreement.numpy().reshape(size, size))
+
+
 def predict_image(ensemble: Ensemble, store: FeatureStore, index: int, pixels_per_batch: int) -> ImagePrediction:
-    """Predicts every pixel of one stored image."""
+    """Predicts every pixel of one stored image (native stores: from the block tables at once;
+    dense stores: a band of pixel vectors at a time)."""
+    if store.layout == "native":
+        return predict_from_tables(ensemble, store.block_tables(index), store.image_size)
     return predict_pixels(
         ensemble, lambda ys, xs: store.pixel_features(index, ys, xs), store.image_size, pixels_per_batch
     )

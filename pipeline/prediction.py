@@ -17,9 +17,8 @@ from pipeline.datasets import list_images, load_image
 from pipeline.devices import torch_threads
 from pipeline.diffusion import shared_noise
 from pipeline.ensemble import Ensemble, load_ensemble
-from pipeline.evaluation import predict_pixels
+from pipeline.evaluation import predict_from_tables
 from pipeline.extract import compute_activations, load_extractor
-from pipeline.features import gather_pixels_from_blocks
 from pipeline.store import StoreMismatchError
 from pipeline.visualize import (
     class_palette,
@@ -70,7 +69,6 @@ def predict_folder(
     checkpoint: str | Path,
     images_dir: str | Path,
     out_dir: str | Path,
-    pixels_per_batch: int = 16384,
     device: str = "auto",
     threads: int = 0,
     show_progress: bool = True,
@@ -105,9 +103,7 @@ def predict_folder(
                 extractor.backbone.unet, extractor.block_modules, model_input, steps, noise
             )
             tables = [activation[0] for activation in activations]  # per (step, block): (C, h, w)
-            prediction = predict_pixels(
-                ensemble, lambda ys, xs: gather_pixels_from_blocks(tables, ys, xs, size), size, pixels_per_batch
-            )
+            prediction = predict_from_tables(ensemble, tables, size)
             summary, picture_row = _write_outputs(record, prediction, ensemble, palette, out_dir)
             summaries.append(summary)
             if len(picture_rows) < pictures:

@@ -13,14 +13,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench import extraction_overhead, fast_protocol_classes, pretrain_speed, sampling_throughput, storage_codecs, training_speed
+from bench import (
+    extraction_overhead, fast_protocol_classes, inference_speed, pretrain_speed, sampling_throughput, storage_codecs, training_speed,
+)
 from bench.common import PROJECT_ROOT, RESULTS_DIR, current_rss_bytes, write_result
 from bench.report import summary_table
 
 
 @pytest.mark.parametrize(
     "module",
-    [storage_codecs, extraction_overhead, training_speed, fast_protocol_classes, sampling_throughput, pretrain_speed],
+    [storage_codecs, extraction_overhead, training_speed, fast_protocol_classes, inference_speed, sampling_throughput,
+     pretrain_speed],
     ids=lambda module: module.__name__,
 )
 def test_quick_benchmark_writes_a_result_the_summary_can_read(tmp_path, module):

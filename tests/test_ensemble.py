@@ -193,3 +193,26 @@ def test_fast_protocol_stops_at_its_budget_of_passes_even_mid_epoch():
     floored = dataclasses.replace(settings, fast_min_steps=20)
     _, logs = train_fused(epoch_batches, 6, 3, 512, floored, show_progress=False)
     assert (logs[0].epochs, logs[0].iterations) == (3, 20)
+
+
+def test_predicting_from_block_tables_equals_predicting_from_upsampled_features():
+    """Each member's first layer at the blocks' own resolution, upsampled after: the same
+    labels and disagreement as the full upsampled feature vectors."""
+    from pipeline.ensemble import predict_from_block_tables
+    from pipeline.features import upsample_and_concatenate
+
+    generator = torch.Generator().manual_seed(0)
+    size, shapes = 24, [(6, 3, 3), (4, 6, 6), (5, 12, 12), (3, 24, 24)]
+    tables = [torch.randn(*shape, generator=generator).half() for shape in shapes]  # as a store holds them
+    members = []
+    for seed in range(3):
+        member = make_pixel_classifier(sum(shape[0] for shape in shapes), 5, torch.Generator().manual_seed(seed))
+        for norm in (member[2], member[5]):  # trained-looking BatchNorm statistics
+            norm.running_mean.normal_(0.0, 0.1, generator=generator)
+            norm.running_var.uniform_(0.5, 2.0, generator=generator)
+        members.append(member.eval())
+    features = upsample_and_concatenate([table[None] for table in tables], size)[0].reshape(size * size, -1)  # (S·S, D)
+    expected_labels, expected_disagreement = predict_with_uncertainty(members, features)
+    labels, disagreement = predict_from_block_tables(members, tables, size)
+    assert torch.equal(labels, expected_labels)
+    assert torch.allclose(disagreement, expected_disagreement, atol=1e-5)
