@@ -30,7 +30,7 @@ from pipeline.backbones import decoder_block, load_backbone, make_tiny_unet
 from pipeline.config import ExtractSettings, load_params
 from pipeline.datasets import list_images, load_example
 from pipeline.diffusion import shared_noise
-from pipeline.extract import compute_activations, probe_block_shapes
+from pipeline.activations import compute_activations, probe_block_shapes
 from pipeline.store import FeatureStore, StoreSchema, open_store_for_writing
 
 CODECS = ["none", "blosc-lz4", "zstd"]

@@ -3,7 +3,7 @@
 The driver (the `extract` command) lists and checks the images, creates the store from its
 schema, and submits one task per batch of pending images. Each worker loads the UNet once, on
 its first task, through a worker plugin, opens the store once, and writes each image of its
-batches straight into the image's own region of the store (`pipeline.extract.extract_batch`,
+batches straight into the image's own region of the store (`pipeline.activations.extract_batch`,
 the same function the in-process run calls): regions never share a chunk, so no locks.
 
 Failures are Dask's to handle: a task that raises is retried `TASK_RETRIES` times, and a task
@@ -24,19 +24,18 @@ import logging
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import dask.base
 import distributed
 import torch
 
+from pipeline import activations
+from pipeline.activations import FeatureExtractor, ModelDescription
 from pipeline.config import ExtractSettings
 from pipeline.datasets import ClassInfo, ImageRecord
 from pipeline.storage import Location, is_url
 from pipeline.store import FeatureStoreWriter, StoreSchema, open_store_for_writing
 
-if TYPE_CHECKING:  # the model code is imported where a model is used
-    from pipeline.extract import FeatureExtractor, ModelDescription
 
 logger = logging.getLogger(__name__)
 
@@ -73,11 +72,9 @@ class ModelPerWorker(distributed.WorkerPlugin):
             torch.cuda.empty_cache()
 
     def model(self) -> FeatureExtractor:
-        from pipeline.extract import load_extractor
-
         with self.lock:
             if self.extractor is None:
-                self.extractor = load_extractor(self.checkpoint, self.blocks, self.device)
+                self.extractor = activations.load_extractor(self.checkpoint, self.blocks, self.device)
                 logger.info("worker loaded %s on %s", self.checkpoint, self.extractor.device)
             return self.extractor
 
@@ -94,9 +91,7 @@ def _plugin(name: str) -> ModelPerWorker:
 
 
 def _describe_on_worker(plugin_name: str, size: int) -> ModelDescription:
-    from pipeline.extract import describe_model
-
-    return describe_model(_plugin(plugin_name).model(), size)
+    return activations.describe_model(_plugin(plugin_name).model(), size)
 
 
 def _extract_batch_on_worker(
@@ -108,10 +103,8 @@ def _extract_batch_on_worker(
     settings: ExtractSettings,
     classes: ClassInfo | None,
 ) -> int:
-    from pipeline.extract import extract_batch
-
     state = _plugin(plugin_name)
-    return extract_batch(state.model(), state.writer(location, schema), records, batch, settings, classes)
+    return activations.extract_batch(state.model(), state.writer(location, schema), records, batch, settings, classes)
 
 
 def _absolute(record: ImageRecord) -> ImageRecord:

@@ -18,7 +18,7 @@ from pipeline.devices import torch_threads
 from pipeline.diffusion import shared_noise
 from pipeline.ensemble import Ensemble, load_ensemble
 from pipeline.evaluation import predict_from_tables
-from pipeline.extract import compute_activations, load_extractor
+from pipeline.activations import compute_activations, load_extractor
 from pipeline.store import StoreMismatchError
 from pipeline.visualize import (
     class_palette,

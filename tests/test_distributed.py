@@ -49,21 +49,21 @@ class CountModelLoads(distributed.WorkerPlugin):
     """Counts, per worker, how often the extraction model is loaded."""
 
     def setup(self, worker):
-        import pipeline.extract
+        import pipeline.activations
 
         self.loads = 0
-        self.original = pipeline.extract.load_extractor
+        self.original = pipeline.activations.load_extractor
 
         def counting_load(*args, **kwargs):
             self.loads += 1
             return self.original(*args, **kwargs)
 
-        pipeline.extract.load_extractor = counting_load
+        pipeline.activations.load_extractor = counting_load
 
     def teardown(self, worker):
-        import pipeline.extract
+        import pipeline.activations
 
-        pipeline.extract.load_extractor = self.original
+        pipeline.activations.load_extractor = self.original
 
 
 class MisbehaveOnce(distributed.WorkerPlugin):

@@ -124,3 +124,25 @@ def test_the_closure_sees_function_level_imports(tmp_path, monkeypatch):
     source = ast.parse("def f():\n    from pipeline import visualize\n    import pipeline.hooks\n")
     monkeypatch.setattr(ast, "parse", lambda *args, **kwargs: source)
     assert imported_modules(PROJECT_ROOT / "stages" / "train.py") >= {"pipeline.visualize", "pipeline.hooks"}
+
+
+def test_no_import_cycles_inside_the_library():
+    """pipeline/ modules form a DAG (function-level imports count: they hid the one there was)."""
+    graph = {}
+    for path in sorted((PROJECT_ROOT / "pipeline").glob("*.py")):
+        module = f"pipeline.{path.stem}" if path.stem != "__init__" else "pipeline"
+        graph[module] = {name for name in imported_modules(path) if name.startswith("pipeline.") and name != module}
+    visiting, done = [], set()
+
+    def visit(module):
+        if module in done:
+            return
+        assert module not in visiting, f"import cycle: {' -> '.join(visiting[visiting.index(module):] + [module])}"
+        visiting.append(module)
+        for imported in sorted(graph.get(module, ())):
+            visit(imported)
+        visiting.pop()
+        done.add(module)
+
+    for module in graph:
+        visit(module)

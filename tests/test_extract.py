@@ -7,7 +7,8 @@ from pipeline.backbones import decoder_block, make_tiny_unet
 from pipeline.config import ExtractSettings
 from pipeline.datasets import list_images, load_image
 from pipeline.diffusion import linear_alphas_cumprod, q_sample, shared_noise
-from pipeline.extract import compute_activations, extract_features
+from pipeline.activations import compute_activations
+from pipeline.extract import extract_features
 from pipeline.features import upsample_and_concatenate
 from pipeline.store import FeatureStore, StoreMismatchError
 
