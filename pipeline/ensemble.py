@@ -368,9 +368,11 @@ def predict_from_block_tables(
 
     A pixel's features are the blocks upsampled bilinearly and concatenated, and upsampling
     is linear, so each member's first layer is applied at every block's own resolution and
-    upsampled after: W·up(f) = Σ_b up(W_b·f_b). The result equals predicting from the full
-    feature vectors up to float round-off, with 128 upsampled channels per member instead of
-    D (8448 at the paper's shape).
+    upsampled after: W·up(f) = Σ_b up(W_b·f_b), and blocks of one resolution are summed before
+    one upsampling. Each member upsamples its first layer's 128 (or 256) channels instead of
+    the D features (8448 at the paper's shape), and its BatchNorms are folded into the next
+    layers. The result equals predicting from the full feature vectors up to float round-off
+    (bench/results/inference_speed.json: the same labels, 6.7× faster at the paper's shape).
 
     Args:
         members: trained members in eval mode (`make_pixel_classifier`'s layers).
@@ -382,16 +384,46 @@ def predict_from_block_tables(
     """
     tables = [table.float() for table in tables]
     widths = [table.shape[0] for table in tables]
+    first_weights = torch.cat([member[0].weight for member in members])  # (M·H1, D): all members at once
+    # Tables of one resolution are summed there and upsampled once: up(a) + up(b) = up(a + b).
+    native: dict[tuple[int, int], torch.Tensor] = {}
+    for weight, table in zip(torch.split(first_weights, widths, dim=1), tables):  # weight (M·H1, C_b)
+        product = torch.einsum("oc,chw->ohw", weight, table)  # (M·H1, h_b, w_b)
+        resolution = tuple(table.shape[1:])
+        if resolution in native:
+            native[resolution] += product
+        else:
+            native[resolution] = product
+    # The biases join the first sum: upsampling keeps a constant constant.
+    first_resolution = next(iter(native))
+    native[first_resolution] += torch.cat([member[0].bias for member in members])[:, None, None]
     member_logits = []
-    for member in members:
-        first, rest = member[0], member[1:]
-        hidden = first.bias.view(-1, 1, 1).expand(-1, size, size).clone()  # (H1, S, S)
-        for weight, table in zip(torch.split(first.weight, widths, dim=1), tables):  # weight (H1, C_b)
-            native = torch.einsum("oc,chw->ohw", weight, table)  # (H1, h_b, w_b)
-            hidden += F.interpolate(native[None], size=(size, size), mode="bilinear", align_corners=False)[0]
-        pixels = hidden.reshape(hidden.shape[0], size * size).T  # (H1, S, S) -> (S·S, H1)
-        member_logits.append(rest(pixels))
+    for index, member in enumerate(members):
+        rows = slice(index * member[0].out_features, (index + 1) * member[0].out_features)
+        hidden = None  # (S·S, H1): pixels first, so the upsampling runs channels-last (~1.7x faster)
+        for summed in native.values():  # (M·H1, h, w)
+            channels_last = summed[None, rows].contiguous(memory_format=torch.channels_last)
+            upsampled = F.interpolate(channels_last, size=(size, size), mode="bilinear", align_corners=False)
+            upsampled = upsampled.permute(0, 2, 3, 1).reshape(size * size, -1)  # (1, H1, S, S) -> (S·S, H1), no copy
+            hidden = upsampled if hidden is None else hidden.add_(upsampled)
+        for weight, bias in _folded_hidden_layers(member):
+            hidden = torch.addmm(bias, hidden.relu_(), weight.T)  # ReLU, then (BatchNorm + Linear) folded
+        member_logits.append(hidden)  # (S·S, K)
     return votes_and_disagreement(torch.stack(member_logits))  # (M, S·S, K)
+
+
+def _folded_hidden_layers(member: torch.nn.Sequential) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """A member's BatchNorm → Linear pairs (eval mode) as single affine maps (weight (out, in), bias (out,)).
+
+    BatchNorm in eval mode is x·scale + shift per channel, so Linear(BatchNorm(x)) =
+    (W·diag(scale))·x + (W·shift + b): the same numbers without the BatchNorm pass.
+    """
+    folded = []
+    for norm, linear in ((member[2], member[3]), (member[5], member[6])):
+        scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)  # (in,)
+        shift = norm.bias - norm.running_mean * scale
+        folded.append((linear.weight * scale, linear.bias + linear.weight @ shift))
+    return folded
 
 
 def save_ensemble(ensemble: Ensemble, out_dir: str | Path) -> None:
