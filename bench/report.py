@@ -155,7 +155,7 @@ def _inference(result: dict) -> list[str]:
             f"({comparison['speedup']:.1f}× faster; {comparison['pixels_with_other_labels']} pixels of "
             f"{comparison['images']} images labeled otherwise, disagreement within {comparison['largest_disagreement_difference']:.1e}) "
             f"| upsampled feature vectors {comparison['seconds_per_image_upsampled_features']:.2f} s/image "
-            f"| ≥ 6×, labels identical | {_holds(comparison['targets'])} |"
+            f"| {', '.join(comparison['targets'])} | {_holds(comparison['targets'])} |"
         )
     return lines
 
