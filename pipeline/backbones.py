@@ -11,7 +11,7 @@ Two checkpoint families are accepted:
 
 Decoder blocks are numbered as guided-diffusion numbers its `output_blocks`: 0 is the first block
 at the lowest resolution, and there are `layers_per_block + 1` blocks per resolution level. For
-block `b`, `decoder_blocks(unet)[b]` is the diffusers module whose output equals the output of
+block `b`, `decoder_block(unet, b)` is the diffusers module whose output equals the output of
 ADM's `output_blocks[b]`; every one of these modules returns a plain tensor (B, C, h, w) from its
 `forward` (diffusers 0.42: `ResnetBlock2D`, `Attention` with the default `AttnProcessor2_0`,
 `Upsample2D`), so a forward hook sees that tensor as its `output` argument.
@@ -108,11 +108,6 @@ class AdmLayout:
     scale_shift_norm: bool
     resblock_updown: bool
     num_classes: int | None = None
-
-    @property
-    def learn_sigma(self) -> bool:
-        """Whether the output holds the variance channels after the noise prediction."""
-        return self.out_channels == 2 * self.in_channels
 
 
 def load_backbone(path: str | Path, head_channels: int = 64) -> Backbone:
@@ -355,14 +350,6 @@ def decoder_block_names(unet: UNet2DModel) -> list[str]:
             else:
                 names.append(f"up_blocks.{level}.resnets.{position}")
     return names
-
-
-def decoder_blocks(unet: UNet2DModel) -> list[torch.nn.Module]:
-    """The decoder block modules, index i == guided-diffusion `output_blocks[i]`.
-
-    Each module's forward returns a tensor (B, C, h, w): hook it with `register_forward_hook`.
-    """
-    return [unet.get_submodule(name) for name in decoder_block_names(unet)]
 
 
 def decoder_block(unet: UNet2DModel, index: int) -> torch.nn.Module:

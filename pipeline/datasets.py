@@ -35,12 +35,9 @@ class ClassInfo:
 
 
 def file_sha256(path: Path) -> str:
-    """Hex sha256 of a file, read 1 MiB at a time."""
-    digest = hashlib.sha256()
+    """Hex sha256 of a file (read in blocks by `hashlib.file_digest`)."""
     with open(path, "rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(stream, "sha256").hexdigest()
 
 
 def check_labels_complete(records: list[ImageRecord], folder: str | Path) -> None:

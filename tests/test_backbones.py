@@ -27,7 +27,6 @@ from pipeline.backbones import (
     Backbone,
     decoder_block,
     decoder_block_names,
-    decoder_blocks,
     load_backbone,
     make_tiny_unet,
 )
@@ -374,7 +373,7 @@ def test_paper_block_indices_name_the_documented_modules(adm_backbone):
     assert decoder_block(unet, 5) is unet.up_blocks[1].upsamplers[0]
     assert decoder_block(unet, 12) is unet.up_blocks[4].resnets[0]
     assert decoder_block(unet, 17) is unet.up_blocks[5].resnets[2]
-    assert decoder_blocks(unet)[7] is unet.up_blocks[2].attentions[1]
+    assert decoder_block(unet, 7) is unet.up_blocks[2].attentions[1]
     assert decoder_block(unet, np.int64(6)) is unet.up_blocks[2].attentions[0]
 
 
