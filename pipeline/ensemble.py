@@ -6,8 +6,6 @@ import dataclasses
 import json
 import logging
 import math
-import shutil
-import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -17,6 +15,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from pipeline.atomic import replaced_folder
 from pipeline.config import TrainSettings
 
 logger = logging.getLogger(__name__)
@@ -429,15 +428,11 @@ def _folded_hidden_layers(member: torch.nn.Sequential) -> list[tuple[torch.Tenso
 def save_ensemble(ensemble: Ensemble, out_dir: str | Path) -> None:
     """Writes `ensemble.json` and `members.safetensors` into `out_dir`, atomically: a reader
     sees the old ensemble or the new one, never half of one."""
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     tensors = {
         f"member_{index}.{name}": tensor.detach().cpu().contiguous()
         for index, member in enumerate(ensemble.members)
         for name, tensor in member.state_dict().items()
     }
-    save_file(tensors, staging / ENSEMBLE_WEIGHTS)
     config = {
         "members": len(ensemble.members),
         "feature_dim": ensemble.feature_dim,
@@ -447,15 +442,9 @@ def save_ensemble(ensemble: Ensemble, out_dir: str | Path) -> None:
         "features": ensemble.features,
         "logs": [dataclasses.asdict(log) for log in ensemble.logs],
     }
-    (staging / ENSEMBLE_CONFIG).write_text(json.dumps(config, indent=1))
-    if out_dir.exists():
-        retired = out_dir.with_name(f".{out_dir.name}.old")
-        shutil.rmtree(retired, ignore_errors=True)
-        out_dir.rename(retired)
-        staging.rename(out_dir)
-        shutil.rmtree(retired)
-    else:
-        staging.rename(out_dir)
+    with replaced_folder(Path(out_dir)) as staging:
+        save_file(tensors, staging / ENSEMBLE_WEIGHTS)
+        (staging / ENSEMBLE_CONFIG).write_text(json.dumps(config, indent=1))
 
 
 def load_ensemble(ensemble_dir: str | Path) -> Ensemble:

@@ -29,8 +29,6 @@ import hashlib
 import json
 import logging
 import math
-import os
-import shutil
 import time
 from pathlib import Path
 
@@ -40,6 +38,7 @@ import torch.nn.functional as F
 from diffusers import UNet2DModel
 from tqdm.auto import tqdm
 
+from pipeline.atomic import replaced_file, replaced_folder
 from pipeline.backbones import AdmLayout, adm_unet_config
 from pipeline.datasets import list_images, load_image
 from pipeline.devices import has_native_bfloat16, pick_device
@@ -399,12 +398,10 @@ def _check_same_run(state: dict, identity: dict, source: Path) -> None:
 
 
 def _save_state(state: dict, path: Path) -> None:
-    """torch.save to a temporary file, then rename: a kill never leaves a half-written state."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    torch.save(state, temporary)
-    pause_point("pretrain-state-staged", state["step"])
-    os.replace(temporary, path)
+    """torch.save to a staging file, then rename: a kill never leaves a half-written state."""
+    with replaced_file(path) as staging:
+        torch.save(state, staging)
+        pause_point("pretrain-state-staged", state["step"])
 
 
 def _load_state(path: Path) -> dict:
@@ -416,11 +413,8 @@ def _load_state(path: Path) -> dict:
 
 def _write_model_and_losses(run: _TrainingRun, out_dir: Path) -> None:
     """The EMA model as a diffusers folder (written beside, then swapped in) and loss.csv."""
-    model_dir, temporary = out_dir / MODEL_DIR, out_dir / (MODEL_DIR + ".tmp")
-    shutil.rmtree(temporary, ignore_errors=True)
-    run.ema.save_pretrained(temporary, safe_serialization=True)
-    shutil.rmtree(model_dir, ignore_errors=True)
-    os.replace(temporary, model_dir)
+    with replaced_folder(out_dir / MODEL_DIR) as staging:
+        run.ema.save_pretrained(staging, safe_serialization=True)
     smoothed = _smoothed(run.losses)
     with open(out_dir / LOSS_FILE, "w", newline="") as stream:
         writer = csv.writer(stream)
