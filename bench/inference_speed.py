@@ -33,19 +33,15 @@ from bench.common import (
     TINY_BLOCK_SHAPES,
     TINY_SIZE,
     TINY_STEPS,
-    SHARED,
     command_line,
     write_result,
     write_synthetic_store,
 )
 from bench.evaluation_streaming import train_small_ensemble
+from bench.training_speed import ADM_TINY, CAT, cat_stores
 from pipeline.ensemble import Ensemble, load_ensemble
 from pipeline.evaluation import ImagePrediction, predict_from_tables, predict_pixels
 from pipeline.store import FeatureStore
-
-CAT = SHARED / "datasets" / "ddpm-seg" / "cat_15"
-ADM_TINY = SHARED / "fixtures" / "adm-tiny" / "adm_tiny.pt"
-
 
 def both_paths(ensemble: Ensemble, store: FeatureStore, index: int) -> tuple[ImagePrediction, float, ImagePrediction, float]:
     """(upsampled-features prediction, its seconds, block-table prediction, its seconds) of one image."""
@@ -79,20 +75,6 @@ def compare(ensemble: Ensemble, store: FeatureStore, repeats: int = 1) -> dict:
     }
 
 
-def cat_store(scratch: Path, size: int = 64) -> tuple[Path, Path]:
-    """cat_15's train and test splits at size×size with adm-tiny's features."""
-    from pipeline.config import ExtractSettings
-    from pipeline.datasets import find_class_info
-    from pipeline.extract import extract_features
-
-    settings = ExtractSettings(size=size, device="cpu", batch_size=8)
-    for split in ("train", "test"):
-        images = CAT / "real" / split
-        extract_features(ADM_TINY, images, scratch / f"infer-cat-{split}.zarr", settings, find_class_info(images),
-                         replace_mismatched=True, show_progress=False)
-    return scratch / "infer-cat-train.zarr", scratch / "infer-cat-test.zarr"
-
-
 def run(quick: bool, scratch: Path) -> dict:
     from pipeline.config import TrainSettings
     from pipeline.training import train_on_store
@@ -109,7 +91,7 @@ def run(quick: bool, scratch: Path) -> dict:
     if quick:
         result["cat_15"] = "skipped: --quick"
     elif CAT.is_dir() and ADM_TINY.is_file():
-        train, test = cat_store(scratch)
+        train, test = cat_stores(scratch, size=64)
         fast = TrainSettings(protocol="fast", device="cpu", threads=1)  # the members' protocol does not matter here
         train_on_store(train, scratch / "infer-cat-ensemble", fast, show_progress=False)
         cat = compare(load_ensemble(scratch / "infer-cat-ensemble"), FeatureStore(test))
