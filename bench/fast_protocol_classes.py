@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import statistics
 import time
 from pathlib import Path
@@ -132,6 +133,9 @@ def run(quick: bool, scratch: Path, seeds: tuple[int, ...] = (0, 1), checkpoint:
         "what": "per-class validation IoU of the paper protocol and the fast one (with and without its step floor)",
         "fast_settings": {key: getattr(base, key) for key in ("fast_batch_size", "fast_learning_rate", "fast_epochs", "fast_min_steps")},
     }
+    scratch = scratch / "fast_protocol_classes"  # its own, emptied: the demo generator wants empty folders
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(parents=True)
     if quick:
         base = dataclasses.replace(base, members=2, max_epochs=3, fast_min_steps=20)
         seeds = seeds[:1]
