@@ -87,13 +87,14 @@ def main() -> None:
     parser.add_argument("--checkpoint", required=True, help="A diffusers model folder (e.g. runs/demo_ddpm/model).")
     parser.add_argument("--label", help="Name of the entry (default: the checkpoint path).")
     parser.add_argument("--validation-images", type=int, default=64)
-    parser.add_argument("--protocol", default="fast", choices=["fast", "paper"])
+    parser.add_argument("--protocol", choices=["fast", "paper"], help="Training protocol (default: params.yaml train.protocol).")
     parser.add_argument("--seeds", default="0", help="Ensemble seeds, comma-separated.")
     parser.add_argument("--train-images", type=int, help="Labeled training faces (default: params.yaml demo.train_images).")
     parser.add_argument("--out", default=str(PROJECT_ROOT / "bench" / "results" / "demo_checkpoint_validation.json"))
     arguments = parser.parse_args()
     params = load_params(PROJECT_ROOT / "params.yaml")
-    trainings = [dataclasses.replace(params.train, protocol=arguments.protocol, seed=int(seed)) for seed in arguments.seeds.split(",")]
+    protocol = arguments.protocol or params.train.protocol
+    trainings = [dataclasses.replace(params.train, protocol=protocol, seed=int(seed)) for seed in arguments.seeds.split(",")]
     checkpoint = Path(arguments.checkpoint)
     demo = dataclasses.replace(params.demo, train_images=arguments.train_images or params.demo.train_images)
     baselines = params.baselines
@@ -108,7 +109,7 @@ def main() -> None:
         )
     result["margin_points"] = [round(100 * (d - r), 2) for d, r in zip(result["ddpm"], result["random"])]
     result["margin_over_pixels_points"] = [round(100 * (d - p), 2) for d, p in zip(result["ddpm"], result["pixels"])]
-    entry = {"checkpoint": arguments.label or arguments.checkpoint, "protocol": arguments.protocol,
+    entry = {"checkpoint": arguments.label or arguments.checkpoint, "protocol": protocol,
              "train_images": demo.train_images, "validation_images": arguments.validation_images, **result}
     print(json.dumps(entry), flush=True)
     out = Path(arguments.out)

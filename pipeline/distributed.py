@@ -29,7 +29,7 @@ import dask.base
 import distributed
 import torch
 
-from pipeline import activations
+from pipeline import activations  # called as activations.f(): a worker plugin may swap one in tests
 from pipeline.activations import FeatureExtractor, ModelDescription
 from pipeline.config import ExtractSettings
 from pipeline.datasets import ClassInfo, ImageRecord

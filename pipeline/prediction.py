@@ -13,12 +13,12 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from pipeline.activations import compute_activations, load_extractor
 from pipeline.datasets import list_images, load_image
 from pipeline.devices import torch_threads
 from pipeline.diffusion import shared_noise
 from pipeline.ensemble import Ensemble, load_ensemble
 from pipeline.evaluation import predict_from_tables
-from pipeline.activations import compute_activations, load_extractor
 from pipeline.store import StoreMismatchError
 from pipeline.visualize import (
     class_palette,
