@@ -52,11 +52,14 @@ def _memory(result: dict) -> list[str]:
     ]
 
 
+def _comparisons(result: dict, marker: str) -> list[tuple[str, dict]]:
+    """The (name, comparison) entries of a result that hold `marker` (skipped datasets are strings)."""
+    return [(name, value) for name, value in result.items() if isinstance(value, dict) and marker in value]
+
+
 def _speed(result: dict) -> list[str]:
     lines = []
-    for name, comparison in result.items():
-        if not isinstance(comparison, dict) or "speedup" not in comparison:
-            continue
+    for name, comparison in _comparisons(result, "speedup"):
         lines.append(
             f"| 3 training speed, {name} | fast {comparison['fast_seconds_median']:.1f} s, mIoU {comparison['fast_miou_mean']:.3f} "
             f"({comparison['speedup']:.1f}× faster, gap {comparison['miou_gap_points']:+.2f} points) "
@@ -68,9 +71,7 @@ def _speed(result: dict) -> list[str]:
 
 def _fast_classes(result: dict) -> list[str]:
     lines = []
-    for name, comparison in result.items():
-        if not isinstance(comparison, dict) or "summary" not in comparison:
-            continue
+    for name, comparison in _comparisons(result, "summary"):
         fast, paper, floorless = (comparison["summary"][key] for key in ("fast", "paper", "fast, no step floor"))
         (worst, gap), = fast["worst_class_gap_points"].items()
         lines.append(
@@ -147,9 +148,7 @@ def _evaluation(result: dict) -> list[str]:
 
 def _inference(result: dict) -> list[str]:
     lines = []
-    for name, comparison in result.items():
-        if not isinstance(comparison, dict) or "speedup" not in comparison:
-            continue
+    for name, comparison in _comparisons(result, "speedup"):
         lines.append(
             f"| 7 inference, {name} | block tables {comparison['seconds_per_image_block_tables']:.2f} s/image "
             f"({comparison['speedup']:.1f}× faster; {comparison['pixels_with_other_labels']} pixels of "
