@@ -107,6 +107,11 @@ def _extract_batch_on_worker(
     return activations.extract_batch(state.model(), state.writer(location, schema), records, batch, settings, classes)
 
 
+def _value(value):
+    """The value itself: a task whose result is `value`, so the cluster can recompute it."""
+    return value
+
+
 def _absolute(record: ImageRecord) -> ImageRecord:
     """The record with absolute paths: a worker's working directory is not the driver's."""
     label_path = None if record.label_path is None else record.label_path.resolve()
@@ -159,7 +164,11 @@ class ClusterBatches:
             The first error a task still raised after its retries; the other tasks are cancelled.
         """
         location = writer.location if is_url(writer.location) else Path(writer.location).resolve()
-        schema = self.client.scatter(writer.schema, broadcast=True)  # sent to each worker once, not per task
+        # The schema goes to each worker once, not with every task, as a task's result rather than
+        # scattered data: the scheduler keeps one copy of either (its memory manager drops extra
+        # replicas), and when that worker dies a result is recomputed while scattered data is lost
+        # for good, cancelling every batch ("already forgotten").
+        schema = self.client.submit(_value, writer.schema, pure=False)
         futures = [
             self.client.submit(
                 _extract_batch_on_worker, self.plugin_name, location, schema,
