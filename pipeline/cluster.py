@@ -33,3 +33,18 @@ def cluster_client(address: str | None) -> Iterator[distributed.Client | None]:
         workers = client.scheduler_info(n_workers=-1)["workers"]
         logger.info("connected to the Dask scheduler at %s (%d workers)", address, len(workers))
         yield client
+
+
+def shared_value(client: distributed.Client, value) -> distributed.Future:
+    """`value` on the cluster for many tasks to take as an argument, sent to each worker once.
+
+    A task's result rather than scattered data: the scheduler keeps one copy of either (its
+    memory manager drops extra replicas), and when that worker dies a result is recomputed
+    while scattered data is lost for good, cancelling every task that needs it ("already
+    forgotten").
+    """
+    return client.submit(_identity, value, pure=False)
+
+
+def _identity(value):
+    return value

@@ -31,6 +31,7 @@ import torch
 
 from pipeline import activations  # called as activations.f(): a worker plugin may swap one in tests
 from pipeline.activations import FeatureExtractor, ModelDescription
+from pipeline.cluster import shared_value
 from pipeline.config import ExtractSettings
 from pipeline.datasets import ClassInfo, ImageRecord
 from pipeline.storage import Location, is_url
@@ -107,11 +108,6 @@ def _extract_batch_on_worker(
     return activations.extract_batch(state.model(), state.writer(location, schema), records, batch, settings, classes)
 
 
-def _value(value):
-    """The value itself: a task whose result is `value`, so the cluster can recompute it."""
-    return value
-
-
 def _absolute(record: ImageRecord) -> ImageRecord:
     """The record with absolute paths: a worker's working directory is not the driver's."""
     label_path = None if record.label_path is None else record.label_path.resolve()
@@ -164,11 +160,7 @@ class ClusterBatches:
             The first error a task still raised after its retries; the other tasks are cancelled.
         """
         location = writer.location if is_url(writer.location) else Path(writer.location).resolve()
-        # The schema goes to each worker once, not with every task, as a task's result rather than
-        # scattered data: the scheduler keeps one copy of either (its memory manager drops extra
-        # replicas), and when that worker dies a result is recomputed while scattered data is lost
-        # for good, cancelling every batch ("already forgotten").
-        schema = self.client.submit(_value, writer.schema, pure=False)
+        schema = shared_value(self.client, writer.schema)  # sent to each worker once, not per task
         futures = [
             self.client.submit(
                 _extract_batch_on_worker, self.plugin_name, location, schema,

@@ -21,6 +21,7 @@ import dask
 import numpy as np
 import torch
 
+from pipeline.cluster import shared_value
 from pipeline.features import gather_pixels
 from pipeline.store import FeatureStore
 
@@ -176,7 +177,7 @@ class PixelStream:
         self.buffer_pixels = -(-max(buffer_pixels, batch_size) // batch_size) * batch_size
         self.client = client
         # On a cluster, every worker holds its own copy of the store (reopened there, with its own cache).
-        self.store_on_workers = None if client is None else client.scatter(store, broadcast=True)
+        self.store_on_workers = None if client is None else shared_value(client, store)
         self._resident: np.ndarray | None = None  # all pixels' features, when they fit in one buffer
 
     def epoch_order(self, rng: np.random.Generator) -> np.ndarray:

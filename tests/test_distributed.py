@@ -12,7 +12,7 @@ import torch
 from conftest import write_image_folder, write_learnable_store
 from pipeline.backbones import make_tiny_unet
 from pipeline.config import ExtractSettings, TrainSettings
-from pipeline.distributed import _value
+from pipeline.cluster import shared_value
 from pipeline.extract import extract_features
 from pipeline.sampling import PixelStream, select_labeled_pixels
 from pipeline.store import FeatureStore
@@ -191,11 +191,12 @@ def test_a_worker_killed_mid_run_is_replaced_and_the_store_verifies(cluster, dat
 
 
 def test_what_every_batch_needs_survives_the_death_of_the_worker_holding_it(cluster):
-    """The store schema reaches the workers as a task's result: the cluster keeps one copy, and
-    when its worker dies the scheduler recomputes it (scattered data would be lost for good, and
-    every batch cancelled with it: seen once as "already forgotten" in the killed-worker test)."""
+    """The store schema (and the store, for training) reach the workers as a task's result: the
+    cluster keeps one copy, and when its worker dies the scheduler recomputes it (scattered data
+    would be lost for good, and every batch cancelled with it: seen once as "already forgotten"
+    in the killed-worker test)."""
     _, client = cluster
-    schema = client.submit(_value, {"names": ["a", "b"]}, pure=False)
+    schema = shared_value(client, {"names": ["a", "b"]})
     assert schema.result() == {"names": ["a", "b"]}
     (holder,) = client.who_has(schema)[schema.key]
     client.restart_workers([holder])  # the only copy goes with it
