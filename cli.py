@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from pipeline.config import EvaluateSettings, ExtractSettings, TrainSettings
-from pipeline.datasets import find_class_info, load_class_info
+from pipeline.data.folders import find_class_info, load_class_info
 
 
 def _int_list(text: str) -> list[int]:
@@ -69,7 +69,7 @@ def main(click_context: click.Context, verbose: bool, quiet: bool) -> None:
 @click.pass_obj
 def extract(context: _Context, checkpoint, images, store, steps, blocks, seed, size, layout, batch_size, device, codec, classes, scheduler):
     """Extract pixel features of a folder of images into a store (resumes unfinished work)."""
-    from pipeline.extract import extract_features
+    from pipeline.extraction.extract import extract_features
 
     def action():
         settings = ExtractSettings(
@@ -101,7 +101,7 @@ def extract(context: _Context, checkpoint, images, store, steps, blocks, seed, s
 @click.pass_obj
 def train(context: _Context, store, out, members, seed, learning_rate, batch_size, max_epochs, protocol, device, classes, scheduler):
     """Train the MLP ensemble on the labeled pixels of a store (the paper's protocol by default)."""
-    from pipeline.training import train_on_store
+    from pipeline.heads.pixel_ensemble.training import train_on_store
 
     def action():
         settings = TrainSettings(
@@ -125,7 +125,7 @@ def train(context: _Context, store, out, members, seed, learning_rate, batch_siz
 @click.pass_obj
 def evaluate(context: _Context, ensemble, store, out):
     """Segment the images of a store and score them against their labels."""
-    from pipeline.evaluation import evaluate_on_store
+    from pipeline.evaluation.evaluate import evaluate_on_store
 
     def action():
         metrics = evaluate_on_store(ensemble, store, out, EvaluateSettings(), context.show_progress)
@@ -173,7 +173,7 @@ def predict(context: _Context, ensemble, checkpoint, images, out, device, pictur
 def inspect(context: _Context, store, as_json, image, pixel, verify, stats, pca, similarity, compare_with, export):
     """Describe a store, print or export pixels' features, draw what the features hold; no model needed."""
     from pipeline import inspection
-    from pipeline.store import FeatureStore
+    from pipeline.store.reader import FeatureStore
 
     def action():
         feature_store = FeatureStore(store)
@@ -232,9 +232,9 @@ def pretrain(context: _Context, images, out, steps, batch_size, image_size, chan
              ema_decay, flips, seed, checkpoint_every, sample_every, sample_count, sample_steps, device, precision):
     """Train a DDPM on a folder of unlabeled images (resumes an unfinished run in --out).
 
-    Options left out take the defaults of PretrainSettings (pipeline/pretrain.py).
+    Options left out take the defaults of PretrainSettings (pipeline/pretrain/ddpm.py).
     """
-    from pipeline.pretrain import PretrainSettings, pretrain_ddpm
+    from pipeline.pretrain.ddpm import PretrainSettings, pretrain_ddpm
 
     def action():
         given = {

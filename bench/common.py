@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.store import BlockShape, StoreSchema, open_store_for_writing
+from pipeline.store.schema import BlockShape, StoreSchema
+from pipeline.store.writer import open_store_for_writing
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SHARED = PROJECT_ROOT.parent / "shared"

@@ -17,14 +17,14 @@ import tempfile
 from pathlib import Path
 
 from bench.common import PROJECT_ROOT
-from pipeline.backbones import load_backbone, randomly_initialised_unet
 from pipeline.config import DemoSpec, EvaluateSettings, ExtractSettings, TrainSettings, load_params
-from pipeline.datasets import ClassInfo, find_class_info
-from pipeline.demo import write_demo_dataset
-from pipeline.evaluation import evaluate_on_store
-from pipeline.extract import extract_features
-from pipeline.pixel_baseline import extract_pixel_features
-from pipeline.training import train_on_store
+from pipeline.data.demo import write_demo_dataset
+from pipeline.data.folders import ClassInfo, find_class_info
+from pipeline.evaluation.evaluate import evaluate_on_store
+from pipeline.extraction.extract import extract_features
+from pipeline.extraction.pixels import extract_pixel_features
+from pipeline.heads.pixel_ensemble.training import train_on_store
+from pipeline.sources.checkpoints import load_backbone, randomly_initialised_unet
 
 VALIDATION_SEED_OFFSET = 1000  # the demo's seed + this: faces no split of the demo contains
 

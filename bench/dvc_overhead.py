@@ -27,10 +27,10 @@ import time
 from pathlib import Path
 
 from bench.common import (
-    command_line,
     RESULTS_DIR,
     TINY_BLOCK_SHAPES,
     TINY_STEPS,
+    command_line,
     directory_bytes,
     write_result,
     write_synthetic_store,

@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 from bench.common import (
-    command_line,
     PAPER_BLOCK_SHAPES,
     PAPER_CLASSES,
     PAPER_SIZE,
@@ -23,13 +22,14 @@ from bench.common import (
     TINY_BLOCK_SHAPES,
     TINY_SIZE,
     TINY_STEPS,
+    command_line,
     current_rss_bytes,
     peak_rss_bytes,
     run_child,
     write_result,
     write_synthetic_store,
 )
-from pipeline.store import BlockShape
+from pipeline.store.schema import BlockShape
 
 # adm-tiny's blocks 5, 6, 7, 8, 12 for a 64×64 input.
 ADM_TINY_64 = [BlockShape(5, 128, 8, 8), BlockShape(6, 64, 8, 8), BlockShape(7, 64, 8, 8),
@@ -38,7 +38,7 @@ ADM_TINY_64 = [BlockShape(5, 128, 8, 8), BlockShape(6, 64, 8, 8), BlockShape(7, 
 
 def child(arguments: dict) -> dict:
     from pipeline.config import EvaluateSettings
-    from pipeline.evaluation import evaluate_on_store
+    from pipeline.evaluation.evaluate import evaluate_on_store
 
     baseline = current_rss_bytes()
     started = time.perf_counter()
@@ -51,7 +51,7 @@ def child(arguments: dict) -> dict:
 
 def train_small_ensemble(scratch: Path, shape: tuple, name: str) -> Path:
     from pipeline.config import TrainSettings
-    from pipeline.training import train_on_store
+    from pipeline.heads.pixel_ensemble.training import train_on_store
 
     size, blocks, steps, classes = shape
     store = write_synthetic_store(scratch / f"{name}-train.zarr", "native", 2, size, blocks, steps, classes, seed=99)
@@ -63,9 +63,9 @@ def train_small_ensemble(scratch: Path, shape: tuple, name: str) -> Path:
 def paper_shape_pixels_per_second(scratch: Path) -> dict:
     import torch
 
-    from pipeline.ensemble import load_ensemble
-    from pipeline.evaluation import predict_image
-    from pipeline.store import FeatureStore
+    from pipeline.evaluation.predict import predict_image
+    from pipeline.heads.pixel_ensemble.ensemble import load_ensemble
+    from pipeline.store.reader import FeatureStore
 
     torch.set_num_threads(1)
     shape = (PAPER_SIZE, PAPER_BLOCK_SHAPES, PAPER_STEPS, PAPER_CLASSES)

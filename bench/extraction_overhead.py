@@ -28,14 +28,16 @@ import torch
 from PIL import Image
 
 from bench.common import SHARED, command_line, write_result
-from pipeline.backbones import decoder_block, load_backbone, make_tiny_unet
 from pipeline.config import ExtractSettings
-from pipeline.datasets import list_images, load_example
-from pipeline.devices import pick_device
-from pipeline.diffusion import linear_alphas_cumprod, q_sample, shared_noise
-from pipeline.extract import extract_features
-from pipeline.hooks import capture_outputs, run_until_captured
-from pipeline.store import FeatureStore
+from pipeline.data.folders import list_images, load_example
+from pipeline.extraction.extract import extract_features
+from pipeline.runtime.devices import pick_device
+from pipeline.sources.adm.blocks import decoder_block
+from pipeline.sources.checkpoints import load_backbone
+from pipeline.sources.hooks import capture_outputs, run_until_captured
+from pipeline.sources.noise import linear_alphas_cumprod, q_sample, shared_noise
+from pipeline.sources.tiny_unet import make_tiny_unet
+from pipeline.store.reader import FeatureStore
 
 ADM_TINY = SHARED / "fixtures" / "adm-tiny" / "adm_tiny.pt"
 CAT_TRAIN = SHARED / "datasets" / "ddpm-seg" / "cat_15" / "real" / "train"

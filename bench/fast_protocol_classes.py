@@ -26,14 +26,13 @@ import statistics
 import time
 from pathlib import Path
 
-
 from bench.common import PROJECT_ROOT, SHARED, command_line, write_result
 from bench.demo_checkpoint_validation import write_validation_data
 from pipeline.config import EvaluateSettings, ExtractSettings, TrainSettings, load_params
-from pipeline.datasets import find_class_info
-from pipeline.evaluation import evaluate_on_store
-from pipeline.extract import extract_features
-from pipeline.training import train_on_store
+from pipeline.data.folders import find_class_info
+from pipeline.evaluation.evaluate import evaluate_on_store
+from pipeline.extraction.extract import extract_features
+from pipeline.heads.pixel_ensemble.training import train_on_store
 
 DEMO_CHECKPOINT = PROJECT_ROOT / "data" / "checkpoints" / "demo_ddpm"
 FFHQ = SHARED / "datasets" / "ddpm-seg" / "ffhq_34"

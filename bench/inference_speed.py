@@ -39,9 +39,10 @@ from bench.common import (
 )
 from bench.evaluation_streaming import train_small_ensemble
 from bench.training_speed import ADM_TINY, CAT, cat_stores
-from pipeline.ensemble import Ensemble, load_ensemble
-from pipeline.evaluation import ImagePrediction, predict_from_tables, predict_pixels
-from pipeline.store import FeatureStore
+from pipeline.evaluation.predict import ImagePrediction, predict_from_tables, predict_pixels
+from pipeline.heads.pixel_ensemble.ensemble import Ensemble, load_ensemble
+from pipeline.store.reader import FeatureStore
+
 
 def both_paths(ensemble: Ensemble, store: FeatureStore, index: int) -> tuple[ImagePrediction, float, ImagePrediction, float]:
     """(upsampled-features prediction, its seconds, block-table prediction, its seconds) of one image."""
@@ -77,7 +78,7 @@ def compare(ensemble: Ensemble, store: FeatureStore, repeats: int = 1) -> dict:
 
 def run(quick: bool, scratch: Path) -> dict:
     from pipeline.config import TrainSettings
-    from pipeline.training import train_on_store
+    from pipeline.heads.pixel_ensemble.training import train_on_store
 
     torch.set_num_threads(1)
     result = {"what": "evaluate/predict from upsampled feature vectors vs from native block tables (first layer at native resolution)"}

@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 
 from bench.common import command_line, median_seconds, write_result
-from pipeline.devices import has_native_bfloat16
-from pipeline.diffusion import linear_alphas_cumprod
-from pipeline.pretrain import PretrainSettings, _TrainingRun
+from pipeline.pretrain.ddpm import PretrainSettings, _TrainingRun
+from pipeline.runtime.devices import has_native_bfloat16
+from pipeline.sources.noise import linear_alphas_cumprod
 
 DEMO = PretrainSettings(
     image_size=32, block_out_channels=[32, 32, 64, 64, 64], attention_levels=[3, 4], batch_size=32, device="cpu"

@@ -20,7 +20,6 @@ import numpy as np
 import torch
 
 from bench.common import (
-    command_line,
     PAPER_BLOCK_SHAPES,
     PAPER_CLASSES,
     PAPER_SIZE,
@@ -28,14 +27,16 @@ from bench.common import (
     TINY_BLOCK_SHAPES,
     TINY_SIZE,
     TINY_STEPS,
+    command_line,
     median_seconds,
     write_result,
     write_synthetic_store,
 )
 from pipeline.config import TrainSettings
-from pipeline.ensemble import FusedMembers, make_pixel_classifier
-from pipeline.sampling import PixelStream, select_labeled_pixels
-from pipeline.store import FeatureStore
+from pipeline.heads.pixel_ensemble.ensemble import make_pixel_classifier
+from pipeline.heads.pixel_ensemble.members import FusedMembers
+from pipeline.heads.pixel_ensemble.sampling import PixelStream, select_labeled_pixels
+from pipeline.store.reader import FeatureStore
 
 
 def stream_rate(store_path: Path, num_classes: int, settings: TrainSettings, buffers: int) -> dict:

@@ -25,13 +25,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.common import command_line, PROJECT_ROOT, SHARED, directory_bytes, write_result
-from pipeline.backbones import decoder_block, load_backbone, make_tiny_unet
+from bench.common import PROJECT_ROOT, SHARED, command_line, directory_bytes, write_result
 from pipeline.config import ExtractSettings, load_params
-from pipeline.datasets import list_images, load_example
-from pipeline.diffusion import shared_noise
-from pipeline.activations import compute_activations, probe_block_shapes
-from pipeline.store import FeatureStore, StoreSchema, open_store_for_writing
+from pipeline.data.folders import list_images, load_example
+from pipeline.sources.adm.blocks import decoder_block
+from pipeline.sources.checkpoints import load_backbone
+from pipeline.sources.diffusion_unet import compute_activations, probe_block_shapes
+from pipeline.sources.noise import shared_noise
+from pipeline.sources.tiny_unet import make_tiny_unet
+from pipeline.store.reader import FeatureStore
+from pipeline.store.schema import StoreSchema
+from pipeline.store.writer import open_store_for_writing
 
 CODECS = ["none", "blosc-lz4", "zstd"]
 ADM_TINY = SHARED / "fixtures" / "adm-tiny" / "adm_tiny.pt"
@@ -121,7 +125,7 @@ def run(quick: bool, scratch: Path) -> dict:
         make_tiny_unet(32).save_pretrained(scratch / "codec-unet")
         sources["tiny random UNet, 32x32"] = (scratch / "codec-unet", images, ExtractSettings(size=32, blocks=[2, 3, 5]), 2)
     else:
-        from pipeline.demo import write_demo_dataset
+        from pipeline.data.demo import write_demo_dataset
 
         params = load_params(PROJECT_ROOT / "params.yaml")
         write_demo_dataset(dataclasses.replace(params.demo, pool_images=0), scratch / "codec-demo")

@@ -24,10 +24,10 @@ from diffusers import UNet2DModel
 from PIL import Image
 
 from bench.common import write_result
-from pipeline.backbones import AdmLayout, adm_unet_config
 from pipeline.config import ExtractSettings
-from pipeline.extract import extract_features
-from pipeline.store import FeatureStore
+from pipeline.extraction.extract import extract_features
+from pipeline.sources.adm.convert import AdmLayout, adm_unet_config
+from pipeline.store.reader import FeatureStore
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 FFHQ_TEST = PROJECT_ROOT.parent / "shared" / "datasets" / "ddpm-seg" / "ffhq_34" / "real" / "test"

@@ -28,13 +28,13 @@ import time
 from pathlib import Path
 
 from bench.common import (
-    command_line,
     PAPER_BLOCK_SHAPES,
     PAPER_SIZE,
     PAPER_STEPS,
     TINY_BLOCK_SHAPES,
     TINY_SIZE,
     TINY_STEPS,
+    command_line,
     current_rss_bytes,
     peak_rss_bytes,
     run_child,
@@ -47,10 +47,9 @@ STEPS_PAST_FIRST_BUFFER = 4  # train into the second buffer: the third is being 
 
 def child(arguments: dict) -> dict:
     """Trains on one store in this (fresh) process and reports its memory."""
+    import pipeline.heads.pixel_ensemble.training as training_module
     from pipeline.config import TrainSettings
-    from pipeline.training import train_on_store
-
-    import pipeline.training as training_module
+    from pipeline.heads.pixel_ensemble.training import train_on_store
 
     settings = TrainSettings(**arguments["settings"])
     seen = {}
@@ -76,9 +75,9 @@ def child(arguments: dict) -> dict:
 
 def model_state_bytes(feature_dim: int, num_classes: int, members: int) -> int:
     """Parameters, gradients and Adam's two moments of the ensemble, float32."""
-    from pipeline.ensemble import make_pixel_classifier
-
     import torch
+
+    from pipeline.heads.pixel_ensemble.ensemble import make_pixel_classifier
 
     member = make_pixel_classifier(feature_dim, num_classes, torch.Generator().manual_seed(0))
     return 4 * 4 * members * sum(parameter.numel() for parameter in member.parameters())

@@ -22,13 +22,21 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import command_line, PROJECT_ROOT, SHARED, TINY_BLOCK_SHAPES, TINY_STEPS, write_result, write_synthetic_store
+from bench.common import (
+    PROJECT_ROOT,
+    SHARED,
+    TINY_BLOCK_SHAPES,
+    TINY_STEPS,
+    command_line,
+    write_result,
+    write_synthetic_store,
+)
 from pipeline.config import EvaluateSettings, ExtractSettings, TrainSettings, load_params
-from pipeline.devices import torch_threads
-from pipeline.evaluation import predict_image
-from pipeline.metrics import IoUAccumulator
-from pipeline.store import FeatureStore
-from pipeline.training import train_on_store
+from pipeline.evaluation.predict import predict_image
+from pipeline.evaluation.score import IoUAccumulator
+from pipeline.heads.pixel_ensemble.training import train_on_store
+from pipeline.runtime.devices import torch_threads
+from pipeline.store.reader import FeatureStore
 
 DEMO_CHECKPOINT = PROJECT_ROOT / "data" / "checkpoints" / "demo_ddpm"
 CAT = SHARED / "datasets" / "ddpm-seg" / "cat_15"
@@ -80,9 +88,9 @@ def compare_protocols(train_store: Path, test_store: Path, scratch: Path, seeds:
 
 def demo_stores(scratch: Path) -> tuple[Path, Path]:
     """The demo's train and test faces, extracted with the committed demo DDPM."""
-    from pipeline.datasets import find_class_info
-    from pipeline.demo import write_demo_dataset
-    from pipeline.extract import extract_features
+    from pipeline.data.demo import write_demo_dataset
+    from pipeline.data.folders import find_class_info
+    from pipeline.extraction.extract import extract_features
 
     params = load_params(PROJECT_ROOT / "params.yaml")
     data = scratch / "demo"
@@ -96,8 +104,8 @@ def demo_stores(scratch: Path) -> tuple[Path, Path]:
 
 def cat_stores(scratch: Path, size: int) -> tuple[Path, Path]:
     """cat_15's splits at size×size, extracted with the adm-tiny fixture (random weights)."""
-    from pipeline.datasets import find_class_info
-    from pipeline.extract import extract_features
+    from pipeline.data.folders import find_class_info
+    from pipeline.extraction.extract import extract_features
 
     settings = ExtractSettings(size=size, device="cpu", batch_size=8)
     for split in ("train", "test"):

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from pipeline.config import EvaluateSettings, ExtractSettings, TrainSettings
-from pipeline.datasets import (
+from pipeline.data.folders import (
     ImageRecord,
     check_examples,
     first_images,
@@ -33,11 +33,11 @@ from pipeline.datasets import (
     load_class_info,
     require_label_maps,
 )
-from pipeline.evaluation import evaluate_on_store
-from pipeline.extract import extract_features
-from pipeline.presets import Preset, load_preset, preset_for_dataset
-from pipeline.store import FeatureStore
-from pipeline.training import train_on_store
+from pipeline.data.presets import Preset, load_preset, preset_for_dataset
+from pipeline.evaluation.evaluate import evaluate_on_store
+from pipeline.extraction.extract import extract_features
+from pipeline.heads.pixel_ensemble.training import train_on_store
+from pipeline.store.reader import FeatureStore
 
 logger = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ IoUDefinition = Literal["paper", "ignore_excluded"]
 
 @dataclasses.dataclass(frozen=True)
 class DemoSpec:
-    """What the demo dataset generator (pipeline/demo.py) makes.
+    """What the demo dataset generator (pipeline/data/demo.py) makes.
 
     Attributes:
         size: Side of the square images in pixels (at least 16).

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.store import FeatureStore
+from pipeline.store.reader import FeatureStore
 
 
 def store_summary(store: FeatureStore) -> dict:
@@ -168,7 +168,7 @@ def export_pixel_features(store: FeatureStore, image: str, pixels: list[tuple[in
 def save_pca_pictures(store: FeatureStore, image: str, out: Path) -> None:
     """The first three principal components of one image's features as RGB: per (step, block)
     and for the whole vector, beside the image, in one grid."""
-    from pipeline.visualize import save_picture_grid
+    from pipeline.pictures.figures import save_picture_grid
 
     index = resolve_image(store, image)
     features = store.image_features(index)  # (S, S, D) float16
@@ -180,7 +180,7 @@ def save_pca_pictures(store: FeatureStore, image: str, out: Path) -> None:
 
 def save_similarity_pictures(store: FeatureStore, image: str, y: int, x: int, out: Path, others: list[str]) -> None:
     """Cosine similarity of every pixel of an image (and of `others`) to one pixel's features."""
-    from pipeline.visualize import save_picture_grid
+    from pipeline.pictures.figures import save_picture_grid
 
     index = resolve_image(store, image)
     reference = np.array(pixel_feature_vector(store, image, y, x), dtype=np.float32)

@@ -13,21 +13,15 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from pipeline.activations import compute_activations, load_extractor
-from pipeline.datasets import list_images, load_image
-from pipeline.devices import torch_threads
-from pipeline.diffusion import shared_noise
-from pipeline.ensemble import Ensemble, load_ensemble
-from pipeline.evaluation import predict_from_tables
-from pipeline.store import StoreMismatchError
-from pipeline.visualize import (
-    class_palette,
-    colour_mask,
-    overlay,
-    save_png,
-    save_prediction_grid,
-    uncertainty_image,
-)
+from pipeline.data.folders import list_images, load_image
+from pipeline.evaluation.predict import predict_from_tables
+from pipeline.heads.pixel_ensemble.ensemble import Ensemble, load_ensemble
+from pipeline.pictures.figures import save_prediction_grid
+from pipeline.pictures.masks import class_palette, colour_mask, overlay, save_png, uncertainty_image
+from pipeline.runtime.devices import torch_threads
+from pipeline.sources.diffusion_unet import compute_activations, load_extractor
+from pipeline.sources.noise import shared_noise
+from pipeline.store.schema import StoreMismatchError
 
 logger = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pipeline.storage import location_bytes
+from pipeline.store.locations import location_bytes
 
 DATA_FOLDER = "data"
 

@@ -3,7 +3,7 @@
 import argparse
 from pathlib import Path
 
-from pipeline.comparison import write_comparison
+from pipeline.evaluation.compare import write_comparison
 from stages import output_path
 
 

@@ -5,7 +5,7 @@ import logging
 import shutil
 
 from pipeline.config import load_params
-from pipeline.demo import write_demo_dataset
+from pipeline.data.demo import write_demo_dataset
 from stages import output_path
 
 

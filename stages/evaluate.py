@@ -5,7 +5,7 @@ import logging
 import time
 
 from pipeline.config import load_params
-from pipeline.evaluation import evaluate_on_store
+from pipeline.evaluation.evaluate import evaluate_on_store
 from stages import output_path, size_on_disk
 
 

@@ -4,8 +4,8 @@ import argparse
 import logging
 
 from pipeline.config import load_params
-from pipeline.datasets import find_class_info
-from pipeline.extract import extract_features
+from pipeline.data.folders import find_class_info
+from pipeline.extraction.extract import extract_features
 from stages import output_path, size_on_disk
 
 

@@ -4,8 +4,8 @@ import argparse
 import logging
 
 from pipeline.config import load_params
-from pipeline.datasets import find_class_info
-from pipeline.pixel_baseline import extract_pixel_features
+from pipeline.data.folders import find_class_info
+from pipeline.extraction.pixels import extract_pixel_features
 from stages import output_path, size_on_disk
 
 

@@ -2,8 +2,8 @@
 
 import argparse
 
-from pipeline.backbones import load_backbone, randomly_initialised_unet
 from pipeline.config import load_params
+from pipeline.sources.checkpoints import load_backbone, randomly_initialised_unet
 from stages import output_path
 
 

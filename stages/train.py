@@ -7,8 +7,8 @@ import os
 from pathlib import Path
 
 from pipeline.config import load_params
-from pipeline.training import train_on_store
-from pipeline.visualize import save_training_curves, training_curve_rows
+from pipeline.heads.pixel_ensemble.training import train_on_store
+from pipeline.pictures.figures import save_training_curves, training_curve_rows
 from stages import output_path, size_on_disk
 
 

@@ -10,7 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.store import BlockShape, StoreSchema, open_store_for_writing
+from pipeline.store.schema import BlockShape, StoreSchema
+from pipeline.store.writer import open_store_for_writing
 
 # Tiny models everywhere: one thread is as fast, and immune to a busy neighbour process.
 torch.set_num_threads(1)

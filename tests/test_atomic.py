@@ -1,8 +1,8 @@
-"""Tests of pipeline/atomic.py: a target is replaced whole, or left as it was."""
+"""Tests of pipeline/runtime/atomic.py: a target is replaced whole, or left as it was."""
 
 import pytest
 
-from pipeline.atomic import replaced_file, replaced_folder
+from pipeline.runtime.atomic import replaced_file, replaced_folder
 
 
 def test_a_file_is_replaced_whole_or_left_as_it_was(tmp_path):

@@ -1,4 +1,4 @@
-"""Tests of checkpoint loading and decoder-block naming (pipeline/backbones.py).
+"""Tests of checkpoint loading and decoder-block naming (pipeline/sources/checkpoints.py, pipeline/sources/adm).
 
 The golden test reproduces activations that the reference guided-diffusion code produced for a
 small ADM checkpoint (../shared/fixtures/adm-tiny). Layout variants that fixture does not cover
@@ -22,14 +22,10 @@ import torch
 import torch.nn.functional as F
 from diffusers import UNet2DModel
 
-from pipeline.datasets import file_sha256
-from pipeline.backbones import (
-    Backbone,
-    decoder_block,
-    decoder_block_names,
-    load_backbone,
-    make_tiny_unet,
-)
+from pipeline.data.folders import file_sha256
+from pipeline.sources.adm.blocks import decoder_block, decoder_block_names
+from pipeline.sources.checkpoints import Backbone, load_backbone
+from pipeline.sources.tiny_unet import make_tiny_unet
 
 FIXTURE_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "adm-tiny"
 STEPS = (50, 150, 250)

@@ -14,7 +14,13 @@ import numpy as np
 import pytest
 
 from bench import (
-    extraction_overhead, fast_protocol_classes, inference_speed, pretrain_speed, sampling_throughput, storage_codecs, training_speed,
+    extraction_overhead,
+    fast_protocol_classes,
+    inference_speed,
+    pretrain_speed,
+    sampling_throughput,
+    storage_codecs,
+    training_speed,
 )
 from bench.common import PROJECT_ROOT, RESULTS_DIR, current_rss_bytes, write_result
 from bench.report import summary_table

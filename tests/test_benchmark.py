@@ -8,10 +8,10 @@ from click.testing import CliRunner
 
 from cli import main
 from conftest import write_image_folder
-from pipeline.backbones import make_tiny_unet
 from pipeline.benchmark import choose_preset, protocol_images, run_benchmark, summarise_seeds
 from pipeline.config import EvaluateSettings, ExtractSettings, TrainSettings
-from pipeline.presets import load_preset
+from pipeline.data.presets import load_preset
+from pipeline.sources.tiny_unet import make_tiny_unet
 
 CLASSES = {"names": ["background", "disc", "square"], "ignore_label": 255, "train": 3, "test": 2}
 TINY = {"image_size": 32, "steps": [50, 150], "blocks": [5, 8, 12]}

@@ -9,7 +9,7 @@ from PIL import Image
 
 from cli import main
 from conftest import write_image_folder
-from pipeline.backbones import make_tiny_unet
+from pipeline.sources.tiny_unet import make_tiny_unet
 
 CLASSES = {"names": ["background", "disc", "square"], "ignore_label": 255}
 
@@ -168,7 +168,7 @@ def _store_of_another_model(workspace, root):
 def _full_disk(monkeypatch):
     import errno
 
-    from pipeline.store import FeatureStoreWriter
+    from pipeline.store.writer import FeatureStoreWriter
 
     def no_space(*arguments, **keywords):
         raise OSError(errno.ENOSPC, "No space left on device")

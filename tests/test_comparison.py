@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from pipeline.comparison import compare_feature_sources, write_comparison
+from pipeline.evaluation.compare import compare_feature_sources, write_comparison
 
 
 def test_margins_are_in_points():

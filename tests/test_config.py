@@ -1,7 +1,7 @@
 import pytest
 
-from pipeline.config import ExtractSettings, TrainSettings, load_params, settings_from_mapping
 from conftest import PROJECT_ROOT
+from pipeline.config import ExtractSettings, TrainSettings, load_params, settings_from_mapping
 
 
 def test_the_project_params_file_loads():

@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from conftest import write_image_folder
-from pipeline.datasets import (
+from pipeline.data.folders import (
     ClassInfo,
     check_examples,
     file_sha256,
@@ -87,7 +87,7 @@ def test_classes_json_is_found_beside_or_above_the_images(tmp_path):
 
 
 def test_examples_are_checked_before_extraction(tmp_path):
-    from pipeline.datasets import ClassInfo, check_examples, check_labels_complete, load_example
+    from pipeline.data.folders import ClassInfo, check_examples, check_labels_complete, load_example
 
     classes = ClassInfo(names=["bg", "a", "b"], ignore_label=255)
     Image.new("RGB", (8, 8)).save(tmp_path / "ok.png")

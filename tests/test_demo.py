@@ -1,4 +1,4 @@
-"""Tests of the cartoon-face demo dataset (pipeline/demo.py)."""
+"""Tests of the cartoon-face demo dataset (pipeline/data/demo.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import cross_val_score
 
 from pipeline.config import DemoSpec
-from pipeline.demo import (
+from pipeline.data.demo import (
     BACKGROUND,
     BROW,
     CLASS_NAMES,

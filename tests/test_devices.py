@@ -1,11 +1,11 @@
-"""Choosing devices, autocast and thread counts (pipeline/devices.py)."""
+"""Choosing devices, autocast and thread counts (pipeline/runtime/devices.py)."""
 
 import contextlib
 
 import pytest
 import torch
 
-from pipeline.devices import autocast_for, has_native_bfloat16, pick_device, torch_threads
+from pipeline.runtime.devices import autocast_for, has_native_bfloat16, pick_device, torch_threads
 
 
 def test_an_explicit_device_is_used_as_given():

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.diffusion import linear_alphas_cumprod, q_sample, shared_noise
+from pipeline.sources.noise import linear_alphas_cumprod, q_sample, shared_noise
 
 
 def test_noise_is_drawn_on_the_cpu_from_its_own_seed():

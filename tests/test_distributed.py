@@ -10,13 +10,13 @@ import pytest
 import torch
 
 from conftest import write_image_folder, write_learnable_store
-from pipeline.backbones import make_tiny_unet
 from pipeline.config import ExtractSettings, TrainSettings
-from pipeline.cluster import shared_value
-from pipeline.extract import extract_features
-from pipeline.sampling import PixelStream, select_labeled_pixels
-from pipeline.store import FeatureStore
-from pipeline.training import train_on_store
+from pipeline.extraction.extract import extract_features
+from pipeline.heads.pixel_ensemble.sampling import PixelStream, select_labeled_pixels
+from pipeline.heads.pixel_ensemble.training import train_on_store
+from pipeline.runtime.cluster import shared_value
+from pipeline.sources.tiny_unet import make_tiny_unet
+from pipeline.store.reader import FeatureStore
 
 SETTINGS = ExtractSettings(steps=[50, 250], blocks=[5, 8, 12], seed=3, size=16, batch_size=2, device="cpu")
 ARRAYS = ["block_5", "block_8", "block_12", "images", "labels", "checksums", "done"]
@@ -50,21 +50,21 @@ class CountModelLoads(distributed.WorkerPlugin):
     """Counts, per worker, how often the extraction model is loaded."""
 
     def setup(self, worker):
-        import pipeline.activations
+        import pipeline.sources.diffusion_unet
 
         self.loads = 0
-        self.original = pipeline.activations.load_extractor
+        self.original = pipeline.sources.diffusion_unet.load_extractor
 
         def counting_load(*args, **kwargs):
             self.loads += 1
             return self.original(*args, **kwargs)
 
-        pipeline.activations.load_extractor = counting_load
+        pipeline.sources.diffusion_unet.load_extractor = counting_load
 
     def teardown(self, worker):
-        import pipeline.activations
+        import pipeline.sources.diffusion_unet
 
-        pipeline.activations.load_extractor = self.original
+        pipeline.sources.diffusion_unet.load_extractor = self.original
 
 
 class MisbehaveOnce(distributed.WorkerPlugin):
@@ -78,7 +78,7 @@ class MisbehaveOnce(distributed.WorkerPlugin):
         raise NotImplementedError
 
     def setup(self, worker):
-        from pipeline.store import FeatureStoreWriter
+        from pipeline.store.writer import FeatureStoreWriter
 
         self.original = FeatureStoreWriter.write_image
         plugin, original = self, self.original
@@ -96,7 +96,7 @@ class MisbehaveOnce(distributed.WorkerPlugin):
         FeatureStoreWriter.write_image = write_image_or_misbehave
 
     def teardown(self, worker):
-        from pipeline.store import FeatureStoreWriter
+        from pipeline.store.writer import FeatureStoreWriter
 
         FeatureStoreWriter.write_image = self.original
 

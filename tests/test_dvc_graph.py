@@ -23,7 +23,7 @@ PIPELINES = {"dvc.yaml": PROJECT_ROOT, "presets/dvc.yaml": PROJECT_ROOT}  # file
 
 
 def module_file(module: str) -> Path | None:
-    """`pipeline.store` → pipeline/store.py (or a package's __init__.py); None outside the project."""
+    """`pipeline.store.reader` → pipeline/store/reader.py (or a package's __init__.py); None outside the project."""
     if module.split(".")[0] not in PACKAGES:
         return None
     path = PROJECT_ROOT.joinpath(*module.split("."))
@@ -120,14 +120,14 @@ def test_the_closure_sees_function_level_imports_and_skips_type_checking_ones(tm
     """The check would fail if a stage gained an import without its dep: imports count at any
     depth, except under `if TYPE_CHECKING:`, which never runs."""
     closure = import_closure("stages.train")
-    assert "pipeline/training.py" in closure and "stages/train.py" in closure and "stages/__init__.py" in closure
+    assert "pipeline/heads/pixel_ensemble/training.py" in closure and "stages/train.py" in closure and "stages/__init__.py" in closure
     source = tmp_path / "module.py"
     source.write_text(
         "from typing import TYPE_CHECKING\n"
         "if TYPE_CHECKING:\n    from pipeline import store\n"
-        "def f():\n    from pipeline import visualize\n    import pipeline.hooks\n"
+        "def f():\n    from pipeline import pictures\n    import pipeline.sources.hooks\n"
     )
-    assert imported_modules(source) == {"pipeline", "pipeline.visualize", "pipeline.hooks"}
+    assert imported_modules(source) == {"pipeline", "pipeline.pictures", "pipeline.sources.hooks"}
 
 
 def test_no_import_cycles_inside_the_library():
@@ -150,3 +150,31 @@ def test_no_import_cycles_inside_the_library():
 
     for module in graph:
         visit(module)
+
+
+def rewrite_code_deps(pipeline_file: str) -> None:
+    """Replaces each stage's `.py` deps in `pipeline_file` by its import closure (other deps and
+    comments stay as they are): `PYTHONPATH=. python tests/test_dvc_graph.py` after changing imports."""
+    path = PROJECT_ROOT / pipeline_file
+    commands = {name: command for name, command, _ in stages_of(pipeline_file)}
+    lines, out, stage = path.read_text().splitlines(keepends=True), [], None
+    for line in lines:
+        match = re.match(r"^  (\w+):\s*$", line)
+        if match and match.group(1) in commands:
+            stage = match.group(1)
+        if line.strip().startswith("- ") and line.rstrip().endswith(".py"):
+            indent = line[: len(line) - len(line.lstrip())]
+            if stage is not None:
+                module = re.search(r"python -m (stages\.\w+)", commands[stage]).group(1)
+                first = [module.replace(".", "/") + ".py", "stages/__init__.py"]
+                rest = sorted(import_closure(module) - set(first))
+                out.extend(f"{indent}- {dep}\n" for dep in first + rest)
+                stage = None  # written once, where its first `.py` dep was
+            continue
+        out.append(line)
+    path.write_text("".join(out))
+
+
+if __name__ == "__main__":
+    for pipeline_file in PIPELINES:
+        rewrite_code_deps(pipeline_file)

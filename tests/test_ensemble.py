@@ -4,15 +4,9 @@ import pytest
 import torch
 
 from pipeline.config import TrainSettings
-from pipeline.ensemble import (
-    hidden_widths,
-    load_ensemble,
-    make_pixel_classifier,
-    predict_with_uncertainty,
-    save_ensemble,
-    train_ensemble,
-    train_member,
-)
+from pipeline.heads.pixel_ensemble.ensemble import hidden_widths, load_ensemble, make_pixel_classifier, save_ensemble
+from pipeline.heads.pixel_ensemble.inference import predict_with_uncertainty
+from pipeline.heads.pixel_ensemble.members import train_ensemble, train_member
 
 
 def test_architecture_follows_class_count():
@@ -136,7 +130,7 @@ def test_loading_a_missing_ensemble_names_the_folder(tmp_path):
 
 
 def test_fused_members_compute_what_separate_members_compute():
-    from pipeline.ensemble import FusedMembers
+    from pipeline.heads.pixel_ensemble.members import FusedMembers
 
     members = [make_pixel_classifier(12, 4, torch.Generator().manual_seed(seed)) for seed in range(3)]
     fused = FusedMembers(members)
@@ -163,7 +157,7 @@ def test_fused_members_compute_what_separate_members_compute():
 
 
 def test_fast_protocol_learns_separable_classes():
-    from pipeline.ensemble import train_fused
+    from pipeline.heads.pixel_ensemble.members import train_fused
 
     def epoch_batches(epoch):
         batches = [_separable_batches(member, epoch) for member in range(3)]  # per member: list of (B, D), (B,)
@@ -180,7 +174,7 @@ def test_fast_protocol_learns_separable_classes():
 
 
 def test_fast_protocol_stops_at_its_budget_of_passes_even_mid_epoch():
-    from pipeline.ensemble import train_fused
+    from pipeline.heads.pixel_ensemble.members import train_fused
 
     def epoch_batches(epoch):
         for features, labels in _separable_batches(0, epoch):  # 8 batches of 64
@@ -198,8 +192,8 @@ def test_fast_protocol_stops_at_its_budget_of_passes_even_mid_epoch():
 def test_predicting_from_block_tables_equals_predicting_from_upsampled_features():
     """Each member's first layer at the blocks' own resolution, upsampled after: the same
     labels and disagreement as the full upsampled feature vectors."""
-    from pipeline.ensemble import predict_from_block_tables
-    from pipeline.features import upsample_and_concatenate
+    from pipeline.heads.pixel_ensemble.inference import predict_from_block_tables
+    from pipeline.store.bilinear import upsample_and_concatenate
 
     generator = torch.Generator().manual_seed(0)
     size, shapes = 24, [(6, 3, 3), (4, 6, 6), (5, 12, 12), (3, 24, 24)]

@@ -6,9 +6,9 @@ from PIL import Image
 
 from conftest import write_learnable_store
 from pipeline.config import EvaluateSettings, TrainSettings
-from pipeline.evaluation import evaluate_on_store
-from pipeline.store import StoreMismatchError
-from pipeline.training import train_on_store
+from pipeline.evaluation.evaluate import evaluate_on_store
+from pipeline.heads.pixel_ensemble.training import train_on_store
+from pipeline.store.schema import StoreMismatchError
 
 
 @pytest.fixture(scope="module")

@@ -3,14 +3,16 @@ import pytest
 import torch
 
 from conftest import write_image_folder
-from pipeline.backbones import decoder_block, make_tiny_unet
 from pipeline.config import ExtractSettings
-from pipeline.datasets import list_images, load_image
-from pipeline.diffusion import linear_alphas_cumprod, q_sample, shared_noise
-from pipeline.activations import compute_activations
-from pipeline.extract import extract_features
-from pipeline.features import upsample_and_concatenate
-from pipeline.store import FeatureStore, StoreMismatchError
+from pipeline.data.folders import list_images, load_image
+from pipeline.extraction.extract import extract_features
+from pipeline.sources.adm.blocks import decoder_block
+from pipeline.sources.diffusion_unet import compute_activations
+from pipeline.sources.noise import linear_alphas_cumprod, q_sample, shared_noise
+from pipeline.sources.tiny_unet import make_tiny_unet
+from pipeline.store.bilinear import upsample_and_concatenate
+from pipeline.store.reader import FeatureStore
+from pipeline.store.schema import StoreMismatchError
 
 SETTINGS = ExtractSettings(steps=[50, 250], blocks=[5, 8, 12], seed=3, size=32, batch_size=3, device="cpu")
 

@@ -1,7 +1,7 @@
 import numpy as np
 import torch
 
-from pipeline.features import gather_pixels_from_blocks, upsample_and_concatenate
+from pipeline.store.bilinear import gather_pixels_from_blocks, upsample_and_concatenate
 
 
 def test_gathered_pixels_equal_full_upsampling():

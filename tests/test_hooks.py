@@ -1,6 +1,6 @@
 import torch
 
-from pipeline.hooks import capture_outputs, run_until_captured
+from pipeline.sources.hooks import capture_outputs, run_until_captured
 
 
 def _model():

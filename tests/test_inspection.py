@@ -5,7 +5,7 @@ import pytest
 
 from conftest import PROJECT_ROOT, write_synthetic_store
 from pipeline.inspection import format_summary, pixel_feature_vector, resolve_image, store_summary
-from pipeline.store import FeatureStore
+from pipeline.store.reader import FeatureStore
 
 
 @pytest.fixture

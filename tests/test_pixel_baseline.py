@@ -3,9 +3,10 @@ import pytest
 import torch
 
 from conftest import write_image_folder
-from pipeline.datasets import ClassInfo, list_images, load_image
-from pipeline.pixel_baseline import extract_pixel_features, neighbourhood_features
-from pipeline.store import FeatureStore
+from pipeline.data.folders import ClassInfo, list_images, load_image
+from pipeline.extraction.pixels import extract_pixel_features
+from pipeline.sources.pixels import neighbourhood_features
+from pipeline.store.reader import FeatureStore
 
 
 def test_neighbourhood_features_hold_each_pixels_window():

@@ -7,13 +7,13 @@ from PIL import Image
 
 from cli import main
 from conftest import write_image_folder
-from pipeline.backbones import make_tiny_unet
 from pipeline.config import ExtractSettings, TrainSettings
-from pipeline.datasets import ClassInfo
-from pipeline.extract import extract_features
+from pipeline.data.folders import ClassInfo
+from pipeline.extraction.extract import extract_features
+from pipeline.heads.pixel_ensemble.training import train_on_store
 from pipeline.prediction import predict_folder
-from pipeline.store import StoreMismatchError
-from pipeline.training import train_on_store
+from pipeline.sources.tiny_unet import make_tiny_unet
+from pipeline.store.schema import StoreMismatchError
 
 
 @pytest.fixture(scope="module")

@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from pipeline.datasets import ClassInfo
-from pipeline.presets import Preset, load_preset, preset_for_dataset, preset_names
+from pipeline.data.folders import ClassInfo
+from pipeline.data.presets import Preset, load_preset, preset_for_dataset, preset_names
 
 # The paper's protocol (NOTES.md; the official experiments/<name>/ddpm.json):
 # train / test images, classes, ignore label, checkpoint, mIoU ± std (%).

@@ -12,8 +12,9 @@ from PIL import Image
 
 from cli import main
 from conftest import write_image_folder
-from pipeline.backbones import decoder_block, decoder_block_names, load_backbone
-from pipeline.pretrain import PretrainSettings, build_unet, image_grid, pretrain_ddpm, sample_images
+from pipeline.pretrain.ddpm import PretrainSettings, build_unet, image_grid, pretrain_ddpm, sample_images
+from pipeline.sources.adm.blocks import decoder_block, decoder_block_names
+from pipeline.sources.checkpoints import load_backbone
 
 # 5 levels of 32 channels, attention at the lowest: 1.2 M parameters, ~0.1 s per step of 4 images.
 TINY = PretrainSettings(
@@ -126,7 +127,7 @@ def test_settings_are_checked():
 
 
 def test_bfloat16_on_a_cpu_without_it_warns(images, tmp_path, monkeypatch, caplog):
-    monkeypatch.setattr("pipeline.pretrain.has_native_bfloat16", lambda device: False)
+    monkeypatch.setattr("pipeline.pretrain.ddpm.has_native_bfloat16", lambda device: False)
     settings = replace(TINY, steps=1, sample_count=1, sample_inference_steps=1, precision="bfloat16")
     pretrain_ddpm(images, tmp_path, settings, show_progress=False)
     assert "no native bfloat16" in caplog.text

@@ -13,11 +13,12 @@ import torch
 
 from conftest import write_synthetic_store
 from pipeline.config import TrainSettings
-from pipeline.ensemble import make_pixel_classifier, predict_with_uncertainty, run_epochs, train_member
-from pipeline.metrics import IoUAccumulator, top_decile_mean
-from pipeline.sampling import PixelStream, select_labeled_pixels
-from pipeline.store import FeatureStore
-
+from pipeline.evaluation.score import IoUAccumulator, top_decile_mean
+from pipeline.heads.pixel_ensemble.ensemble import make_pixel_classifier
+from pipeline.heads.pixel_ensemble.inference import predict_with_uncertainty
+from pipeline.heads.pixel_ensemble.members import run_epochs, train_member
+from pipeline.heads.pixel_ensemble.sampling import PixelStream, select_labeled_pixels
+from pipeline.store.reader import FeatureStore
 
 # --- what is sampled ---------------------------------------------------------------------------
 

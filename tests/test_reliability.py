@@ -2,7 +2,7 @@
 through the command line, untrusted files.
 
 Kills are real: a stage runs as a subprocess, stops at a named pause point
-(`pipeline/pause_points.py`, switched on by environment variables) and is killed there with
+(`pipeline/runtime/pause_points.py`, switched on by environment variables) and is killed there with
 SIGKILL, so "halfway through image 2" is hit every time. Every resumed result is compared with an
 uninterrupted run, image for image, bit for bit.
 """
@@ -28,17 +28,18 @@ import yaml
 from click.testing import CliRunner
 from PIL import Image
 
+import stages.train
 from cli import main
 from conftest import PROJECT_ROOT, write_image_folder, write_learnable_store
-from pipeline.backbones import make_tiny_unet
 from pipeline.config import ExtractSettings, TrainSettings
-from pipeline.datasets import ClassInfo
-from pipeline.ensemble import load_ensemble
-from pipeline.extract import extract_features
-from pipeline.pretrain import PretrainSettings, pretrain_ddpm
-from pipeline.store import FeatureStore, IncompleteImageError
-from pipeline.training import train_on_store
-import stages.train
+from pipeline.data.folders import ClassInfo
+from pipeline.extraction.extract import extract_features
+from pipeline.heads.pixel_ensemble.ensemble import load_ensemble
+from pipeline.heads.pixel_ensemble.training import train_on_store
+from pipeline.pretrain.ddpm import PretrainSettings, pretrain_ddpm
+from pipeline.sources.tiny_unet import make_tiny_unet
+from pipeline.store.reader import FeatureStore
+from pipeline.store.schema import IncompleteImageError
 
 CLASSES = {"names": ["background", "disc", "square"], "ignore_label": 255}
 IMAGES = 5
@@ -127,7 +128,7 @@ def assert_same_as_uninterrupted(store_path: Path, reference: FeatureStore) -> N
 # during that chunk write leaves it (zarr writes `<chunk>.<uuid>.partial`, then renames it).
 HALF_WRITTEN_CHUNK = """
 import zarr.storage._local as local
-from pipeline.pause_points import pause_point
+from pipeline.runtime.pause_points import pause_point
 write_chunk = local._put
 def write_half_then_pause(path, value, exclusive=False):
     if path.as_posix().endswith("/block_8/c/2/0/0/0/0"):
@@ -253,7 +254,7 @@ class _Killed(BaseException):
 
 
 def test_saving_an_ensemble_killed_at_any_step_never_leaves_one_that_loads_half(tmp_path, monkeypatch):
-    import pipeline.ensemble as ensemble_module
+    import pipeline.heads.pixel_ensemble.ensemble as ensemble_module
 
     store = tmp_path / "train.zarr"
     write_learnable_store(store)
@@ -303,7 +304,7 @@ def test_saving_an_ensemble_killed_at_any_step_never_leaves_one_that_loads_half(
 # Slows every image write down, so that two processes surely overlap.
 SLOW_WRITES = """
 import time
-from pipeline.store import FeatureStoreWriter
+from pipeline.store.writer import FeatureStoreWriter
 write_image = FeatureStoreWriter.write_image
 def slow_write_image(self, *arguments):
     time.sleep(0.3)

@@ -13,13 +13,15 @@ from moto.server import ThreadedMotoServer
 
 from cli import main
 from conftest import synthetic_schema, write_image_folder, write_synthetic_store
-from pipeline.backbones import make_tiny_unet
 from pipeline.config import ExtractSettings, TrainSettings
-from pipeline.datasets import ClassInfo
-from pipeline.extract import extract_features
-from pipeline.storage import is_url, store_location
-from pipeline.store import FeatureStore, StoreMismatchError, open_store_for_writing
-from pipeline.training import train_on_store
+from pipeline.data.folders import ClassInfo
+from pipeline.extraction.extract import extract_features
+from pipeline.heads.pixel_ensemble.training import train_on_store
+from pipeline.sources.tiny_unet import make_tiny_unet
+from pipeline.store.locations import is_url, store_location
+from pipeline.store.reader import FeatureStore
+from pipeline.store.schema import StoreMismatchError
+from pipeline.store.writer import open_store_for_writing
 
 SETTINGS = ExtractSettings(steps=[50, 250], blocks=[5, 8, 12], seed=3, size=16, batch_size=2, device="cpu")
 ARRAYS = ["block_5", "block_8", "block_12", "images", "labels", "checksums", "done"]

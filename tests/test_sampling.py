@@ -6,10 +6,14 @@ import pytest
 import torch
 
 from conftest import write_synthetic_store
-from pipeline.sampling import (
-    PixelStream, return_large_allocations_promptly, scaled_min_class_pixels, select_labeled_pixels, usable_labels,
+from pipeline.heads.pixel_ensemble.sampling import (
+    PixelStream,
+    return_large_allocations_promptly,
+    scaled_min_class_pixels,
+    select_labeled_pixels,
+    usable_labels,
 )
-from pipeline.store import FeatureStore
+from pipeline.store.reader import FeatureStore
 
 
 def test_rare_classes_per_image_become_ignored():
@@ -51,14 +55,14 @@ def test_a_class_dropped_from_images_is_named_in_a_warning(tmp_path, caplog):
         labels.append(label_map)
     write_synthetic_store(tmp_path / "store.zarr", "native", labels)
     store = FeatureStore(tmp_path / "store.zarr")
-    with caplog.at_level(logging.WARNING, logger="pipeline.sampling"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.heads.pixel_ensemble.sampling"):
         pixels = select_labeled_pixels(store, 3, 255, min_class_pixels=10, class_names=["background", "round", "square"])
     assert pixels.class_counts(3)[1] == 16 and pixels.class_counts(3)[2] == 0
     messages = [record.getMessage() for record in caplog.records]
     assert any("'round'" in message and "2 of 3" in message and "never" not in message for message in messages)
     assert any("'square'" in message and "3 of 3" in message and "never be predicted" in message for message in messages)
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="pipeline.sampling"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.heads.pixel_ensemble.sampling"):
         pixels = select_labeled_pixels(store, 3, 255)  # scaled with the area: 1 pixel at 16×16, nothing dropped
     assert pixels.class_counts(3)[2] == 6 and not caplog.records
 

@@ -6,14 +6,10 @@ import pytest
 import torch
 
 from conftest import STEPS, synthetic_activations, synthetic_schema, write_synthetic_store
-from pipeline.features import upsample_and_concatenate
-from pipeline.store import (
-    FeatureStore,
-    DamagedImageError,
-    IncompleteImageError,
-    StoreMismatchError,
-    open_store_for_writing,
-)
+from pipeline.store.bilinear import upsample_and_concatenate
+from pipeline.store.reader import FeatureStore
+from pipeline.store.schema import DamagedImageError, IncompleteImageError, StoreMismatchError
+from pipeline.store.writer import open_store_for_writing
 
 
 def _labels(count, size=16):
@@ -173,7 +169,7 @@ def test_every_chunk_carries_a_crc(tmp_path):
 def test_a_store_of_another_format_version_is_refused_or_replaced(tmp_path):
     import zarr
 
-    from pipeline.store import StoreFormatError
+    from pipeline.store.schema import StoreFormatError
 
     write_synthetic_store(tmp_path / "store.zarr", "native", _labels(1))
     group = zarr.open_group(tmp_path / "store.zarr", mode="r+")
@@ -343,7 +339,7 @@ def test_a_store_is_never_unpickled(tmp_path):
 def test_arrays_with_foreign_codecs_or_dtypes_are_refused(tmp_path):
     import zarr
 
-    from pipeline.store import StoreFormatError
+    from pipeline.store.schema import StoreFormatError
 
     write_synthetic_store(tmp_path / "store.zarr", "native", _labels(1))
     group = zarr.open_group(tmp_path / "store.zarr", mode="r+")
@@ -363,7 +359,7 @@ def test_arrays_with_foreign_codecs_or_dtypes_are_refused(tmp_path):
 def test_malformed_provenance_is_a_format_error(tmp_path):
     import zarr
 
-    from pipeline.store import StoreFormatError
+    from pipeline.store.schema import StoreFormatError
 
     write_synthetic_store(tmp_path / "store.zarr", "native", _labels(1))
     group = zarr.open_group(tmp_path / "store.zarr", mode="r+")

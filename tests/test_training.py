@@ -4,11 +4,12 @@ import torch
 
 from conftest import STEPS, synthetic_activations, synthetic_schema, write_learnable_store
 from pipeline.config import TrainSettings
-from pipeline.datasets import ClassInfo
-from pipeline.ensemble import load_ensemble, predict_with_uncertainty
-from pipeline.store import FeatureStore, open_store_for_writing
-from pipeline.training import train_on_store
-
+from pipeline.data.folders import ClassInfo
+from pipeline.heads.pixel_ensemble.ensemble import load_ensemble
+from pipeline.heads.pixel_ensemble.inference import predict_with_uncertainty
+from pipeline.heads.pixel_ensemble.training import train_on_store
+from pipeline.store.reader import FeatureStore
+from pipeline.store.writer import open_store_for_writing
 
 SETTINGS = TrainSettings(members=3, max_epochs=8, buffer_pixels=300, device="cpu")
 

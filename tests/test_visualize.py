@@ -1,4 +1,4 @@
-"""Tests of the segmentation pictures (pipeline/visualize.py)."""
+"""Tests of the segmentation pictures (pipeline/pictures)."""
 
 from __future__ import annotations
 
@@ -7,18 +7,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.visualize import (
-    IGNORE_COLOUR,
-    class_palette,
-    colour_mask,
-    overlay,
+from pipeline.pictures.figures import (
     save_per_class_iou_chart,
-    save_png,
     save_prediction_grid,
     save_training_curves,
     training_curve_rows,
-    uncertainty_image,
 )
+from pipeline.pictures.masks import IGNORE_COLOUR, class_palette, colour_mask, overlay, save_png, uncertainty_image
 
 NAMES = ["background", "zero", "one", "two", "three"]
 

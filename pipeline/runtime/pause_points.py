@@ -7,8 +7,8 @@ halfway through writing image 2" is a moment a test can hit every time. Outside 
 variables are unset and a pause point costs one environment lookup.
 
 Points in use: `write-image-begin:<i>`, `write-image-features-written:<i>` and
-`write-image-done:<i>` (pipeline/store.py); `pretrain-state-staged:<step>` and
-`pretrain-checkpoint-saved:<step>` (pipeline/pretrain.py).
+`write-image-done:<i>` (pipeline/store/writer.py); `pretrain-state-staged:<step>` and
+`pretrain-checkpoint-saved:<step>` (pipeline/pretrain/ddpm.py).
 """
 
 from __future__ import annotations

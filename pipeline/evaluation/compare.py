@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pipeline.visualize import save_per_class_iou_chart
+from pipeline.pictures.figures import save_per_class_iou_chart
 
 # Feature source → (metric name in the comparison, label in the chart).
 FEATURE_SOURCES = {

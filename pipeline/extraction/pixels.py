@@ -1,8 +1,4 @@
-"""A baseline feature source: each pixel's raw RGB values and those of its neighbours.
-
-Written into an ordinary feature store (one "block" at full resolution, one "step"), so the
-same sampler, ensemble and evaluation run on it: the comparison measures the features only.
-"""
+"""Extracting the raw-pixel baseline into an ordinary feature store."""
 
 from __future__ import annotations
 
@@ -11,10 +7,9 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from pipeline.datasets import (
+from pipeline.data.folders import (
     ClassInfo,
     check_examples,
     check_labels_complete,
@@ -23,30 +18,11 @@ from pipeline.datasets import (
     load_example,
     model_input_to_uint8,
 )
-from pipeline.store import BlockShape, ExtractionSummary, StoreSchema, open_store_for_writing
+from pipeline.sources.pixels import PIXEL_BLOCK, neighbourhood_features
+from pipeline.store.schema import BlockShape, StoreSchema
+from pipeline.store.writer import ExtractionSummary, open_store_for_writing
 
 logger = logging.getLogger(__name__)
-
-PIXEL_BLOCK = -1  # the block index recorded for raw pixels (no UNet block)
-
-
-def neighbourhood_features(image: torch.Tensor, neighbourhood: int) -> torch.Tensor:
-    """Stacks every pixel's neighbourhood×neighbourhood RGB values (edges replicated).
-
-    Args:
-        image: float (3, S, S) in [-1, 1].
-        neighbourhood: odd window width; 1 gives plain RGB.
-
-    Returns:
-        float (3 · neighbourhood², S, S).
-    """
-    if neighbourhood < 1 or neighbourhood % 2 == 0:
-        raise ValueError(f"the neighbourhood must be an odd width ≥ 1, got {neighbourhood}")
-    radius = neighbourhood // 2
-    padded = F.pad(image[None], (radius,) * 4, mode="replicate")  # (1, 3, S + 2r, S + 2r)
-    windows = F.unfold(padded, kernel_size=neighbourhood)  # (1, 3·n², S·S)
-    size = image.shape[-1]
-    return windows.reshape(3 * neighbourhood**2, size, size)
 
 
 def extract_pixel_features(
@@ -90,3 +66,4 @@ def extract_pixel_features(
         seconds=time.perf_counter() - started,
         device="cpu",
     )
+

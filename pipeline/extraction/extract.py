@@ -1,7 +1,7 @@
 """The extract stage: images → noised copies → UNet decoder activations → feature store.
 
-The compute is in pipeline/activations.py; here: checking the images, creating or resuming
-the store, and running the batches where `BatchRunner` says (this process or a Dask cluster).
+The compute is in `compute.py`; here: checking the images, creating or resuming the store, and
+running the batches where a `runners.BatchRunner` says (this process or a Dask cluster).
 """
 
 from __future__ import annotations
@@ -10,87 +10,19 @@ import contextlib
 import errno
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Protocol
 
 from tqdm.auto import tqdm
 
-from pipeline.activations import ModelDescription, describe_model, extract_batch, load_extractor
-from pipeline.cluster import cluster_client
 from pipeline.config import ExtractSettings
-from pipeline.datasets import (
-    ClassInfo,
-    ImageRecord,
-    file_sha256,
-    list_images,
-    check_examples,
-    check_labels_complete,
-)
-from pipeline.distributed import ClusterBatches
-from pipeline.storage import store_location
-from pipeline.store import ExtractionSummary, FeatureStoreWriter, StoreSchema, open_store_for_writing
+from pipeline.data.folders import ClassInfo, check_examples, check_labels_complete, file_sha256, list_images
+from pipeline.extraction.runners import batch_runner
+from pipeline.store.locations import store_location
+from pipeline.store.schema import StoreSchema
+from pipeline.store.writer import ExtractionSummary, FeatureStoreWriter, open_store_for_writing
 
 logger = logging.getLogger(__name__)
-
-
-class BatchRunner(Protocol):
-    """Where extraction's batches run: this process (`InProcessBatches`) or a Dask cluster
-    (`pipeline.distributed.ClusterBatches`)."""
-
-    where: str  # for the summary: "cpu", "cuda:0", "Dask cluster tcp://… (4 workers, …)"
-
-    def describe(self) -> ModelDescription:
-        """The model's provenance and block shapes at the extraction size."""
-
-    def run(
-        self, writer: FeatureStoreWriter, records: Sequence[ImageRecord], batches: list[list[int]],
-        classes: ClassInfo | None,
-    ) -> Iterator[tuple[int, int]]:
-        """Extracts the batches; yields (images a batch covered, images it wrote) as they finish."""
-
-
-class InProcessBatches:
-    """Runs the batches one after the other in this process, on one loaded model."""
-
-    def __init__(self, checkpoint: str | Path, settings: ExtractSettings):
-        self.settings = settings
-        self.extractor = load_extractor(checkpoint, settings.blocks, settings.device)
-        self.where = str(self.extractor.device)
-
-    def describe(self) -> ModelDescription:
-        return describe_model(self.extractor, self.settings.size)
-
-    def run(
-        self, writer: FeatureStoreWriter, records: Sequence[ImageRecord], batches: list[list[int]],
-        classes: ClassInfo | None,
-    ) -> Iterator[tuple[int, int]]:
-        """Extracts each batch; yields (images it covered, images this run wrote) as it goes.
-
-        Images another process holds (a claim on a local store) are skipped, then waited for at
-        the end and written here if that process died: a run that returns leaves a complete store.
-        """
-        def write(claimed: list[int]) -> int:
-            chosen = {index: records[index] for index in claimed}
-            return extract_batch(self.extractor, writer, chosen, claimed, self.settings, classes) if claimed else 0
-
-        for batch in batches:
-            with writer.claim(batch) as claimed:
-                written = write(claimed)
-            yield len(batch), written
-        for index in writer.pending_images():  # held by another writer a moment ago
-            with writer.claim([index], wait=True) as claimed:
-                yield 0, write(claimed)
-
-
-@contextlib.contextmanager
-def batch_runner(checkpoint: str | Path, settings: ExtractSettings) -> Iterator[BatchRunner]:
-    """In-process batches, or the Dask cluster's when `settings.scheduler` names one."""
-    if settings.scheduler is None:
-        yield InProcessBatches(checkpoint, settings)
-        return
-    with cluster_client(settings.scheduler) as client, ClusterBatches(client, checkpoint, settings) as batches:
-        yield batches
 
 
 @contextlib.contextmanager
@@ -181,3 +113,4 @@ def extract_features(
         seconds=time.perf_counter() - started,
         device=runner.where,
     )
+

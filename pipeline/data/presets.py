@@ -14,9 +14,9 @@ from pathlib import Path
 import yaml
 
 from pipeline.config import settings_from_mapping
-from pipeline.datasets import ClassInfo
+from pipeline.data.folders import ClassInfo
 
-PRESETS_DIR = Path(__file__).resolve().parents[1] / "presets"
+PRESETS_DIR = Path(__file__).resolve().parents[2] / "presets"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -38,13 +38,13 @@ import torch.nn.functional as F
 from diffusers import UNet2DModel
 from tqdm.auto import tqdm
 
-from pipeline.atomic import replaced_file, replaced_folder
-from pipeline.backbones import AdmLayout, adm_unet_config
-from pipeline.datasets import list_images, load_image
-from pipeline.devices import has_native_bfloat16, pick_device
-from pipeline.diffusion import NUM_TRAIN_STEPS, linear_alphas_cumprod
-from pipeline.pause_points import pause_point
-from pipeline.visualize import save_png
+from pipeline.data.folders import list_images, load_image
+from pipeline.pictures.masks import save_png
+from pipeline.runtime.atomic import replaced_file, replaced_folder
+from pipeline.runtime.devices import has_native_bfloat16, pick_device
+from pipeline.runtime.pause_points import pause_point
+from pipeline.sources.adm.convert import AdmLayout, adm_unet_config
+from pipeline.sources.noise import NUM_TRAIN_STEPS, linear_alphas_cumprod
 
 logger = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 The driver (the `extract` command) lists and checks the images, creates the store from its
 schema, and submits one task per batch of pending images. Each worker loads the UNet once, on
 its first task, through a worker plugin, opens the store once, and writes each image of its
-batches straight into the image's own region of the store (`pipeline.activations.extract_batch`,
+batches straight into the image's own region of the store (`pipeline.extraction.compute.extract_batch`,
 the same function the in-process run calls): regions never share a chunk, so no locks.
 
 Failures are Dask's to handle: a task that raises is retried `TASK_RETRIES` times, and a task
@@ -29,14 +29,16 @@ import dask.base
 import distributed
 import torch
 
-from pipeline import activations  # called as activations.f(): a worker plugin may swap one in tests
-from pipeline.activations import FeatureExtractor, ModelDescription
-from pipeline.cluster import shared_value
 from pipeline.config import ExtractSettings
-from pipeline.datasets import ClassInfo, ImageRecord
-from pipeline.storage import Location, is_url
-from pipeline.store import FeatureStoreWriter, StoreSchema, open_store_for_writing
-
+from pipeline.data.folders import ClassInfo, ImageRecord
+from pipeline.extraction import compute
+from pipeline.extraction.compute import ModelDescription
+from pipeline.runtime.cluster import shared_value
+from pipeline.sources import diffusion_unet  # called as diffusion_unet.load_extractor(): a test plugin swaps it
+from pipeline.sources.diffusion_unet import FeatureExtractor
+from pipeline.store.locations import Location, is_url
+from pipeline.store.schema import StoreSchema
+from pipeline.store.writer import FeatureStoreWriter, open_store_for_writing
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +77,7 @@ class ModelPerWorker(distributed.WorkerPlugin):
     def model(self) -> FeatureExtractor:
         with self.lock:
             if self.extractor is None:
-                self.extractor = activations.load_extractor(self.checkpoint, self.blocks, self.device)
+                self.extractor = diffusion_unet.load_extractor(self.checkpoint, self.blocks, self.device)
                 logger.info("worker loaded %s on %s", self.checkpoint, self.extractor.device)
             return self.extractor
 
@@ -92,7 +94,7 @@ def _plugin(name: str) -> ModelPerWorker:
 
 
 def _describe_on_worker(plugin_name: str, size: int) -> ModelDescription:
-    return activations.describe_model(_plugin(plugin_name).model(), size)
+    return compute.describe_model(_plugin(plugin_name).model(), size)
 
 
 def _extract_batch_on_worker(
@@ -105,7 +107,7 @@ def _extract_batch_on_worker(
     classes: ClassInfo | None,
 ) -> int:
     state = _plugin(plugin_name)
-    return activations.extract_batch(state.model(), state.writer(location, schema), records, batch, settings, classes)
+    return compute.extract_batch(state.model(), state.writer(location, schema), records, batch, settings, classes)
 
 
 def _absolute(record: ImageRecord) -> ImageRecord:

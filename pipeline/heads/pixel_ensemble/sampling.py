@@ -21,9 +21,9 @@ import dask
 import numpy as np
 import torch
 
-from pipeline.cluster import shared_value
-from pipeline.features import gather_pixels
-from pipeline.store import FeatureStore
+from pipeline.runtime.cluster import shared_value
+from pipeline.store.bilinear import gather_pixels
+from pipeline.store.reader import FeatureStore
 
 logger = logging.getLogger(__name__)
 

@@ -8,13 +8,15 @@ import time
 from pathlib import Path
 
 import numpy as np
+
 from pipeline.config import TrainSettings
-from pipeline.datasets import ClassInfo
-from pipeline.devices import pick_device, torch_threads
-from pipeline.cluster import cluster_client
-from pipeline.ensemble import Ensemble, save_ensemble, train_ensemble, train_fused
-from pipeline.sampling import PixelStream, return_large_allocations_promptly, select_labeled_pixels
-from pipeline.store import FeatureStore
+from pipeline.data.folders import ClassInfo
+from pipeline.heads.pixel_ensemble.ensemble import Ensemble, save_ensemble
+from pipeline.heads.pixel_ensemble.members import train_ensemble, train_fused
+from pipeline.heads.pixel_ensemble.sampling import PixelStream, return_large_allocations_promptly, select_labeled_pixels
+from pipeline.runtime.cluster import cluster_client
+from pipeline.runtime.devices import pick_device, torch_threads
+from pipeline.store.reader import FeatureStore
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """A client of a Dask distributed cluster, or none: what every command with `--scheduler` opens.
 
-Kept apart from the extraction's cluster code (pipeline/distributed.py) so that training,
+Kept apart from the extraction's cluster code (pipeline/extraction/dask_runner.py) so that training,
 which only needs a client, does not import the model code.
 """
 

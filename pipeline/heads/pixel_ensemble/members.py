@@ -1,66 +1,20 @@
-"""The ensemble of small pixel MLPs, trained and used as the paper's official code does."""
+"""Training the ensemble's members as the paper's official code does (paper protocol), or fused (fast)."""
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 from collections.abc import Callable, Iterable
-from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from pipeline.atomic import replaced_folder
 from pipeline.config import TrainSettings
+from pipeline.heads.pixel_ensemble.ensemble import Ensemble, MemberLog, make_pixel_classifier
 
 logger = logging.getLogger(__name__)
-
-ENSEMBLE_CONFIG = "ensemble.json"
-ENSEMBLE_WEIGHTS = "members.safetensors"
-
-
-def hidden_widths(num_classes: int) -> tuple[int, int]:
-    """The paper's hidden layer widths: (128, 32) below 30 classes, (256, 128) from 30 on."""
-    return (128, 32) if num_classes < 30 else (256, 128)
-
-
-def make_pixel_classifier(feature_dim: int, num_classes: int, generator: torch.Generator) -> torch.nn.Sequential:
-    """One member: Linear → ReLU → BatchNorm → Linear → ReLU → BatchNorm → Linear.
-
-    Linear weights are drawn from N(0, 0.02) with `generator`, biases are 0 and the BatchNorm
-    layers keep PyTorch's defaults, as in the official implementation.
-    """
-    first, second = hidden_widths(num_classes)
-    model = torch.nn.Sequential(
-        torch.nn.Linear(feature_dim, first),
-        torch.nn.ReLU(),
-        torch.nn.BatchNorm1d(first),
-        torch.nn.Linear(first, second),
-        torch.nn.ReLU(),
-        torch.nn.BatchNorm1d(second),
-        torch.nn.Linear(second, num_classes),
-    )
-    for layer in model:
-        if isinstance(layer, torch.nn.Linear):
-            with torch.no_grad():
-                layer.weight.normal_(0.0, 0.02, generator=generator)
-                layer.bias.zero_()
-    return model
-
-
-@dataclasses.dataclass
-class MemberLog:
-    """How one member's training went."""
-
-    epochs: int = 0
-    iterations: int = 0
-    stopped_early: bool = False
-    epoch_mean_loss: list[float] = dataclasses.field(default_factory=list)
 
 
 def run_epochs(
@@ -270,31 +224,6 @@ def train_fused(
     return fused.cpu().unfuse(feature_dim, num_classes), [dataclasses.replace(log) for _ in range(settings.members)]
 
 
-@dataclasses.dataclass
-class Ensemble:
-    """Trained members with what they need to be used and checked later.
-
-    Attributes:
-        members: the MLPs, in eval mode.
-        feature_dim: D, the pixel feature width they expect.
-        class_names: K names; label k is class_names[k].
-        ignore_label: the label of unannotated pixels.
-        features: what the features were: steps, blocks, checkpoint_sha256, image_size, noise_seed.
-        logs: one MemberLog per member.
-    """
-
-    members: list[torch.nn.Module]
-    feature_dim: int
-    class_names: list[str]
-    ignore_label: int
-    features: dict
-    logs: list[MemberLog]
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-
 def train_ensemble(
     epoch_batches: Callable[[int, int], Iterable[tuple[torch.Tensor, torch.Tensor]]],
     feature_dim: int,
@@ -328,145 +257,3 @@ def train_ensemble(
         logs.append(log)
     return Ensemble(members, feature_dim, list(class_names), ignore_label, dict(features), logs)
 
-
-@torch.inference_mode()
-def predict_with_uncertainty(members: list[torch.nn.Module], features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ensemble's label and disagreement for each pixel.
-
-    Args:
-        members: trained members in eval mode.
-        features: float32 (P, D).
-
-    Returns:
-        labels int64 (P,): the mode of the members' argmax votes (ties: the smallest label);
-        jensen_shannon float32 (P,): entropy of the mean softmax minus the mean member entropy (≥ 0).
-    """
-    logits = torch.stack([member(features) for member in members])  # (M, P, K)
-    return votes_and_disagreement(logits)
-
-
-def votes_and_disagreement(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ensemble's labels and Jensen–Shannon disagreement from its members' logits (M, P, K).
-
-    Returns the same pair as `predict_with_uncertainty`.
-    """
-    votes = logits.argmax(dim=2).T  # (P, M)
-    labels = torch.mode(votes, dim=1).values
-    probabilities = logits.softmax(dim=2)
-    member_entropy = -(probabilities * logits.log_softmax(dim=2)).sum(dim=2)  # (M, P)
-    mean_probabilities = probabilities.mean(dim=0)  # (P, K)
-    mean_entropy = -(mean_probabilities * mean_probabilities.clamp_min(1e-30).log()).sum(dim=1)
-    # Non-negative in exact arithmetic; clamp float round-off.
-    return labels, (mean_entropy - member_entropy.mean(dim=0)).clamp_min(0.0)
-
-
-@torch.inference_mode()
-def predict_from_block_tables(
-    members: list[torch.nn.Module], tables: list[torch.Tensor], size: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """`predict_with_uncertainty` for every pixel of a size×size image, from its block tables.
-
-    A pixel's features are the blocks upsampled bilinearly and concatenated, and upsampling
-    is linear, so each member's first layer is applied at every block's own resolution and
-    upsampled after: W·up(f) = Σ_b up(W_b·f_b), and blocks of one resolution are summed before
-    one upsampling. Each member upsamples its first layer's 128 (or 256) channels instead of
-    the D features (8448 at the paper's shape), and its BatchNorms are folded into the next
-    layers. The result equals predicting from the full feature vectors up to float round-off
-    (bench/results/inference_speed.json: the same labels, 6.7× faster at the paper's shape).
-
-    Args:
-        members: trained members in eval mode (`make_pixel_classifier`'s layers).
-        tables: per (step, block) in feature order, (C_b, h_b, w_b), any float dtype.
-        size: the image side.
-
-    Returns:
-        labels int64 (size·size,) and disagreement float32 (size·size,), row-major.
-    """
-    tables = [table.float() for table in tables]
-    widths = [table.shape[0] for table in tables]
-    first_weights = torch.cat([member[0].weight for member in members])  # (M·H1, D): all members at once
-    # Tables of one resolution are summed there and upsampled once: up(a) + up(b) = up(a + b).
-    native: dict[tuple[int, int], torch.Tensor] = {}
-    for weight, table in zip(torch.split(first_weights, widths, dim=1), tables):  # weight (M·H1, C_b)
-        product = torch.einsum("oc,chw->ohw", weight, table)  # (M·H1, h_b, w_b)
-        resolution = tuple(table.shape[1:])
-        native[resolution] = product if resolution not in native else native[resolution].add_(product)
-    # The biases join the first sum: upsampling keeps a constant constant.
-    first_resolution = next(iter(native))
-    native[first_resolution] += torch.cat([member[0].bias for member in members])[:, None, None]
-    member_logits = []
-    for index, member in enumerate(members):
-        rows = slice(index * member[0].out_features, (index + 1) * member[0].out_features)
-        hidden = None  # (S·S, H1): pixels first, so the upsampling runs channels-last (~1.7x faster)
-        for summed in native.values():  # (M·H1, h, w)
-            channels_last = summed[None, rows].contiguous(memory_format=torch.channels_last)
-            upsampled = F.interpolate(channels_last, size=(size, size), mode="bilinear", align_corners=False)
-            upsampled = upsampled.permute(0, 2, 3, 1).reshape(size * size, -1)  # (1, H1, S, S) -> (S·S, H1), no copy
-            hidden = upsampled if hidden is None else hidden.add_(upsampled)
-        for weight, bias in _folded_hidden_layers(member):
-            hidden = torch.addmm(bias, hidden.relu_(), weight.T)  # ReLU, then (BatchNorm + Linear) folded
-        member_logits.append(hidden)  # (S·S, K)
-    return votes_and_disagreement(torch.stack(member_logits))  # (M, S·S, K)
-
-
-def _folded_hidden_layers(member: torch.nn.Sequential) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """A member's BatchNorm → Linear pairs (eval mode) as single affine maps (weight (out, in), bias (out,)).
-
-    BatchNorm in eval mode is x·scale + shift per channel, so Linear(BatchNorm(x)) =
-    (W·diag(scale))·x + (W·shift + b): the same numbers without the BatchNorm pass.
-    """
-    folded = []
-    for norm, linear in ((member[2], member[3]), (member[5], member[6])):
-        scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)  # (in,)
-        shift = norm.bias - norm.running_mean * scale
-        folded.append((linear.weight * scale, linear.bias + linear.weight @ shift))
-    return folded
-
-
-def save_ensemble(ensemble: Ensemble, out_dir: str | Path) -> None:
-    """Writes `ensemble.json` and `members.safetensors` into `out_dir`, atomically: a reader
-    sees the old ensemble or the new one, never half of one."""
-    tensors = {
-        f"member_{index}.{name}": tensor.detach().cpu().contiguous()
-        for index, member in enumerate(ensemble.members)
-        for name, tensor in member.state_dict().items()
-    }
-    config = {
-        "members": len(ensemble.members),
-        "feature_dim": ensemble.feature_dim,
-        "hidden_widths": list(hidden_widths(ensemble.num_classes)),
-        "class_names": ensemble.class_names,
-        "ignore_label": ensemble.ignore_label,
-        "features": ensemble.features,
-        "logs": [dataclasses.asdict(log) for log in ensemble.logs],
-    }
-    with replaced_folder(Path(out_dir)) as staging:
-        save_file(tensors, staging / ENSEMBLE_WEIGHTS)
-        (staging / ENSEMBLE_CONFIG).write_text(json.dumps(config, indent=1))
-
-
-def load_ensemble(ensemble_dir: str | Path) -> Ensemble:
-    """Reads an ensemble written by `save_ensemble`.
-
-    Raises:
-        FileNotFoundError: when the folder has no ensemble.
-        ValueError: when its files do not fit together.
-    """
-    ensemble_dir = Path(ensemble_dir)
-    config_path, weights_path = ensemble_dir / ENSEMBLE_CONFIG, ensemble_dir / ENSEMBLE_WEIGHTS
-    if not config_path.is_file() or not weights_path.is_file():
-        raise FileNotFoundError(f"no trained ensemble in {ensemble_dir} (expected {ENSEMBLE_CONFIG} and {ENSEMBLE_WEIGHTS})")
-    config = json.loads(config_path.read_text())
-    tensors = load_file(weights_path)
-    members = []
-    for index in range(config["members"]):
-        model = make_pixel_classifier(config["feature_dim"], len(config["class_names"]), torch.Generator())
-        prefix = f"member_{index}."
-        state = {name[len(prefix) :]: tensor for name, tensor in tensors.items() if name.startswith(prefix)}
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as error:
-            raise ValueError(f"{weights_path}: member {index} does not match {config_path}: {error}") from None
-        members.append(model.eval())
-    logs = [MemberLog(**log) for log in config["logs"]]
-    return Ensemble(members, config["feature_dim"], config["class_names"], config["ignore_label"], config["features"], logs)

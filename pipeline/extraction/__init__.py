@@ -1,0 +1,1 @@
+"""Extraction: images through a feature source into a store, in this process or on a Dask cluster."""

@@ -1,0 +1,1 @@
+"""Heads: what turns cached pixel features into class predictions."""

@@ -1,0 +1,1 @@
+"""The paper's head: an ensemble of small pixel MLPs trained on sampled labeled pixels."""

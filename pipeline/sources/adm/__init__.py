@@ -1,0 +1,1 @@
+"""guided-diffusion ("ADM") checkpoints: safe reading, conversion to diffusers, block numbers."""

@@ -1,0 +1,334 @@
+"""Reading a feature store of either layout: `FeatureStore`."""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import itertools
+import logging
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+import dask
+import dask.array
+import numpy as np
+import torch
+import zarr
+import zarr.codecs
+from zarr.core.sync import sync
+
+from pipeline.store.bilinear import gather_pixels_from_blocks, upsample_and_concatenate
+from pipeline.store.locations import Location, holds_zarr_group, location_bytes, open_zarr_group, store_location
+from pipeline.store.schema import (
+    ALLOWED_CODECS,
+    FORMAT_VERSION,
+    NO_LABELS,
+    READABLE_FORMATS,
+    DamagedImageError,
+    IncompleteImageError,
+    StoreFormatError,
+    StoreMismatchError,
+    StoreSchema,
+    image_digest,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def _done_marks(group: zarr.Group, count: int) -> np.ndarray:
+    """bool (N,): which images carry a done mark. An unreadable mark counts as not done."""
+    try:
+        return group["done"][:] == 1
+    except (ValueError, RuntimeError):  # a damaged chunk of `done`: read the marks one by one
+        marks = np.zeros(count, dtype=bool)
+        for index in range(count):
+            with contextlib.suppress(ValueError, RuntimeError):
+                marks[index] = group["done"][index] == 1
+        return marks
+
+
+def _read_schema(path: Location) -> StoreSchema:
+    group = open_zarr_group(path, "r")
+    document = group.attrs.get("segcache")
+    if document is None:
+        raise ValueError(f"{path} is a Zarr group but not a segcache feature store (no 'segcache' attribute)")
+    if not isinstance(document, dict) or document.get("format") not in READABLE_FORMATS:
+        found = document.get("format") if isinstance(document, dict) else None
+        raise StoreFormatError(
+            f"{path} was written in store format {found}; this version of segcache reads formats "
+            f"{list(READABLE_FORMATS)} and writes format {FORMAT_VERSION}. Re-run extract into a new store (or let "
+            "the DVC stage replace it)."
+        )
+    try:
+        return StoreSchema.from_json(document)
+    except (TypeError, KeyError, ValueError) as error:
+        raise StoreFormatError(f"{path}: its 'segcache' attribute is malformed ({error!r})") from None
+
+
+def _check_arrays(group: zarr.Group, schema: StoreSchema, path: Path) -> None:
+    """Refuses a store whose arrays are not exactly those segcache writes for this schema: other
+    dtypes, shapes or chunks, or a codec outside `ALLOWED_CODECS` (nothing gets decoded by a codec
+    a store's author chose, e.g. one that unpickles)."""
+    for name, (dtype, shape, chunks) in schema.array_layouts().items():
+        try:
+            array = group[name]
+        except KeyError:
+            raise StoreFormatError(f"{path}: the array `{name}` is missing; not a complete segcache store") from None
+        if not isinstance(array, zarr.Array):
+            raise StoreFormatError(f"{path}: `{name}` is a group, expected an array")
+        codecs = [codec.to_dict()["name"] for codec in array.metadata.codecs]
+        problems = [
+            f"{label} {found}, expected {expected}"
+            for label, found, expected in (
+                ("dtype", str(array.dtype), dtype), ("shape", array.shape, shape), ("chunks", array.chunks, chunks)
+            )
+            if found != expected
+        ]
+        problems += [f"codec {codec!r}, not one segcache writes" for codec in codecs if codec not in ALLOWED_CODECS]
+        if problems:
+            raise StoreFormatError(f"{path}: array `{name}` has {'; '.join(problems)}; refusing to read it")
+
+
+class _TableCache:
+    """A thread-safe LRU of native block tables, bounded in bytes."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.entries: collections.OrderedDict[int, list[torch.Tensor]] = collections.OrderedDict()
+        self.bytes = 0
+        self.lock = threading.Lock()
+
+    def get(self, key: int):
+        with self.lock:
+            if key in self.entries:
+                self.entries.move_to_end(key)
+                return self.entries[key]
+        return None
+
+    def put(self, key: int, tables: list[torch.Tensor]) -> None:
+        size = sum(table.numel() * table.element_size() for table in tables)
+        with self.lock:
+            if key in self.entries or size > self.max_bytes:
+                return
+            self.entries[key] = tables
+            self.bytes += size
+            while self.bytes > self.max_bytes:
+                _, evicted = self.entries.popitem(last=False)
+                self.bytes -= sum(table.numel() * table.element_size() for table in evicted)
+
+
+class FeatureStore:
+    """Reads a feature store of either layout through one API.
+
+    Args:
+        path: the store directory, or a URL fsspec reaches (s3://…, gs://…, memory://…).
+        cache_megabytes: RAM for native block tables kept between reads (native layout).
+
+    A pickled store is its location and cache size: unpickled (on a Dask worker), it reopens
+    the store there with an empty cache of its own.
+    """
+
+    def __init__(self, path: str | Path, cache_megabytes: int = 512):
+        self.path = store_location(path)
+        self.cache_megabytes = cache_megabytes
+        if not holds_zarr_group(self.path):
+            raise FileNotFoundError(f"no feature store at {self.path} (run `extract` first)")
+        self.group = open_zarr_group(self.path, "r")
+        self.schema = _read_schema(self.path)
+        _check_arrays(self.group, self.schema, self.path)
+        self.format = self.group.attrs["segcache"]["format"]
+        self.code_version = self.group.attrs["segcache"].get("code_version")
+        self._cache = _TableCache(cache_megabytes << 20)
+
+    def __getstate__(self) -> dict:
+        return {"path": self.path, "cache_megabytes": self.cache_megabytes}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["path"], state["cache_megabytes"])
+
+    # --- what the store holds -------------------------------------------------------------
+    @property
+    def layout(self) -> str:
+        return self.schema.layout
+
+    @property
+    def image_size(self) -> int:
+        return self.schema.image_size
+
+    @property
+    def num_images(self) -> int:
+        return len(self.schema.image_names)
+
+    @property
+    def image_names(self) -> list[str]:
+        return list(self.schema.image_names)
+
+    @property
+    def feature_dim(self) -> int:
+        return self.schema.feature_dim
+
+    def require(
+        self,
+        steps: Sequence[int] | None = None,
+        blocks: Sequence[int] | None = None,
+        checkpoint_sha256: str | None = None,
+    ) -> None:
+        """Refuses (StoreMismatchError) when the store holds other steps, blocks or model."""
+        problems = []
+        if steps is not None and list(steps) != self.schema.steps:
+            problems.append(f"steps {self.schema.steps}, not {list(steps)}")
+        if blocks is not None and list(blocks) != self.schema.blocks:
+            problems.append(f"blocks {self.schema.blocks}, not {list(blocks)}")
+        if checkpoint_sha256 is not None and checkpoint_sha256 != self.schema.checkpoint_sha256:
+            problems.append(
+                f"features of checkpoint {self.schema.checkpoint_sha256[:12]}…, not {checkpoint_sha256[:12]}…"
+            )
+        if problems:
+            raise StoreMismatchError(f"store {self.path} holds {'; '.join(problems)}")
+
+    def feature_description(self) -> dict:
+        """What a model trained on these features must record to be applied to others."""
+        schema = self.schema
+        return {
+            "steps": schema.steps,
+            "blocks": schema.blocks,
+            "checkpoint_sha256": schema.checkpoint_sha256,
+            "image_size": schema.image_size,
+            "noise_seed": schema.noise_seed,
+            "feature_dim": schema.feature_dim,
+        }
+
+    def done_mask(self) -> np.ndarray:
+        """bool (N,): which images are completely written."""
+        return _done_marks(self.group, self.num_images)
+
+    def _check_done(self, index: int) -> None:
+        if not 0 <= index < self.num_images:
+            raise IndexError(f"image index {index} outside 0..{self.num_images - 1} in {self.path}")
+        if not self._read("done", index) == 1:
+            raise IncompleteImageError(
+                f"image {index} ({self.schema.image_names[index]}) in {self.path} was not completely "
+                "written; re-run extract to finish the store"
+            )
+
+    def _read(self, array_name: str, index: int, *selection: slice) -> np.ndarray:
+        """Reads (part of) one image's region. A chunk failing its CRC32C, or (format 3) missing
+        where zarr would silently return its fill value, is a DamagedImageError."""
+        array = self.group[array_name]
+        try:
+            missing = self._missing_chunks(array, index, selection) if array_name != "done" else []
+            if not missing:
+                return array[(index, *selection)]
+            problem = f"chunk {missing[0]} is missing"
+        except (ValueError, RuntimeError) as error:
+            problem = str(error)
+        raise DamagedImageError(
+            f"image {index} ({self.schema.image_names[index]}) in {self.path}: `{array_name}` cannot be read "
+            f"back ({problem}); delete the store (or copy it again) and re-run extract"
+        )
+
+    def _missing_chunks(self, array: zarr.Array, index: int, selection: Sequence[slice]) -> list[str]:
+        """Keys of the chunks a read of image `index` needs that are not in the store."""
+        if self.format < 3:
+            return []  # format 2 skipped chunks equal to the fill value: absence means nothing
+        ranges = [range(index, index + 1)]
+        for axis, (length, chunk) in enumerate(zip(array.shape[1:], array.chunks[1:])):
+            part = selection[axis] if axis < len(selection) else slice(0, length)
+            ranges.append(range(part.start // chunk, -(-part.stop // chunk)))
+        keys = [f"{array.path}/{array.metadata.encode_chunk_key(coords)}" for coords in itertools.product(*ranges)]
+        return [key for key in keys if not sync(array.store.exists(key))]
+
+    def _feature_array_names(self) -> list[str]:
+        if self.layout == "dense":
+            return ["pixels"]
+        return [f"block_{block}" for block in self.schema.blocks]
+
+    def verify_image(self, index: int) -> bool:
+        """Whether an image's stored bytes still match the checksum recorded when it was written."""
+        self._check_done(index)
+        try:
+            regions = [self._read(name, index) for name in [*self._feature_array_names(), "labels", "images"]]
+            recorded = self._read("checksums", index)
+        except DamagedImageError:
+            return False
+        return bool(np.array_equal(image_digest(regions), recorded))
+
+    def damaged_images(self) -> list[str]:
+        """Names of the finished images whose bytes no longer match their checksums."""
+        return [self.schema.image_names[i] for i in np.flatnonzero(self.done_mask()) if not self.verify_image(int(i))]
+
+    # --- per image --------------------------------------------------------------------------
+    def image(self, index: int) -> np.ndarray:
+        """The resized input image, uint8 (S, S, 3)."""
+        self._check_done(index)
+        return self._read("images", index)
+
+    def labels(self, index: int) -> np.ndarray | None:
+        """The image's label map, int64 (S, S), or None when it has none."""
+        self._check_done(index)
+        labels = self._read("labels", index).astype(np.int64)
+        return None if (labels == NO_LABELS).all() else labels
+
+    def block_tables(self, index: int) -> list[torch.Tensor]:
+        """Native layout: per (step, block) in feature order, float16 (C_b, h_b, w_b)."""
+        if self.layout != "native":
+            raise ValueError(f"{self.path} has the dense layout; block tables exist only in native stores")
+        cached = self._cache.get(index)
+        if cached is not None:
+            return cached
+        self._check_done(index)
+        per_block = [torch.from_numpy(self._read(name, index)) for name in self._feature_array_names()]
+        tables = [per_block[b][s] for s in range(len(self.schema.steps)) for b in range(len(per_block))]
+        self._cache.put(index, tables)
+        return tables
+
+    def pixel_features(self, index: int, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
+        """Feature vectors of chosen pixels of one image, float32 (P, D)."""
+        ys, xs = np.asarray(ys, dtype=np.int64), np.asarray(xs, dtype=np.int64)
+        if self.layout == "native":
+            return gather_pixels_from_blocks(self.block_tables(index), ys, xs, self.image_size)
+        self._check_done(index)
+        return self._dense_pixels(index, ys, xs)
+
+    def _dense_pixels(self, index: int, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
+        """Reads whole tiles (chunks) and picks the pixels from them; never one pixel at a time."""
+        pixels = self.group["pixels"]
+        tile = pixels.chunks[1]
+        features = np.empty((len(ys), self.feature_dim), dtype=np.float32)
+        tile_ids = (ys // tile) * (self.image_size // tile + 1) + xs // tile
+        for tile_id in np.unique(tile_ids):
+            members = np.flatnonzero(tile_ids == tile_id)
+            top, left = ys[members[0]] // tile * tile, xs[members[0]] // tile * tile
+            block = self._read("pixels", index, slice(top, top + tile), slice(left, left + tile))  # (tile, tile, D)
+            features[members] = block[ys[members] - top, xs[members] - left]
+        return features
+
+    def image_features(self, index: int) -> np.ndarray:
+        """All pixel features of one image, float16 (S, S, D)."""
+        if self.layout == "dense":
+            self._check_done(index)
+            return self._read("pixels", index)
+        tables = self.block_tables(index)
+        pixels = upsample_and_concatenate([table[None] for table in tables], self.image_size)[0]
+        return pixels.to(torch.float16).numpy()
+
+    # --- everything, lazily -----------------------------------------------------------------
+    def to_dask(self) -> dask.array.Array:
+        """A lazy float16 (N, S, S, D) Dask array of every pixel feature (one chunk per image
+        for native stores, the store's tiles for dense ones)."""
+        if self.layout == "dense":
+            return dask.array.from_zarr(self.group["pixels"])
+        size = self.image_size
+        per_image = [
+            dask.array.from_delayed(
+                dask.delayed(self.image_features)(index), shape=(size, size, self.feature_dim), dtype=np.float16
+            )
+            for index in range(self.num_images)
+        ]
+        return dask.array.stack(per_image)
+
+    def disk_bytes(self) -> int:
+        """Bytes the store takes on disk (or in object storage)."""
+        return location_bytes(self.path)
+

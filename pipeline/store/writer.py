@@ -1,0 +1,313 @@
+"""Creating, resuming and writing a feature store: `open_store_for_writing`, `FeatureStoreWriter`."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import fcntl
+import logging
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import zarr
+import zarr.codecs
+
+from pipeline.runtime.pause_points import pause_point
+from pipeline.store.bilinear import upsample_and_concatenate
+from pipeline.store.locations import (
+    Location,
+    holds_zarr_group,
+    location_exists,
+    open_zarr_group,
+    remove_location,
+    store_location,
+)
+from pipeline.store.reader import _check_arrays, _done_marks, _read_schema
+from pipeline.store.schema import (
+    NO_LABELS,
+    StoreFormatError,
+    StoreMismatchError,
+    StoreSchema,
+    _compressors,
+    _schema_differences,
+    image_digest,
+)
+
+logger = logging.getLogger(__name__)
+
+CLAIMS_DIR = ".claims"
+
+
+def _is_store(path: Path) -> bool:
+    return (path / "zarr.json").is_file()
+
+
+def _is_absent_or_empty(path: Path) -> bool:
+    return not path.exists() or (path.is_dir() and not any(path.iterdir()))
+
+
+@dataclasses.dataclass(frozen=True)
+class ExtractionSummary:
+    """What an extraction into a store did (the UNet's features or the raw-pixel baseline)."""
+
+    store_path: Location
+    images_total: int
+    images_written: int  # by this run (not by another process working on the same store)
+    feature_dim: int
+    seconds: float
+    device: str
+
+
+class FeatureStoreWriter:
+    """Writes images into a store created from its full schema up front.
+
+    Args:
+        group: the store's Zarr group, opened for writing.
+        schema: what it holds.
+        location: where it is (a local folder or a URL). Only a local folder has per-image
+            claims; elsewhere (None, or a URL) the caller makes sure no two writers write the
+            same image, as the Dask extraction does by giving each batch its own images.
+    """
+
+    def __init__(self, group: zarr.Group, schema: StoreSchema, location: Location | None = None):
+        self.group = group
+        self.schema = schema
+        self.location = location
+        self.path = location if isinstance(location, Path) else None  # claims and leftovers
+
+    def pending_images(self) -> list[int]:
+        """Indices of images not yet completely written."""
+        done = _done_marks(self.group, len(self.schema.image_names))
+        return [int(index) for index in np.flatnonzero(~done)]
+
+    @contextlib.contextmanager
+    def claim(self, indices: Sequence[int], wait: bool = False) -> Iterator[list[int]]:
+        """Holds the images of `indices` that are still pending, for this writer alone.
+
+        Yields the claimed indices, in order: not those another writer holds (unless `wait`,
+        which waits for it to finish or die) and not those done by the time the claim is held.
+        A claim is an exclusive `flock` on `.claims/<index>`, released when the block ends or
+        the process dies (the kernel drops it, so a killed writer never leaves an image locked).
+        """
+        if self.path is None:
+            yield self.pending_among(indices)
+            return
+        claims_dir = self.path / CLAIMS_DIR
+        claims_dir.mkdir(exist_ok=True)
+        held: dict[int, int] = {}  # index → file descriptor of its lock
+        try:
+            for index in indices:
+                descriptor = os.open(claims_dir / str(index), os.O_RDWR | os.O_CREAT, 0o644)
+                try:
+                    fcntl.flock(descriptor, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+                except BlockingIOError:
+                    os.close(descriptor)
+                    continue
+                held[index] = descriptor
+                if self._is_done(index):
+                    os.close(held.pop(index))  # another writer finished it meanwhile
+            yield list(held)
+        finally:
+            for descriptor in held.values():
+                os.close(descriptor)
+
+    def _is_done(self, index: int) -> bool:
+        try:
+            return bool(self.group["done"][index] == 1)
+        except (ValueError, RuntimeError):  # an unreadable mark: not done
+            return False
+
+    def pending_among(self, indices: Sequence[int]) -> list[int]:
+        """Those of `indices` not yet completely written (reads only their done marks; an
+        unreadable mark counts as not done)."""
+        return [int(index) for index in indices if not self._is_done(index)]
+
+    def write_image(
+        self,
+        index: int,
+        image: np.ndarray,
+        labels: np.ndarray | None,
+        activations: Sequence[torch.Tensor],
+    ) -> None:
+        """Writes one image's region of every array, then its checksum, then marks it done.
+
+        Args:
+            index: the image's position in the store.
+            image: uint8 (S, S, 3).
+            labels: int (S, S), or None when the image has no label map.
+            activations: per (step, block) in feature order, float (C_b, h_b, w_b).
+        """
+        regions = {name: region for name, region in self._feature_regions(activations)}
+        regions["labels"] = np.full((self.schema.image_size,) * 2, NO_LABELS, np.int16) if labels is None else labels.astype(np.int16)
+        regions["images"] = np.asarray(image, dtype=np.uint8)
+        pause_point("write-image-begin", index)
+        self._remove_partial_chunks(index)
+        for position, (name, region) in enumerate(regions.items()):
+            # Every chunk is written, even one equal to the fill value: a missing chunk is damage.
+            self.group[name].with_config({"write_empty_chunks": True})[index] = region
+            if position == 0:
+                pause_point("write-image-features-written", index)
+        # The checksum and the done mark come last: a killed write leaves the image pending.
+        self.group["checksums"][index] = image_digest(list(regions.values()))
+        self.group["done"][index] = 1
+        pause_point("write-image-done", index)
+
+    def _remove_partial_chunks(self, index: int) -> None:
+        """Deletes what a writer killed during one of this image's chunk writes left behind:
+        zarr's temporary `<chunk>.<uuid>.partial` files (the chunk itself is old or absent)."""
+        if self.path is None:
+            return
+        for name in self.schema.array_layouts():
+            chunks = self.path / name / "c"
+            for leftover in [*chunks.glob(f"{index}.*.partial"), *(chunks / str(index)).rglob("*.partial")]:
+                leftover.unlink(missing_ok=True)
+
+    def _feature_regions(self, activations: Sequence[torch.Tensor]):
+        """(array name, float16 region) pairs of one image's features."""
+        if self.schema.layout == "dense":
+            size = self.schema.image_size
+            pixels = upsample_and_concatenate([table[None] for table in activations], size)[0]  # (S, S, D)
+            yield "pixels", pixels.to(torch.float16).numpy()
+            return
+        num_blocks = len(self.schema.block_shapes)
+        for position, shape in enumerate(self.schema.block_shapes):
+            per_step = activations[position::num_blocks]  # this block at every step, in step order
+            yield f"block_{shape.block}", torch.stack([table.to(torch.float16) for table in per_step]).numpy()  # (T, C, h, w)
+
+
+def open_store_for_writing(
+    path: str | Path, schema: StoreSchema, codec: str = "blosc-lz4", replace_mismatched: bool = False
+) -> FeatureStoreWriter:
+    """Creates a store from its schema, or reopens one with the same schema to resume it.
+
+    Safe to call from several processes at once: the store is created once, atomically.
+
+    Args:
+        path: the store directory, or a URL fsspec reaches (s3://…, gs://…, memory://…).
+        schema: what the store must hold.
+        codec: compression for new arrays ("blosc-lz4", "zstd", "none").
+        replace_mismatched: delete an existing segcache store whose schema differs instead of
+            refusing. A folder that is not a segcache store is never deleted.
+
+    Raises:
+        StoreMismatchError: when `path` holds another store and `replace_mismatched` is False,
+            or holds files that are not a segcache store.
+        StoreFormatError: when `path` holds a store in another format (or with foreign arrays)
+            and `replace_mismatched` is False.
+    """
+    location = store_location(path)
+    if not isinstance(location, Path):
+        return _open_remote_store_for_writing(location, schema, codec, replace_mismatched)
+    path = location
+    if _is_absent_or_empty(path):
+        _create_store_atomically(path, schema, codec)
+    stored = _existing_schema(path, replace_mismatched)
+    if stored != schema and replace_mismatched:
+        logger.warning("replacing %s: its contents do not match the requested extraction", path)
+        _remove_store(path)
+        _create_store_atomically(path, schema, codec)
+        stored = _existing_schema(path, replace_mismatched=False)
+    if stored != schema:
+        raise StoreMismatchError(
+            f"refusing to write into {path}: it holds other features (differs in: "
+            f"{', '.join(_schema_differences(stored, schema))}). Choose another --store path or delete it."
+        )
+    group = zarr.open_group(path, mode="r+", zarr_format=3)
+    _check_arrays(group, schema, path)
+    return FeatureStoreWriter(group, schema, path)
+
+
+def _open_remote_store_for_writing(
+    url: str, schema: StoreSchema, codec: str, replace_mismatched: bool
+) -> FeatureStoreWriter:
+    """`open_store_for_writing` at a URL. Object stores cannot rename, so the store is created
+    in place; create it once (from the driver) before writers of disjoint images start."""
+    if location_exists(url):
+        if not holds_zarr_group(url) or "segcache" not in open_zarr_group(url, "r", zarr_format=3).attrs:
+            raise StoreMismatchError(
+                f"refusing to write into {url}: it exists and is not a segcache store (it is never deleted "
+                "or overwritten). Choose another --store URL, or move it away."
+            )
+        try:
+            stored = _read_schema(url)
+        except StoreFormatError:
+            if not replace_mismatched:
+                raise
+            stored = None
+        if stored == schema:
+            group = open_zarr_group(url, "r+", zarr_format=3)
+            _check_arrays(group, schema, url)
+            return FeatureStoreWriter(group, schema, url)
+        if not replace_mismatched:
+            raise StoreMismatchError(
+                f"refusing to write into {url}: it holds other features (differs in: "
+                f"{', '.join(_schema_differences(stored, schema))}). Choose another --store path or delete it."
+            )
+        logger.warning("replacing %s: its contents do not match the requested extraction", url)
+        remove_location(url)
+    return FeatureStoreWriter(_create_store(url, schema, codec), schema, url)
+
+
+def _existing_schema(path: Path, replace_mismatched: bool) -> StoreSchema | None:
+    """The schema of the segcache store at `path`; None for one that cannot be read but may be
+    replaced. Files that are not a segcache store are refused whatever `replace_mismatched` says."""
+    if not _is_store(path) or "segcache" not in zarr.open_group(path, mode="r", zarr_format=3).attrs:
+        raise StoreMismatchError(
+            f"refusing to write into {path}: it exists and is not a segcache store (it is never deleted "
+            "or overwritten). Choose another --store path, or move it away."
+        )
+    try:
+        return _read_schema(path)
+    except StoreFormatError:
+        if not replace_mismatched:
+            raise
+        return None
+
+
+def _create_store_atomically(path: Path, schema: StoreSchema, codec: str) -> None:
+    """Builds the store beside `path`, then renames it into place: a kill leaves no half-made
+    store, and of two writers creating it at once one wins and the other finds its store."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.creating-", dir=path.parent))
+    try:
+        _create_store(staging, schema, codec)
+        os.rename(staging, path)  # replaces an empty folder; fails on a non-empty one
+    except OSError as error:
+        if error.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+            raise
+        logger.info("%s was created by another writer meanwhile", path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _remove_store(path: Path) -> None:
+    """Renames the store aside (one atomic step: readers and writers never see half of it), then deletes it."""
+    retired = path.with_name(f".{path.name}.replaced-{uuid.uuid4().hex}")
+    with contextlib.suppress(FileNotFoundError):  # another writer replaced it first
+        os.rename(path, retired)
+    shutil.rmtree(retired, ignore_errors=True)
+
+
+def _create_store(path: Location, schema: StoreSchema, codec: str) -> zarr.Group:
+    import pipeline
+
+    if schema.layout not in ("native", "dense"):
+        raise ValueError(f"unknown layout {schema.layout!r}; use native or dense")
+    group = open_zarr_group(path, "w", zarr_format=3)
+    features, small = _compressors(codec), _compressors("zstd")
+    dimension_names = schema.dimension_names()
+    for name, (dtype, shape, chunks) in schema.array_layouts().items():
+        group.create_array(
+            name, shape=shape, chunks=chunks, dtype=dtype, fill_value=NO_LABELS if name == "labels" else 0,
+            compressors=features if dtype == "float16" else small, dimension_names=dimension_names[name],
+        )
+    group.attrs["segcache"] = {**schema.to_json(), "code_version": pipeline.__version__}
+    return group
+
