@@ -35,7 +35,7 @@ from pipeline.runtime.devices import pick_device
 from pipeline.sources.adm.blocks import decoder_block
 from pipeline.sources.checkpoints import load_backbone
 from pipeline.sources.hooks import capture_outputs, run_until_captured
-from pipeline.sources.noise import linear_alphas_cumprod, q_sample, shared_noise
+from pipeline.sources.noise import add_noise, paper_scheduler, shared_noise
 from pipeline.sources.tiny_unet import make_tiny_unet
 from pipeline.store.reader import FeatureStore
 
@@ -66,14 +66,14 @@ def bare_forwards(checkpoint: Path, images_dir: Path, settings: ExtractSettings,
     images = np.stack([load_example(record, settings.size)[0] for record in list_images(images_dir)])
     batches = [torch.from_numpy(images[start : start + settings.batch_size]).to(device)
                for start in range(0, len(images), settings.batch_size)]
-    noise, alphas_cumprod = shared_noise(settings.seed, settings.size), linear_alphas_cumprod()
+    noise, scheduler = shared_noise(settings.seed, (1, 3, settings.size, settings.size)), paper_scheduler()
     last = {"last": decoder_block(unet, max(settings.blocks))}
     started = time.perf_counter()
     with torch.inference_mode(), capture_outputs(last if truncated else {}, stop_after="last" if truncated else None):
         for batch in batches:
             for step in settings.steps:
                 timesteps = torch.full((len(batch),), step, dtype=torch.long, device=device)
-                run_until_captured(unet, q_sample(batch, step, noise, alphas_cumprod), timesteps)
+                run_until_captured(unet, add_noise(batch, step, noise, scheduler), timesteps)
     if device.type == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - started

@@ -51,7 +51,7 @@ def activations_of(checkpoint: Path, images_dir: Path, settings: ExtractSettings
     records = list_images(images_dir)[:count]
     images = np.stack([load_example(record, settings.size)[0] for record in records])  # (N, 3, S, S)
     per_step_block = compute_activations(unet, block_modules, torch.from_numpy(images), settings.steps,
-                                         shared_noise(settings.seed, settings.size))
+                                         shared_noise(settings.seed, (1, 3, settings.size, settings.size)))
     per_image = [[activation[index] for activation in per_step_block] for index in range(len(records))]
     schema = StoreSchema(
         layout="native", image_size=settings.size, steps=list(settings.steps),

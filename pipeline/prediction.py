@@ -84,7 +84,7 @@ def predict_folder(
     extractor = load_extractor(checkpoint, features["blocks"], device)
     check_checkpoint_matches(ensemble, extractor.backbone.checkpoint_sha256, checkpoint, ensemble_dir)
     size, steps = features["image_size"], features["steps"]
-    noise = shared_noise(features["noise_seed"], size)
+    noise = shared_noise(features["noise_seed"], (1, 3, size, size))
     palette = class_palette(ensemble.num_classes)
     records = list_images(images_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,7 @@ from pipeline.data.folders import list_images, load_image
 from pipeline.extraction.extract import extract_features
 from pipeline.sources.adm.blocks import decoder_block
 from pipeline.sources.diffusion_unet import compute_activations
-from pipeline.sources.noise import linear_alphas_cumprod, q_sample, shared_noise
+from pipeline.sources.noise import add_noise, paper_scheduler, shared_noise
 from pipeline.sources.tiny_unet import make_tiny_unet
 from pipeline.store.bilinear import upsample_and_concatenate
 from pipeline.store.reader import FeatureStore
@@ -28,11 +28,11 @@ def test_early_stop_after_last_block_gives_the_same_activations():
     unet = make_tiny_unet(sample_size=32, seed=1)
     images = torch.rand(2, 3, 32, 32) * 2 - 1
     modules = {block: decoder_block(unet, block) for block in (5, 12)}
-    captured = compute_activations(unet, modules, images, [100], shared_noise(0, 32))
+    captured = compute_activations(unet, modules, images, [100], shared_noise(0, (1, 3, 32, 32)))
     full = []
     handles = [m.register_forward_hook(lambda _m, _i, out: full.append(out)) for m in modules.values()]
     with torch.no_grad():
-        noisy = q_sample(images, 100, shared_noise(0, 32), linear_alphas_cumprod())
+        noisy = add_noise(images, 100, shared_noise(0, (1, 3, 32, 32)), paper_scheduler())
         unet(noisy, torch.full((2,), 100))
     for handle in handles:
         handle.remove()
@@ -53,7 +53,7 @@ def test_extracted_store_holds_the_upsampled_block_features(tmp_path, tiny_check
     unet = make_tiny_unet(sample_size=32, seed=0)
     modules = {block: decoder_block(unet, block) for block in (5, 8, 12)}
     image = torch.from_numpy(load_image(list_images(images)[2], 32))[None]
-    activations = compute_activations(unet, modules, image, [50, 250], shared_noise(3, 32))
+    activations = compute_activations(unet, modules, image, [50, 250], shared_noise(3, (1, 3, 32, 32)))
     expected = upsample_and_concatenate(activations, 32)[0].numpy()  # (32, 32, D)
     assert store.feature_dim == expected.shape[-1]
     np.testing.assert_allclose(store.image_features(2), expected, atol=3e-3, rtol=3e-3)

@@ -71,7 +71,7 @@ def extract_batch(
         return 0
     examples = [load_example(records[index], settings.size, classes) for index in batch]
     images = np.stack([image for image, _ in examples])  # (B, 3, S, S)
-    noise = shared_noise(settings.seed, settings.size)
+    noise = shared_noise(settings.seed, (1, 3, settings.size, settings.size))
     activations = compute_activations(
         extractor.backbone.unet, extractor.block_modules, torch.from_numpy(images).to(extractor.device),
         settings.steps, noise,

@@ -44,7 +44,7 @@ from pipeline.runtime.atomic import replaced_file, replaced_folder
 from pipeline.runtime.devices import has_native_bfloat16, pick_device
 from pipeline.runtime.pause_points import pause_point
 from pipeline.sources.adm.convert import AdmLayout, adm_unet_config
-from pipeline.sources.noise import NUM_TRAIN_STEPS, linear_alphas_cumprod
+from pipeline.sources.noise import NUM_TRAIN_STEPS, paper_scheduler
 
 logger = logging.getLogger(__name__)
 
@@ -243,7 +243,7 @@ def pretrain_ddpm(
     parameters = sum(parameter.numel() for parameter in run.unet.parameters())
     logger.info("pretrain: %d images, %d parameters, %s, %d steps", len(images), parameters, device, settings.steps)
     # 2. Train, checkpointing every `checkpoint_every` steps.
-    alphas_cumprod = linear_alphas_cumprod().to(torch.float32)  # (1000,)
+    alphas_cumprod = paper_scheduler().alphas_cumprod  # (1000,)
     last_log = (time.perf_counter(), run.step)
     with tqdm(total=settings.steps, initial=run.step, desc="pretrain", unit="step", disable=not show_progress) as bar:
         while run.step < settings.steps:
@@ -476,7 +476,7 @@ def sample_images(
     size = unet.config.sample_size
     size = size if isinstance(size, int) else size[0]
     device = next(unet.parameters()).device
-    alphas_cumprod = linear_alphas_cumprod().to(torch.float32)  # (1000,)
+    alphas_cumprod = paper_scheduler().alphas_cumprod  # (1000,)
     timesteps = torch.linspace(NUM_TRAIN_STEPS - 1, 0, num_inference_steps).round().long().unique_consecutive()
     sample = torch.randn(count, unet.config.in_channels, size, size, generator=generator).to(device)
     was_training = unet.training

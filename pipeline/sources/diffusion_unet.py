@@ -13,7 +13,7 @@ from pipeline.runtime.devices import autocast_for, pick_device
 from pipeline.sources.adm.blocks import decoder_block
 from pipeline.sources.checkpoints import Backbone, load_backbone
 from pipeline.sources.hooks import capture_outputs, run_until_captured
-from pipeline.sources.noise import linear_alphas_cumprod, q_sample
+from pipeline.sources.noise import add_noise, paper_scheduler
 from pipeline.store.schema import BlockShape
 
 logger = logging.getLogger(__name__)
@@ -38,13 +38,13 @@ def compute_activations(
     Returns:
         Per (step, block), step-major, a float32 CPU tensor (B, C_b, h_b, w_b).
     """
-    alphas_cumprod = linear_alphas_cumprod()
+    scheduler = paper_scheduler()
     names = {f"block_{block}": module for block, module in block_modules.items()}
     last_needed = f"block_{max(block_modules)}"  # decoder blocks run in index order
     activations = []
     with torch.inference_mode(), capture_outputs(names, stop_after=last_needed) as outputs:
         for step in steps:
-            noisy = q_sample(images, step, noise, alphas_cumprod)
+            noisy = add_noise(images, step, noise, scheduler)
             timesteps = torch.full((len(images),), step, dtype=torch.long, device=images.device)
             with autocast_for(images.device):
                 run_until_captured(unet, noisy, timesteps)

@@ -1,43 +1,46 @@
-"""The forward (noising) process of a DDPM with the linear β schedule the paper's models use."""
+"""Forward noising through diffusers' schedulers, and the one noise image every image shares.
+
+The paper's guided-diffusion models were trained with 1000 steps of the linear β schedule
+(β from 1e-4 to 0.02); `paper_scheduler` is that schedule as a diffusers `DDPMScheduler`. A
+diffusers model folder that ships its own `scheduler/` config is noised with that one instead
+(`pipeline.sources.checkpoints` decides).
+
+The noise is the same for every image and every step (the paper's choice), drawn on the CPU
+from its own seeded generator so a seed gives the same features on every device.
+"""
 
 from __future__ import annotations
 
 import torch
+from diffusers import DDPMScheduler, SchedulerMixin
 
 NUM_TRAIN_STEPS = 1000
 
 
-def linear_alphas_cumprod(
-    num_steps: int = NUM_TRAIN_STEPS, beta_start: float = 1e-4, beta_end: float = 0.02
-) -> torch.Tensor:
-    """ᾱ_t for t = 0..num_steps-1, float64 (num_steps,)."""
-    betas = torch.linspace(beta_start, beta_end, num_steps, dtype=torch.float64)
-    return torch.cumprod(1.0 - betas, dim=0)
+def paper_scheduler() -> DDPMScheduler:
+    """The linear β schedule of the paper's models: 1000 steps, β_t from 1e-4 to 0.02."""
+    return DDPMScheduler(num_train_timesteps=NUM_TRAIN_STEPS, beta_schedule="linear", beta_start=1e-4, beta_end=0.02)
 
 
-def shared_noise(seed: int, size: int) -> torch.Tensor:
-    """The one noise image shared by every image and step, float32 (1, 3, size, size).
-
-    Drawn on the CPU from its own generator so that a seed gives the same features on
-    every device.
-    """
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randn(1, 3, size, size, generator=generator)
+def shared_noise(seed: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """The one noise tensor shared by every image and step, float32 of `shape` (e.g. (1, 3, S, S))."""
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
 
 
-def q_sample(images: torch.Tensor, step: int, noise: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
-    """x_t = sqrt(ᾱ_t)·x_0 + sqrt(1-ᾱ_t)·ε.
+def add_noise(images: torch.Tensor, step: int, noise: torch.Tensor, scheduler: SchedulerMixin) -> torch.Tensor:
+    """x_t = sqrt(ᾱ_t)·x_0 + sqrt(1-ᾱ_t)·ε at one step t for the whole batch (`scheduler.add_noise`).
 
     Args:
-        images: x_0 in [-1, 1], (B, 3, H, W).
+        images: x_0, (B, C, H, W).
         step: the integer step t.
-        noise: ε, broadcastable to `images`, e.g. (1, 3, H, W).
-        alphas_cumprod: from `linear_alphas_cumprod`.
+        noise: ε, broadcastable to `images`, e.g. (1, C, H, W).
+        scheduler: a diffusers scheduler with `add_noise` (its own ᾱ schedule).
 
     Returns:
-        x_t with the dtype of `images`, (B, 3, H, W).
+        x_t with the dtype and device of `images`, (B, C, H, W).
     """
-    if not 0 <= step < len(alphas_cumprod):
-        raise ValueError(f"step {step} is outside 0..{len(alphas_cumprod) - 1}")
-    alpha_bar = alphas_cumprod[step].item()
-    return alpha_bar**0.5 * images + (1.0 - alpha_bar) ** 0.5 * noise.to(images.device, images.dtype)
+    steps = scheduler.config.num_train_timesteps
+    if not 0 <= step < steps:
+        raise ValueError(f"step {step} is outside 0..{steps - 1} (the scheduler's training steps)")
+    timesteps = torch.full((len(images),), step, dtype=torch.long, device=images.device)
+    return scheduler.add_noise(images, noise.to(images.device, images.dtype).expand_as(images), timesteps)
