@@ -7,7 +7,14 @@ from PIL import Image
 from conftest import write_learnable_store
 from pipeline.config import EvaluateSettings, TrainSettings
 from pipeline.evaluation.evaluate import evaluate_on_store
+from pipeline.evaluation.predict import member_logits_from_tables, predict_from_tables, predict_pixels, predict_store
+from pipeline.evaluation.predictions import Predictions
+from pipeline.evaluation.score import IoUAccumulator, top_decile_mean
+from pipeline.evaluation.scoring import score_predictions
+from pipeline.heads.pixel_ensemble.ensemble import load_ensemble
+from pipeline.heads.pixel_ensemble.inference import predict_from_block_tables
 from pipeline.heads.pixel_ensemble.training import train_on_store
+from pipeline.store.reader import FeatureStore
 from pipeline.store.schema import StoreMismatchError
 
 
@@ -32,6 +39,7 @@ def test_evaluation_scores_masks_and_pictures(trained, tmp_path):
     assert set(metrics["per_class_iou"]) == {"background", "round", "square"}
     assert metrics["mean_uncertainty"] >= 0
     assert json.loads((tmp_path / "metrics.json").read_text()) == metrics
+    assert Predictions(tmp_path / "predictions.zarr").image_names == ["image_00", "image_01", "image_02"]
     for name in ("image_00", "image_01", "image_02"):
         mask = np.load(tmp_path / "masks" / f"{name}.npy")
         assert mask.shape == (16, 16) and set(np.unique(mask)) <= {0, 1, 2}
@@ -57,3 +65,59 @@ def test_an_ensemble_of_other_features_is_refused(trained, tmp_path):
             evaluate_on_store(trained / "ensemble", trained / "test.zarr", tmp_path, EvaluateSettings(), show_progress=False)
     finally:
         config_path.write_text(original)
+
+
+def _fused_metrics(ensemble_dir, store_path) -> dict:
+    """The metrics as the fused evaluation computed them before the split (its loop, verbatim
+    in substance): labels and disagreement straight from the heads' inference, in float32."""
+    ensemble, store = load_ensemble(ensemble_dir), FeatureStore(store_path)
+    accumulator, uncertainties = IoUAccumulator(ensemble.num_classes, ensemble.ignore_label), []
+    for index in np.flatnonzero(store.done_mask()):
+        labels, disagreement = predict_from_block_tables(ensemble.members, store.block_tables(int(index)), store.image_size)
+        accumulator.update(labels.numpy().reshape(store.image_size, -1), store.labels(int(index)))
+        uncertainties.append(top_decile_mean(disagreement.numpy()))
+    per_class = accumulator.per_class_iou("paper")
+    return {
+        "miou": round(accumulator.mean_iou("paper"), 6), "iou_definition": "paper",
+        "miou_paper": round(accumulator.mean_iou("paper"), 6),
+        "miou_ignore_excluded": round(accumulator.mean_iou("ignore_excluded"), 6),
+        "pixel_accuracy": round(accumulator.pixel_accuracy(), 6),
+        "mean_uncertainty": round(float(np.mean(uncertainties)), 6),
+        "per_class_iou": {ensemble.class_names[k]: round(float(per_class[k]), 6) for k in accumulator.scored_classes()},
+        "images": len(uncertainties),
+    }
+
+
+def test_predict_then_score_equals_the_fused_evaluation(trained, tmp_path):
+    # A weakly trained ensemble, so that votes and mean probabilities disagree somewhere.
+    write_learnable_store(tmp_path / "noisy.zarr", count=3, seed=1, noise=3.0)
+    predictions = predict_store(trained / "ensemble", tmp_path / "noisy.zarr", tmp_path / "p.zarr", show_progress=False)
+    metrics = score_predictions(tmp_path / "p.zarr", tmp_path / "noisy.zarr", "paper", show_progress=False)
+    assert metrics == _fused_metrics(trained / "ensemble", tmp_path / "noisy.zarr")
+    probabilities = np.stack([predictions.probabilities(position) for position in range(len(predictions))])
+    assert probabilities.shape == (3, 3, 16, 16)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=3e-3)  # float16 rounding of each class
+    # Why the labels are stored: the members' votes are not always the mean probabilities' argmax.
+    labels = np.stack([predictions.labels(position) for position in range(len(predictions))])
+    assert (labels != probabilities.argmax(axis=1)).any()
+
+
+def test_the_logits_path_gives_the_heads_labels_and_disagreement_bit_for_bit(trained):
+    ensemble, store = load_ensemble(trained / "ensemble"), FeatureStore(trained / "test.zarr")
+    tables = store.block_tables(1)
+    labels, disagreement = predict_from_block_tables(ensemble.members, tables, store.image_size)
+    prediction = predict_from_tables(ensemble, tables, store.image_size)
+    assert np.array_equal(prediction.labels.ravel(), labels.numpy())
+    assert np.array_equal(prediction.disagreement.ravel(), disagreement.numpy())
+    logits = member_logits_from_tables(ensemble.members, tables, store.image_size)  # (M, S·S, K)
+    assert logits.shape == (3, 256, 3)
+    expected = logits.softmax(dim=2).mean(dim=0).numpy().T.reshape(3, 16, 16)
+    np.testing.assert_array_equal(prediction.mean_probabilities, expected)
+
+
+def test_pixel_vectors_and_block_tables_give_the_same_probabilities(trained):
+    ensemble, store = load_ensemble(trained / "ensemble"), FeatureStore(trained / "test.zarr")
+    from_tables = predict_from_tables(ensemble, store.block_tables(2), store.image_size)
+    from_pixels = predict_pixels(ensemble, lambda ys, xs: store.pixel_features(2, ys, xs), store.image_size, 40)
+    np.testing.assert_allclose(from_pixels.mean_probabilities, from_tables.mean_probabilities, atol=1e-5)
+    np.testing.assert_array_equal(from_pixels.labels, from_tables.labels)

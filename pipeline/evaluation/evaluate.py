@@ -1,29 +1,30 @@
-"""The evaluate stage: test features → ensemble votes → masks, pictures and metrics."""
+"""The evaluate stage: predict → score → report, each step also callable alone.
+
+1. `predict_store` (pipeline.evaluation.predict): test features → the ensemble's mean
+   probabilities, voted labels and disagreement, stored in a predictions folder
+   (pipeline.evaluation.predictions).
+2. `score_predictions` (pipeline.evaluation.scoring): stored labels + the store's label maps →
+   metrics.json.
+3. `write_masks_and_pictures`, `write_per_class_chart` (pipeline.evaluation.report): masks and
+   pictures drawn from the stored predictions.
+
+A refiner sits between 1 and 2: it reads a predictions folder and writes another in the same
+format, which steps 2 and 3 take as they take the ensemble's.
+"""
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 from pathlib import Path
 
-import numpy as np
-from tqdm.auto import tqdm
-
 from pipeline.config import EvaluateSettings
-from pipeline.evaluation.predict import check_ensemble_matches_store, predict_image
-from pipeline.evaluation.score import IoUAccumulator
-from pipeline.heads.pixel_ensemble.ensemble import load_ensemble
-from pipeline.pictures.figures import save_per_class_iou_chart, save_prediction_grid
-from pipeline.pictures.masks import class_palette, overlay, save_png
-from pipeline.runtime.devices import torch_threads
-from pipeline.store.reader import FeatureStore
+from pipeline.evaluation.predict import predict_store
+from pipeline.evaluation.report import write_masks_and_pictures, write_per_class_chart
+from pipeline.evaluation.scoring import score_predictions
 
 logger = logging.getLogger(__name__)
 
-
-def _nan_to_none(value: float) -> float | None:
-    return None if math.isnan(value) else round(float(value), 6)
+PREDICTIONS_FOLDER = "predictions.zarr"
 
 
 def evaluate_on_store(
@@ -33,54 +34,21 @@ def evaluate_on_store(
     settings: EvaluateSettings,
     show_progress: bool = True,
 ) -> dict:
-    """Predicts every image of a store, writes masks and pictures, and scores labeled images.
+    """Predicts every image of a store, scores the labeled ones, writes masks and pictures.
 
-    Writes into `out_dir`: `masks/<name>.npy` (predicted labels), `masks/<name>.png` (overlay),
-    `predictions.png` (a grid of the first images), `per_class_iou.png` and `metrics.json`.
+    Writes into `out_dir`: `predictions.zarr` (the stored predictions), `metrics.json`,
+    `masks/<name>.npy` (predicted labels), `masks/<name>.png` (overlay), `predictions.png`
+    (a grid of the first images) and `per_class_iou.png`.
 
     Returns:
         The metrics: miou (under `settings.iou`), miou_paper, miou_ignore_excluded, per_class_iou
-        (by class name, under `settings.iou`), pixel_accuracy, mean_uncertainty.
+        (by class name, under `settings.iou`), pixel_accuracy, mean_uncertainty, images.
     """
-    ensemble_dir, out_dir = Path(ensemble_dir), Path(out_dir)
-    ensemble = load_ensemble(ensemble_dir)
-    # Each image is read once: no table cache, whose filling would grow with the test set.
-    store = FeatureStore(store_path, cache_megabytes=0)
-    check_ensemble_matches_store(ensemble, store, ensemble_dir)
-    palette = class_palette(ensemble.num_classes)
-    accumulator = IoUAccumulator(ensemble.num_classes, ensemble.ignore_label)
-    (out_dir / "masks").mkdir(parents=True, exist_ok=True)
-    uncertainties, grid_rows = [], []
-    with torch_threads(settings.threads):
-        for index in tqdm(np.flatnonzero(store.done_mask()), desc="evaluate", unit="image", disable=not show_progress):
-            index, name = int(index), store.image_names[index]
-            prediction = predict_image(ensemble, store, index, settings.pixels_per_batch)
-            target, image = store.labels(index), store.image(index)
-            if target is not None:
-                accumulator.update(prediction.labels, target)
-            uncertainties.append(prediction.uncertainty)
-            np.save(out_dir / "masks" / f"{name}.npy", prediction.labels.astype(np.int16))
-            save_png(out_dir / "masks" / f"{name}.png", overlay(image, prediction.labels, palette, ignore_label=ensemble.ignore_label))
-            if len(grid_rows) < settings.pictures:
-                grid_rows.append(
-                    {"image": image, "ground_truth": target, "prediction": prediction.labels,
-                     "uncertainty": prediction.disagreement, "title": name}
-                )
-    per_class = accumulator.per_class_iou(settings.iou)
-    metrics = {
-        "miou": _nan_to_none(accumulator.mean_iou(settings.iou)),
-        "iou_definition": settings.iou,
-        "miou_paper": _nan_to_none(accumulator.mean_iou("paper")),
-        "miou_ignore_excluded": _nan_to_none(accumulator.mean_iou("ignore_excluded")),
-        "pixel_accuracy": _nan_to_none(accumulator.pixel_accuracy()),
-        "mean_uncertainty": _nan_to_none(float(np.mean(uncertainties))) if uncertainties else None,
-        "per_class_iou": {
-            ensemble.class_names[k]: _nan_to_none(per_class[k]) for k in accumulator.scored_classes()
-        },
-        "images": len(uncertainties),
-    }
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    save_prediction_grid(out_dir / "predictions.png", grid_rows, ensemble.class_names, ensemble.ignore_label)
-    save_per_class_iou_chart(out_dir / "per_class_iou.png", metrics["per_class_iou"], f"per-class IoU (mIoU {metrics['miou']})")
+    out_dir = Path(out_dir)
+    predictions = predict_store(
+        ensemble_dir, store_path, out_dir / PREDICTIONS_FOLDER, settings.pixels_per_batch, settings.threads, show_progress
+    )
+    metrics = score_predictions(predictions, store_path, settings.iou, out_dir / "metrics.json", show_progress)
+    write_masks_and_pictures(predictions, store_path, out_dir, settings.pictures, show_progress)
+    write_per_class_chart(metrics, out_dir)
     return metrics
-

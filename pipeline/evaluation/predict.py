@@ -1,4 +1,9 @@
-"""Predicting a store's images with an ensemble: per-pixel labels, probabilities and disagreement."""
+"""Predicting a store's images with an ensemble: per-pixel labels, mean probabilities and disagreement.
+
+`predict_image` predicts one stored image; `predict_store` (step 1 of the evaluation: predict →
+score → report) predicts every finished image of a store into a predictions folder
+(`pipeline.evaluation.predictions`).
+"""
 
 from __future__ import annotations
 
@@ -9,10 +14,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
 
+from pipeline.evaluation.predictions import Predictions, create_predictions
 from pipeline.evaluation.score import top_decile_mean
-from pipeline.heads.pixel_ensemble.ensemble import Ensemble
-from pipeline.heads.pixel_ensemble.inference import predict_from_block_tables, predict_with_uncertainty
+from pipeline.heads.pixel_ensemble.ensemble import Ensemble, load_ensemble
+from pipeline.heads.pixel_ensemble.inference import _folded_hidden_layers, votes_and_disagreement
+from pipeline.runtime.atomic import replaced_folder
+from pipeline.runtime.devices import torch_threads
 from pipeline.store.reader import FeatureStore
 from pipeline.store.schema import StoreMismatchError
 
@@ -21,10 +31,12 @@ logger = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class ImagePrediction:
-    """One image's prediction: labels int64 (S, S), Jensen–Shannon map float32 (S, S)."""
+    """One image's prediction: labels int64 (S, S) (the mode of the members' votes, as the
+    paper), Jensen–Shannon map float32 (S, S), the members' mean softmax float32 (K, S, S)."""
 
     labels: np.ndarray
     disagreement: np.ndarray
+    mean_probabilities: np.ndarray
 
     @property
     def uncertainty(self) -> float:
@@ -43,6 +55,7 @@ def check_ensemble_matches_store(ensemble: Ensemble, store: FeatureStore, ensemb
         )
 
 
+@torch.inference_mode()
 def predict_pixels(
     ensemble: Ensemble, pixel_features: Callable[[np.ndarray, np.ndarray], np.ndarray], size: int, pixels_per_batch: int
 ) -> ImagePrediction:
@@ -57,22 +70,74 @@ def predict_pixels(
     rows_per_band = max(1, pixels_per_batch // size)
     labels = np.empty((size, size), dtype=np.int64)
     disagreement = np.empty((size, size), dtype=np.float32)
+    mean_probabilities = np.empty((ensemble.num_classes, size, size), dtype=np.float32)
     for top in range(0, size, rows_per_band):
         rows = np.arange(top, min(top + rows_per_band, size))
         ys, xs = np.repeat(rows, size), np.tile(np.arange(size), len(rows))  # the band's pixels, row-major
         features = torch.from_numpy(pixel_features(ys, xs))  # (P, D)
-        band_labels, band_disagreement = predict_with_uncertainty(ensemble.members, features)
+        logits = torch.stack([member(features) for member in ensemble.members])  # (M, P, K)
+        band_labels, band_disagreement, band_probabilities = _prediction(logits)
         labels[rows] = band_labels.numpy().reshape(len(rows), size)
         disagreement[rows] = band_disagreement.numpy().reshape(len(rows), size)
-    return ImagePrediction(labels, disagreement)
+        mean_probabilities[:, rows] = band_probabilities.numpy().T.reshape(-1, len(rows), size)  # (P, K) -> (K, rows, S)
+    return ImagePrediction(labels, disagreement, mean_probabilities)
+
+
+@torch.inference_mode()
+def member_logits_from_tables(members: list[torch.nn.Module], tables: list[torch.Tensor], size: int) -> torch.Tensor:
+    """Each member's logits float32 (M, S·S, K), row-major pixels, from an image's block tables.
+
+    The same arithmetic, in the same order, as `predict_from_block_tables` (see its docstring:
+    first layers at the blocks' own resolutions, upsampled after, BatchNorms folded), which
+    returns only labels and disagreement; tests/test_evaluation.py checks that both give the
+    same labels and disagreement bit for bit.
+
+    Args:
+        members: trained members in eval mode (`make_pixel_classifier`'s layers).
+        tables: per (step, block) in feature order, (C_b, h_b, w_b), any float dtype.
+        size: the image side.
+    """
+    tables = [table.float() for table in tables]
+    widths = [table.shape[0] for table in tables]
+    first_weights = torch.cat([member[0].weight for member in members])  # (M·H1, D)
+    native: dict[tuple[int, int], torch.Tensor] = {}  # resolution -> (M·H1, h, w), summed there
+    for weight, table in zip(torch.split(first_weights, widths, dim=1), tables):  # weight (M·H1, C_b)
+        product = torch.einsum("oc,chw->ohw", weight, table)
+        resolution = tuple(table.shape[1:])
+        native[resolution] = product if resolution not in native else native[resolution].add_(product)
+    native[next(iter(native))] += torch.cat([member[0].bias for member in members])[:, None, None]
+    member_logits = []
+    for index, member in enumerate(members):
+        rows = slice(index * member[0].out_features, (index + 1) * member[0].out_features)
+        hidden = None  # (S·S, H1)
+        for summed in native.values():
+            channels_last = summed[None, rows].contiguous(memory_format=torch.channels_last)
+            upsampled = F.interpolate(channels_last, size=(size, size), mode="bilinear", align_corners=False)
+            upsampled = upsampled.permute(0, 2, 3, 1).reshape(size * size, -1)
+            hidden = upsampled if hidden is None else hidden.add_(upsampled)
+        for weight, bias in _folded_hidden_layers(member):
+            hidden = torch.addmm(bias, hidden.relu_(), weight.T)
+        member_logits.append(hidden)  # (S·S, K)
+    return torch.stack(member_logits)
 
 
 def predict_from_tables(ensemble: Ensemble, tables: list[torch.Tensor], size: int) -> ImagePrediction:
     """Predicts every pixel of a size×size image from its block tables (per (step, block),
     (C_b, h_b, w_b)), each member's first layer at the blocks' own resolution."""
-    labels, disagreement = predict_from_block_tables(ensemble.members, tables, size)
-    # (S·S,) row-major -> (S, S)
-    return ImagePrediction(labels.numpy().reshape(size, size), disagreement.numpy().reshape(size, size))
+    labels, disagreement, mean_probabilities = _prediction(member_logits_from_tables(ensemble.members, tables, size))
+    # (S·S,) row-major -> (S, S); (S·S, K) -> (K, S, S)
+    return ImagePrediction(
+        labels.numpy().reshape(size, size),
+        disagreement.numpy().reshape(size, size),
+        mean_probabilities.numpy().T.reshape(-1, size, size),
+    )
+
+
+def _prediction(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Labels int64 (P,), disagreement float32 (P,) and mean probabilities float32 (P, K) from
+    the members' logits (M, P, K): the first two exactly as `votes_and_disagreement`."""
+    labels, disagreement = votes_and_disagreement(logits)
+    return labels, disagreement, logits.softmax(dim=2).mean(dim=0)
 
 
 def predict_image(ensemble: Ensemble, store: FeatureStore, index: int, pixels_per_batch: int) -> ImagePrediction:
@@ -84,3 +149,39 @@ def predict_image(ensemble: Ensemble, store: FeatureStore, index: int, pixels_pe
         ensemble, lambda ys, xs: store.pixel_features(index, ys, xs), store.image_size, pixels_per_batch
     )
 
+
+def predict_store(
+    ensemble_dir: str | Path,
+    store_path: str | Path,
+    predictions_dir: str | Path,
+    pixels_per_batch: int = 16384,
+    threads: int = 0,
+    show_progress: bool = True,
+) -> Predictions:
+    """Step 1 of the evaluation: predicts every finished image of a store into a predictions
+    folder (`pipeline.evaluation.predictions`): the members' mean probabilities, their voted
+    labels and their disagreement, one image at a time (memory does not grow with the store).
+
+    The folder appears whole or not at all: it is written beside `predictions_dir` and renamed
+    into place at the end, replacing what was there.
+
+    Raises:
+        StoreMismatchError: the ensemble was trained on other features than the store holds.
+    """
+    ensemble_dir = Path(ensemble_dir)
+    ensemble = load_ensemble(ensemble_dir)
+    # Each image is read once: no table cache, whose filling would grow with the test set.
+    store = FeatureStore(store_path, cache_megabytes=0)
+    check_ensemble_matches_store(ensemble, store, ensemble_dir)
+    indices = [int(index) for index in np.flatnonzero(store.done_mask())]
+    provenance = {"ensemble": str(ensemble_dir), "store": str(store.path), "features": store.feature_description(),
+                  "labels": "mode of the members' votes"}
+    with replaced_folder(Path(predictions_dir)) as staging, torch_threads(threads):
+        writer = create_predictions(
+            staging, [store.image_names[index] for index in indices], ensemble.class_names, ensemble.ignore_label,
+            store.image_size, has_uncertainty=True, provenance=provenance,
+        )
+        for position, index in enumerate(tqdm(indices, desc="predict", unit="image", disable=not show_progress)):
+            prediction = predict_image(ensemble, store, index, pixels_per_batch)
+            writer.write(position, prediction.mean_probabilities, prediction.labels, prediction.disagreement)
+    return Predictions(predictions_dir)

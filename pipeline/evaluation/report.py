@@ -1,0 +1,59 @@
+"""Step 3 of the evaluation: masks and pictures drawn from stored predictions.
+
+What is drawn is what was scored: the masks are the stored labels (`pipeline.evaluation.predictions`).
+The images and ground truth come from the feature store the predictions were made from.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from pipeline.evaluation.predictions import Predictions
+from pipeline.pictures.figures import save_per_class_iou_chart, save_prediction_grid
+from pipeline.pictures.masks import class_palette, overlay, save_png
+from pipeline.store.reader import FeatureStore
+
+logger = logging.getLogger(__name__)
+
+
+def write_masks_and_pictures(
+    predictions: Predictions | str | Path,
+    store_path: str | Path,
+    out_dir: str | Path,
+    pictures: int = 6,
+    show_progress: bool = True,
+) -> None:
+    """Writes into `out_dir`: `masks/<name>.npy` (the stored labels, int16 (S, S)),
+    `masks/<name>.png` (their overlay on the image) and `predictions.png` (image | ground truth |
+    prediction | uncertainty for the first `pictures` images), one image at a time.
+    """
+    predictions = predictions if isinstance(predictions, Predictions) else Predictions(predictions)
+    store = FeatureStore(store_path, cache_megabytes=0)
+    store_index = {name: index for index, name in enumerate(store.image_names)}
+    missing = [name for name in predictions.image_names if name not in store_index]
+    if missing:
+        raise ValueError(f"{len(missing)} predicted images are not in the store at {store.path}, e.g. {missing[0]!r}")
+    out_dir = Path(out_dir)
+    (out_dir / "masks").mkdir(parents=True, exist_ok=True)
+    palette = class_palette(predictions.num_classes)
+    grid_rows = []
+    for position, name in enumerate(tqdm(predictions.image_names, desc="masks", unit="image", disable=not show_progress)):
+        labels, image = predictions.labels(position), store.image(store_index[name])
+        np.save(out_dir / "masks" / f"{name}.npy", labels.astype(np.int16))
+        save_png(out_dir / "masks" / f"{name}.png", overlay(image, labels, palette, ignore_label=predictions.ignore_label))
+        if len(grid_rows) < pictures:
+            grid_rows.append({"image": image, "ground_truth": store.labels(store_index[name]), "prediction": labels,
+                              "uncertainty": predictions.uncertainty(position), "title": name})
+    if grid_rows:
+        save_prediction_grid(out_dir / "predictions.png", grid_rows, predictions.class_names, predictions.ignore_label)
+
+
+def write_per_class_chart(metrics: dict, out_dir: str | Path) -> None:
+    """Writes `per_class_iou.png`: the metrics' per-class IoU, titled with their mIoU."""
+    save_per_class_iou_chart(
+        Path(out_dir) / "per_class_iou.png", metrics["per_class_iou"], f"per-class IoU (mIoU {metrics['miou']})"
+    )
