@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 
 from bench.common import command_line, median_seconds, write_result
-from pipeline.pretrain.ddpm import PretrainSettings, _TrainingRun
+from pipeline.pretrain.settings import PretrainSettings
+from pipeline.pretrain.training import TrainingRun
 from pipeline.runtime.devices import has_native_bfloat16
-from pipeline.sources.noise import paper_scheduler
 
 DEMO = PretrainSettings(
     image_size=32, block_out_channels=[32, 32, 64, 64, 64], attention_levels=[3, 4], batch_size=32, device="cpu"
@@ -30,10 +30,9 @@ QUICK = PretrainSettings(
 def seconds_per_step(settings: PretrainSettings, repeats: int) -> tuple[float, list[float]]:
     """Median wall time of one optimiser step (after one warm-up step) on random images."""
     images = torch.randint(0, 256, (64, 3, settings.image_size, settings.image_size), dtype=torch.uint8)
-    run = _TrainingRun.create(settings, torch.device("cpu"), len(images), "benchmark")  # the loop without its I/O
-    alphas_cumprod = paper_scheduler().alphas_cumprod
-    run.train_step(images, alphas_cumprod)
-    return median_seconds(lambda: run.train_step(images, alphas_cumprod), repeats)
+    run = TrainingRun.create(settings, torch.device("cpu"), len(images), "benchmark")  # the loop without its I/O
+    run.train_step(images)
+    return median_seconds(lambda: run.train_step(images), repeats)
 
 
 def run(quick: bool, scratch: Path, repeats: int = 3) -> dict:

@@ -1,4 +1,5 @@
-"""DDPM pretraining: outputs, the saved model, resuming, refusals, sampling and the CLI command."""
+"""DDPM pretraining: outputs, the saved model, resuming (also old-format states), refusals, the EMA ramp and
+warm-up, sampling and the CLI command."""
 
 import csv
 import json
@@ -12,9 +13,13 @@ from PIL import Image
 
 from cli import main
 from conftest import write_image_folder
-from pipeline.pretrain.ddpm import PretrainSettings, build_unet, image_grid, pretrain_ddpm, sample_images
+from pipeline.pretrain.ddpm import pretrain_ddpm
+from pipeline.pretrain.sampling import ddim_scheduler, image_grid, sample_images
+from pipeline.pretrain.settings import PretrainSettings
+from pipeline.pretrain.training import build_unet, warmup_schedule, weight_ema
 from pipeline.sources.adm.blocks import decoder_block, decoder_block_names
 from pipeline.sources.checkpoints import load_backbone
+from pipeline.sources.noise import paper_scheduler
 
 # 5 levels of 32 channels, attention at the lowest: 1.2 M parameters, ~0.1 s per step of 4 images.
 TINY = PretrainSettings(
@@ -92,6 +97,74 @@ def test_resuming_continues_exactly_like_an_uninterrupted_run(images, tmp_path):
     assert resumed.final_loss == straight.final_loss
 
 
+def old_format_state(state: dict, settings: PretrainSettings) -> dict:
+    """`state` as the code before diffusers' EMAModel and LR schedule wrote it (format 1): the EMA as
+    a plain state dict, no EMA counters, no scheduler state, and the learning rate set by hand."""
+    old = {key: value for key, value in state.items() if key not in ("ema_state", "lr_schedule")}
+    optimizer = {**state["optimizer"], "param_groups": [
+        {key: value for key, value in group.items() if key != "initial_lr"}
+        | {"lr": settings.learning_rate * min(1.0, state["step"] / settings.warmup_steps)}
+        for group in state["optimizer"]["param_groups"]
+    ]}
+    return old | {"format": 1, "optimizer": optimizer}
+
+
+def test_an_old_format_state_resumes_like_a_new_one(images, tmp_path):
+    settings = replace(TINY, steps=3, warmup_steps=3, checkpoint_every=5, sample_count=1, sample_inference_steps=1)
+    pretrain_ddpm(images, tmp_path / "old", replace(settings, steps=1), show_progress=False)
+    torch.save(old_format_state(read_state(tmp_path / "old"), settings), tmp_path / "old" / "state.pt")
+    resumed = pretrain_ddpm(images, tmp_path / "old", settings, show_progress=False)
+    pretrain_ddpm(images, tmp_path / "new", settings, show_progress=False)
+    a, b = read_state(tmp_path / "old"), read_state(tmp_path / "new")
+    assert resumed.resumed_from == 1 and a["format"] == b["format"] == 2
+    assert torch.equal(a["losses"], b["losses"]) and a["ema_state"] == b["ema_state"]
+    schedule_parts = ("last_epoch", "base_lrs", "_last_lr")  # not _step_count: torch's call-order check
+    assert [a["lr_schedule"][key] for key in schedule_parts] == [b["lr_schedule"][key] for key in schedule_parts]
+    for part in ("model", "ema"):
+        for name in b[part]:
+            assert torch.equal(a[part][name], b[part][name]), f"{part}.{name}"
+
+
+def test_a_state_of_an_unknown_format_is_refused_with_a_way_out(images, tiny_run, tmp_path):
+    out, _ = tiny_run
+    state = read_state(out)
+    (tmp_path / "run").mkdir()
+    torch.save(state | {"format": 99}, tmp_path / "run" / "state.pt")
+    with pytest.raises(ValueError, match=r"state\.pt: unknown training state format 99 .*delete it or use another"):
+        pretrain_ddpm(images, tmp_path / "run", TINY, show_progress=False)
+
+
+def test_the_ema_ramp_is_min_decay_one_plus_n_over_ten_plus_n():
+    ema = weight_ema(torch.nn.Linear(1, 1), decay=0.999)
+    for n in range(20000):  # update n + 1 of EMAModel is step n of the ramp
+        assert ema.get_decay(n + 1) == pytest.approx(min(0.999, (1 + n) / (10 + n)), rel=0, abs=1e-15)
+
+
+def test_the_warm_up_gives_step_n_the_rate_lr_times_n_plus_one_over_warmup():
+    settings = replace(TINY, learning_rate=0.5, warmup_steps=4)
+    parameter = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([parameter], lr=settings.learning_rate)
+    schedule = warmup_schedule(optimizer, settings, 0)
+    rates = []
+    for _ in range(6):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert rates == pytest.approx([0.125, 0.25, 0.375, 0.5, 0.5, 0.5])
+    # Rebuilt from a step count (a format-1 state), it continues where it was.
+    again = torch.optim.SGD([parameter], lr=settings.learning_rate)
+    warmup_schedule(again, settings, 2)
+    assert again.param_groups[0]["lr"] == pytest.approx(0.375)
+
+
+def test_training_noise_is_the_closed_form_per_image():
+    clean, noise = torch.rand(3, 3, 4, 4) * 2 - 1, torch.randn(3, 3, 4, 4)
+    timesteps = torch.tensor([0, 500, 999])
+    alpha_bar = paper_scheduler().alphas_cumprod[timesteps].view(-1, 1, 1, 1)
+    expected = alpha_bar.sqrt() * clean + (1 - alpha_bar).sqrt() * noise
+    torch.testing.assert_close(paper_scheduler().add_noise(clean, noise, timesteps), expected, rtol=0, atol=1e-6)
+
+
 def test_a_complete_run_is_not_trained_again(images, tiny_run):
     out, summary = tiny_run
     again = pretrain_ddpm(images, out, replace(TINY, sample_count=1), show_progress=False)
@@ -124,6 +197,8 @@ def test_settings_are_checked():
         PretrainSettings(steps=0)
     with pytest.raises(ValueError, match="precision must be one of"):
         PretrainSettings(precision="float16")
+    with pytest.raises(ValueError, match="sample_inference_steps 1001 exceeds the 1000 training steps"):
+        PretrainSettings(sample_inference_steps=1001)
 
 
 def test_bfloat16_on_a_cpu_without_it_warns(images, tmp_path, monkeypatch, caplog):
@@ -153,6 +228,26 @@ def test_sample_images_is_seeded_uint8():
     assert first.shape == (3, 16, 16, 3) and first.dtype == np.uint8
     np.testing.assert_array_equal(first, second)
     assert unet.training  # build_unet returns a training-mode model; sampling restores the mode
+
+
+def test_ddim_starts_at_999_and_steps_evenly_to_the_clean_image():
+    scheduler = ddim_scheduler()
+    scheduler.set_timesteps(50)
+    assert scheduler.timesteps.tolist() == list(range(999, 0, -20))
+    scheduler.set_timesteps(1)
+    assert scheduler.timesteps.tolist() == [999] and scheduler.final_alpha_cumprod.item() == 1.0
+
+
+def test_one_ddim_step_is_the_clipped_prediction_of_the_clean_image():
+    unet = build_unet(replace(TINY, image_size=16, block_out_channels=[32, 32], attention_levels=[])).eval()
+    sampled = sample_images(unet, 2, torch.Generator().manual_seed(0), num_inference_steps=1)
+    noisy = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    alpha_bar = paper_scheduler().alphas_cumprod[999]
+    with torch.no_grad():
+        predicted = unet(noisy, torch.full((2,), 999)).sample
+    clean = ((noisy - (1 - alpha_bar).sqrt() * predicted) / alpha_bar.sqrt()).clamp(-1, 1)
+    expected = ((clean + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    assert np.abs(sampled.astype(int) - expected.astype(int)).max() <= 1
 
 
 def test_image_grid_layout():
