@@ -3,6 +3,8 @@ import json
 
 import numpy as np
 import pytest
+import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from conftest import write_image_folder
@@ -55,6 +57,18 @@ def test_label_maps_resize_by_nearest_neighbour(tmp_path):
     labels = load_label_map(record, 4)
     assert labels.dtype == np.int64
     np.testing.assert_array_equal(labels, [[1, 1, 2, 2], [1, 1, 2, 2], [3, 3, 4, 4], [3, 3, 4, 4]])
+
+
+@pytest.mark.parametrize(("source", "size"), [(32, 32), (256, 256), (512, 256), (20, 32)])
+def test_label_resizing_matches_torch_nearest_at_the_sizes_we_use(tmp_path, source, size):
+    labels = np.random.default_rng(source * 1000 + size).integers(-1, 300, (source, source))  # int64, ignore -1
+    np.save(tmp_path / "a.npy", labels)
+    Image.new("RGB", (source, source)).save(tmp_path / "a.png")
+    (record,) = list_images(tmp_path)
+    resized = load_label_map(record, size)
+    # interpolate has no int64 kernel: float64 holds these labels exactly.
+    expected = F.interpolate(torch.from_numpy(labels).double()[None, None], size=(size, size), mode="nearest")
+    np.testing.assert_array_equal(resized, expected[0, 0].long().numpy())
 
 
 def test_errors_name_the_folder_or_file(tmp_path):
