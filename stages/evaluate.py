@@ -1,4 +1,5 @@
-"""DVC stage: segment the test store's images and write metrics, masks and pictures."""
+"""DVC stage: segment the test store's images into a predictions folder (`predictions.zarr`, which a
+later stage may refine), score them (`metrics.json`) and draw masks and pictures."""
 
 import argparse
 import logging

@@ -8,7 +8,8 @@ from conftest import write_learnable_store
 from pipeline.config import EvaluateSettings, TrainSettings
 from pipeline.evaluation.evaluate import evaluate_on_store
 from pipeline.evaluation.predict import member_logits_from_tables, predict_from_tables, predict_pixels, predict_store
-from pipeline.evaluation.predictions import Predictions
+from pipeline.evaluation.predictions import Predictions, create_predictions
+from pipeline.evaluation.report import write_masks_and_pictures
 from pipeline.evaluation.score import IoUAccumulator, top_decile_mean
 from pipeline.evaluation.scoring import score_predictions
 from pipeline.heads.pixel_ensemble.ensemble import load_ensemble
@@ -121,3 +122,17 @@ def test_pixel_vectors_and_block_tables_give_the_same_probabilities(trained):
     from_pixels = predict_pixels(ensemble, lambda ys, xs: store.pixel_features(2, ys, xs), store.image_size, 40)
     np.testing.assert_allclose(from_pixels.mean_probabilities, from_tables.mean_probabilities, atol=1e-5)
     np.testing.assert_array_equal(from_pixels.labels, from_tables.labels)
+
+
+def test_refined_predictions_in_the_same_format_are_scored_and_drawn(trained, tmp_path):
+    """The refiner's path: read predictions, write others in the same format, score and draw them."""
+    raw = predict_store(trained / "ensemble", trained / "test.zarr", tmp_path / "raw.zarr", show_progress=False)
+    writer = create_predictions(tmp_path / "refined.zarr", raw.image_names, raw.class_names, raw.ignore_label,
+                                raw.image_size, has_uncertainty=False, provenance={"refined_from": str(tmp_path / "raw.zarr")})
+    for position in range(len(raw)):
+        sharpened = raw.probabilities(position) ** 4
+        writer.write(position, sharpened / sharpened.sum(axis=0))  # labels: the argmax of what is stored
+    refined = score_predictions(tmp_path / "refined.zarr", trained / "test.zarr", show_progress=False)
+    assert refined["images"] == 3 and refined["miou"] > 0.9 and refined["mean_uncertainty"] is None
+    write_masks_and_pictures(tmp_path / "refined.zarr", trained / "test.zarr", tmp_path / "out", show_progress=False)
+    np.testing.assert_array_equal(np.load(tmp_path / "out" / "masks" / "image_01.npy"), Predictions(tmp_path / "refined.zarr").labels(1))
