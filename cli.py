@@ -16,6 +16,11 @@ from pipeline.config import EvaluateSettings, ExtractSettings, TrainSettings
 from pipeline.data.folders import find_class_info, load_class_info
 
 
+def _tap_list(text: str) -> list[int | str]:
+    """"5,6,up_blocks.2.attentions.0" → [5, 6, "up_blocks.2.attentions.0"]: block numbers or module paths."""
+    return [int(part) if part.strip().isdigit() else part.strip() for part in text.split(",") if part.strip()]
+
+
 def _int_list(text: str) -> list[int]:
     try:
         return [int(part) for part in text.split(",") if part.strip()]
@@ -57,7 +62,8 @@ def main(click_context: click.Context, verbose: bool, quiet: bool) -> None:
 @click.option("--images", required=True, type=click.Path(path_type=Path), help="Folder of PNG/JPEG images (+ same-stem .npy labels).")
 @click.option("--store", required=True, help="Feature store to create or complete: a folder or a URL (s3://…, gs://…).")
 @click.option("--steps", default="50,150,250", show_default=True, help="Diffusion steps, comma-separated.")
-@click.option("--blocks", default="5,6,7,8,12", show_default=True, help="Decoder blocks (guided-diffusion index).")
+@click.option("--blocks", default="5,6,7,8,12", show_default=True,
+              help="Taps: guided-diffusion decoder block numbers and/or UNet module paths (up_blocks.1.attentions.0).")
 @click.option("--seed", default=0, show_default=True, help="Seed of the shared noise.")
 @click.option("--size", default=256, show_default=True, help="Model input size.")
 @click.option("--layout", type=click.Choice(["native", "dense"]), default="native", show_default=True)
@@ -73,7 +79,7 @@ def extract(context: _Context, checkpoint, images, store, steps, blocks, seed, s
 
     def action():
         settings = ExtractSettings(
-            steps=_int_list(steps), blocks=_int_list(blocks), seed=seed, size=size,
+            steps=_int_list(steps), blocks=_tap_list(blocks), seed=seed, size=size,
             layout=layout, batch_size=batch_size, device=device, codec=codec, scheduler=scheduler,
         )
         class_info = load_class_info(classes) if classes else find_class_info(images)
@@ -202,7 +208,7 @@ def inspect(context: _Context, store, as_json, image, pixel, verify, stats, pca,
             return
         summary = inspection.store_summary(feature_store)
         if stats:
-            summary["block_statistics"] = inspection.block_statistics(feature_store)
+            summary["tap_statistics"] = inspection.tap_statistics(feature_store)
         click.echo(json.dumps(summary, indent=1) if as_json else inspection.format_summary(summary))
 
     _run(context, action)
@@ -232,7 +238,7 @@ def pretrain(context: _Context, images, out, steps, batch_size, image_size, chan
              ema_decay, flips, seed, checkpoint_every, sample_every, sample_count, sample_steps, device, precision):
     """Train a DDPM on a folder of unlabeled images (resumes an unfinished run in --out).
 
-    Options left out take the defaults of PretrainSettings (pipeline/pretrain/ddpm.py).
+    Options left out take the defaults of PretrainSettings (pipeline/pretrain/settings.py).
     """
     from pipeline.pretrain.ddpm import PretrainSettings, pretrain_ddpm
 
@@ -270,7 +276,7 @@ def pretrain(context: _Context, images, out, steps, batch_size, image_size, chan
 @click.option("--test-images", type=int, help="Override the preset: use the first N test images (0: all).")
 @click.option("--size", type=int, help="Override the preset's model input size.")
 @click.option("--steps", help="Override the preset's steps, comma-separated.")
-@click.option("--blocks", help="Override the preset's decoder blocks, comma-separated.")
+@click.option("--blocks", help="Override the preset's taps (block numbers or module paths), comma-separated.")
 @click.option("--members", default=10, show_default=True, help="MLPs in the ensemble.")
 @click.option("--max-epochs", default=100, show_default=True)
 @click.option("--batch-size", default=4, show_default=True, help="Images per UNet forward during extraction.")
@@ -286,7 +292,7 @@ def benchmark(context: _Context, preset, data, checkpoint, out, seeds, protocol,
     def action():
         chosen, overrides = choose_preset(
             preset, data, classes, train_images=train_images, test_images=test_images, image_size=size,
-            steps=_int_list(steps) if steps else None, blocks=_int_list(blocks) if blocks else None,
+            steps=_int_list(steps) if steps else None, blocks=_tap_list(blocks) if blocks else None,
         )
         extract_settings = ExtractSettings(layout=layout, batch_size=batch_size, device=device)
         train_settings = TrainSettings(protocol=protocol, members=members, max_epochs=max_epochs, device=device, threads=threads)

@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.store.schema import BlockShape, StoreSchema
+from pipeline.sources.base import TapShape
+from pipeline.store.schema import StoreSchema
 from pipeline.store.writer import open_store_for_writing
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -31,18 +32,18 @@ RESULTS_DIR = PROJECT_ROOT / "bench" / "results"
 
 # The paper's features: ADM 256×256, steps 50/150/250, blocks 5, 6, 7, 8, 12 (8448 per pixel).
 PAPER_STEPS = [50, 150, 250]
-PAPER_BLOCK_SHAPES = [
-    BlockShape(5, 1024, 32, 32),
-    BlockShape(6, 512, 32, 32),
-    BlockShape(7, 512, 32, 32),
-    BlockShape(8, 512, 64, 64),
-    BlockShape(12, 256, 128, 128),
+PAPER_TAP_SHAPES = [
+    TapShape("adm.5", 1024, 32, 32),
+    TapShape("adm.6", 512, 32, 32),
+    TapShape("adm.7", 512, 32, 32),
+    TapShape("adm.8", 512, 64, 64),
+    TapShape("adm.12", 256, 128, 128),
 ]
 PAPER_SIZE = 256
 PAPER_CLASSES = 34  # ffhq_34: ≥ 30 classes, so the members' wide (256, 128) shape
 # Quick mode: the same structure, tiny (D = 2 × (6 + 4 + 2) = 24).
 TINY_STEPS = [50, 150]
-TINY_BLOCK_SHAPES = [BlockShape(5, 6, 4, 4), BlockShape(8, 4, 8, 8), BlockShape(12, 2, 16, 16)]
+TINY_TAP_SHAPES = [TapShape("adm.5", 6, 4, 4), TapShape("adm.8", 4, 8, 8), TapShape("adm.12", 2, 16, 16)]
 TINY_SIZE = 16
 
 CONTENTION_CAVEAT = (
@@ -120,27 +121,26 @@ def synthetic_labels(size: int, num_classes: int, rng: np.random.Generator) -> n
 
 
 def synthetic_activations(
-    block_shapes: Sequence[BlockShape], steps: Sequence[int], rng: np.random.Generator
-) -> list[torch.Tensor]:
-    """Random activations at the given shapes, per (step, block) step-major, float32."""
-    return [
-        torch.from_numpy(rng.standard_normal((shape.channels, shape.height, shape.width), dtype=np.float32))
-        for _ in steps
-        for shape in block_shapes
-    ]
+    tap_shapes: Sequence[TapShape], steps: Sequence[int], rng: np.random.Generator
+) -> dict[str, torch.Tensor]:
+    """Random feature maps at the given shapes: tap name → float32 (T, C, h, w)."""
+    return {
+        shape.name: torch.from_numpy(
+            rng.standard_normal((len(steps), shape.channels, shape.height, shape.width), dtype=np.float32)
+        )
+        for shape in tap_shapes
+    }
 
 
 def synthetic_schema(
-    layout: str, num_images: int, size: int, block_shapes: Sequence[BlockShape], steps: Sequence[int], num_classes: int
+    layout: str, num_images: int, size: int, tap_shapes: Sequence[TapShape], steps: Sequence[int], num_classes: int
 ) -> StoreSchema:
     return StoreSchema(
         layout=layout,
         image_size=size,
         steps=list(steps),
-        block_shapes=list(block_shapes),
-        checkpoint_sha256="0" * 64,
-        architecture={"kind": "synthetic activations"},
-        noise_seed=0,
+        tap_shapes=list(tap_shapes),
+        source={"kind": "synthetic activations", "checkpoint_sha256": "0" * 64, "noise_seed": 0},
         image_names=[f"synthetic_{index:04d}" for index in range(num_images)],
         image_sha256=["0" * 64] * num_images,
         classes={"names": [f"class_{k}" for k in range(num_classes)], "ignore_label": 255},
@@ -152,19 +152,19 @@ def write_synthetic_store(
     layout: str,
     num_images: int,
     size: int = PAPER_SIZE,
-    block_shapes: Sequence[BlockShape] = PAPER_BLOCK_SHAPES,
+    tap_shapes: Sequence[TapShape] = PAPER_TAP_SHAPES,
     steps: Sequence[int] = PAPER_STEPS,
     num_classes: int = PAPER_CLASSES,
     codec: str = "blosc-lz4",
     seed: int = 0,
 ) -> Path:
     """A complete labeled store of random activations at real shapes (reused when complete)."""
-    schema = synthetic_schema(layout, num_images, size, block_shapes, steps, num_classes)
+    schema = synthetic_schema(layout, num_images, size, tap_shapes, steps, num_classes)
     writer = open_store_for_writing(path, schema, codec, replace_mismatched=True)
     rng = np.random.default_rng(seed)
     for index in writer.pending_images():
         image = np.zeros((size, size, 3), dtype=np.uint8)
-        writer.write_image(index, image, synthetic_labels(size, num_classes, rng), synthetic_activations(block_shapes, steps, rng))
+        writer.write_image(index, image, synthetic_labels(size, num_classes, rng), synthetic_activations(tap_shapes, steps, rng))
     return path
 
 

@@ -28,8 +28,8 @@ from pathlib import Path
 
 from bench.common import (
     RESULTS_DIR,
-    TINY_BLOCK_SHAPES,
     TINY_STEPS,
+    TINY_TAP_SHAPES,
     command_line,
     directory_bytes,
     write_result,
@@ -96,7 +96,7 @@ def measure_variant(source: Path, project: Path, out_flags: dict | None, link_ty
 def run(quick: bool, scratch: Path, images: int = 20, repeats: int = 3) -> dict:
     scratch = Path(scratch).resolve()  # the stage's command runs inside the DVC project
     if quick:
-        source = write_synthetic_store(scratch / "dvc-source.zarr", "native", 2, 16, TINY_BLOCK_SHAPES, TINY_STEPS, 3)
+        source = write_synthetic_store(scratch / "dvc-source.zarr", "native", 2, 16, TINY_TAP_SHAPES, TINY_STEPS, 3)
         images = 2
     else:
         source = write_synthetic_store(scratch / "dvc-source.zarr", "native", images)

@@ -15,13 +15,13 @@ import time
 from pathlib import Path
 
 from bench.common import (
-    PAPER_BLOCK_SHAPES,
     PAPER_CLASSES,
     PAPER_SIZE,
     PAPER_STEPS,
-    TINY_BLOCK_SHAPES,
+    PAPER_TAP_SHAPES,
     TINY_SIZE,
     TINY_STEPS,
+    TINY_TAP_SHAPES,
     command_line,
     current_rss_bytes,
     peak_rss_bytes,
@@ -29,11 +29,11 @@ from bench.common import (
     write_result,
     write_synthetic_store,
 )
-from pipeline.store.schema import BlockShape
+from pipeline.sources.base import TapShape
 
 # adm-tiny's blocks 5, 6, 7, 8, 12 for a 64×64 input.
-ADM_TINY_64 = [BlockShape(5, 128, 8, 8), BlockShape(6, 64, 8, 8), BlockShape(7, 64, 8, 8),
-               BlockShape(8, 64, 16, 16), BlockShape(12, 32, 32, 32)]
+ADM_TINY_64 = [TapShape("adm.5", 128, 8, 8), TapShape("adm.6", 64, 8, 8), TapShape("adm.7", 64, 8, 8),
+               TapShape("adm.8", 64, 16, 16), TapShape("adm.12", 32, 32, 32)]
 
 
 def child(arguments: dict) -> dict:
@@ -68,7 +68,7 @@ def paper_shape_pixels_per_second(scratch: Path) -> dict:
     from pipeline.store.reader import FeatureStore
 
     torch.set_num_threads(1)
-    shape = (PAPER_SIZE, PAPER_BLOCK_SHAPES, PAPER_STEPS, PAPER_CLASSES)
+    shape = (PAPER_SIZE, PAPER_TAP_SHAPES, PAPER_STEPS, PAPER_CLASSES)
     ensemble = load_ensemble(train_small_ensemble(scratch, shape, "eval-paper"))
     store = FeatureStore(write_synthetic_store(scratch / "eval-paper-test.zarr", "native", 1, *shape))
     started = time.perf_counter()
@@ -79,7 +79,7 @@ def paper_shape_pixels_per_second(scratch: Path) -> dict:
 
 def run(quick: bool, scratch: Path) -> dict:
     if quick:
-        shape, counts = (TINY_SIZE, TINY_BLOCK_SHAPES, TINY_STEPS, 3), [3, 12]
+        shape, counts = (TINY_SIZE, TINY_TAP_SHAPES, TINY_STEPS, 3), [3, 12]
     else:
         shape, counts = (64, ADM_TINY_64, PAPER_STEPS, 15), [20, 650]
     ensemble = train_small_ensemble(scratch, shape, "eval")

@@ -69,10 +69,11 @@ def bare_forwards(checkpoint: Path, images_dir: Path, settings: ExtractSettings,
     noise, scheduler = shared_noise(settings.seed, (1, 3, settings.size, settings.size)), paper_scheduler()
     last = {"last": decoder_block(unet, max(settings.blocks))}
     started = time.perf_counter()
-    with torch.inference_mode(), capture_outputs(last if truncated else {}, stop_after="last" if truncated else None):
+    with torch.inference_mode(), capture_outputs(last if truncated else {}, stop_when_all_captured=truncated) as outputs:
         for batch in batches:
             for step in settings.steps:
                 timesteps = torch.full((len(batch),), step, dtype=torch.long, device=device)
+                outputs.clear()
                 run_until_captured(unet, add_noise(batch, step, noise, scheduler), timesteps)
     if device.type == "cuda":
         torch.cuda.synchronize()

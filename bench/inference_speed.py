@@ -26,13 +26,13 @@ import numpy as np
 import torch
 
 from bench.common import (
-    PAPER_BLOCK_SHAPES,
     PAPER_CLASSES,
     PAPER_SIZE,
     PAPER_STEPS,
-    TINY_BLOCK_SHAPES,
+    PAPER_TAP_SHAPES,
     TINY_SIZE,
     TINY_STEPS,
+    TINY_TAP_SHAPES,
     command_line,
     write_result,
     write_synthetic_store,
@@ -82,7 +82,7 @@ def run(quick: bool, scratch: Path) -> dict:
 
     torch.set_num_threads(1)
     result = {"what": "evaluate/predict from upsampled feature vectors vs from native block tables (first layer at native resolution)"}
-    shape = (TINY_SIZE, TINY_BLOCK_SHAPES, TINY_STEPS, 3) if quick else (PAPER_SIZE, PAPER_BLOCK_SHAPES, PAPER_STEPS, PAPER_CLASSES)
+    shape = (TINY_SIZE, TINY_TAP_SHAPES, TINY_STEPS, 3) if quick else (PAPER_SIZE, PAPER_TAP_SHAPES, PAPER_STEPS, PAPER_CLASSES)
     ensemble = load_ensemble(train_small_ensemble(scratch, shape, "infer"))
     store = FeatureStore(write_synthetic_store(scratch / "infer-test.zarr", "native", 1, *shape))
     paper = compare(ensemble, store, repeats=3)

@@ -20,13 +20,13 @@ import numpy as np
 import torch
 
 from bench.common import (
-    PAPER_BLOCK_SHAPES,
     PAPER_CLASSES,
     PAPER_SIZE,
     PAPER_STEPS,
-    TINY_BLOCK_SHAPES,
+    PAPER_TAP_SHAPES,
     TINY_SIZE,
     TINY_STEPS,
+    TINY_TAP_SHAPES,
     command_line,
     median_seconds,
     write_result,
@@ -109,11 +109,11 @@ def consumption_rates(feature_dim: int, num_classes: int, settings: TrainSetting
 def run(quick: bool, scratch: Path) -> dict:
     settings = TrainSettings()
     if quick:
-        shapes, size, steps, classes, native_images, dense_images, buffers = TINY_BLOCK_SHAPES, TINY_SIZE, TINY_STEPS, 3, 6, 2, 3
+        shapes, size, steps, classes, native_images, dense_images, buffers = TINY_TAP_SHAPES, TINY_SIZE, TINY_STEPS, 3, 6, 2, 3
         settings = TrainSettings(buffer_pixels=256, cache_megabytes=0)
     else:
         shapes, size, steps, classes, native_images, dense_images, buffers = (
-            PAPER_BLOCK_SHAPES, PAPER_SIZE, PAPER_STEPS, PAPER_CLASSES, 40, 2, 6
+            PAPER_TAP_SHAPES, PAPER_SIZE, PAPER_STEPS, PAPER_CLASSES, 40, 2, 6
         )
     torch.set_num_threads(1)
     native = write_synthetic_store(scratch / "sampling-native.zarr", "native", native_images, size, shapes, steps, classes)

@@ -28,13 +28,11 @@ import torch
 from bench.common import PROJECT_ROOT, SHARED, command_line, directory_bytes, write_result
 from pipeline.config import ExtractSettings, load_params
 from pipeline.data.folders import list_images, load_example
-from pipeline.sources.adm.blocks import decoder_block
 from pipeline.sources.checkpoints import load_backbone
-from pipeline.sources.diffusion_unet import compute_activations, probe_block_shapes
-from pipeline.sources.noise import shared_noise
+from pipeline.sources.diffusion_unet import UNetSource
 from pipeline.sources.tiny_unet import make_tiny_unet
 from pipeline.store.reader import FeatureStore
-from pipeline.store.schema import StoreSchema
+from pipeline.store.schema import StoreSchema, tap_array
 from pipeline.store.writer import open_store_for_writing
 
 CODECS = ["none", "blosc-lz4", "zstd"]
@@ -45,18 +43,14 @@ DEMO_CHECKPOINT = PROJECT_ROOT / "data" / "checkpoints" / "demo_ddpm"
 
 def activations_of(checkpoint: Path, images_dir: Path, settings: ExtractSettings, count: int):
     """(schema template, per image its activations) for the first `count` images."""
-    backbone = load_backbone(checkpoint)
-    unet = backbone.unet.eval()
-    block_modules = {block: decoder_block(unet, block) for block in settings.blocks}
+    source = UNetSource(load_backbone(checkpoint), settings.blocks, settings.steps, settings.seed, torch.device("cpu"))
     records = list_images(images_dir)[:count]
     images = np.stack([load_example(record, settings.size)[0] for record in records])  # (N, 3, S, S)
-    per_step_block = compute_activations(unet, block_modules, torch.from_numpy(images), settings.steps,
-                                         shared_noise(settings.seed, (1, 3, settings.size, settings.size)))
-    per_image = [[activation[index] for activation in per_step_block] for index in range(len(records))]
+    maps = source.feature_maps(torch.from_numpy(images))  # tap → (N, T, C, h, w)
+    per_image = [{tap: tap_maps[index] for tap, tap_maps in maps.items()} for index in range(len(records))]
     schema = StoreSchema(
         layout="native", image_size=settings.size, steps=list(settings.steps),
-        block_shapes=probe_block_shapes(unet, block_modules, settings.size, torch.device("cpu")),
-        checkpoint_sha256=backbone.checkpoint_sha256, architecture=backbone.architecture, noise_seed=settings.seed,
+        tap_shapes=source.tap_shapes(settings.size), source=source.provenance(),
         image_names=[record.name for record in records], image_sha256=["0" * 64] * len(records),
     )
     return schema, per_image
@@ -68,7 +62,7 @@ def measure_codecs(schema: StoreSchema, per_image: list, scratch: Path, repeats:
     blank = np.zeros((size, size, 3), dtype=np.uint8)
     for layout in ("native", "dense"):
         layout_schema = dataclasses.replace(schema, layout=layout)
-        names = ["pixels"] if layout == "dense" else [f"block_{block}" for block in schema.blocks]
+        names = ["pixels"] if layout == "dense" else [tap_array(tap) for tap in schema.taps]
         for codec in CODECS:
             write_times, read_times = [], []
             for _ in range(repeats):

@@ -28,6 +28,7 @@ from pipeline.config import ExtractSettings
 from pipeline.extraction.extract import extract_features
 from pipeline.sources.adm.convert import AdmLayout, adm_unet_config
 from pipeline.store.reader import FeatureStore
+from pipeline.store.schema import tap_array
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 FFHQ_TEST = PROJECT_ROOT.parent / "shared" / "datasets" / "ddpm-seg" / "ffhq_34" / "real" / "test"
@@ -73,7 +74,7 @@ def run(quick: bool, scratch: Path, images: int = 2, device: str = "auto") -> di
         settings = ExtractSettings(layout=layout, batch_size=1, device=device)
         summary = extract_features(scratch / "adm256", scratch / "images", scratch / f"{layout}.zarr", settings)
         store = FeatureStore(scratch / f"{layout}.zarr")
-        names = ["pixels"] if layout == "dense" else [f"block_{b}" for b in settings.blocks]
+        names = ["pixels"] if layout == "dense" else [tap_array(tap) for tap in store.schema.taps]
         raw = sum(store.group[name].nbytes for name in names) / store.num_images
         stored = sum(
             path.stat().st_size for name in names for path in (store.path / name).rglob("*") if path.is_file()

@@ -28,12 +28,12 @@ import time
 from pathlib import Path
 
 from bench.common import (
-    PAPER_BLOCK_SHAPES,
     PAPER_SIZE,
     PAPER_STEPS,
-    TINY_BLOCK_SHAPES,
+    PAPER_TAP_SHAPES,
     TINY_SIZE,
     TINY_STEPS,
+    TINY_TAP_SHAPES,
     command_line,
     current_rss_bytes,
     peak_rss_bytes,
@@ -92,9 +92,9 @@ def run(quick: bool, scratch: Path) -> dict:
     from pipeline.config import TrainSettings
 
     if quick:
-        counts, shapes, size, steps, classes = [2, 4], TINY_BLOCK_SHAPES, TINY_SIZE, TINY_STEPS, 3
+        counts, shapes, size, steps, classes = [2, 4], TINY_TAP_SHAPES, TINY_SIZE, TINY_STEPS, 3
     else:
-        counts, shapes, size, steps, classes = [5, 10, 20, 40], PAPER_BLOCK_SHAPES, PAPER_SIZE, PAPER_STEPS, 34
+        counts, shapes, size, steps, classes = [5, 10, 20, 40], PAPER_TAP_SHAPES, PAPER_SIZE, PAPER_STEPS, 34
     base = TrainSettings(protocol="fast", device="cpu", threads=1)
     rows = []
     for count in counts:

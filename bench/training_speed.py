@@ -25,8 +25,8 @@ import numpy as np
 from bench.common import (
     PROJECT_ROOT,
     SHARED,
-    TINY_BLOCK_SHAPES,
     TINY_STEPS,
+    TINY_TAP_SHAPES,
     command_line,
     write_result,
     write_synthetic_store,
@@ -122,8 +122,8 @@ def run(quick: bool, scratch: Path, seeds: int = 2, cat_seeds: int = 1, cat_size
         "fast_batch_size": base.fast_batch_size, "fast_learning_rate": base.fast_learning_rate, "fast_epochs": base.fast_epochs
     }
     if quick:
-        train = write_synthetic_store(scratch / "speed-train.zarr", "native", 2, 16, TINY_BLOCK_SHAPES, TINY_STEPS, 3)
-        test = write_synthetic_store(scratch / "speed-test.zarr", "native", 1, 16, TINY_BLOCK_SHAPES, TINY_STEPS, 3, seed=1)
+        train = write_synthetic_store(scratch / "speed-train.zarr", "native", 2, 16, TINY_TAP_SHAPES, TINY_STEPS, 3)
+        test = write_synthetic_store(scratch / "speed-test.zarr", "native", 1, 16, TINY_TAP_SHAPES, TINY_STEPS, 3, seed=1)
         quick_settings = dataclasses.replace(base, members=2, max_epochs=5)
         results["synthetic"] = compare_protocols(train, test, scratch, 1, quick_settings)
         return results

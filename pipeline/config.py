@@ -57,7 +57,8 @@ class ExtractSettings:
 
     Attributes:
         steps: diffusion steps t at which the UNet is run, in feature order.
-        blocks: decoder blocks (guided-diffusion `output_blocks` index), in feature order.
+        blocks: the taps, in feature order: guided-diffusion decoder block numbers (`output_blocks`
+            index: 5, 12) and/or module paths of the UNet ("up_blocks.1.attentions.0").
         seed: seed of the one noise image shared by all images and steps.
         size: model input size; images are resized to size×size.
         layout: "native" (each block at its own resolution) or "dense" (upsampled pixels).
@@ -69,7 +70,7 @@ class ExtractSettings:
     """
 
     steps: list[int] = dataclasses.field(default_factory=lambda: [50, 150, 250])
-    blocks: list[int] = dataclasses.field(default_factory=lambda: [5, 6, 7, 8, 12])
+    blocks: list[int | str] = dataclasses.field(default_factory=lambda: [5, 6, 7, 8, 12])
     seed: int = 0
     size: int = 256
     layout: Layout = "native"

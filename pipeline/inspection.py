@@ -20,18 +20,13 @@ def store_summary(store: FeatureStore) -> dict:
         "images": {"total": store.num_images, "done": done},
         "image_size": schema.image_size,
         "steps": schema.steps,
-        "blocks": [
-            {"block": shape.block, "channels": shape.channels, "height": shape.height, "width": shape.width}
-            for shape in schema.block_shapes
+        "taps": [
+            {"name": shape.name, "channels": shape.channels, "height": shape.height, "width": shape.width}
+            for shape in schema.tap_shapes
         ],
         "feature_dim": schema.feature_dim,
         "classes": schema.classes,
-        "provenance": {
-            "checkpoint_sha256": schema.checkpoint_sha256,
-            "noise_seed": schema.noise_seed,
-            "architecture": schema.architecture,
-            "code_version": store.code_version,
-        },
+        "provenance": {**schema.source, "code_version": store.code_version},
         "disk_bytes": disk_bytes,
         "disk_bytes_per_image": disk_bytes / done if done else None,
     }
@@ -59,9 +54,8 @@ def pixel_feature_vector(store: FeatureStore, image: str, y: int, x: int) -> lis
 
 def format_summary(summary: dict) -> str:
     """The summary as a few readable lines."""
-    blocks = ", ".join(
-        f"{block['block']} ({block['channels']}×{block['height']}×{block['width']})" for block in summary["blocks"]
-    )
+    taps = ", ".join(f"{tap['name']} ({tap['channels']}×{tap['height']}×{tap['width']})" for tap in summary["taps"])
+    provenance = summary["provenance"]
     per_image = summary["disk_bytes_per_image"]
     classes = summary["classes"]
     lines = [
@@ -70,15 +64,16 @@ def format_summary(summary: dict) -> str:
         f"images      {summary['images']['done']} of {summary['images']['total']} done, "
         f"{summary['image_size']}×{summary['image_size']}",
         f"steps       {summary['steps']}",
-        f"blocks      {blocks}",
+        f"taps        {taps}",
         f"features    {summary['feature_dim']} per pixel",
         f"classes     {len(classes['names'])} (ignore label {classes['ignore_label']})" if classes else "classes     unknown",
-        f"checkpoint  sha256 {summary['provenance']['checkpoint_sha256']}",
-        f"noise seed  {summary['provenance']['noise_seed']}",
+        f"source      {provenance['kind']}"
+        + (f", checkpoint sha256 {provenance['checkpoint_sha256']}" if "checkpoint_sha256" in provenance else "")
+        + (f", noise seed {provenance['noise_seed']}" if "noise_seed" in provenance else ""),
         f"on disk     {summary['disk_bytes'] / 1e6:.2f} MB"
         + (f" ({per_image / 1e6:.3f} MB per image)" if per_image else ""),
     ]
-    for row in summary.get("block_statistics", []):
+    for row in summary.get("tap_statistics", []):
         lines.append(
             f"  {row['features']:<12} mean {row['mean']:+.4f}  std {row['std']:.4f}  zeros {100 * row['zero_fraction']:.1f} %"
         )
@@ -86,17 +81,18 @@ def format_summary(summary: dict) -> str:
 
 
 def feature_groups(store: FeatureStore) -> list[tuple[str, slice]]:
-    """(label, channel range) of each (step, block) in the pixel feature vector, in feature order."""
+    """(label, channel range) of each (step, tap) in the pixel feature vector, in feature order."""
     groups, start = [], 0
-    for step in store.schema.steps:
-        for shape in store.schema.block_shapes:
-            groups.append((f"t{step} b{shape.block}", slice(start, start + shape.channels)))
+    for step in store.schema.steps or [None]:
+        for shape in store.schema.tap_shapes:
+            label = shape.name if step is None else f"t{step} {shape.name}"
+            groups.append((label, slice(start, start + shape.channels)))
             start += shape.channels
     return groups
 
 
-def block_statistics(store: FeatureStore, max_images: int = 8) -> list[dict]:
-    """Mean, standard deviation and fraction of exact zeros of each (step, block)'s features,
+def tap_statistics(store: FeatureStore, max_images: int = 8) -> list[dict]:
+    """Mean, standard deviation and fraction of exact zeros of each (step, tap)'s features,
     over the upsampled pixels of up to `max_images` finished images."""
     indices = np.flatnonzero(store.done_mask())[:max_images]
     totals = {label: [0.0, 0.0, 0, 0] for label, _ in feature_groups(store)}  # sum, sum of squares, zeros, count
@@ -166,7 +162,7 @@ def export_pixel_features(store: FeatureStore, image: str, pixels: list[tuple[in
 
 
 def save_pca_pictures(store: FeatureStore, image: str, out: Path) -> None:
-    """The first three principal components of one image's features as RGB: per (step, block)
+    """The first three principal components of one image's features as RGB: per (step, tap)
     and for the whole vector, beside the image, in one grid."""
     from pipeline.pictures.figures import save_picture_grid
 
@@ -174,7 +170,7 @@ def save_pca_pictures(store: FeatureStore, image: str, out: Path) -> None:
     features = store.image_features(index)  # (S, S, D) float16
     pictures = [("image", store.image(index)), ("all features", principal_components_rgb(features))]
     pictures += [(label, principal_components_rgb(features[..., channels])) for label, channels in feature_groups(store)]
-    columns = len(store.schema.block_shapes)
+    columns = len(store.schema.tap_shapes)
     save_picture_grid(out, pictures, f"{store.image_names[index]}: first 3 principal components as RGB", max(columns, 2))
 
 

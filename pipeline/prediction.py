@@ -19,8 +19,7 @@ from pipeline.heads.pixel_ensemble.ensemble import Ensemble, load_ensemble
 from pipeline.pictures.figures import save_prediction_grid
 from pipeline.pictures.masks import class_palette, colour_mask, overlay, save_png, uncertainty_image
 from pipeline.runtime.devices import torch_threads
-from pipeline.sources.diffusion_unet import compute_activations, load_extractor
-from pipeline.sources.noise import shared_noise
+from pipeline.sources.diffusion_unet import load_unet_source
 from pipeline.store.schema import StoreMismatchError
 
 logger = logging.getLogger(__name__)
@@ -37,7 +36,7 @@ class PredictionSummary:
 
 def check_checkpoint_matches(ensemble: Ensemble, checkpoint_sha256: str, checkpoint: Path, ensemble_dir: Path) -> None:
     """Refuses a checkpoint other than the one whose features trained the ensemble."""
-    expected = ensemble.features.get("checkpoint_sha256")
+    expected = ensemble.features.source.get("checkpoint_sha256")
     if expected != checkpoint_sha256:
         raise StoreMismatchError(
             f"the ensemble in {ensemble_dir} was trained on features of checkpoint sha256 {str(expected)[:12]}…, "
@@ -81,10 +80,12 @@ def predict_folder(
     # 1. The ensemble, and the model that makes the features it was trained on.
     ensemble = load_ensemble(ensemble_dir)
     features = ensemble.features
-    extractor = load_extractor(checkpoint, features["blocks"], device)
-    check_checkpoint_matches(ensemble, extractor.backbone.checkpoint_sha256, checkpoint, ensemble_dir)
-    size, steps = features["image_size"], features["steps"]
-    noise = shared_noise(features["noise_seed"], (1, 3, size, size))
+    if "noise_seed" not in features.source:
+        raise ValueError(f"the ensemble in {ensemble_dir} was trained on {features.source.get('kind')} features, "
+                         "not a diffusion model's; `predict` segments with diffusion features only")
+    source = load_unet_source(checkpoint, features.taps, features.steps, features.source["noise_seed"], device)
+    check_checkpoint_matches(ensemble, source.backbone.checkpoint_sha256, checkpoint, ensemble_dir)
+    size = features.image_size
     palette = class_palette(ensemble.num_classes)
     records = list_images(images_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -92,11 +93,9 @@ def predict_folder(
     summaries, picture_rows = [], []
     with torch_threads(threads):
         for record in tqdm(records, desc="predict", unit="image", disable=not show_progress):
-            model_input = torch.from_numpy(load_image(record, size))[None].to(extractor.device)  # (1, 3, S, S)
-            activations = compute_activations(
-                extractor.backbone.unet, extractor.block_modules, model_input, steps, noise
-            )
-            tables = [activation[0] for activation in activations]  # per (step, block): (C, h, w)
+            model_input = torch.from_numpy(load_image(record, size))[None].to(source.device)  # (1, 3, S, S)
+            maps = source.feature_maps(model_input)  # tap → (1, T, C, h, w)
+            tables = [maps[tap][0, step] for step in range(len(features.steps)) for tap in features.taps]  # feature order
             prediction = predict_from_tables(ensemble, tables, size)
             summary, picture_row = _write_outputs(record, prediction, ensemble, palette, out_dir)
             summaries.append(summary)

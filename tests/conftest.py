@@ -10,7 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.store.schema import BlockShape, StoreSchema
+from pipeline.sources.base import TapShape
+from pipeline.store.schema import StoreSchema
 from pipeline.store.writer import open_store_for_writing
 
 # Tiny models everywhere: one thread is as fast, and immune to a busy neighbour process.
@@ -33,19 +34,25 @@ def pytest_collection_modifyitems(config, items) -> None:
     """Tests marked slow go first, so no worker is left running one alone at the end."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: order kept otherwise
 
-# Three blocks at three resolutions, two steps: D = 2 * (6 + 4 + 2) = 24.
-BLOCK_SHAPES = [BlockShape(5, 6, 4, 4), BlockShape(8, 4, 8, 8), BlockShape(12, 2, 16, 16)]
+# Three taps at three resolutions, two steps: D = 2 * (6 + 4 + 2) = 24.
+TAP_SHAPES = [TapShape("decoder.5", 6, 4, 4), TapShape("decoder.8", 4, 8, 8), TapShape("decoder.12", 2, 16, 16)]
 STEPS = [50, 150]
 
 
 def synthetic_activations(seed: int) -> list[torch.Tensor]:
-    """Smooth random activations per (step, block), step-major."""
+    """Smooth random activations per (step, tap), step-major."""
     generator = torch.Generator().manual_seed(seed)
     return [
         torch.randn(shape.channels, shape.height, shape.width, generator=generator)
         for _ in STEPS
-        for shape in BLOCK_SHAPES
+        for shape in TAP_SHAPES
     ]
+
+
+def as_feature_maps(tables: list[torch.Tensor], tap_shapes=TAP_SHAPES) -> dict[str, torch.Tensor]:
+    """Tables per (step, tap) in feature order → tap name → (T, C, h, w), what `write_image` takes."""
+    taps = len(tap_shapes)
+    return {shape.name: torch.stack(tables[position::taps]) for position, shape in enumerate(tap_shapes)}
 
 
 def synthetic_schema(layout: str, num_images: int, size: int = 16, classes: dict | None = None) -> StoreSchema:
@@ -53,10 +60,8 @@ def synthetic_schema(layout: str, num_images: int, size: int = 16, classes: dict
         layout=layout,
         image_size=size,
         steps=STEPS,
-        block_shapes=BLOCK_SHAPES,
-        checkpoint_sha256="0" * 64,
-        architecture={"kind": "synthetic"},
-        noise_seed=0,
+        tap_shapes=TAP_SHAPES,
+        source={"kind": "synthetic", "checkpoint_sha256": "0" * 64, "noise_seed": 0},
         image_names=[f"image_{index:02d}" for index in range(num_images)],
         image_sha256=["1" * 64] * num_images,
         classes=classes or {"names": ["background", "round", "square"], "ignore_label": 255},
@@ -71,7 +76,7 @@ def write_synthetic_store(path: Path, layout: str, labels: list[np.ndarray | Non
     for index, label_map in enumerate(labels):
         activations = synthetic_activations(index)
         image = np.full((size, size, 3), index, dtype=np.uint8)
-        writer.write_image(index, image, label_map, activations)
+        writer.write_image(index, image, label_map, as_feature_maps(activations))
         written.append(activations)
     return schema, written
 
@@ -122,9 +127,9 @@ def write_learnable_store(path, count=4, size=16, seed=0, round_side=6, signal=4
         labels[:, -5:] = 2  # 80 pixels
         activations = synthetic_activations(index + 1000 * seed)
         for step_position in range(len(STEPS)):
-            last = activations[step_position * len(BLOCK_SHAPES) + len(BLOCK_SHAPES) - 1]  # (2, 16, 16)
+            last = activations[step_position * len(TAP_SHAPES) + len(TAP_SHAPES) - 1]  # (2, 16, 16)
             last[0] = torch.from_numpy(signal * (labels == 1) + noise * rng.standard_normal((size, size)))
             last[1] = torch.from_numpy(signal * (labels == 2) + noise * rng.standard_normal((size, size)))
-        writer.write_image(index, np.zeros((size, size, 3), np.uint8), labels, activations)
+        writer.write_image(index, np.zeros((size, size, 3), np.uint8), labels, as_feature_maps(activations))
         all_labels.append(labels)
     return all_labels

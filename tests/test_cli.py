@@ -71,7 +71,8 @@ def test_extract_train_evaluate(workspace, trained):
 def test_inspect(workspace, trained):
     summary = json.loads(invoke("inspect", "--store", workspace / "test.zarr", "--json").output)
     assert summary["images"] == {"total": 3, "done": 3}
-    assert summary["steps"] == [50, 150] and [b["block"] for b in summary["blocks"]] == [5, 8, 12]
+    assert summary["steps"] == [50, 150] and [tap["name"] for tap in summary["taps"]] == [
+        "up_blocks.1.upsamplers.0", "up_blocks.2.upsamplers.0", "up_blocks.4.resnets.0"]
     assert summary["classes"] == CLASSES and summary["disk_bytes"] > 0
     text = invoke("inspect", "--store", workspace / "test.zarr").output
     assert "layout      native" in text and "3 of 3 done" in text
@@ -129,7 +130,7 @@ def test_inspect_verify(workspace, trained, tmp_path):
     assert result.exit_code == 0 and "all 3 finished images" in result.output
     copy = tmp_path / "copy.zarr"
     shutil.copytree(workspace / "test.zarr", copy)
-    chunk = next(path for path in (copy / "block_12" / "c" / "2").rglob("*") if path.is_file())
+    chunk = next(path for path in (copy / "taps" / "up_blocks.4.resnets.0" / "c" / "2").rglob("*") if path.is_file())
     chunk.write_bytes(chunk.read_bytes()[:-7] + b"garbage")
     result = invoke("inspect", "--store", copy, "--verify")
     assert result.exit_code == 1 and "1 of 3 images" in result.output and "img_002" in result.output
@@ -142,8 +143,9 @@ def test_inspect_pictures_stats_and_export(workspace, trained, tmp_path):
     assert result.exit_code == 0 and (tmp_path / "sim.png").stat().st_size > 5000
     result = invoke("inspect", "--store", store, "--image", 1, "--pixel", 0, 0, "--pixel", 4, 4, "--export", tmp_path / "f.npy")
     assert result.exit_code == 0 and np.load(tmp_path / "f.npy").shape[0] == 2
-    stats = json.loads(invoke("inspect", "--store", store, "--stats", "--json").output)["block_statistics"]
-    assert [row["features"] for row in stats] == ["t50 b5", "t50 b8", "t50 b12", "t150 b5", "t150 b8", "t150 b12"]
+    stats = json.loads(invoke("inspect", "--store", store, "--stats", "--json").output)["tap_statistics"]
+    taps = ["up_blocks.1.upsamplers.0", "up_blocks.2.upsamplers.0", "up_blocks.4.resnets.0"]
+    assert [row["features"] for row in stats] == [f"t{step} {tap}" for step in (50, 150) for tap in taps]
     assert invoke("inspect", "--store", store, "--pca", tmp_path / "x.png").exit_code == 2  # needs --image
 
 

@@ -19,7 +19,8 @@ from pipeline.sources.tiny_unet import make_tiny_unet
 from pipeline.store.reader import FeatureStore
 
 SETTINGS = ExtractSettings(steps=[50, 250], blocks=[5, 8, 12], seed=3, size=16, batch_size=2, device="cpu")
-ARRAYS = ["block_5", "block_8", "block_12", "images", "labels", "checksums", "done"]
+ARRAYS = ["taps/up_blocks.1.upsamplers.0", "taps/up_blocks.2.upsamplers.0", "taps/up_blocks.4.resnets.0", "images",
+          "labels", "checksums", "done"]
 
 
 @pytest.fixture(scope="module")
@@ -53,18 +54,18 @@ class CountModelLoads(distributed.WorkerPlugin):
         import pipeline.sources.diffusion_unet
 
         self.loads = 0
-        self.original = pipeline.sources.diffusion_unet.load_extractor
+        self.original = pipeline.sources.diffusion_unet.load_unet_source
 
         def counting_load(*args, **kwargs):
             self.loads += 1
             return self.original(*args, **kwargs)
 
-        pipeline.sources.diffusion_unet.load_extractor = counting_load
+        pipeline.sources.diffusion_unet.load_unet_source = counting_load
 
     def teardown(self, worker):
         import pipeline.sources.diffusion_unet
 
-        pipeline.sources.diffusion_unet.load_extractor = self.original
+        pipeline.sources.diffusion_unet.load_unet_source = self.original
 
 
 class MisbehaveOnce(distributed.WorkerPlugin):
@@ -106,7 +107,7 @@ class KillWorkerOnce(MisbehaveOnce):
     is overwritten with garbage and its done mark is never set, as when a machine dies mid-write."""
 
     def misbehave(self, writer, image_index):
-        first_array = f"block_{writer.schema.blocks[0]}"
+        first_array = f"taps/{writer.schema.taps[0]}"
         writer.group[first_array][image_index] = np.full(writer.group[first_array].shape[1:], 7.0)
         os._exit(1)
 

@@ -1,4 +1,5 @@
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -7,6 +8,7 @@ from pipeline.config import TrainSettings
 from pipeline.heads.pixel_ensemble.ensemble import hidden_widths, load_ensemble, make_pixel_classifier, save_ensemble
 from pipeline.heads.pixel_ensemble.inference import predict_with_uncertainty
 from pipeline.heads.pixel_ensemble.members import train_ensemble, train_member
+from pipeline.store.schema import FeatureDescription
 
 
 def test_architecture_follows_class_count():
@@ -62,9 +64,12 @@ def _separable_batches(member, epoch, feature_dim=6, count=512):
     return list(zip(features.split(64), labels.split(64)))
 
 
+FEATURES = FeatureDescription({"kind": "synthetic"}, [50], ["decoder.5"], 16, 6)
+
+
 def test_ensemble_learns_separable_classes_and_round_trips(tmp_path):
     settings = TrainSettings(members=3, max_epochs=6, patience=20)
-    ensemble = train_ensemble(_separable_batches, 6, ["a", "b", "c"], 255, {"steps": [50]}, settings, show_progress=False)
+    ensemble = train_ensemble(_separable_batches, 6, ["a", "b", "c"], 255, FEATURES, settings, show_progress=False)
     features, labels = zip(*_separable_batches(99, 0))
     features, labels = torch.cat(features), torch.cat(labels)
     predicted, disagreement = predict_with_uncertainty(ensemble.members, features)
@@ -72,7 +77,7 @@ def test_ensemble_learns_separable_classes_and_round_trips(tmp_path):
     assert disagreement.shape == (512,) and (disagreement >= -1e-6).all()
     save_ensemble(ensemble, tmp_path / "ensemble")
     loaded = load_ensemble(tmp_path / "ensemble")
-    assert loaded.class_names == ["a", "b", "c"] and loaded.features == {"steps": [50]}
+    assert loaded.class_names == ["a", "b", "c"] and loaded.features == FEATURES
     assert [log.epochs for log in loaded.logs] == [log.epochs for log in ensemble.logs]
     reloaded_prediction, reloaded_disagreement = predict_with_uncertainty(loaded.members, features)
     assert torch.equal(reloaded_prediction, predicted)
@@ -108,6 +113,19 @@ def test_votes_and_jensen_shannon_by_hand():
     torch.testing.assert_close(agreement, torch.zeros(2), atol=1e-6, rtol=0)
 
 
+def test_an_ensemble_saved_by_the_block_numbered_format_is_refused_with_a_reason(tmp_path):
+    settings = TrainSettings(members=1, max_epochs=1)
+    ensemble = train_ensemble(_separable_batches, 6, ["a", "b", "c"], 255, FEATURES, settings, show_progress=False)
+    save_ensemble(ensemble, tmp_path / "ensemble")
+    config_path = tmp_path / "ensemble" / "ensemble.json"
+    config = json.loads(config_path.read_text())
+    config["features"] = {"steps": [50], "blocks": [5], "checkpoint_sha256": "0" * 64, "image_size": 16,
+                          "noise_seed": 0, "feature_dim": 6}
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="older segcache.*train it again"):
+        load_ensemble(tmp_path / "ensemble")
+
+
 def test_vote_ties_go_to_the_smallest_label():
     members = [_FixedLogits([0.0, 0.0, 9.0]), _FixedLogits([0.0, 9.0, 0.0])]
     labels, _ = predict_with_uncertainty(members, torch.zeros(1, 1))
@@ -116,11 +134,11 @@ def test_vote_ties_go_to_the_smallest_label():
 
 def test_saving_replaces_an_old_ensemble_atomically(tmp_path):
     settings = TrainSettings(members=1, max_epochs=1)
-    first = train_ensemble(_separable_batches, 6, ["a", "b", "c"], 255, {"v": 1}, settings, show_progress=False)
+    first = train_ensemble(_separable_batches, 6, ["a", "b", "c"], 255, FEATURES, settings, show_progress=False)
     save_ensemble(first, tmp_path / "ensemble")
-    second = dataclasses.replace(first, features={"v": 2})
+    second = dataclasses.replace(first, features=dataclasses.replace(FEATURES, steps=[150]))
     save_ensemble(second, tmp_path / "ensemble")
-    assert load_ensemble(tmp_path / "ensemble").features == {"v": 2}
+    assert load_ensemble(tmp_path / "ensemble").features.steps == [150]
     assert sorted(path.name for path in tmp_path.iterdir()) == ["ensemble"]
 
 

@@ -7,13 +7,13 @@ from PIL import Image
 from conftest import write_learnable_store
 from pipeline.config import EvaluateSettings, TrainSettings
 from pipeline.evaluation.evaluate import evaluate_on_store
-from pipeline.evaluation.predict import member_logits_from_tables, predict_from_tables, predict_pixels, predict_store
+from pipeline.evaluation.predict import predict_from_tables, predict_pixels, predict_store
 from pipeline.evaluation.predictions import Predictions, create_predictions
 from pipeline.evaluation.report import write_masks_and_pictures
 from pipeline.evaluation.score import IoUAccumulator, top_decile_mean
 from pipeline.evaluation.scoring import score_predictions
 from pipeline.heads.pixel_ensemble.ensemble import load_ensemble
-from pipeline.heads.pixel_ensemble.inference import predict_from_block_tables
+from pipeline.heads.pixel_ensemble.inference import member_logits_from_tables, predict_from_block_tables
 from pipeline.heads.pixel_ensemble.training import train_on_store
 from pipeline.store.reader import FeatureStore
 from pipeline.store.schema import StoreMismatchError
@@ -59,10 +59,10 @@ def test_an_ensemble_of_other_features_is_refused(trained, tmp_path):
     config_path = trained / "ensemble" / "ensemble.json"
     original = config_path.read_text()
     config = json.loads(original)
-    config["features"]["checkpoint_sha256"] = "f" * 64
+    config["features"]["source"]["checkpoint_sha256"] = "f" * 64
     config_path.write_text(json.dumps(config))
     try:
-        with pytest.raises(StoreMismatchError, match="checkpoint_sha256"):
+        with pytest.raises(StoreMismatchError, match="source.checkpoint_sha256: 'f{64}' vs '0{64}'"):
             evaluate_on_store(trained / "ensemble", trained / "test.zarr", tmp_path, EvaluateSettings(), show_progress=False)
     finally:
         config_path.write_text(original)

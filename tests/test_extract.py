@@ -6,9 +6,8 @@ from conftest import write_image_folder
 from pipeline.config import ExtractSettings
 from pipeline.data.folders import list_images, load_image
 from pipeline.extraction.extract import extract_features
-from pipeline.sources.adm.blocks import decoder_block
-from pipeline.sources.diffusion_unet import compute_activations
-from pipeline.sources.noise import add_noise, paper_scheduler, shared_noise
+from pipeline.sources.checkpoints import load_backbone
+from pipeline.sources.diffusion_unet import UNetSource
 from pipeline.sources.tiny_unet import make_tiny_unet
 from pipeline.store.bilinear import upsample_and_concatenate
 from pipeline.store.reader import FeatureStore
@@ -24,22 +23,6 @@ def tiny_checkpoint(tmp_path_factory):
     return folder
 
 
-def test_early_stop_after_last_block_gives_the_same_activations():
-    unet = make_tiny_unet(sample_size=32, seed=1)
-    images = torch.rand(2, 3, 32, 32) * 2 - 1
-    modules = {block: decoder_block(unet, block) for block in (5, 12)}
-    captured = compute_activations(unet, modules, images, [100], shared_noise(0, (1, 3, 32, 32)))
-    full = []
-    handles = [m.register_forward_hook(lambda _m, _i, out: full.append(out)) for m in modules.values()]
-    with torch.no_grad():
-        noisy = add_noise(images, 100, shared_noise(0, (1, 3, 32, 32)), paper_scheduler())
-        unet(noisy, torch.full((2,), 100))
-    for handle in handles:
-        handle.remove()
-    for mine, reference in zip(captured, full):
-        torch.testing.assert_close(mine, reference)
-
-
 @pytest.mark.parametrize("layout", ["native", "dense"])
 def test_extracted_store_holds_the_upsampled_block_features(tmp_path, tiny_checkpoint, layout):
     images = write_image_folder(tmp_path / "images", count=4)
@@ -47,14 +30,16 @@ def test_extracted_store_holds_the_upsampled_block_features(tmp_path, tiny_check
     summary = extract_features(tiny_checkpoint, images, tmp_path / "store.zarr", settings, show_progress=False)
     assert (summary.images_total, summary.images_written) == (4, 4)
     store = FeatureStore(tmp_path / "store.zarr")
-    assert store.num_images == 4 and store.schema.steps == [50, 250] and store.schema.blocks == [5, 8, 12]
+    assert store.num_images == 4 and store.schema.steps == [50, 250]
+    assert store.schema.taps == ["up_blocks.1.upsamplers.0", "up_blocks.2.upsamplers.0", "up_blocks.4.resnets.0"]
+    assert store.schema.source["kind"] == "diffusers" and store.schema.source["noise_seed"] == 3
     assert store.image_names == [f"img_{index:03d}" for index in range(4)]
-    # Recompute image 2 by hand: same noise, same steps, blocks upsampled and concatenated step-major.
-    unet = make_tiny_unet(sample_size=32, seed=0)
-    modules = {block: decoder_block(unet, block) for block in (5, 8, 12)}
+    # Recompute image 2 by hand: same noise, same steps, taps upsampled and concatenated step-major.
+    source = UNetSource(load_backbone(tiny_checkpoint), [5, 8, 12], [50, 250], 3, torch.device("cpu"))
     image = torch.from_numpy(load_image(list_images(images)[2], 32))[None]
-    activations = compute_activations(unet, modules, image, [50, 250], shared_noise(3, (1, 3, 32, 32)))
-    expected = upsample_and_concatenate(activations, 32)[0].numpy()  # (32, 32, D)
+    maps = source.feature_maps(image)
+    tables = [maps[tap][:, step] for step in range(2) for tap in source.taps]  # (1, C, h, w) in feature order
+    expected = upsample_and_concatenate(tables, 32)[0].numpy()  # (32, 32, D)
     assert store.feature_dim == expected.shape[-1]
     np.testing.assert_allclose(store.image_features(2), expected, atol=3e-3, rtol=3e-3)
     labels = np.load(images / "img_002.npy")
@@ -76,7 +61,7 @@ def test_a_complete_store_is_not_rewritten_and_an_interrupted_one_resumes(tmp_pa
     np.testing.assert_array_equal(FeatureStore(store_path).image_features(4), reference)
     again = extract_features(tiny_checkpoint, images, store_path, SETTINGS, show_progress=False)
     assert again.images_written == 0
-    chunk_of_image_0 = next(path for path in modified if path.relative_to(store_path).parts[:3] == ("block_5", "c", "0"))
+    chunk_of_image_0 = next(path for path in modified if path.relative_to(store_path).parts[:4] == ("taps", "up_blocks.1.upsamplers.0", "c", "0"))
     assert chunk_of_image_0.stat().st_mtime_ns == modified[chunk_of_image_0]
 
 
@@ -84,7 +69,7 @@ def test_other_settings_on_an_existing_store_are_refused(tmp_path, tiny_checkpoi
     images = write_image_folder(tmp_path / "images", count=2)
     extract_features(tiny_checkpoint, images, tmp_path / "store.zarr", SETTINGS, show_progress=False)
     other = ExtractSettings(**{**SETTINGS.__dict__, "blocks": [5, 8]})
-    with pytest.raises(StoreMismatchError, match="block_shapes"):
+    with pytest.raises(StoreMismatchError, match="tap_shapes"):
         extract_features(tiny_checkpoint, images, tmp_path / "store.zarr", other, show_progress=False)
     (images / "img_001.png").write_bytes((images / "img_000.png").read_bytes())  # an image changed
     with pytest.raises(StoreMismatchError, match="image_sha256"):

@@ -26,13 +26,16 @@ def test_hooks_are_removed_even_when_the_body_fails():
     assert not model[0]._forward_hooks
 
 
-def test_stop_after_skips_the_rest_of_the_forward_pass():
+def test_the_forward_pass_stops_once_every_module_has_fired():
     model = _model()
     calls = []
     model[3].register_forward_hook(lambda *_: calls.append("tanh"))
-    with capture_outputs({"middle": model[2]}, stop_after="middle") as outputs:
-        run_until_captured(model, torch.ones(2, 3))
-    assert outputs["middle"].shape == (2, 2)
+    # Given out of execution order: the pass stops after the later of the two, not the last named.
+    with capture_outputs({"middle": model[2], "first": model[0]}, stop_when_all_captured=True) as outputs:
+        for _ in range(2):  # a second pass after clearing stops at the same place
+            outputs.clear()
+            run_until_captured(model, torch.ones(2, 3))
+    assert outputs["middle"].shape == (2, 2) and outputs["first"].shape == (2, 4)
     assert calls == []  # the layer after the last needed one never ran
 
 

@@ -18,7 +18,7 @@ def test_summary_describes_contents_and_size(store):
     summary = store_summary(store)
     assert summary["images"] == {"total": 2, "done": 2}
     assert summary["feature_dim"] == 24 and summary["layout"] == "native"
-    assert summary["blocks"][0] == {"block": 5, "channels": 6, "height": 4, "width": 4}
+    assert summary["taps"][0] == {"name": "decoder.5", "channels": 6, "height": 4, "width": 4}
     assert summary["disk_bytes"] > 0 and summary["disk_bytes_per_image"] == summary["disk_bytes"] / 2
     text = format_summary(summary)
     assert "2 of 2 done" in text and "5 (6×4×4)" in text
@@ -34,15 +34,15 @@ def test_pixel_vector_by_index_or_name(store):
         pixel_feature_vector(store, "0", 16, 0)
 
 
-def test_block_statistics_match_numpy(store):
-    from pipeline.inspection import block_statistics, feature_groups
+def test_tap_statistics_match_numpy(store):
+    from pipeline.inspection import feature_groups, tap_statistics
 
-    statistics = block_statistics(store)
-    assert [row["features"] for row in statistics][:3] == ["t50 b5", "t50 b8", "t50 b12"]
+    statistics = tap_statistics(store)
+    assert [row["features"] for row in statistics][:3] == ["t50 decoder.5", "t50 decoder.8", "t50 decoder.12"]
     first = np.concatenate([store.image_features(i)[..., feature_groups(store)[0][1]].astype(np.float64).ravel() for i in range(2)])
     assert statistics[0]["mean"] == pytest.approx(first.mean()) and statistics[0]["std"] == pytest.approx(first.std())
     assert 0 <= statistics[0]["zero_fraction"] <= 1
-    assert "t50 b5" in format_summary({**store_summary(store), "block_statistics": statistics})
+    assert "t50 decoder.5" in format_summary({**store_summary(store), "tap_statistics": statistics})
 
 
 def test_principal_components_picture_separates_two_regions():
@@ -86,11 +86,11 @@ def test_readme_xarray_example_reads_the_store_without_segcache(tmp_path):
     _, written = write_synthetic_store(tmp_path / "store.zarr", "native", [np.zeros((16, 16), np.int64), None])
     readme = (PROJECT_ROOT / "README.md").read_text()
     code = re.search(r"<!-- xarray-example.*?-->\n```python\n(.*?)```", readme, re.DOTALL).group(1)
-    code = code.replace("data/stores/ddpm-train.zarr", str(tmp_path / "store.zarr"))
+    code = code.replace("data/stores/ddpm-train.zarr", str(tmp_path / "store.zarr")).replace("up_blocks.4.resnets.0", "decoder.12")
     namespace: dict = {}
     exec(code, namespace)
-    # conftest writes activations per (step, block): block 12 is the last of each step's three.
+    # conftest writes activations per (step, tap): decoder.12 is the last of each step's three.
     expected = np.stack([written[0][step * 3 + 2][:, 5, 7] for step in range(2)])  # (step, channel)
     np.testing.assert_allclose(namespace["pixel"], expected.astype(np.float16), rtol=1e-3)
     assert namespace["names"] == ["image_00", "image_01"]
-    assert namespace["block"].dims == ("image", "step", "channel_12", "y_12", "x_12")
+    assert namespace["tap"].dims == ("image", "step", "decoder.12.channel", "decoder.12.y", "decoder.12.x")

@@ -124,14 +124,14 @@ def assert_same_as_uninterrupted(store_path: Path, reference: FeatureStore) -> N
 
 # --- 1. kill and resume -------------------------------------------------------------------------
 
-# Stops the process with half of image 2's block_8 chunk in zarr's temporary file, as a kill
+# Stops the process with half of image 2's block 8 chunk in zarr's temporary file, as a kill
 # during that chunk write leaves it (zarr writes `<chunk>.<uuid>.partial`, then renames it).
 HALF_WRITTEN_CHUNK = """
 import zarr.storage._local as local
 from pipeline.runtime.pause_points import pause_point
 write_chunk = local._put
 def write_half_then_pause(path, value, exclusive=False):
-    if path.as_posix().endswith("/block_8/c/2/0/0/0/0"):
+    if path.as_posix().endswith("/taps/up_blocks.2.upsamplers.0/c/2/0/0/0/0"):  # block 8 of the tiny UNet
         data = bytes(value.as_buffer_like())
         path.parent.mkdir(parents=True, exist_ok=True)
         path.with_suffix(".0123456789abcdef.partial").write_bytes(data[: len(data) // 2])

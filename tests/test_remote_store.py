@@ -24,7 +24,7 @@ from pipeline.store.schema import StoreMismatchError
 from pipeline.store.writer import open_store_for_writing
 
 SETTINGS = ExtractSettings(steps=[50, 250], blocks=[5, 8, 12], seed=3, size=16, batch_size=2, device="cpu")
-ARRAYS = ["block_5", "block_8", "block_12", "images", "labels", "checksums", "done"]
+ARRAYS = ["taps/decoder.5", "taps/decoder.8", "taps/decoder.12", "images", "labels", "checksums", "done"]
 BUCKET = "segcache-test"
 
 
@@ -95,7 +95,7 @@ def test_a_store_at_a_memory_url_round_trips_verifies_and_pickles(tmp_path):
     np.testing.assert_array_equal(copy.image_features(1), local.image_features(1))
     # A damaged chunk is caught by its checksum, remote as on disk.
     writable = open_store_for_writing(url, schema)
-    writable.group["block_5"][1] = np.zeros(writable.group["block_5"].shape[1:], np.float16)
+    writable.group["taps/decoder.5"][1] = np.zeros(writable.group["taps/decoder.5"].shape[1:], np.float16)
     assert FeatureStore(url).damaged_images() == ["image_01"]
 
 
@@ -116,10 +116,11 @@ def test_s3_round_trip_extract_resume_and_train(s3_bucket, tiny_dataset, tmp_pat
     assert summary.store_path == url and summary.images_written == 3
     extract_features(checkpoint, images, tmp_path / "local.zarr", SETTINGS, show_progress=False)
     remote, local = FeatureStore(url), FeatureStore(tmp_path / "local.zarr")
-    for name in ARRAYS:
+    for name in ["taps/up_blocks.1.upsamplers.0", "taps/up_blocks.2.upsamplers.0", "taps/up_blocks.4.resnets.0",
+                 "images", "labels", "checksums", "done"]:
         np.testing.assert_array_equal(remote.group[name][:], local.group[name][:], err_msg=name)
     assert remote.damaged_images() == [] and remote.disk_bytes() > 0
-    assert s3fs.S3FileSystem().isfile(f"{BUCKET}/round-trip/train.zarr/block_12/c/2/0/0/0/0")
+    assert s3fs.S3FileSystem().isfile(f"{BUCKET}/round-trip/train.zarr/taps/up_blocks.4.resnets.0/c/2/0/0/0/0")
     # Resuming reads the done marks back from S3: nothing left to write.
     assert extract_features(checkpoint, images, url, SETTINGS, show_progress=False).images_written == 0
     classes = ClassInfo(names=["background", "disc", "square"], ignore_label=255)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import STEPS, synthetic_activations, synthetic_schema, write_synthetic_store
+from conftest import STEPS, as_feature_maps, synthetic_activations, synthetic_schema, write_synthetic_store
 from pipeline.store.bilinear import upsample_and_concatenate
 from pipeline.store.reader import FeatureStore
 from pipeline.store.schema import DamagedImageError, IncompleteImageError, StoreMismatchError
@@ -80,7 +80,7 @@ def test_dask_view_is_lazy_and_complete(tmp_path, layout):
 def test_resume_writes_only_unfinished_images(tmp_path):
     schema = synthetic_schema("native", 3)
     writer = open_store_for_writing(tmp_path / "store.zarr", schema)
-    writer.write_image(0, np.zeros((16, 16, 3), np.uint8), None, [torch.zeros(s.channels, s.height, s.width) for _ in STEPS for s in schema.block_shapes])
+    writer.write_image(0, np.zeros((16, 16, 3), np.uint8), None, _zero_activations(schema))
     reopened = open_store_for_writing(tmp_path / "store.zarr", schema)
     assert reopened.pending_images() == [1, 2]
     store = FeatureStore(tmp_path / "store.zarr")
@@ -105,16 +105,34 @@ def test_a_folder_that_is_not_a_store_is_never_replaced_silently(tmp_path):
     assert (tmp_path / "store.zarr" / "precious.txt").read_text() == "keep me"
 
 
-def test_reader_refuses_other_steps_blocks_or_model(tmp_path):
+def test_the_feature_description_names_source_steps_and_taps(tmp_path):
     write_synthetic_store(tmp_path / "store.zarr", "native", _labels(1))
-    store = FeatureStore(tmp_path / "store.zarr")
-    store.require(steps=[50, 150], blocks=[5, 8, 12], checkpoint_sha256="0" * 64)
-    with pytest.raises(StoreMismatchError, match="steps"):
-        store.require(steps=[50, 150, 250])
-    with pytest.raises(StoreMismatchError, match="blocks"):
-        store.require(blocks=[5, 6])
-    with pytest.raises(StoreMismatchError, match="checkpoint"):
-        store.require(checkpoint_sha256="f" * 64)
+    description = FeatureStore(tmp_path / "store.zarr").feature_description()
+    assert description.taps == ["decoder.5", "decoder.8", "decoder.12"] and description.steps == [50, 150]
+    assert description.source["checkpoint_sha256"] == "0" * 64 and description.feature_dim == 24
+    other = dataclasses.replace(description, steps=[50], source={**description.source, "noise_seed": 1})
+    assert description.differences(other) == ["source.noise_seed: 0 vs 1", "steps: [50, 150] vs [50]"]
+
+
+def test_native_arrays_are_named_by_tap_under_taps(tmp_path):
+    write_synthetic_store(tmp_path / "store.zarr", "native", _labels(1))
+    group = FeatureStore(tmp_path / "store.zarr").group
+    assert sorted(group["taps"].keys()) == ["decoder.12", "decoder.5", "decoder.8"]
+    assert group["taps/decoder.8"].shape == (1, 2, 4, 8, 8)  # (N, T, C, h, w)
+    assert group["taps/decoder.8"].metadata.dimension_names == ("image", "step", "decoder.8.channel",
+                                                                "decoder.8.y", "decoder.8.x")
+
+
+def test_a_store_of_format_3_is_refused_with_how_to_re_extract(tmp_path):
+    import zarr
+
+    from pipeline.store.schema import StoreFormatError
+
+    write_synthetic_store(tmp_path / "store.zarr", "native", _labels(1))
+    group = zarr.open_group(tmp_path / "store.zarr", mode="r+")
+    group.attrs["segcache"] = {**group.attrs["segcache"], "format": 3}
+    with pytest.raises(StoreFormatError, match=r"format 3.*Re-run extract"):
+        FeatureStore(tmp_path / "store.zarr")
 
 
 def test_missing_store_is_a_clear_error(tmp_path):
@@ -137,7 +155,7 @@ def _chunk_files(store_path, array_name, index):
 @pytest.mark.parametrize("layout", ["native", "dense"])
 def test_a_corrupted_chunk_fails_loudly_and_is_named_by_verify(tmp_path, layout):
     write_synthetic_store(tmp_path / "store.zarr", layout, _labels(3))
-    array_name = "block_8" if layout == "native" else "pixels"
+    array_name = "taps/decoder.8" if layout == "native" else "pixels"
     chunk = _chunk_files(tmp_path / "store.zarr", array_name, 1)[0]
     damaged = bytearray(chunk.read_bytes())
     damaged[len(damaged) // 2] ^= 0xFF
@@ -161,7 +179,7 @@ def test_verify_catches_a_rewrite_that_bypassed_the_writer(tmp_path):
 def test_every_chunk_carries_a_crc(tmp_path):
     write_synthetic_store(tmp_path / "store.zarr", "native", _labels(1))
     store = FeatureStore(tmp_path / "store.zarr")
-    for name in ("images", "labels", "block_5", "checksums", "done"):
+    for name in ("images", "labels", "taps/decoder.5", "checksums", "done"):
         codecs = [type(codec).__name__ for codec in store.group[name].metadata.codecs]
         assert codecs[-1] == "Crc32cCodec", (name, codecs)
 
@@ -189,10 +207,10 @@ def test_a_missing_chunk_of_a_finished_image_is_damage_not_zeros(tmp_path):
     labels = _labels(3)
     labels[1] = None  # an unlabeled image: its label chunk holds only the fill value, and is still written
     write_synthetic_store(tmp_path / "store.zarr", "native", labels)
-    for chunk in _chunk_files(tmp_path / "store.zarr", "block_12", 1):
+    for chunk in _chunk_files(tmp_path / "store.zarr", "taps/decoder.12", 1):
         chunk.unlink()  # as a partial copy of the store would leave it
     store = FeatureStore(tmp_path / "store.zarr")
-    with pytest.raises(DamagedImageError, match=r"image_01.*block_12.*missing"):
+    with pytest.raises(DamagedImageError, match=r"image_01.*taps/decoder.12.*missing"):
         store.image_features(1)
     assert store.damaged_images() == ["image_01"]
     assert store.labels(1) is None  # the written fill-value chunk is there
@@ -234,7 +252,7 @@ def test_concurrent_creation_makes_one_store_and_leaves_nothing_beside_it(tmp_pa
 
 
 def _zero_activations(schema):
-    return [torch.zeros(s.channels, s.height, s.width) for _ in schema.steps for s in schema.block_shapes]
+    return {s.name: torch.zeros(len(schema.steps), s.channels, s.height, s.width) for s in schema.tap_shapes}
 
 
 def test_claims_keep_two_writers_off_the_same_image(tmp_path):
@@ -293,7 +311,7 @@ def _write_images(path, indices):
     for index in indices:
         with writer.claim([index]) as claimed:
             assert claimed == [index]
-            writer.write_image(index, np.full((16, 16, 3), index, np.uint8), None, synthetic_activations(index))
+            writer.write_image(index, np.full((16, 16, 3), index, np.uint8), None, as_feature_maps(synthetic_activations(index)))
 
 
 def _write_hostile_store(path, marker):
@@ -343,16 +361,16 @@ def test_arrays_with_foreign_codecs_or_dtypes_are_refused(tmp_path):
 
     write_synthetic_store(tmp_path / "store.zarr", "native", _labels(1))
     group = zarr.open_group(tmp_path / "store.zarr", mode="r+")
-    del group["block_8"]
-    group.create_array("block_8", shape=(1, 2, 4, 8, 8), chunks=(1, 2, 4, 8, 8), dtype="float16",
+    del group["taps/decoder.8"]
+    group.create_array("taps/decoder.8", shape=(1, 2, 4, 8, 8), chunks=(1, 2, 4, 8, 8), dtype="float16",
                        compressors=[zarr.codecs.GzipCodec()])
-    with pytest.raises(StoreFormatError, match=r"block_8.*codec 'gzip'"):
+    with pytest.raises(StoreFormatError, match=r"decoder.8.*codec 'gzip'"):
         FeatureStore(tmp_path / "store.zarr")
-    del group["block_8"]
-    group.create_array("block_8", shape=(1, 2, 4, 8, 8), chunks=(1, 2, 4, 8, 8), dtype="float32")
-    with pytest.raises(StoreFormatError, match=r"block_8.*dtype float32, expected float16"):
+    del group["taps/decoder.8"]
+    group.create_array("taps/decoder.8", shape=(1, 2, 4, 8, 8), chunks=(1, 2, 4, 8, 8), dtype="float32")
+    with pytest.raises(StoreFormatError, match=r"decoder.8.*dtype float32, expected float16"):
         FeatureStore(tmp_path / "store.zarr")
-    with pytest.raises(StoreFormatError, match="block_8"):
+    with pytest.raises(StoreFormatError, match="decoder.8"):
         open_store_for_writing(tmp_path / "store.zarr", synthetic_schema("native", 1))
 
 
@@ -363,6 +381,6 @@ def test_malformed_provenance_is_a_format_error(tmp_path):
 
     write_synthetic_store(tmp_path / "store.zarr", "native", _labels(1))
     group = zarr.open_group(tmp_path / "store.zarr", mode="r+")
-    group.attrs["segcache"] = {**group.attrs["segcache"], "block_shapes": [{"block": 5, "surprise": 1}]}
+    group.attrs["segcache"] = {**group.attrs["segcache"], "tap_shapes": [{"block": 5, "surprise": 1}]}
     with pytest.raises(StoreFormatError, match="malformed"):
         FeatureStore(tmp_path / "store.zarr")

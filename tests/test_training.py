@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import STEPS, synthetic_activations, synthetic_schema, write_learnable_store
+from conftest import STEPS, as_feature_maps, synthetic_activations, synthetic_schema, write_learnable_store
 from pipeline.config import TrainSettings
 from pipeline.data.folders import ClassInfo
 from pipeline.heads.pixel_ensemble.ensemble import load_ensemble
@@ -21,7 +21,7 @@ def test_training_saves_an_ensemble_with_its_provenance(tmp_path):
     assert len(summary.epochs_per_member) == 3
     saved = load_ensemble(tmp_path / "ensemble")
     assert saved.class_names == ["background", "round", "square"] and saved.ignore_label == 255
-    assert saved.features["steps"] == STEPS and saved.features["blocks"] == [5, 8, 12]
+    assert saved.features.steps == STEPS and saved.features.taps == ["decoder.5", "decoder.8", "decoder.12"]
 
 
 def test_training_is_reproducible_from_the_seed(tmp_path):
@@ -36,7 +36,7 @@ def test_class_names_must_be_known(tmp_path):
     schema = synthetic_schema("native", 1)
     schema = type(schema)(**{**schema.__dict__, "classes": None})
     writer = open_store_for_writing(tmp_path / "store.zarr", schema)
-    writer.write_image(0, np.zeros((16, 16, 3), np.uint8), np.zeros((16, 16)), synthetic_activations(0))
+    writer.write_image(0, np.zeros((16, 16, 3), np.uint8), np.zeros((16, 16)), as_feature_maps(synthetic_activations(0)))
     with pytest.raises(ValueError, match="--classes"):
         train_on_store(tmp_path / "store.zarr", tmp_path / "out", SETTINGS, show_progress=False)
     classes = ClassInfo(names=["only"], ignore_label=255)
@@ -46,7 +46,7 @@ def test_class_names_must_be_known(tmp_path):
 
 def test_a_store_without_labels_cannot_train(tmp_path):
     writer = open_store_for_writing(tmp_path / "store.zarr", synthetic_schema("native", 1))
-    writer.write_image(0, np.zeros((16, 16, 3), np.uint8), None, synthetic_activations(0))
+    writer.write_image(0, np.zeros((16, 16, 3), np.uint8), None, as_feature_maps(synthetic_activations(0)))
     with pytest.raises(ValueError, match="no labeled pixels"):
         train_on_store(tmp_path / "store.zarr", tmp_path / "out", SETTINGS, show_progress=False)
 

@@ -34,7 +34,7 @@ class Preset:
         test_images: the same for the test images.
         image_size: the model's input size (images and labels are resized to it).
         steps: diffusion steps t, in feature order.
-        blocks: decoder blocks (guided-diffusion `output_blocks` index), in feature order.
+        blocks: the taps in feature order: guided-diffusion decoder block numbers and/or module paths.
         checkpoint: file name of the checkpoint the paper used ("" when none).
         checkpoint_url: where that checkpoint is published ("" when none).
         paper_miou: the paper's mIoU in percent (None for a user's dataset).
@@ -50,7 +50,7 @@ class Preset:
     description: str = ""
     image_size: int = 256
     steps: list[int] = dataclasses.field(default_factory=lambda: [50, 150, 250])
-    blocks: list[int] = dataclasses.field(default_factory=lambda: [5, 6, 7, 8, 12])
+    blocks: list[int | str] = dataclasses.field(default_factory=lambda: [5, 6, 7, 8, 12])
     checkpoint: str = ""
     checkpoint_url: str = ""
     paper_miou: float | None = None

@@ -14,13 +14,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from pipeline.evaluation.predictions import Predictions, create_predictions
 from pipeline.evaluation.score import top_decile_mean
 from pipeline.heads.pixel_ensemble.ensemble import Ensemble, load_ensemble
-from pipeline.heads.pixel_ensemble.inference import _folded_hidden_layers, votes_and_disagreement
+from pipeline.heads.pixel_ensemble.inference import member_logits_from_tables, votes_and_disagreement
 from pipeline.runtime.atomic import replaced_folder
 from pipeline.runtime.devices import torch_threads
 from pipeline.store.reader import FeatureStore
@@ -45,13 +44,12 @@ class ImagePrediction:
 
 def check_ensemble_matches_store(ensemble: Ensemble, store: FeatureStore, ensemble_dir: Path) -> None:
     """Refuses to apply an ensemble to features other than those it was trained on."""
-    expected, found = ensemble.features, store.feature_description()
-    differing = [key for key in expected if expected.get(key) != found.get(key)]
-    if differing:
-        details = "; ".join(f"{key}: ensemble {expected.get(key)!r}, store {found.get(key)!r}" for key in differing)
+    differences = ensemble.features.differences(store.feature_description())
+    if differences:
         raise StoreMismatchError(
-            f"the ensemble in {ensemble_dir} was trained on other features than {store.path} holds ({details}); "
-            "extract the images with the ensemble's checkpoint, steps and blocks"
+            f"the ensemble in {ensemble_dir} was trained on other features than {store.path} holds "
+            f"(ensemble vs store: {'; '.join(differences)}); extract the images with the ensemble's checkpoint, "
+            "steps and taps"
         )
 
 
@@ -81,44 +79,6 @@ def predict_pixels(
         disagreement[rows] = band_disagreement.numpy().reshape(len(rows), size)
         mean_probabilities[:, rows] = band_probabilities.numpy().T.reshape(-1, len(rows), size)  # (P, K) -> (K, rows, S)
     return ImagePrediction(labels, disagreement, mean_probabilities)
-
-
-@torch.inference_mode()
-def member_logits_from_tables(members: list[torch.nn.Module], tables: list[torch.Tensor], size: int) -> torch.Tensor:
-    """Each member's logits float32 (M, S·S, K), row-major pixels, from an image's block tables.
-
-    The same arithmetic, in the same order, as `predict_from_block_tables` (see its docstring:
-    first layers at the blocks' own resolutions, upsampled after, BatchNorms folded), which
-    returns only labels and disagreement; tests/test_evaluation.py checks that both give the
-    same labels and disagreement bit for bit.
-
-    Args:
-        members: trained members in eval mode (`make_pixel_classifier`'s layers).
-        tables: per (step, block) in feature order, (C_b, h_b, w_b), any float dtype.
-        size: the image side.
-    """
-    tables = [table.float() for table in tables]
-    widths = [table.shape[0] for table in tables]
-    first_weights = torch.cat([member[0].weight for member in members])  # (M·H1, D)
-    native: dict[tuple[int, int], torch.Tensor] = {}  # resolution -> (M·H1, h, w), summed there
-    for weight, table in zip(torch.split(first_weights, widths, dim=1), tables):  # weight (M·H1, C_b)
-        product = torch.einsum("oc,chw->ohw", weight, table)
-        resolution = tuple(table.shape[1:])
-        native[resolution] = product if resolution not in native else native[resolution].add_(product)
-    native[next(iter(native))] += torch.cat([member[0].bias for member in members])[:, None, None]
-    member_logits = []
-    for index, member in enumerate(members):
-        rows = slice(index * member[0].out_features, (index + 1) * member[0].out_features)
-        hidden = None  # (S·S, H1)
-        for summed in native.values():
-            channels_last = summed[None, rows].contiguous(memory_format=torch.channels_last)
-            upsampled = F.interpolate(channels_last, size=(size, size), mode="bilinear", align_corners=False)
-            upsampled = upsampled.permute(0, 2, 3, 1).reshape(size * size, -1)
-            hidden = upsampled if hidden is None else hidden.add_(upsampled)
-        for weight, bias in _folded_hidden_layers(member):
-            hidden = torch.addmm(bias, hidden.relu_(), weight.T)
-        member_logits.append(hidden)  # (S·S, K)
-    return torch.stack(member_logits)
 
 
 def predict_from_tables(ensemble: Ensemble, tables: list[torch.Tensor], size: int) -> ImagePrediction:

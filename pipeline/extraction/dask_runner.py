@@ -32,10 +32,10 @@ import torch
 from pipeline.config import ExtractSettings
 from pipeline.data.folders import ClassInfo, ImageRecord
 from pipeline.extraction import compute
-from pipeline.extraction.compute import ModelDescription
+from pipeline.extraction.compute import SourceDescription
 from pipeline.runtime.cluster import shared_value
-from pipeline.sources import diffusion_unet  # called as diffusion_unet.load_extractor(): a test plugin swaps it
-from pipeline.sources.diffusion_unet import FeatureExtractor
+from pipeline.sources import diffusion_unet  # called as diffusion_unet.load_unet_source(): a test plugin swaps it
+from pipeline.sources.diffusion_unet import UNetSource
 from pipeline.store.locations import Location, is_url
 from pipeline.store.schema import StoreSchema
 from pipeline.store.writer import FeatureStoreWriter, open_store_for_writing
@@ -54,32 +54,34 @@ class ModelPerWorker(distributed.WorkerPlugin):
 
     Args:
         checkpoint: the checkpoint, at a path every worker reads.
-        blocks: the decoder blocks to capture.
-        device: where the model runs on the worker ("auto": its GPU if it has one).
+        settings: the taps (`blocks`), steps, noise seed and device ("auto": the worker's GPU if it
+            has one).
     """
 
-    def __init__(self, checkpoint: str, blocks: Sequence[int], device: str):
+    def __init__(self, checkpoint: str, settings: ExtractSettings):
         self.checkpoint = checkpoint
-        self.blocks = list(blocks)
-        self.device = device
+        self.settings = settings
 
     def setup(self, worker: distributed.Worker) -> None:
         self.lock = threading.Lock()  # a worker with several threads may start several tasks at once
-        self.extractor: FeatureExtractor | None = None
+        self.source: UNetSource | None = None
         self.writers: dict[Location, FeatureStoreWriter] = {}
 
     def teardown(self, worker: distributed.Worker) -> None:
-        self.extractor, self.writers = None, {}
+        self.source, self.writers = None, {}
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
-    def model(self) -> FeatureExtractor:
+    def model(self) -> UNetSource:
         with self.lock:
-            if self.extractor is None:
-                self.extractor = diffusion_unet.load_extractor(self.checkpoint, self.blocks, self.device)
-                logger.info("worker loaded %s on %s", self.checkpoint, self.extractor.device)
-            return self.extractor
+            if self.source is None:
+                settings = self.settings
+                self.source = diffusion_unet.load_unet_source(
+                    self.checkpoint, settings.blocks, settings.steps, settings.seed, settings.device
+                )
+                logger.info("worker loaded %s on %s", self.checkpoint, self.source.device)
+            return self.source
 
     def writer(self, location: Location, schema: StoreSchema) -> FeatureStoreWriter:
         with self.lock:
@@ -93,8 +95,8 @@ def _plugin(name: str) -> ModelPerWorker:
     return distributed.get_worker().plugins[name]
 
 
-def _describe_on_worker(plugin_name: str, size: int) -> ModelDescription:
-    return compute.describe_model(_plugin(plugin_name).model(), size)
+def _describe_on_worker(plugin_name: str, size: int) -> SourceDescription:
+    return compute.describe_source(_plugin(plugin_name).model(), size)
 
 
 def _extract_batch_on_worker(
@@ -103,11 +105,10 @@ def _extract_batch_on_worker(
     schema: StoreSchema,
     records: dict[int, ImageRecord],
     batch: list[int],
-    settings: ExtractSettings,
     classes: ClassInfo | None,
 ) -> int:
     state = _plugin(plugin_name)
-    return compute.extract_batch(state.model(), state.writer(location, schema), records, batch, settings, classes)
+    return compute.extract_batch(state.model(), state.writer(location, schema), records, batch, schema.image_size, classes)
 
 
 def _absolute(record: ImageRecord) -> ImageRecord:
@@ -126,8 +127,9 @@ class ClusterBatches:
         self.client = client
         self.settings = settings
         checkpoint = str(Path(checkpoint).resolve())
-        self.plugin_name = f"segcache-model-{dask.base.tokenize(checkpoint, settings.blocks, settings.device)}"
-        client.register_plugin(ModelPerWorker(checkpoint, settings.blocks, settings.device), name=self.plugin_name)
+        model_settings = (settings.blocks, settings.steps, settings.seed, settings.device)
+        self.plugin_name = f"segcache-model-{dask.base.tokenize(checkpoint, *model_settings)}"
+        client.register_plugin(ModelPerWorker(checkpoint, settings), name=self.plugin_name)
         workers = _workers(client)
         if not workers:
             logger.warning("the Dask scheduler %s has no workers yet: the tasks wait for them", client.scheduler.address)
@@ -143,8 +145,8 @@ class ClusterBatches:
         with contextlib.suppress(Exception):  # the cluster may be gone; nothing of ours to lose then
             self.client.unregister_worker_plugin(self.plugin_name)
 
-    def describe(self) -> ModelDescription:
-        """The model's description, computed on a worker (the driver never loads the model)."""
+    def describe(self) -> SourceDescription:
+        """The source's description, computed on a worker (the driver never loads the model)."""
         future = self.client.submit(
             _describe_on_worker, self.plugin_name, self.settings.size, resources=self.resources, pure=False,
             retries=TASK_RETRIES,
@@ -166,7 +168,7 @@ class ClusterBatches:
         futures = [
             self.client.submit(
                 _extract_batch_on_worker, self.plugin_name, location, schema,
-                {index: _absolute(records[index]) for index in batch}, batch, self.settings, classes,
+                {index: _absolute(records[index]) for index in batch}, batch, classes,
                 resources=self.resources, retries=TASK_RETRIES, pure=False,
             )
             for batch in batches

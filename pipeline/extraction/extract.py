@@ -10,14 +10,15 @@ import contextlib
 import errno
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
 from pipeline.config import ExtractSettings
 from pipeline.data.folders import ClassInfo, check_examples, check_labels_complete, file_sha256, list_images
-from pipeline.extraction.runners import batch_runner
+from pipeline.extraction.runners import BatchRunner, batch_runner
 from pipeline.store.locations import store_location
 from pipeline.store.schema import StoreSchema
 from pipeline.store.writer import ExtractionSummary, FeatureStoreWriter, open_store_for_writing
@@ -71,34 +72,53 @@ def extract_features(
         replace_mismatched: replace a store that holds other features instead of refusing.
         show_progress: show a progress bar.
     """
+    return extract_with_runner(
+        lambda: batch_runner(checkpoint, settings), images_dir, store_path, settings.size, settings.layout,
+        settings.codec, settings.batch_size, classes, replace_mismatched, show_progress,
+    )
+
+
+def extract_with_runner(
+    open_runner: Callable[[], AbstractContextManager[BatchRunner]],
+    images_dir: str | Path,
+    store_path: str | Path,
+    size: int,
+    layout: str = "native",
+    codec: str = "blosc-lz4",
+    batch_size: int = 4,
+    classes: ClassInfo | None = None,
+    replace_mismatched: bool = False,
+    show_progress: bool = True,
+) -> ExtractionSummary:
+    """Extracts a folder into a store through any runner (any feature source): `extract_features`
+    for diffusion UNets, `pixels.extract_pixel_features` for the raw-pixel baseline. The runner is
+    opened (the model loaded) only once the images are listed and checked."""
     started = time.perf_counter()
     store_path = store_location(store_path)
     # 1. The inputs: images (hashed, so a changed image is a changed store).
     records = list_images(images_dir)
     check_labels_complete(records, images_dir)
     check_examples(records, classes)
-    with batch_runner(checkpoint, settings) as runner:
+    with open_runner() as runner:
         # 2. The store, created from its full schema or reopened to resume.
-        model = runner.describe()
+        source = runner.describe()
         schema = StoreSchema(
-            layout=settings.layout,
-            image_size=settings.size,
-            steps=list(settings.steps),
-            block_shapes=model.block_shapes,
-            checkpoint_sha256=model.checkpoint_sha256,
-            architecture=model.architecture,
-            noise_seed=settings.seed,
+            layout=layout,
+            image_size=size,
+            steps=source.steps,
+            tap_shapes=source.tap_shapes,
+            source=source.provenance,
             image_names=[record.name for record in records],
             image_sha256=[file_sha256(record.image_path) for record in records],
             classes=None if classes is None else {"names": classes.names, "ignore_label": classes.ignore_label},
         )
         with _disk_full_explained(store_path, None):
-            writer = open_store_for_writing(store_path, schema, settings.codec, replace_mismatched)
+            writer = open_store_for_writing(store_path, schema, codec, replace_mismatched)
         pending = writer.pending_images()
         if len(pending) < len(records):
             logger.info("%s: %d of %d images already done", store_path, len(records) - len(pending), len(records))
-        # 3. Batches of pending images through the UNet, each image written as soon as it is done.
-        batches = [pending[start : start + settings.batch_size] for start in range(0, len(pending), settings.batch_size)]
+        # 3. Batches of pending images through the source, each image written as soon as it is done.
+        batches = [pending[start : start + batch_size] for start in range(0, len(pending), batch_size)]
         written = 0
         with tqdm(total=len(pending), unit="image", desc="extract", disable=not show_progress) as progress, \
                 _disk_full_explained(store_path, writer):
@@ -113,4 +133,3 @@ def extract_features(
         seconds=time.perf_counter() - started,
         device=runner.where,
     )
-

@@ -10,10 +10,11 @@ from typing import Protocol
 
 from pipeline.config import ExtractSettings
 from pipeline.data.folders import ClassInfo, ImageRecord
-from pipeline.extraction.compute import ModelDescription, describe_model, extract_batch
+from pipeline.extraction.compute import SourceDescription, describe_source, extract_batch
 from pipeline.extraction.dask_runner import ClusterBatches
 from pipeline.runtime.cluster import cluster_client
-from pipeline.sources.diffusion_unet import load_extractor
+from pipeline.sources.base import FeatureSource
+from pipeline.sources.diffusion_unet import load_unet_source
 from pipeline.store.writer import FeatureStoreWriter
 
 logger = logging.getLogger(__name__)
@@ -25,8 +26,8 @@ class BatchRunner(Protocol):
 
     where: str  # for the summary: "cpu", "cuda:0", "Dask cluster tcp://… (4 workers, …)"
 
-    def describe(self) -> ModelDescription:
-        """The model's provenance and block shapes at the extraction size."""
+    def describe(self) -> SourceDescription:
+        """The source's provenance, steps and tap shapes at the extraction size."""
 
     def run(
         self, writer: FeatureStoreWriter, records: Sequence[ImageRecord], batches: list[list[int]],
@@ -36,15 +37,15 @@ class BatchRunner(Protocol):
 
 
 class InProcessBatches:
-    """Runs the batches one after the other in this process, on one loaded model."""
+    """Runs the batches one after the other in this process, on one loaded source of size×size features."""
 
-    def __init__(self, checkpoint: str | Path, settings: ExtractSettings):
-        self.settings = settings
-        self.extractor = load_extractor(checkpoint, settings.blocks, settings.device)
-        self.where = str(self.extractor.device)
+    def __init__(self, source: FeatureSource, size: int):
+        self.source = source
+        self.size = size
+        self.where = str(source.device)
 
-    def describe(self) -> ModelDescription:
-        return describe_model(self.extractor, self.settings.size)
+    def describe(self) -> SourceDescription:
+        return describe_source(self.source, self.size)
 
     def run(
         self, writer: FeatureStoreWriter, records: Sequence[ImageRecord], batches: list[list[int]],
@@ -57,7 +58,7 @@ class InProcessBatches:
         """
         def write(claimed: list[int]) -> int:
             chosen = {index: records[index] for index in claimed}
-            return extract_batch(self.extractor, writer, chosen, claimed, self.settings, classes) if claimed else 0
+            return extract_batch(self.source, writer, chosen, claimed, self.size, classes) if claimed else 0
 
         for batch in batches:
             with writer.claim(batch) as claimed:
@@ -72,7 +73,8 @@ class InProcessBatches:
 def batch_runner(checkpoint: str | Path, settings: ExtractSettings) -> Iterator[BatchRunner]:
     """In-process batches, or the Dask cluster's when `settings.scheduler` names one."""
     if settings.scheduler is None:
-        yield InProcessBatches(checkpoint, settings)
+        source = load_unet_source(checkpoint, settings.blocks, settings.steps, settings.seed, settings.device)
+        yield InProcessBatches(source, settings.size)
         return
     with cluster_client(settings.scheduler) as client, ClusterBatches(client, checkpoint, settings) as batches:
         yield batches

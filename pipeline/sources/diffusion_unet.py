@@ -1,81 +1,121 @@
-"""A pixel-space diffusion UNet as a feature source: noised images in, decoder activations out."""
+"""A pixel-space diffusion UNet as a feature source: noised images in, named module outputs out.
+
+Taps are module paths of the diffusers UNet (`up_blocks.1.attentions.0`); a tap's feature map is
+that module's forward output (its first tensor when it returns a tuple). guided-diffusion decoder
+block numbers are aliases: `5` names the module `adm.blocks.decoder_block_names(unet)[5]`, so
+`--blocks 5,6,7,8,12` works as the paper writes it.
+
+Every image is noised with the same noise (`noise.shared_noise`) at each step, through the
+paper's linear schedule (`noise.paper_scheduler`); the forward pass stops once every tap has
+fired, so the decoder blocks after the last one never run.
+"""
 
 from __future__ import annotations
 
-import dataclasses
-import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from pipeline.runtime.devices import autocast_for, pick_device
-from pipeline.sources.adm.blocks import decoder_block
+from pipeline.sources.adm.blocks import decoder_block_names
+from pipeline.sources.base import TapShape
 from pipeline.sources.checkpoints import Backbone, load_backbone
 from pipeline.sources.hooks import capture_outputs, run_until_captured
-from pipeline.sources.noise import add_noise, paper_scheduler
-from pipeline.store.schema import BlockShape
-
-logger = logging.getLogger(__name__)
+from pipeline.sources.noise import add_noise, paper_scheduler, shared_noise
 
 
-def compute_activations(
-    unet: torch.nn.Module,
-    block_modules: Mapping[int, torch.nn.Module],
-    images: torch.Tensor,
-    steps: Sequence[int],
-    noise: torch.Tensor,
-) -> list[torch.Tensor]:
-    """Runs the UNet on noised images and returns the chosen decoder blocks' outputs.
+def resolve_taps(unet: torch.nn.Module, blocks: Sequence[int | str]) -> list[str]:
+    """Tap names for what a user typed: guided-diffusion block numbers or module paths.
+
+    Raises:
+        ValueError: a number outside the UNet's decoder blocks, a name that is not one of its
+            modules, or a tap given twice (the message lists what is valid).
+    """
+    numbered = decoder_block_names(unet)
+    modules = dict(unet.named_modules())
+    taps = []
+    for block in blocks:
+        if isinstance(block, int) and not isinstance(block, bool):
+            if not 0 <= block < len(numbered):
+                raise ValueError(
+                    f"decoder block {block} is invalid: this UNet has {len(numbered)} decoder blocks, "
+                    f"valid numbers are 0..{len(numbered) - 1}"
+                )
+            taps.append(numbered[block])
+        elif isinstance(block, str) and block.isdigit():
+            taps.extend(resolve_taps(unet, [int(block)]))
+        elif isinstance(block, str) and block in modules and block:
+            taps.append(block)
+        else:
+            raise ValueError(
+                f"{block!r} is neither a decoder block number (0..{len(numbered) - 1}) nor a module of this "
+                f"UNet; decoder blocks are {numbered} (`inspect --taps` lists every module)"
+            )
+    repeated = sorted({tap for tap in taps if taps.count(tap) > 1})
+    if repeated:
+        raise ValueError(f"taps given more than once (block numbers are aliases of module names): {repeated}")
+    return taps
+
+
+class UNetSource:
+    """A diffusion UNet on its device, the taps to capture and the steps to noise to.
 
     Args:
-        unet: a diffusers UNet2DModel.
-        block_modules: block index → module, in feature order.
-        images: x_0 in [-1, 1] on the UNet's device, (B, 3, S, S).
-        steps: the steps t, in feature order.
-        noise: the shared noise (1, 3, S, S).
-
-    Returns:
-        Per (step, block), step-major, a float32 CPU tensor (B, C_b, h_b, w_b).
+        backbone: the loaded UNet and its provenance.
+        blocks: guided-diffusion block numbers and/or module paths, in feature order.
+        steps: the diffusion steps t, in feature order.
+        noise_seed: seed of the noise shared by every image and step.
+        device: where the UNet runs.
     """
-    scheduler = paper_scheduler()
-    names = {f"block_{block}": module for block, module in block_modules.items()}
-    last_needed = f"block_{max(block_modules)}"  # decoder blocks run in index order
-    activations = []
-    with torch.inference_mode(), capture_outputs(names, stop_after=last_needed) as outputs:
-        for step in steps:
-            noisy = add_noise(images, step, noise, scheduler)
-            timesteps = torch.full((len(images),), step, dtype=torch.long, device=images.device)
-            with autocast_for(images.device):
-                run_until_captured(unet, noisy, timesteps)
-            activations.extend(outputs[name].float().cpu() for name in names)
-    return activations
+
+    def __init__(
+        self, backbone: Backbone, blocks: Sequence[int | str], steps: Sequence[int], noise_seed: int,
+        device: torch.device,
+    ):
+        self.backbone = backbone
+        self.unet = backbone.unet.to(device).eval()
+        self.taps = resolve_taps(self.unet, blocks)
+        self.steps = list(steps)
+        self.noise_seed = noise_seed
+        self.device = device
+        self.scheduler = paper_scheduler()
+        self._modules = {name: self.unet.get_submodule(name) for name in self.taps}
+
+    def provenance(self) -> dict:
+        return {
+            "kind": self.backbone.source_format,
+            "checkpoint_sha256": self.backbone.checkpoint_sha256,
+            "architecture": self.backbone.architecture,
+            "noise_seed": self.noise_seed,
+        }
+
+    def tap_shapes(self, size: int) -> list[TapShape]:
+        images = torch.zeros(1, self.unet.config.in_channels, size, size, device=self.device)
+        maps = self._run(images, [0], torch.zeros_like(images, device="cpu"))
+        return [TapShape(name, *maps[name].shape[2:]) for name in self.taps]
+
+    def feature_maps(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        noise = shared_noise(self.noise_seed, (1, *images.shape[1:]))
+        return self._run(images, self.steps, noise)
+
+    def _run(self, images: torch.Tensor, steps: Sequence[int], noise: torch.Tensor) -> dict[str, torch.Tensor]:
+        """tap → float32 CPU (B, T, C, h, w) for the images noised with `noise` at each step."""
+        per_step = {name: [] for name in self.taps}
+        with torch.inference_mode(), capture_outputs(self._modules, stop_when_all_captured=True) as outputs:
+            for step in steps:
+                noisy = add_noise(images, step, noise, self.scheduler)
+                timesteps = torch.full((len(images),), step, dtype=torch.long, device=images.device)
+                outputs.clear()
+                with autocast_for(images.device):
+                    run_until_captured(self.unet, noisy, timesteps)
+                for name in self.taps:
+                    per_step[name].append(outputs[name].float().cpu())
+        return {name: torch.stack(maps, dim=1) for name, maps in per_step.items()}  # (B, T, C, h, w)
 
 
-def probe_block_shapes(
-    unet: torch.nn.Module, block_modules: Mapping[int, torch.nn.Module], size: int, device: torch.device
-) -> list[BlockShape]:
-    """Each chosen block's activation shape for a size×size input (one forward on zeros)."""
-    images = torch.zeros(1, 3, size, size, device=device)
-    activations = compute_activations(unet, block_modules, images, [0], torch.zeros(1, 3, size, size))
-    return [
-        BlockShape(block, *activation.shape[1:]) for block, activation in zip(block_modules, activations)
-    ]
-
-
-@dataclasses.dataclass(frozen=True)
-class FeatureExtractor:
-    """A UNet on its device and the decoder blocks to capture: what one process needs to extract."""
-
-    backbone: Backbone
-    block_modules: dict[int, torch.nn.Module]
-    device: torch.device
-
-
-def load_extractor(checkpoint: str | Path, blocks: Sequence[int], device: str) -> FeatureExtractor:
-    """Loads a checkpoint onto the device ("auto" picks one) with its chosen decoder blocks."""
-    backbone = load_backbone(checkpoint)
-    torch_device = pick_device(device)
-    unet = backbone.unet.to(torch_device).eval()
-    return FeatureExtractor(backbone, {block: decoder_block(unet, block) for block in blocks}, torch_device)
-
+def load_unet_source(
+    checkpoint: str | Path, blocks: Sequence[int | str], steps: Sequence[int], noise_seed: int, device: str
+) -> UNetSource:
+    """Loads a checkpoint onto the device ("auto" picks one) with its taps and steps."""
+    return UNetSource(load_backbone(checkpoint), blocks, steps, noise_seed, pick_device(device))

@@ -1,4 +1,4 @@
-"""Capturing decoder-block outputs with forward hooks scoped by a context manager."""
+"""Capturing named modules' outputs with forward hooks scoped by a context manager."""
 
 from __future__ import annotations
 
@@ -9,20 +9,22 @@ import torch
 
 
 class _StopForward(Exception):
-    """Raised by the last needed hook: the rest of the UNet need not run."""
+    """Raised once every hooked module has fired: the rest of the model need not run."""
 
 
 @contextlib.contextmanager
-def capture_outputs(modules: Mapping[str, torch.nn.Module], stop_after: str | None = None) -> Iterator[dict]:
-    """Records the output of each named module while the context is open.
+def capture_outputs(modules: Mapping[str, torch.nn.Module], stop_when_all_captured: bool = False) -> Iterator[dict]:
+    """Records the output of each named module (its first tensor if it returns a tuple) while the
+    context is open.
 
     Args:
         modules: name → module to hook.
-        stop_after: a name in `modules`; its hook aborts the forward pass once it has fired
-            (use `run_until_captured` to call the model).
+        stop_when_all_captured: abort the forward pass as soon as every module has fired since
+            the dict was last cleared (call the model with `run_until_captured`).
 
     Yields:
-        A dict that fills with name → output tensor at every forward pass.
+        A dict that fills with name → output tensor at every forward pass; clear it before each
+        pass when stopping early.
     """
     outputs: dict[str, torch.Tensor] = {}
     handles = []
@@ -30,7 +32,7 @@ def capture_outputs(modules: Mapping[str, torch.nn.Module], stop_after: str | No
     def make_hook(name: str):
         def hook(module, inputs, output):
             outputs[name] = output[0] if isinstance(output, tuple) else output
-            if name == stop_after:
+            if stop_when_all_captured and len(outputs) == len(modules):
                 raise _StopForward
 
         return hook
@@ -45,7 +47,7 @@ def capture_outputs(modules: Mapping[str, torch.nn.Module], stop_after: str | No
 
 
 def run_until_captured(model: torch.nn.Module, *inputs) -> None:
-    """Calls `model(*inputs)`, stopping quietly where `capture_outputs(stop_after=…)` says."""
+    """Calls `model(*inputs)`, stopping quietly where `capture_outputs(stop_when_all_captured=True)` stops it."""
     try:
         model(*inputs)
     except _StopForward:

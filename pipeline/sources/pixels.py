@@ -1,15 +1,38 @@
-"""The raw-pixel baseline's features: each pixel's RGB values and its neighbours'."""
+"""The raw-pixel baseline as a feature source: each pixel's RGB values and its neighbours'.
+
+One tap at full resolution, no steps, no model: written into an ordinary store, so the same
+sampler, ensemble and evaluation run on it and the comparison measures the features only.
+"""
 
 from __future__ import annotations
-
-import logging
 
 import torch
 import torch.nn.functional as F
 
-logger = logging.getLogger(__name__)
+from pipeline.sources.base import TapShape
 
-PIXEL_BLOCK = -1  # the block index recorded for raw pixels (no UNet block)
+
+class PixelSource:
+    """Raw pixels: one tap, `pixels.rgb<n>x<n>`, of 3·n² channels at the image's resolution."""
+
+    steps: list[int] = []
+
+    def __init__(self, neighbourhood: int = 3):
+        if neighbourhood < 1 or neighbourhood % 2 == 0:
+            raise ValueError(f"the neighbourhood must be an odd width ≥ 1, got {neighbourhood}")
+        self.neighbourhood = neighbourhood
+        self.taps = [f"pixels.rgb{neighbourhood}x{neighbourhood}"]
+        self.device = torch.device("cpu")
+
+    def provenance(self) -> dict:
+        return {"kind": "pixels", "neighbourhood": self.neighbourhood}
+
+    def tap_shapes(self, size: int) -> list[TapShape]:
+        return [TapShape(self.taps[0], 3 * self.neighbourhood**2, size, size)]
+
+    def feature_maps(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        maps = [neighbourhood_features(image, self.neighbourhood) for image in images.float().cpu()]
+        return {self.taps[0]: torch.stack(maps)[:, None]}  # (B, 1, 3·n², S, S)
 
 
 def neighbourhood_features(image: torch.Tensor, neighbourhood: int) -> torch.Tensor:

@@ -26,17 +26,18 @@ from pipeline.store.schema import (
     NO_LABELS,
     READABLE_FORMATS,
     DamagedImageError,
+    FeatureDescription,
     IncompleteImageError,
     StoreFormatError,
-    StoreMismatchError,
     StoreSchema,
     image_digest,
+    tap_array,
 )
 
 logger = logging.getLogger(__name__)
 
 
-def _done_marks(group: zarr.Group, count: int) -> np.ndarray:
+def done_marks(group: zarr.Group, count: int) -> np.ndarray:
     """bool (N,): which images carry a done mark. An unreadable mark counts as not done."""
     try:
         return group["done"][:] == 1
@@ -48,7 +49,7 @@ def _done_marks(group: zarr.Group, count: int) -> np.ndarray:
         return marks
 
 
-def _read_schema(path: Location) -> StoreSchema:
+def read_schema(path: Location) -> StoreSchema:
     group = open_zarr_group(path, "r")
     document = group.attrs.get("segcache")
     if document is None:
@@ -66,7 +67,7 @@ def _read_schema(path: Location) -> StoreSchema:
         raise StoreFormatError(f"{path}: its 'segcache' attribute is malformed ({error!r})") from None
 
 
-def _check_arrays(group: zarr.Group, schema: StoreSchema, path: Path) -> None:
+def check_arrays(group: zarr.Group, schema: StoreSchema, path: Path) -> None:
     """Refuses a store whose arrays are not exactly those segcache writes for this schema: other
     dtypes, shapes or chunks, or a codec outside `ALLOWED_CODECS` (nothing gets decoded by a codec
     a store's author chose, e.g. one that unpickles)."""
@@ -135,8 +136,8 @@ class FeatureStore:
         if not holds_zarr_group(self.path):
             raise FileNotFoundError(f"no feature store at {self.path} (run `extract` first)")
         self.group = open_zarr_group(self.path, "r")
-        self.schema = _read_schema(self.path)
-        _check_arrays(self.group, self.schema, self.path)
+        self.schema = read_schema(self.path)
+        check_arrays(self.group, self.schema, self.path)
         self.format = self.group.attrs["segcache"]["format"]
         self.code_version = self.group.attrs["segcache"].get("code_version")
         self._cache = _TableCache(cache_megabytes << 20)
@@ -168,40 +169,13 @@ class FeatureStore:
     def feature_dim(self) -> int:
         return self.schema.feature_dim
 
-    def require(
-        self,
-        steps: Sequence[int] | None = None,
-        blocks: Sequence[int] | None = None,
-        checkpoint_sha256: str | None = None,
-    ) -> None:
-        """Refuses (StoreMismatchError) when the store holds other steps, blocks or model."""
-        problems = []
-        if steps is not None and list(steps) != self.schema.steps:
-            problems.append(f"steps {self.schema.steps}, not {list(steps)}")
-        if blocks is not None and list(blocks) != self.schema.blocks:
-            problems.append(f"blocks {self.schema.blocks}, not {list(blocks)}")
-        if checkpoint_sha256 is not None and checkpoint_sha256 != self.schema.checkpoint_sha256:
-            problems.append(
-                f"features of checkpoint {self.schema.checkpoint_sha256[:12]}…, not {checkpoint_sha256[:12]}…"
-            )
-        if problems:
-            raise StoreMismatchError(f"store {self.path} holds {'; '.join(problems)}")
-
-    def feature_description(self) -> dict:
+    def feature_description(self) -> FeatureDescription:
         """What a model trained on these features must record to be applied to others."""
-        schema = self.schema
-        return {
-            "steps": schema.steps,
-            "blocks": schema.blocks,
-            "checkpoint_sha256": schema.checkpoint_sha256,
-            "image_size": schema.image_size,
-            "noise_seed": schema.noise_seed,
-            "feature_dim": schema.feature_dim,
-        }
+        return FeatureDescription.of(self.schema)
 
     def done_mask(self) -> np.ndarray:
         """bool (N,): which images are completely written."""
-        return _done_marks(self.group, self.num_images)
+        return done_marks(self.group, self.num_images)
 
     def _check_done(self, index: int) -> None:
         if not 0 <= index < self.num_images:
@@ -230,8 +204,6 @@ class FeatureStore:
 
     def _missing_chunks(self, array: zarr.Array, index: int, selection: Sequence[slice]) -> list[str]:
         """Keys of the chunks a read of image `index` needs that are not in the store."""
-        if self.format < 3:
-            return []  # format 2 skipped chunks equal to the fill value: absence means nothing
         ranges = [range(index, index + 1)]
         for axis, (length, chunk) in enumerate(zip(array.shape[1:], array.chunks[1:])):
             part = selection[axis] if axis < len(selection) else slice(0, length)
@@ -242,7 +214,7 @@ class FeatureStore:
     def _feature_array_names(self) -> list[str]:
         if self.layout == "dense":
             return ["pixels"]
-        return [f"block_{block}" for block in self.schema.blocks]
+        return [tap_array(name) for name in self.schema.taps]
 
     def verify_image(self, index: int) -> bool:
         """Whether an image's stored bytes still match the checksum recorded when it was written."""
@@ -271,15 +243,15 @@ class FeatureStore:
         return None if (labels == NO_LABELS).all() else labels
 
     def block_tables(self, index: int) -> list[torch.Tensor]:
-        """Native layout: per (step, block) in feature order, float16 (C_b, h_b, w_b)."""
+        """Native layout: per (step, tap) in feature order, float16 (C, h, w)."""
         if self.layout != "native":
             raise ValueError(f"{self.path} has the dense layout; block tables exist only in native stores")
         cached = self._cache.get(index)
         if cached is not None:
             return cached
         self._check_done(index)
-        per_block = [torch.from_numpy(self._read(name, index)) for name in self._feature_array_names()]
-        tables = [per_block[b][s] for s in range(len(self.schema.steps)) for b in range(len(per_block))]
+        per_tap = [torch.from_numpy(self._read(name, index)) for name in self._feature_array_names()]  # (T, C, h, w)
+        tables = [maps[step] for step in range(self.schema.maps_per_tap) for maps in per_tap]
         self._cache.put(index, tables)
         return tables
 

@@ -4,24 +4,22 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import logging
 from collections.abc import Sequence
 
 import numpy as np
 import zarr
 import zarr.codecs
 
-logger = logging.getLogger(__name__)
+from pipeline.sources.base import TapShape, steps_per_tap
 
-FORMAT_VERSION = 3  # 3: every chunk of a done image is on disk, so a missing chunk is damage
-READABLE_FORMATS = (2, 3)  # 2: per-image checksums and CRC32C chunks (empty chunks may be absent)
+FORMAT_VERSION = 4  # 4: named taps (`taps/<name>`) and a tagged source provenance
+READABLE_FORMATS = (4,)  # 3 (`block_<b>` arrays, one checkpoint hash) and older: re-extract
+TAPS_GROUP = "taps"
 
 
-# The only codecs a store may use: segcache's own choices (`_compressors`), nothing that unpickles.
+# The only codecs a store may use: segcache's own choices (`chunk_codecs`), nothing that unpickles.
 ALLOWED_CODECS = frozenset({"bytes", "blosc", "zstd", "crc32c"})
 DENSE_TILE = 32
-
-
 NO_LABELS = -1
 
 
@@ -42,27 +40,15 @@ class DamagedImageError(ValueError):
 
 
 @dataclasses.dataclass(frozen=True)
-class BlockShape:
-    """One decoder block's activation shape for one image (the same at every step)."""
-
-    block: int
-    channels: int
-    height: int
-    width: int
-
-
-@dataclasses.dataclass(frozen=True)
 class StoreSchema:
     """Everything that defines a store's contents; two extractions with equal schemas are the same.
 
     Attributes:
         layout: "native" or "dense".
         image_size: S, the model input size.
-        steps: diffusion steps, in feature order.
-        block_shapes: per block in feature order, its activation shape.
-        checkpoint_sha256: hash of the model weights file.
-        architecture: the UNet's configuration.
-        noise_seed: seed of the shared noise.
+        steps: diffusion steps, in feature order ([] for a source without steps).
+        tap_shapes: per tap in feature order, its name and feature map shape.
+        source: the feature source's provenance, tagged by "kind" (`FeatureSource.provenance`).
         image_names: the images, in store order.
         image_sha256: their file hashes.
         classes: {"names": [...], "ignore_label": int} when known, else None.
@@ -71,21 +57,24 @@ class StoreSchema:
     layout: str
     image_size: int
     steps: list[int]
-    block_shapes: list[BlockShape]
-    checkpoint_sha256: str
-    architecture: dict
-    noise_seed: int
+    tap_shapes: list[TapShape]
+    source: dict
     image_names: list[str]
     image_sha256: list[str]
     classes: dict | None = None
 
     @property
-    def blocks(self) -> list[int]:
-        return [shape.block for shape in self.block_shapes]
+    def taps(self) -> list[str]:
+        return [shape.name for shape in self.tap_shapes]
+
+    @property
+    def maps_per_tap(self) -> int:
+        """T: each tap's maps per image (one per step; one for a source without steps)."""
+        return steps_per_tap(self.steps)
 
     @property
     def feature_dim(self) -> int:
-        return len(self.steps) * sum(shape.channels for shape in self.block_shapes)
+        return self.maps_per_tap * sum(shape.channels for shape in self.tap_shapes)
 
     def to_json(self) -> dict:
         document = dataclasses.asdict(self)
@@ -96,7 +85,7 @@ class StoreSchema:
     def from_json(cls, document: dict) -> StoreSchema:
         """Raises TypeError, KeyError or ValueError on a malformed document."""
         fields = {key: value for key, value in document.items() if key not in ("format", "code_version")}
-        fields["block_shapes"] = [BlockShape(**shape) for shape in fields["block_shapes"]]
+        fields["tap_shapes"] = [TapShape(**shape) for shape in fields["tap_shapes"]]
         return cls(**fields)
 
     def array_layouts(self) -> dict[str, tuple[str, tuple[int, ...], tuple[int, ...]]]:
@@ -111,13 +100,13 @@ class StoreSchema:
         if self.layout == "dense":
             tile = min(DENSE_TILE, size)
             arrays["pixels"] = ("float16", (count, size, size, self.feature_dim), (1, tile, tile, self.feature_dim))
-        for shape in self.block_shapes if self.layout == "native" else []:
-            dims = (len(self.steps), shape.channels, shape.height, shape.width)
-            arrays[f"block_{shape.block}"] = ("float16", (count, *dims), (1, *dims))
+        for shape in self.tap_shapes if self.layout == "native" else []:
+            dims = (self.maps_per_tap, shape.channels, shape.height, shape.width)
+            arrays[tap_array(shape.name)] = ("float16", (count, *dims), (1, *dims))
         return arrays
 
     def dimension_names(self) -> dict[str, tuple[str, ...]]:
-        """Every array's named dimensions (what lets xarray open a store); blocks have their own sizes."""
+        """Every array's named dimensions (what lets xarray open a store); taps have their own sizes."""
         names = {
             "images": ("image", "y", "x", "rgb"),
             "labels": ("image", "y", "x"),
@@ -125,13 +114,36 @@ class StoreSchema:
             "done": ("image",),
             "pixels": ("image", "y", "x", "feature"),
         }
-        for shape in self.block_shapes:
-            block = shape.block
-            names[f"block_{block}"] = ("image", "step", f"channel_{block}", f"y_{block}", f"x_{block}")
+        for name in self.taps:
+            names[tap_array(name)] = ("image", "step", f"{name}.channel", f"{name}.y", f"{name}.x")
         return names
 
 
-def _compressors(codec: str) -> list:
+@dataclasses.dataclass(frozen=True)
+class FeatureDescription:
+    """Which features a store holds: what a head trained on them records, to be applied to others."""
+
+    source: dict
+    steps: list[int]
+    taps: list[str]
+    image_size: int
+    feature_dim: int
+
+    @classmethod
+    def of(cls, schema: StoreSchema) -> FeatureDescription:
+        return cls(dict(schema.source), list(schema.steps), list(schema.taps), schema.image_size, schema.feature_dim)
+
+    def differences(self, other: FeatureDescription) -> list[str]:
+        """'field: this value vs other value' for each field that differs (source keys one by one)."""
+        return [f"{name}: {mine!r} vs {theirs!r}" for name, mine, theirs in _differing_fields(self, other)]
+
+
+def tap_array(tap: str) -> str:
+    """The native layout's array of a tap: `taps/<name>`, (N, T, C, h, w)."""
+    return f"{TAPS_GROUP}/{tap}"
+
+
+def chunk_codecs(codec: str) -> list:
     """The chunk codecs: the compressor, then a CRC32C that makes every read check its chunk."""
     if codec == "blosc-lz4":
         compressors = [zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")]
@@ -152,10 +164,23 @@ def image_digest(regions: Sequence[np.ndarray]) -> np.ndarray:
     return np.frombuffer(digest.digest(), dtype=np.uint8)
 
 
-def _schema_differences(stored: StoreSchema, wanted: StoreSchema) -> list[str]:
-    differences = []
-    for field in dataclasses.fields(StoreSchema):
-        if getattr(stored, field.name) != getattr(wanted, field.name):
-            differences.append(field.name)
-    return differences
+def schema_differences(stored: StoreSchema, wanted: StoreSchema) -> list[str]:
+    """Names of the fields that differ; inside the source provenance, its keys (`source.noise_seed`)."""
+    return [name for name, _, _ in _differing_fields(stored, wanted)]
+
+
+def _differing_fields(first, second) -> list[tuple[str, object, object]]:
+    """(name, first's value, second's value) per differing field of two dataclasses of one kind;
+    a differing dict field is compared key by key (`source.checkpoint_sha256`)."""
+    found = []
+    for field in dataclasses.fields(first):
+        mine, theirs = getattr(first, field.name), getattr(second, field.name)
+        if mine == theirs:
+            continue
+        if isinstance(mine, dict) and isinstance(theirs, dict):
+            found += [(f"{field.name}.{key}", mine.get(key), theirs.get(key))
+                      for key in sorted(mine.keys() | theirs.keys()) if mine.get(key) != theirs.get(key)]
+        else:
+            found.append((field.name, mine, theirs))
+    return found
 

@@ -11,7 +11,7 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -29,15 +29,16 @@ from pipeline.store.locations import (
     remove_location,
     store_location,
 )
-from pipeline.store.reader import _check_arrays, _done_marks, _read_schema
+from pipeline.store.reader import check_arrays, done_marks, read_schema
 from pipeline.store.schema import (
     NO_LABELS,
     StoreFormatError,
     StoreMismatchError,
     StoreSchema,
-    _compressors,
-    _schema_differences,
+    chunk_codecs,
     image_digest,
+    schema_differences,
+    tap_array,
 )
 
 logger = logging.getLogger(__name__)
@@ -84,7 +85,7 @@ class FeatureStoreWriter:
 
     def pending_images(self) -> list[int]:
         """Indices of images not yet completely written."""
-        done = _done_marks(self.group, len(self.schema.image_names))
+        done = done_marks(self.group, len(self.schema.image_names))
         return [int(index) for index in np.flatnonzero(~done)]
 
     @contextlib.contextmanager
@@ -134,7 +135,7 @@ class FeatureStoreWriter:
         index: int,
         image: np.ndarray,
         labels: np.ndarray | None,
-        activations: Sequence[torch.Tensor],
+        feature_maps: Mapping[str, torch.Tensor],
     ) -> None:
         """Writes one image's region of every array, then its checksum, then marks it done.
 
@@ -142,9 +143,9 @@ class FeatureStoreWriter:
             index: the image's position in the store.
             image: uint8 (S, S, 3).
             labels: int (S, S), or None when the image has no label map.
-            activations: per (step, block) in feature order, float (C_b, h_b, w_b).
+            feature_maps: tap name → float (T, C, h, w), T maps in step order (`FeatureSource`).
         """
-        regions = {name: region for name, region in self._feature_regions(activations)}
+        regions = {name: region for name, region in self._feature_regions(feature_maps)}
         regions["labels"] = np.full((self.schema.image_size,) * 2, NO_LABELS, np.int16) if labels is None else labels.astype(np.int16)
         regions["images"] = np.asarray(image, dtype=np.uint8)
         pause_point("write-image-begin", index)
@@ -169,17 +170,19 @@ class FeatureStoreWriter:
             for leftover in [*chunks.glob(f"{index}.*.partial"), *(chunks / str(index)).rglob("*.partial")]:
                 leftover.unlink(missing_ok=True)
 
-    def _feature_regions(self, activations: Sequence[torch.Tensor]):
+    def _feature_regions(self, feature_maps: Mapping[str, torch.Tensor]):
         """(array name, float16 region) pairs of one image's features."""
-        if self.schema.layout == "dense":
-            size = self.schema.image_size
-            pixels = upsample_and_concatenate([table[None] for table in activations], size)[0]  # (S, S, D)
+        schema = self.schema
+        missing = [name for name in schema.taps if name not in feature_maps]
+        if missing:
+            raise ValueError(f"no feature maps for the store's taps {missing}")
+        if schema.layout == "dense":
+            tables = [feature_maps[name][step] for step in range(schema.maps_per_tap) for name in schema.taps]
+            pixels = upsample_and_concatenate([table[None] for table in tables], schema.image_size)[0]  # (S, S, D)
             yield "pixels", pixels.to(torch.float16).numpy()
             return
-        num_blocks = len(self.schema.block_shapes)
-        for position, shape in enumerate(self.schema.block_shapes):
-            per_step = activations[position::num_blocks]  # this block at every step, in step order
-            yield f"block_{shape.block}", torch.stack([table.to(torch.float16) for table in per_step]).numpy()  # (T, C, h, w)
+        for name in schema.taps:
+            yield tap_array(name), feature_maps[name].to(torch.float16).numpy()  # (T, C, h, w)
 
 
 def open_store_for_writing(
@@ -217,10 +220,10 @@ def open_store_for_writing(
     if stored != schema:
         raise StoreMismatchError(
             f"refusing to write into {path}: it holds other features (differs in: "
-            f"{', '.join(_schema_differences(stored, schema))}). Choose another --store path or delete it."
+            f"{', '.join(schema_differences(stored, schema))}). Choose another --store path or delete it."
         )
     group = zarr.open_group(path, mode="r+", zarr_format=3)
-    _check_arrays(group, schema, path)
+    check_arrays(group, schema, path)
     return FeatureStoreWriter(group, schema, path)
 
 
@@ -236,19 +239,19 @@ def _open_remote_store_for_writing(
                 "or overwritten). Choose another --store URL, or move it away."
             )
         try:
-            stored = _read_schema(url)
+            stored = read_schema(url)
         except StoreFormatError:
             if not replace_mismatched:
                 raise
             stored = None
         if stored == schema:
             group = open_zarr_group(url, "r+", zarr_format=3)
-            _check_arrays(group, schema, url)
+            check_arrays(group, schema, url)
             return FeatureStoreWriter(group, schema, url)
         if not replace_mismatched:
             raise StoreMismatchError(
                 f"refusing to write into {url}: it holds other features (differs in: "
-                f"{', '.join(_schema_differences(stored, schema))}). Choose another --store path or delete it."
+                f"{', '.join(schema_differences(stored, schema))}). Choose another --store path or delete it."
             )
         logger.warning("replacing %s: its contents do not match the requested extraction", url)
         remove_location(url)
@@ -264,7 +267,7 @@ def _existing_schema(path: Path, replace_mismatched: bool) -> StoreSchema | None
             "or overwritten). Choose another --store path, or move it away."
         )
     try:
-        return _read_schema(path)
+        return read_schema(path)
     except StoreFormatError:
         if not replace_mismatched:
             raise
@@ -301,7 +304,7 @@ def _create_store(path: Location, schema: StoreSchema, codec: str) -> zarr.Group
     if schema.layout not in ("native", "dense"):
         raise ValueError(f"unknown layout {schema.layout!r}; use native or dense")
     group = open_zarr_group(path, "w", zarr_format=3)
-    features, small = _compressors(codec), _compressors("zstd")
+    features, small = chunk_codecs(codec), chunk_codecs("zstd")
     dimension_names = schema.dimension_names()
     for name, (dtype, shape, chunks) in schema.array_layouts().items():
         group.create_array(

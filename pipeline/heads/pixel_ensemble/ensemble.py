@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pipeline.runtime.atomic import replaced_folder
+from pipeline.store.schema import FeatureDescription
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +67,7 @@ class Ensemble:
         feature_dim: D, the pixel feature width they expect.
         class_names: K names; label k is class_names[k].
         ignore_label: the label of unannotated pixels.
-        features: what the features were: steps, blocks, checkpoint_sha256, image_size, noise_seed.
+        features: the features they were trained on (source, steps, taps, size).
         logs: one MemberLog per member.
     """
 
@@ -74,7 +75,7 @@ class Ensemble:
     feature_dim: int
     class_names: list[str]
     ignore_label: int
-    features: dict
+    features: FeatureDescription
     logs: list[MemberLog]
 
     @property
@@ -96,7 +97,7 @@ def save_ensemble(ensemble: Ensemble, out_dir: str | Path) -> None:
         "hidden_widths": list(hidden_widths(ensemble.num_classes)),
         "class_names": ensemble.class_names,
         "ignore_label": ensemble.ignore_label,
-        "features": ensemble.features,
+        "features": dataclasses.asdict(ensemble.features),
         "logs": [dataclasses.asdict(log) for log in ensemble.logs],
     }
     with replaced_folder(Path(out_dir)) as staging:
@@ -116,6 +117,13 @@ def load_ensemble(ensemble_dir: str | Path) -> Ensemble:
     if not config_path.is_file() or not weights_path.is_file():
         raise FileNotFoundError(f"no trained ensemble in {ensemble_dir} (expected {ENSEMBLE_CONFIG} and {ENSEMBLE_WEIGHTS})")
     config = json.loads(config_path.read_text())
+    try:
+        features = FeatureDescription(**config["features"])
+    except TypeError:
+        raise ValueError(
+            f"{config_path} was written by an older segcache (features named by block numbers, not taps); "
+            "re-extract its stores and train it again"
+        ) from None
     tensors = load_file(weights_path)
     members = []
     for index in range(config["members"]):
@@ -128,5 +136,5 @@ def load_ensemble(ensemble_dir: str | Path) -> Ensemble:
             raise ValueError(f"{weights_path}: member {index} does not match {config_path}: {error}") from None
         members.append(model.eval())
     logs = [MemberLog(**log) for log in config["logs"]]
-    return Ensemble(members, config["feature_dim"], config["class_names"], config["ignore_label"], config["features"], logs)
+    return Ensemble(members, config["feature_dim"], config["class_names"], config["ignore_label"], features, logs)
 

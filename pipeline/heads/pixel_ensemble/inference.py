@@ -41,11 +41,17 @@ def votes_and_disagreement(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     return labels, (mean_entropy - member_entropy.mean(dim=0)).clamp_min(0.0)
 
 
-@torch.inference_mode()
 def predict_from_block_tables(
     members: list[torch.nn.Module], tables: list[torch.Tensor], size: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`predict_with_uncertainty` for every pixel of a size×size image, from its block tables.
+    """`predict_with_uncertainty` for every pixel of a size×size image, from its block tables:
+    labels int64 (size·size,) and disagreement float32 (size·size,), row-major."""
+    return votes_and_disagreement(member_logits_from_tables(members, tables, size))
+
+
+@torch.inference_mode()
+def member_logits_from_tables(members: list[torch.nn.Module], tables: list[torch.Tensor], size: int) -> torch.Tensor:
+    """Each member's logits for every pixel of a size×size image, from its block tables.
 
     A pixel's features are the blocks upsampled bilinearly and concatenated, and upsampling
     is linear, so each member's first layer is applied at every block's own resolution and
@@ -61,7 +67,7 @@ def predict_from_block_tables(
         size: the image side.
 
     Returns:
-        labels int64 (size·size,) and disagreement float32 (size·size,), row-major.
+        float32 (M, size·size, K), pixels row-major.
     """
     tables = [table.float() for table in tables]
     widths = [table.shape[0] for table in tables]
@@ -87,7 +93,7 @@ def predict_from_block_tables(
         for weight, bias in _folded_hidden_layers(member):
             hidden = torch.addmm(bias, hidden.relu_(), weight.T)  # ReLU, then (BatchNorm + Linear) folded
         member_logits.append(hidden)  # (S·S, K)
-    return votes_and_disagreement(torch.stack(member_logits))  # (M, S·S, K)
+    return torch.stack(member_logits)  # (M, S·S, K)
 
 
 def _folded_hidden_layers(member: torch.nn.Sequential) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from pipeline.config import TrainSettings
 from pipeline.heads.pixel_ensemble.ensemble import Ensemble, MemberLog, make_pixel_classifier
+from pipeline.store.schema import FeatureDescription
 
 logger = logging.getLogger(__name__)
 
@@ -229,7 +230,7 @@ def train_ensemble(
     feature_dim: int,
     class_names: list[str],
     ignore_label: int,
-    features: dict,
+    features: FeatureDescription,
     settings: TrainSettings,
     device: torch.device = torch.device("cpu"),
     show_progress: bool = True,
@@ -255,5 +256,5 @@ def train_ensemble(
         )
         members.append(model.cpu())
         logs.append(log)
-    return Ensemble(members, feature_dim, list(class_names), ignore_label, dict(features), logs)
+    return Ensemble(members, feature_dim, list(class_names), ignore_label, features, logs)
 

@@ -1,0 +1,59 @@
+"""What every feature source provides: named feature maps for a batch of images, and their shapes.
+
+A feature source turns images into named feature maps ("taps"): a diffusion UNet's decoder
+modules at a few noise steps (`diffusion_unet.UNetSource`), or the raw pixels themselves
+(`pixels.PixelSource`). Extraction, the store and the heads see only this protocol, so a new
+kind of model is one new module here.
+
+Feature order, everywhere: step-major, then taps in the order given. A source without steps
+(raw pixels) has `steps == []` and one map per tap.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Protocol
+
+import torch
+
+
+@dataclasses.dataclass(frozen=True)
+class TapShape:
+    """One tap's feature map shape for one image (the same at every step)."""
+
+    name: str
+    channels: int
+    height: int
+    width: int
+
+
+class FeatureSource(Protocol):
+    """A model (or none) that turns images into named feature maps.
+
+    Attributes:
+        steps: the diffusion steps t, in feature order; [] for a source without steps.
+        taps: the names of the feature maps, in feature order.
+        device: where `feature_maps` wants its input.
+    """
+
+    steps: list[int]
+    taps: list[str]
+    device: torch.device
+
+    def provenance(self) -> dict:
+        """JSON-serialisable, tagged by "kind": equal provenance and inputs give equal features."""
+        ...
+
+    def tap_shapes(self, size: int) -> list[TapShape]:
+        """Each tap's (C, h, w) for a size×size input, in tap order."""
+        ...
+
+    def feature_maps(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Images (B, 3, S, S) in [-1, 1] on `device` → tap name → float32 CPU (B, T, C, h, w),
+        T = max(1, len(steps)), steps in order."""
+        ...
+
+
+def steps_per_tap(steps: list[int]) -> int:
+    """How many maps each tap has per image: one per step, one for a source without steps."""
+    return max(1, len(steps))

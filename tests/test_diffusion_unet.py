@@ -1,0 +1,59 @@
+"""The pixel-space UNet feature source: taps by block number or module path, early stop, provenance."""
+
+import pytest
+import torch
+
+from pipeline.sources.adm.blocks import decoder_block_names
+from pipeline.sources.checkpoints import Backbone
+from pipeline.sources.diffusion_unet import UNetSource, resolve_taps
+from pipeline.sources.noise import add_noise, paper_scheduler, shared_noise
+from pipeline.sources.tiny_unet import make_tiny_unet
+
+
+def _source(blocks, steps=(100,), seed=0):
+    unet = make_tiny_unet(sample_size=32, seed=1)
+    backbone = Backbone(unet, "ab" * 32, dict(unet.config), "diffusers")
+    return UNetSource(backbone, blocks, steps, seed, torch.device("cpu"))
+
+
+def test_block_numbers_are_aliases_of_module_paths():
+    unet = make_tiny_unet(sample_size=32, seed=1)
+    names = decoder_block_names(unet)
+    assert resolve_taps(unet, [5, "12", "mid_block", names[3]]) == [names[5], names[12], "mid_block", names[3]]
+    with pytest.raises(ValueError, match=r"decoder block 40 is invalid.*0\.\.14"):
+        resolve_taps(unet, [40])
+    with pytest.raises(ValueError, match="'up_blocks.9' is neither"):
+        resolve_taps(unet, ["up_blocks.9"])
+    with pytest.raises(ValueError, match="more than once"):
+        resolve_taps(unet, [5, names[5]])
+
+
+def test_feature_maps_equal_a_full_forward_pass_stopped_after_the_last_tap():
+    source = _source([12, 5, "mid_block"], steps=(100, 300), seed=4)
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    maps = source.feature_maps(images)
+    for position, step in enumerate((100, 300)):
+        full = {}
+        handles = [
+            source.unet.get_submodule(name).register_forward_hook(lambda _m, _i, out, name=name: full.update({name: out}))
+            for name in source.taps
+        ]
+        with torch.no_grad():
+            noisy = add_noise(images, step, shared_noise(4, (1, 3, 32, 32)), paper_scheduler())
+            source.unet(noisy, torch.full((2,), step))
+        for handle in handles:
+            handle.remove()
+        for name in source.taps:
+            torch.testing.assert_close(maps[name][:, position], full[name])
+
+
+def test_shapes_and_provenance():
+    source = _source([5, 12], steps=(50, 150, 250), seed=7)
+    shapes = source.tap_shapes(32)
+    assert [shape.name for shape in shapes] == source.taps
+    maps = source.feature_maps(torch.zeros(1, 3, 32, 32))
+    for shape in shapes:
+        assert maps[shape.name].shape == (1, 3, shape.channels, shape.height, shape.width)
+    assert source.provenance() == {
+        "kind": "diffusers", "checkpoint_sha256": "ab" * 32, "architecture": dict(source.unet.config), "noise_seed": 7,
+    }
