@@ -46,8 +46,8 @@ def stream_rate(store_path: Path, num_classes: int, settings: TrainSettings, buf
     pixels = select_labeled_pixels(store, num_classes, 255, settings.min_class_pixels)
     stream = PixelStream(store, pixels, settings.fast_batch_size, settings.buffer_pixels)
     reads = []
-    original_read = store._read
-    store._read = lambda *args: reads.append(args[0]) or original_read(*args)
+    original_read = store.read_region
+    store.read_region = lambda *args: reads.append(args[0]) or original_read(*args)
     intervals, sizes = [], []
     started = time.perf_counter()
     for position, (features, _) in enumerate(stream.buffers(np.random.default_rng(0))):

@@ -32,8 +32,8 @@ from bench.common import (
     write_synthetic_store,
 )
 from pipeline.config import EvaluateSettings, ExtractSettings, TrainSettings, load_params
+from pipeline.evaluation.metrics import IoUAccumulator
 from pipeline.evaluation.predict import predict_image
-from pipeline.evaluation.score import IoUAccumulator
 from pipeline.heads.pixel_ensemble.training import train_on_store
 from pipeline.runtime.devices import torch_threads
 from pipeline.store.reader import FeatureStore

@@ -100,6 +100,8 @@ class TrainSettings:
             batch 64); "fast" trains all members together as batched matrix products with
             `fast_batch_size` pixels per member and step, each member in its own order.
         members: number of MLPs in the ensemble.
+        hidden_widths: each member's two hidden layer widths; None: the paper's rule, (128, 32)
+            below 30 classes and (256, 128) from 30 on.
         seed: seeds initialisation and the pixel order of every member.
         learning_rate: Adam learning rate.
         batch_size: pixels per optimiser step.
@@ -124,6 +126,7 @@ class TrainSettings:
 
     protocol: Protocol = "paper"
     members: int = 10
+    hidden_widths: list[int] | None = None
     seed: int = 0
     learning_rate: float = 0.001
     batch_size: int = 64
@@ -147,6 +150,8 @@ class TrainSettings:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"train: `{name}` must be positive, got {getattr(self, name)}")
+        if self.hidden_widths is not None and (len(self.hidden_widths) != 2 or min(self.hidden_widths) <= 0):
+            raise ValueError(f"train: `hidden_widths` must be two positive widths or null, got {self.hidden_widths}")
         if self.fast_min_steps < 0 or (self.min_class_pixels is not None and self.min_class_pixels < 0):
             raise ValueError(
                 f"train: `fast_min_steps` and `min_class_pixels` must be >= 0, got {self.fast_min_steps}, {self.min_class_pixels}"

@@ -2,12 +2,27 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+import sys
 from pathlib import Path
 
 from pipeline.store.locations import location_bytes
 
 DATA_FOLDER = "data"
+
+
+def loaded_code_sha256() -> str:
+    """sha256 over the project's source files this process has imported so far (`pipeline`,
+    `stages`), in name order: what a stage records in its store, so that DVC re-running it after a
+    code change rebuilds the store instead of resuming the old one."""
+    digest = hashlib.sha256()
+    for name in sorted(sys.modules):
+        file = getattr(sys.modules[name], "__file__", None)
+        if name.split(".")[0] in ("pipeline", "stages") and file:
+            digest.update(name.encode())
+            digest.update(Path(file).read_bytes())
+    return digest.hexdigest()
 
 
 def size_on_disk(path: str | Path) -> str:

@@ -6,7 +6,7 @@ import logging
 from pipeline.config import load_params
 from pipeline.data.folders import find_class_info
 from pipeline.extraction.extract import extract_features
-from stages import output_path, size_on_disk
+from stages import loaded_code_sha256, output_path, size_on_disk
 
 
 def main() -> None:
@@ -26,6 +26,7 @@ def main() -> None:
         settings,
         classes=find_class_info(arguments.images),
         replace_mismatched=True,  # the store is this stage's output: new settings mean a new store
+        code_sha256=loaded_code_sha256(),  # and new code too (a killed run of the same code resumes)
     )
     print(
         f"extract: {summary.images_written} of {summary.images_total} images written to {summary.store_path} "

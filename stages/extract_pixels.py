@@ -6,7 +6,7 @@ import logging
 from pipeline.config import load_params
 from pipeline.data.folders import find_class_info
 from pipeline.extraction.pixels import extract_pixel_features
-from stages import output_path, size_on_disk
+from stages import loaded_code_sha256, output_path, size_on_disk
 
 
 def main() -> None:
@@ -25,6 +25,7 @@ def main() -> None:
         params.baselines.pixel_neighbourhood,
         classes=find_class_info(arguments.images),
         replace_mismatched=True,
+        code_sha256=loaded_code_sha256(),
     )
     print(
         f"pixel features: {summary.images_written} of {summary.images_total} images to {summary.store_path} "

@@ -5,14 +5,20 @@ import pytest
 import torch
 
 from pipeline.config import TrainSettings
-from pipeline.heads.pixel_ensemble.ensemble import hidden_widths, load_ensemble, make_pixel_classifier, save_ensemble
+from pipeline.heads.pixel_ensemble.ensemble import (
+    Ensemble,
+    load_ensemble,
+    make_pixel_classifier,
+    paper_hidden_widths,
+    save_ensemble,
+)
 from pipeline.heads.pixel_ensemble.inference import predict_with_uncertainty
 from pipeline.heads.pixel_ensemble.members import train_ensemble, train_member
 from pipeline.store.schema import FeatureDescription
 
 
 def test_architecture_follows_class_count():
-    assert hidden_widths(29) == (128, 32) and hidden_widths(30) == (256, 128)
+    assert paper_hidden_widths(29) == (128, 32) and paper_hidden_widths(30) == (256, 128)
     model = make_pixel_classifier(40, 34, torch.Generator().manual_seed(0))
     kinds = [type(layer).__name__ for layer in model]
     assert kinds == ["Linear", "ReLU", "BatchNorm1d", "Linear", "ReLU", "BatchNorm1d", "Linear"]
@@ -124,6 +130,27 @@ def test_an_ensemble_saved_by_the_block_numbered_format_is_refused_with_a_reason
     config_path.write_text(json.dumps(config))
     with pytest.raises(ValueError, match="older segcache.*train it again"):
         load_ensemble(tmp_path / "ensemble")
+
+
+@pytest.mark.parametrize("protocol", ["paper", "fast"])
+def test_hidden_widths_come_from_the_settings_and_are_saved(tmp_path, protocol):
+    from pipeline.heads.pixel_ensemble.members import train_fused
+
+    settings = TrainSettings(protocol=protocol, members=2, max_epochs=1, hidden_widths=[16, 8], fast_min_steps=0)
+    if protocol == "paper":
+        ensemble = train_ensemble(_separable_batches, 6, ["a", "b", "c"], 255, FEATURES, settings, show_progress=False)
+    else:
+        def epoch_batches(epoch):  # both members see the same batches: (2, B, D), (2, B)
+            for features, labels in _separable_batches(0, epoch):
+                yield torch.stack([features] * 2), torch.stack([labels] * 2)
+
+        members, logs = train_fused(epoch_batches, 6, 3, 512, settings, show_progress=False)
+        ensemble = Ensemble(members, 6, ["a", "b", "c"], 255, FEATURES, logs)
+    assert [ensemble.members[0][0].out_features, ensemble.members[0][3].out_features] == [16, 8]
+    save_ensemble(ensemble, tmp_path / "ensemble")
+    assert load_ensemble(tmp_path / "ensemble").members[1][3].out_features == 8
+    with pytest.raises(ValueError, match="two positive widths"):
+        TrainSettings(hidden_widths=[16])
 
 
 def test_vote_ties_go_to_the_smallest_label():

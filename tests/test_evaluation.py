@@ -7,10 +7,10 @@ from PIL import Image
 from conftest import write_learnable_store
 from pipeline.config import EvaluateSettings, TrainSettings
 from pipeline.evaluation.evaluate import evaluate_on_store
+from pipeline.evaluation.metrics import IoUAccumulator, top_decile_mean
 from pipeline.evaluation.predict import predict_from_tables, predict_pixels, predict_store
 from pipeline.evaluation.predictions import Predictions, create_predictions
 from pipeline.evaluation.report import write_masks_and_pictures
-from pipeline.evaluation.score import IoUAccumulator, top_decile_mean
 from pipeline.evaluation.scoring import score_predictions
 from pipeline.heads.pixel_ensemble.ensemble import load_ensemble
 from pipeline.heads.pixel_ensemble.inference import member_logits_from_tables, predict_from_block_tables

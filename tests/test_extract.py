@@ -65,6 +65,19 @@ def test_a_complete_store_is_not_rewritten_and_an_interrupted_one_resumes(tmp_pa
     assert chunk_of_image_0.stat().st_mtime_ns == modified[chunk_of_image_0]
 
 
+def test_a_store_of_other_code_is_rebuilt_not_resumed(tmp_path, tiny_checkpoint):
+    images = write_image_folder(tmp_path / "images", count=2)
+    store = tmp_path / "store.zarr"
+    first = extract_features(tiny_checkpoint, images, store, SETTINGS, show_progress=False, code_sha256="a" * 64)
+    same = extract_features(tiny_checkpoint, images, store, SETTINGS, show_progress=False, code_sha256="a" * 64)
+    assert (first.images_written, same.images_written) == (2, 0)  # the same code resumes
+    with pytest.raises(StoreMismatchError, match="code_sha256"):
+        extract_features(tiny_checkpoint, images, store, SETTINGS, show_progress=False, code_sha256="b" * 64)
+    rebuilt = extract_features(tiny_checkpoint, images, store, SETTINGS, replace_mismatched=True,
+                               show_progress=False, code_sha256="b" * 64)
+    assert rebuilt.images_written == 2 and FeatureStore(store).schema.code_sha256 == "b" * 64
+
+
 def test_other_settings_on_an_existing_store_are_refused(tmp_path, tiny_checkpoint):
     images = write_image_folder(tmp_path / "images", count=2)
     extract_features(tiny_checkpoint, images, tmp_path / "store.zarr", SETTINGS, show_progress=False)

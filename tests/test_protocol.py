@@ -2,7 +2,7 @@
 (NOTES.md; yandex-research/ddpm-segmentation, train_interpreter.py and src/pixel_classifier.py),
 point by point. Each test states the official behaviour as a small independent oracle and checks
 our code against it: what is sampled, initialisation, optimiser, batches, stopping rule, voting,
-uncertainty and IoU accumulation. (Data order and resizing are pinned in test_datasets.py.)
+uncertainty and IoU accumulation. (Data order and resizing are pinned in test_folders.py.)
 """
 
 import copy
@@ -13,7 +13,7 @@ import torch
 
 from conftest import write_synthetic_store
 from pipeline.config import TrainSettings
-from pipeline.evaluation.score import IoUAccumulator, top_decile_mean
+from pipeline.evaluation.metrics import IoUAccumulator, top_decile_mean
 from pipeline.heads.pixel_ensemble.ensemble import make_pixel_classifier
 from pipeline.heads.pixel_ensemble.inference import predict_with_uncertainty
 from pipeline.heads.pixel_ensemble.members import run_epochs, train_member

@@ -95,3 +95,21 @@ def test_a_stage_given_a_path_outside_data_deletes_nothing(tmp_path, monkeypatch
     with pytest.raises(ValueError, match="refusing to write '../victim'"):
         stages.demo_data.main()
     assert (tmp_path / "victim" / "keep.txt").read_text() == "mine"
+
+
+def test_the_code_digest_follows_the_loaded_source_files(tmp_path, monkeypatch):
+    """What makes `dvc repro` rebuild a persisted store after a code change instead of resuming it."""
+    import sys
+    import types
+
+    from stages import loaded_code_sha256
+
+    source = tmp_path / "pipeline_probe.py"
+    source.write_text("VALUE = 1\n")
+    module = types.ModuleType("pipeline.probe_for_digest")
+    module.__file__ = str(source)
+    monkeypatch.setitem(sys.modules, "pipeline.probe_for_digest", module)
+    before = loaded_code_sha256()
+    assert loaded_code_sha256() == before
+    source.write_text("VALUE = 2\n")
+    assert loaded_code_sha256() != before

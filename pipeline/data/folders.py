@@ -200,7 +200,7 @@ def load_label_map(record: ImageRecord, size: int, expected_shape: tuple[int, in
 
     Output pixel i takes source pixel floor(i · in / out), in exact integer arithmetic. This is
     `torch.nn.functional.interpolate(mode="nearest")`'s rule, and gives the same maps for the sizes
-    we use (32→32, 256→256, 512→256, 20→32; tests/test_datasets.py checks it), but the index
+    we use (32→32, 256→256, 512→256, 20→32; tests/test_folders.py checks it), but the index
     arithmetic stays: interpolate has no int16/int32/int64 kernels (labels would go through float),
     and it computes in/out as a float32 scale, which moves some pixels at other sizes (39→33 and
     84→100 among them). "nearest-exact" is another rule (floor((i + ½) · in / out)).

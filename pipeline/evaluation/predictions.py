@@ -30,7 +30,7 @@ import numpy as np
 import zarr
 import zarr.codecs
 
-from pipeline.evaluation.score import top_decile_mean
+from pipeline.evaluation.metrics import top_decile_mean
 
 logger = logging.getLogger(__name__)
 

@@ -57,6 +57,7 @@ def extract_features(
     classes: ClassInfo | None = None,
     replace_mismatched: bool = False,
     show_progress: bool = True,
+    code_sha256: str | None = None,
 ) -> ExtractionSummary:
     """Extracts every image's features of a folder into a store, resuming unfinished work.
 
@@ -71,10 +72,11 @@ def extract_features(
         classes: class names and ignore label, recorded in the store.
         replace_mismatched: replace a store that holds other features instead of refusing.
         show_progress: show a progress bar.
+        code_sha256: recorded in the schema: a store written by other code is another store.
     """
     return extract_with_runner(
         lambda: batch_runner(checkpoint, settings), images_dir, store_path, settings.size, settings.layout,
-        settings.codec, settings.batch_size, classes, replace_mismatched, show_progress,
+        settings.codec, settings.batch_size, classes, replace_mismatched, show_progress, code_sha256,
     )
 
 
@@ -89,6 +91,7 @@ def extract_with_runner(
     classes: ClassInfo | None = None,
     replace_mismatched: bool = False,
     show_progress: bool = True,
+    code_sha256: str | None = None,
 ) -> ExtractionSummary:
     """Extracts a folder into a store through any runner (any feature source): `extract_features`
     for diffusion UNets, `pixels.extract_pixel_features` for the raw-pixel baseline. The runner is
@@ -111,6 +114,7 @@ def extract_with_runner(
             image_names=[record.name for record in records],
             image_sha256=[file_sha256(record.image_path) for record in records],
             classes=None if classes is None else {"names": classes.names, "ignore_label": classes.ignore_label},
+            code_sha256=code_sha256,
         )
         with _disk_full_explained(store_path, None):
             writer = open_store_for_writing(store_path, schema, codec, replace_mismatched)

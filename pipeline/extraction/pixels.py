@@ -20,9 +20,10 @@ def extract_pixel_features(
     classes: ClassInfo | None = None,
     replace_mismatched: bool = False,
     show_progress: bool = True,
+    code_sha256: str | None = None,
 ) -> ExtractionSummary:
     """Writes the raw-pixel baseline features of a folder of images into a native store."""
     return extract_with_runner(
         lambda: contextlib.nullcontext(InProcessBatches(PixelSource(neighbourhood), size)), images_dir, store_path, size, classes=classes, replace_mismatched=replace_mismatched,
-        show_progress=show_progress,
+        show_progress=show_progress, code_sha256=code_sha256,
     )

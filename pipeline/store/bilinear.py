@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -80,22 +79,3 @@ def gather_pixels(table: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor, size:
     rows = torch.empty(height * width, channels, dtype=torch.float32, device=table.device)
     rows.copy_(table.reshape(channels, height * width).T)  # (C, h*w) -> (h*w, C)
     return F.embedding_bag(neighbours, rows, per_sample_weights=weights, mode="sum")
-
-
-def gather_pixels_from_blocks(
-    tables: Sequence[torch.Tensor], ys: np.ndarray, xs: np.ndarray, size: int
-) -> np.ndarray:
-    """Full pixel feature vectors from every block's activations of one image.
-
-    Args:
-        tables: per block in feature order, (C_b, h_b, w_b).
-        ys, xs: int arrays (P,) of pixel rows and columns.
-        size: the image size.
-
-    Returns:
-        float32 array (P, ΣC_b).
-    """
-    ys_tensor = torch.as_tensor(np.asarray(ys, dtype=np.int64))
-    xs_tensor = torch.as_tensor(np.asarray(xs, dtype=np.int64))
-    parts = [gather_pixels(table, ys_tensor, xs_tensor, size) for table in tables]
-    return torch.cat(parts, dim=1).numpy()

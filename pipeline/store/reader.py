@@ -18,7 +18,7 @@ import zarr
 import zarr.codecs
 from zarr.core.sync import sync
 
-from pipeline.store.bilinear import gather_pixels_from_blocks, upsample_and_concatenate
+from pipeline.store.layouts import NATIVE, layout_named, store_arrays
 from pipeline.store.locations import Location, holds_zarr_group, location_bytes, open_zarr_group, store_location
 from pipeline.store.schema import (
     ALLOWED_CODECS,
@@ -31,7 +31,6 @@ from pipeline.store.schema import (
     StoreFormatError,
     StoreSchema,
     image_digest,
-    tap_array,
 )
 
 logger = logging.getLogger(__name__)
@@ -71,7 +70,7 @@ def check_arrays(group: zarr.Group, schema: StoreSchema, path: Path) -> None:
     """Refuses a store whose arrays are not exactly those segcache writes for this schema: other
     dtypes, shapes or chunks, or a codec outside `ALLOWED_CODECS` (nothing gets decoded by a codec
     a store's author chose, e.g. one that unpickles)."""
-    for name, (dtype, shape, chunks) in schema.array_layouts().items():
+    for name, (dtype, shape, chunks) in store_arrays(schema).items():
         try:
             array = group[name]
         except KeyError:
@@ -141,6 +140,7 @@ class FeatureStore:
         self.format = self.group.attrs["segcache"]["format"]
         self.code_version = self.group.attrs["segcache"].get("code_version")
         self._cache = _TableCache(cache_megabytes << 20)
+        self._layout = layout_named(self.schema.layout)
 
     def __getstate__(self) -> dict:
         return {"path": self.path, "cache_megabytes": self.cache_megabytes}
@@ -177,16 +177,17 @@ class FeatureStore:
         """bool (N,): which images are completely written."""
         return done_marks(self.group, self.num_images)
 
-    def _check_done(self, index: int) -> None:
+    def check_done(self, index: int) -> None:
+        """Raises IncompleteImageError (or IndexError) unless image `index` is completely written."""
         if not 0 <= index < self.num_images:
             raise IndexError(f"image index {index} outside 0..{self.num_images - 1} in {self.path}")
-        if not self._read("done", index) == 1:
+        if not self.read_region("done", index) == 1:
             raise IncompleteImageError(
                 f"image {index} ({self.schema.image_names[index]}) in {self.path} was not completely "
                 "written; re-run extract to finish the store"
             )
 
-    def _read(self, array_name: str, index: int, *selection: slice) -> np.ndarray:
+    def read_region(self, array_name: str, index: int, *selection: slice) -> np.ndarray:
         """Reads (part of) one image's region. A chunk failing its CRC32C, or (format 3) missing
         where zarr would silently return its fill value, is a DamagedImageError."""
         array = self.group[array_name]
@@ -212,16 +213,14 @@ class FeatureStore:
         return [key for key in keys if not sync(array.store.exists(key))]
 
     def _feature_array_names(self) -> list[str]:
-        if self.layout == "dense":
-            return ["pixels"]
-        return [tap_array(name) for name in self.schema.taps]
+        return list(self._layout.feature_arrays(self.schema))
 
     def verify_image(self, index: int) -> bool:
         """Whether an image's stored bytes still match the checksum recorded when it was written."""
-        self._check_done(index)
+        self.check_done(index)
         try:
-            regions = [self._read(name, index) for name in [*self._feature_array_names(), "labels", "images"]]
-            recorded = self._read("checksums", index)
+            regions = [self.read_region(name, index) for name in [*self._feature_array_names(), "labels", "images"]]
+            recorded = self.read_region("checksums", index)
         except DamagedImageError:
             return False
         return bool(np.array_equal(image_digest(regions), recorded))
@@ -233,72 +232,50 @@ class FeatureStore:
     # --- per image --------------------------------------------------------------------------
     def image(self, index: int) -> np.ndarray:
         """The resized input image, uint8 (S, S, 3)."""
-        self._check_done(index)
-        return self._read("images", index)
+        self.check_done(index)
+        return self.read_region("images", index)
 
     def labels(self, index: int) -> np.ndarray | None:
         """The image's label map, int64 (S, S), or None when it has none."""
-        self._check_done(index)
-        labels = self._read("labels", index).astype(np.int64)
+        self.check_done(index)
+        labels = self.read_region("labels", index).astype(np.int64)
         return None if (labels == NO_LABELS).all() else labels
 
     def block_tables(self, index: int) -> list[torch.Tensor]:
         """Native layout: per (step, tap) in feature order, float16 (C, h, w)."""
-        if self.layout != "native":
+        if self._layout is not NATIVE:
             raise ValueError(f"{self.path} has the dense layout; block tables exist only in native stores")
         cached = self._cache.get(index)
         if cached is not None:
             return cached
-        self._check_done(index)
-        per_tap = [torch.from_numpy(self._read(name, index)) for name in self._feature_array_names()]  # (T, C, h, w)
+        self.check_done(index)
+        per_tap = [torch.from_numpy(self.read_region(name, index)) for name in self._feature_array_names()]  # (T, C, h, w)
         tables = [maps[step] for step in range(self.schema.maps_per_tap) for maps in per_tap]
         self._cache.put(index, tables)
         return tables
 
     def pixel_features(self, index: int, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
         """Feature vectors of chosen pixels of one image, float32 (P, D)."""
-        ys, xs = np.asarray(ys, dtype=np.int64), np.asarray(xs, dtype=np.int64)
-        if self.layout == "native":
-            return gather_pixels_from_blocks(self.block_tables(index), ys, xs, self.image_size)
-        self._check_done(index)
-        return self._dense_pixels(index, ys, xs)
-
-    def _dense_pixels(self, index: int, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
-        """Reads whole tiles (chunks) and picks the pixels from them; never one pixel at a time."""
-        pixels = self.group["pixels"]
-        tile = pixels.chunks[1]
         features = np.empty((len(ys), self.feature_dim), dtype=np.float32)
-        tile_ids = (ys // tile) * (self.image_size // tile + 1) + xs // tile
-        for tile_id in np.unique(tile_ids):
-            members = np.flatnonzero(tile_ids == tile_id)
-            top, left = ys[members[0]] // tile * tile, xs[members[0]] // tile * tile
-            block = self._read("pixels", index, slice(top, top + tile), slice(left, left + tile))  # (tile, tile, D)
-            features[members] = block[ys[members] - top, xs[members] - left]
+        self.gather_pixel_features(index, ys, xs, features, slice(None))
         return features
+
+    def gather_pixel_features(self, index: int, ys: np.ndarray, xs: np.ndarray, out: np.ndarray, rows) -> None:
+        """Chosen pixels' features of one image written into `out[rows]` ((P, D) of any float
+        dtype; `rows` any index), with no (P, D) float32 temporary in native stores (what
+        training's float16 buffers use)."""
+        ys, xs = np.asarray(ys, dtype=np.int64), np.asarray(xs, dtype=np.int64)
+        self._layout.gather_into(self, index, ys, xs, out, rows)
 
     def image_features(self, index: int) -> np.ndarray:
         """All pixel features of one image, float16 (S, S, D)."""
-        if self.layout == "dense":
-            self._check_done(index)
-            return self._read("pixels", index)
-        tables = self.block_tables(index)
-        pixels = upsample_and_concatenate([table[None] for table in tables], self.image_size)[0]
-        return pixels.to(torch.float16).numpy()
+        return self._layout.image_features(self, index)
 
     # --- everything, lazily -----------------------------------------------------------------
     def to_dask(self) -> dask.array.Array:
         """A lazy float16 (N, S, S, D) Dask array of every pixel feature (one chunk per image
         for native stores, the store's tiles for dense ones)."""
-        if self.layout == "dense":
-            return dask.array.from_zarr(self.group["pixels"])
-        size = self.image_size
-        per_image = [
-            dask.array.from_delayed(
-                dask.delayed(self.image_features)(index), shape=(size, size, self.feature_dim), dtype=np.float16
-            )
-            for index in range(self.num_images)
-        ]
-        return dask.array.stack(per_image)
+        return self._layout.to_dask(self)
 
     def disk_bytes(self) -> int:
         """Bytes the store takes on disk (or in object storage)."""

@@ -52,6 +52,8 @@ class StoreSchema:
         image_names: the images, in store order.
         image_sha256: their file hashes.
         classes: {"names": [...], "ignore_label": int} when known, else None.
+        code_sha256: a digest of the code that computed the features, when the caller gives one
+            (the DVC stage does, so a code change rebuilds its store instead of resuming it).
     """
 
     layout: str
@@ -62,6 +64,7 @@ class StoreSchema:
     image_names: list[str]
     image_sha256: list[str]
     classes: dict | None = None
+    code_sha256: str | None = None
 
     @property
     def taps(self) -> list[str]:
@@ -87,36 +90,6 @@ class StoreSchema:
         fields = {key: value for key, value in document.items() if key not in ("format", "code_version")}
         fields["tap_shapes"] = [TapShape(**shape) for shape in fields["tap_shapes"]]
         return cls(**fields)
-
-    def array_layouts(self) -> dict[str, tuple[str, tuple[int, ...], tuple[int, ...]]]:
-        """Every array of a store with this schema: name → (dtype, shape, chunk shape)."""
-        count, size = len(self.image_names), self.image_size
-        arrays = {
-            "images": ("uint8", (count, size, size, 3), (1, size, size, 3)),
-            "labels": ("int16", (count, size, size), (1, size, size)),
-            "checksums": ("uint8", (count, 32), (1, 32)),
-            "done": ("uint8", (count,), (1,)),
-        }
-        if self.layout == "dense":
-            tile = min(DENSE_TILE, size)
-            arrays["pixels"] = ("float16", (count, size, size, self.feature_dim), (1, tile, tile, self.feature_dim))
-        for shape in self.tap_shapes if self.layout == "native" else []:
-            dims = (self.maps_per_tap, shape.channels, shape.height, shape.width)
-            arrays[tap_array(shape.name)] = ("float16", (count, *dims), (1, *dims))
-        return arrays
-
-    def dimension_names(self) -> dict[str, tuple[str, ...]]:
-        """Every array's named dimensions (what lets xarray open a store); taps have their own sizes."""
-        names = {
-            "images": ("image", "y", "x", "rgb"),
-            "labels": ("image", "y", "x"),
-            "checksums": ("image", "sha256_byte"),
-            "done": ("image",),
-            "pixels": ("image", "y", "x", "feature"),
-        }
-        for name in self.taps:
-            names[tap_array(name)] = ("image", "step", f"{name}.channel", f"{name}.y", f"{name}.x")
-        return names
 
 
 @dataclasses.dataclass(frozen=True)

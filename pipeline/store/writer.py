@@ -20,7 +20,7 @@ import zarr
 import zarr.codecs
 
 from pipeline.runtime.pause_points import pause_point
-from pipeline.store.bilinear import upsample_and_concatenate
+from pipeline.store.layouts import dimension_names, layout_named, store_arrays
 from pipeline.store.locations import (
     Location,
     holds_zarr_group,
@@ -38,7 +38,6 @@ from pipeline.store.schema import (
     chunk_codecs,
     image_digest,
     schema_differences,
-    tap_array,
 )
 
 logger = logging.getLogger(__name__)
@@ -165,24 +164,17 @@ class FeatureStoreWriter:
         zarr's temporary `<chunk>.<uuid>.partial` files (the chunk itself is old or absent)."""
         if self.path is None:
             return
-        for name in self.schema.array_layouts():
+        for name in store_arrays(self.schema):
             chunks = self.path / name / "c"
             for leftover in [*chunks.glob(f"{index}.*.partial"), *(chunks / str(index)).rglob("*.partial")]:
                 leftover.unlink(missing_ok=True)
 
     def _feature_regions(self, feature_maps: Mapping[str, torch.Tensor]):
         """(array name, float16 region) pairs of one image's features."""
-        schema = self.schema
-        missing = [name for name in schema.taps if name not in feature_maps]
+        missing = [name for name in self.schema.taps if name not in feature_maps]
         if missing:
             raise ValueError(f"no feature maps for the store's taps {missing}")
-        if schema.layout == "dense":
-            tables = [feature_maps[name][step] for step in range(schema.maps_per_tap) for name in schema.taps]
-            pixels = upsample_and_concatenate([table[None] for table in tables], schema.image_size)[0]  # (S, S, D)
-            yield "pixels", pixels.to(torch.float16).numpy()
-            return
-        for name in schema.taps:
-            yield tap_array(name), feature_maps[name].to(torch.float16).numpy()  # (T, C, h, w)
+        yield from layout_named(self.schema.layout).regions(self.schema, feature_maps)
 
 
 def open_store_for_writing(
@@ -301,15 +293,14 @@ def _remove_store(path: Path) -> None:
 def _create_store(path: Location, schema: StoreSchema, codec: str) -> zarr.Group:
     import pipeline
 
-    if schema.layout not in ("native", "dense"):
-        raise ValueError(f"unknown layout {schema.layout!r}; use native or dense")
+    layout_named(schema.layout)  # refuses an unknown layout before anything is written
     group = open_zarr_group(path, "w", zarr_format=3)
     features, small = chunk_codecs(codec), chunk_codecs("zstd")
-    dimension_names = schema.dimension_names()
-    for name, (dtype, shape, chunks) in schema.array_layouts().items():
+    names = dimension_names(schema)
+    for name, (dtype, shape, chunks) in store_arrays(schema).items():
         group.create_array(
             name, shape=shape, chunks=chunks, dtype=dtype, fill_value=NO_LABELS if name == "labels" else 0,
-            compressors=features if dtype == "float16" else small, dimension_names=dimension_names[name],
+            compressors=features if dtype == "float16" else small, dimension_names=names[name],
         )
     group.attrs["segcache"] = {**schema.to_json(), "code_version": pipeline.__version__}
     return group

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -29,18 +30,21 @@ class MemberLog:
     epoch_mean_loss: list[float] = dataclasses.field(default_factory=list)
 
 
-def hidden_widths(num_classes: int) -> tuple[int, int]:
+def paper_hidden_widths(num_classes: int) -> tuple[int, int]:
     """The paper's hidden layer widths: (128, 32) below 30 classes, (256, 128) from 30 on."""
     return (128, 32) if num_classes < 30 else (256, 128)
 
 
-def make_pixel_classifier(feature_dim: int, num_classes: int, generator: torch.Generator) -> torch.nn.Sequential:
+def make_pixel_classifier(
+    feature_dim: int, num_classes: int, generator: torch.Generator, widths: Sequence[int] | None = None
+) -> torch.nn.Sequential:
     """One member: Linear → ReLU → BatchNorm → Linear → ReLU → BatchNorm → Linear.
 
     Linear weights are drawn from N(0, 0.02) with `generator`, biases are 0 and the BatchNorm
-    layers keep PyTorch's defaults, as in the official implementation.
+    layers keep PyTorch's defaults, as in the official implementation. `widths`: the two hidden
+    widths (`TrainSettings.hidden_widths`); None: `paper_hidden_widths`.
     """
-    first, second = hidden_widths(num_classes)
+    first, second = paper_hidden_widths(num_classes) if widths is None else widths
     model = torch.nn.Sequential(
         torch.nn.Linear(feature_dim, first),
         torch.nn.ReLU(),
@@ -94,7 +98,7 @@ def save_ensemble(ensemble: Ensemble, out_dir: str | Path) -> None:
     config = {
         "members": len(ensemble.members),
         "feature_dim": ensemble.feature_dim,
-        "hidden_widths": list(hidden_widths(ensemble.num_classes)),
+        "hidden_widths": [ensemble.members[0][0].out_features, ensemble.members[0][3].out_features],
         "class_names": ensemble.class_names,
         "ignore_label": ensemble.ignore_label,
         "features": dataclasses.asdict(ensemble.features),
@@ -127,7 +131,9 @@ def load_ensemble(ensemble_dir: str | Path) -> Ensemble:
     tensors = load_file(weights_path)
     members = []
     for index in range(config["members"]):
-        model = make_pixel_classifier(config["feature_dim"], len(config["class_names"]), torch.Generator())
+        model = make_pixel_classifier(
+            config["feature_dim"], len(config["class_names"]), torch.Generator(), config["hidden_widths"]
+        )
         prefix = f"member_{index}."
         state = {name[len(prefix) :]: tensor for name, tensor in tensors.items() if name.startswith(prefix)}
         try:

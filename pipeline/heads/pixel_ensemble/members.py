@@ -111,8 +111,8 @@ class FusedMembers(torch.nn.Module):
         self.biases = torch.nn.ParameterList(
             [torch.nn.Parameter(torch.stack([m[k].bias.detach() for m in linears])[:, None, :]) for k in range(3)]
         )  # each (M, 1, out)
-        widths = [linears[0][0].out_features, linears[0][1].out_features]
-        self.norms = torch.nn.ModuleList([torch.nn.BatchNorm1d(self.count * width) for width in widths])
+        self.widths = [linears[0][0].out_features, linears[0][1].out_features]
+        self.norms = torch.nn.ModuleList([torch.nn.BatchNorm1d(self.count * width) for width in self.widths])
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """features (M, B, D) → logits (M, B, K)."""
@@ -128,7 +128,7 @@ class FusedMembers(torch.nn.Module):
         """The members as separate `make_pixel_classifier` modules (eval mode)."""
         members = []
         for m in range(self.count):
-            model = make_pixel_classifier(feature_dim, num_classes, torch.Generator())
+            model = make_pixel_classifier(feature_dim, num_classes, torch.Generator(), self.widths)
             linears = [layer for layer in model if isinstance(layer, torch.nn.Linear)]
             norms = [layer for layer in model if isinstance(layer, torch.nn.BatchNorm1d)]
             with torch.no_grad():
@@ -187,7 +187,9 @@ def train_fused(
     # Fused straight away: the separate members' weights are not kept beside the stacked copy.
     fused = FusedMembers(
         [
-            make_pixel_classifier(feature_dim, num_classes, torch.Generator().manual_seed(settings.seed * 1000 + m))
+            make_pixel_classifier(
+                feature_dim, num_classes, torch.Generator().manual_seed(settings.seed * 1000 + m), settings.hidden_widths
+            )
             for m in range(settings.members)
         ]
     ).to(device)
@@ -248,7 +250,7 @@ def train_ensemble(
     members, logs = [], []
     for member in tqdm(range(settings.members), desc="train", unit="member", disable=not show_progress):
         generator = torch.Generator().manual_seed(settings.seed * 1000 + member)
-        model = make_pixel_classifier(feature_dim, len(class_names), generator).to(device)
+        model = make_pixel_classifier(feature_dim, len(class_names), generator, settings.hidden_widths).to(device)
         log = train_member(model, lambda epoch: epoch_batches(member, epoch), settings, device)
         logger.info(
             "member %d: %d epochs, %d iterations, last epoch loss %.4f%s",

@@ -22,7 +22,6 @@ import numpy as np
 import torch
 
 from pipeline.runtime.cluster import shared_value
-from pipeline.store.bilinear import gather_pixels
 from pipeline.store.reader import FeatureStore
 
 logger = logging.getLogger(__name__)
@@ -240,7 +239,7 @@ class PixelStream:
 
         def fill(image: int, rows: np.ndarray) -> None:
             wanted = chosen[rows]
-            write_pixel_features(self.store, image, self.pixels.y[wanted], self.pixels.x[wanted], features, rows)
+            self.store.gather_pixel_features(image, self.pixels.y[wanted], self.pixels.x[wanted], features, rows)
 
         tasks = [
             dask.delayed(fill)(int(image), rows, dask_key_name=f"gather-{token}-{position:06d}")
@@ -308,29 +307,10 @@ class PixelStream:
             del features, labels, features_tensor, labels_tensor
 
 
-def write_pixel_features(
-    store: FeatureStore, image: int, ys: np.ndarray, xs: np.ndarray, out: np.ndarray, rows
-) -> None:
-    """Writes pixels (ys, xs)'s features of one image into ``out[rows]`` (float16, (·, D)).
-
-    Native stores are gathered block by block straight into ``out``, so the float32
-    temporaries are one block's columns (P × C_b), never the whole (P, D).
-    """
-    if store.layout == "dense":
-        out[rows] = store.pixel_features(image, ys, xs)
-        return
-    ys_tensor, xs_tensor = torch.from_numpy(ys.astype(np.int64)), torch.from_numpy(xs.astype(np.int64))
-    column = 0
-    for table in store.block_tables(image):
-        block_features = gather_pixels(table, ys_tensor, xs_tensor, store.image_size)  # (P, C_b)
-        out[rows, column : column + table.shape[0]] = block_features.numpy()
-        column += table.shape[0]
-
-
 def image_pixel_features(store: FeatureStore, image: int, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
     """(P, D) float16: pixels (ys, xs)'s features of one image (a task a Dask worker runs)."""
     out = np.empty((len(ys), store.feature_dim), dtype=np.float16)
-    write_pixel_features(store, image, ys, xs, out, slice(None))
+    store.gather_pixel_features(image, ys, xs, out, slice(None))
     return out
 
 

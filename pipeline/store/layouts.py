@@ -1,0 +1,148 @@
+"""The two ways a store lays out features, each one object: what arrays it has, how an image's
+features are written into them, and how pixel features are read back.
+
+- native (`NATIVE`): each tap at its own resolution, `taps/<name>` (N, T, C, h, w); any pixel's
+  vector is made on demand by bilinear interpolation of 4 neighbours per tap.
+- dense (`DENSE`): the upsampled pixel features written out, `pixels` (N, S, S, D), in tiles.
+
+Everything else about a store (images, labels, checksums, done marks, claims) is the same for
+both, so the writer and the reader ask the layout only these questions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING
+
+import dask
+import dask.array
+import numpy as np
+import torch
+
+from pipeline.store.bilinear import gather_pixels, upsample_and_concatenate
+from pipeline.store.schema import DENSE_TILE, StoreSchema, tap_array
+
+if TYPE_CHECKING:
+    from pipeline.store.reader import FeatureStore
+
+
+class NativeLayout:
+    """Each tap at its own resolution; pixel features interpolated on read."""
+
+    name = "native"
+
+    def feature_arrays(self, schema: StoreSchema) -> dict[str, tuple[str, tuple[int, ...], tuple[int, ...]]]:
+        """The layout's feature arrays: name → (dtype, shape, chunk shape), one chunk per image."""
+        count = len(schema.image_names)
+        arrays = {}
+        for shape in schema.tap_shapes:
+            dims = (schema.maps_per_tap, shape.channels, shape.height, shape.width)
+            arrays[tap_array(shape.name)] = ("float16", (count, *dims), (1, *dims))
+        return arrays
+
+    def regions(self, schema: StoreSchema, feature_maps: Mapping[str, torch.Tensor]) -> Iterator[tuple[str, np.ndarray]]:
+        """(array name, float16 region) pairs of one image's features."""
+        for name in schema.taps:
+            yield tap_array(name), feature_maps[name].to(torch.float16).numpy()  # (T, C, h, w)
+
+    def gather_into(
+        self, store: FeatureStore, index: int, ys: np.ndarray, xs: np.ndarray, out: np.ndarray, rows
+    ) -> None:
+        """Pixels (ys, xs)'s features of one image into `out[rows]` (P, D), a table at a time, so
+        the float32 temporaries are one tap's columns (P × C), never the whole (P, D)."""
+        ys_tensor, xs_tensor = torch.from_numpy(ys), torch.from_numpy(xs)
+        column = 0
+        for table in store.block_tables(index):
+            columns = slice(column, column + table.shape[0])
+            out[rows, columns] = gather_pixels(table, ys_tensor, xs_tensor, store.image_size).numpy()  # (P, C)
+            column = columns.stop
+
+    def image_features(self, store: FeatureStore, index: int) -> np.ndarray:
+        tables = store.block_tables(index)
+        pixels = upsample_and_concatenate([table[None] for table in tables], store.image_size)[0]  # (S, S, D)
+        return pixels.to(torch.float16).numpy()
+
+    def to_dask(self, store: FeatureStore) -> dask.array.Array:
+        size = store.image_size
+        per_image = [
+            dask.array.from_delayed(
+                dask.delayed(store.image_features)(index), shape=(size, size, store.feature_dim), dtype=np.float16
+            )
+            for index in range(store.num_images)
+        ]
+        return dask.array.stack(per_image)  # one chunk per image
+
+
+class DenseLayout:
+    """The upsampled pixel features written out in (1, tile, tile, D) chunks."""
+
+    name = "dense"
+
+    def feature_arrays(self, schema: StoreSchema) -> dict[str, tuple[str, tuple[int, ...], tuple[int, ...]]]:
+        count, size, tile = len(schema.image_names), schema.image_size, min(DENSE_TILE, schema.image_size)
+        return {"pixels": ("float16", (count, size, size, schema.feature_dim), (1, tile, tile, schema.feature_dim))}
+
+    def regions(self, schema: StoreSchema, feature_maps: Mapping[str, torch.Tensor]) -> Iterator[tuple[str, np.ndarray]]:
+        tables = [feature_maps[name][step] for step in range(schema.maps_per_tap) for name in schema.taps]
+        pixels = upsample_and_concatenate([table[None] for table in tables], schema.image_size)[0]  # (S, S, D)
+        yield "pixels", pixels.to(torch.float16).numpy()
+
+    def gather_into(
+        self, store: FeatureStore, index: int, ys: np.ndarray, xs: np.ndarray, out: np.ndarray, rows
+    ) -> None:
+        """Reads whole tiles (chunks) and picks the pixels from them; never one pixel at a time."""
+        store.check_done(index)
+        picked = np.empty((len(ys), store.feature_dim), dtype=out.dtype)
+        tile = store.group["pixels"].chunks[1]
+        tile_ids = (ys // tile) * (store.image_size // tile + 1) + xs // tile
+        for tile_id in np.unique(tile_ids):
+            members = np.flatnonzero(tile_ids == tile_id)
+            top, left = ys[members[0]] // tile * tile, xs[members[0]] // tile * tile
+            block = store.read_region("pixels", index, slice(top, top + tile), slice(left, left + tile))  # (tile, tile, D)
+            picked[members] = block[ys[members] - top, xs[members] - left]
+        out[rows] = picked
+
+    def image_features(self, store: FeatureStore, index: int) -> np.ndarray:
+        store.check_done(index)
+        return store.read_region("pixels", index)
+
+    def to_dask(self, store: FeatureStore) -> dask.array.Array:
+        return dask.array.from_zarr(store.group["pixels"])  # the store's own tiles
+
+
+NATIVE, DENSE = NativeLayout(), DenseLayout()
+LAYOUTS = {layout.name: layout for layout in (NATIVE, DENSE)}
+
+
+def store_arrays(schema: StoreSchema) -> dict[str, tuple[str, tuple[int, ...], tuple[int, ...]]]:
+    """Every array of a store with this schema: name → (dtype, shape, chunk shape)."""
+    count, size = len(schema.image_names), schema.image_size
+    return {
+        "images": ("uint8", (count, size, size, 3), (1, size, size, 3)),
+        "labels": ("int16", (count, size, size), (1, size, size)),
+        "checksums": ("uint8", (count, 32), (1, 32)),
+        "done": ("uint8", (count,), (1,)),
+        **layout_named(schema.layout).feature_arrays(schema),
+    }
+
+
+def dimension_names(schema: StoreSchema) -> dict[str, tuple[str, ...]]:
+    """Every array's named dimensions (what lets xarray open a store); taps have their own sizes."""
+    names = {
+        "images": ("image", "y", "x", "rgb"),
+        "labels": ("image", "y", "x"),
+        "checksums": ("image", "sha256_byte"),
+        "done": ("image",),
+        "pixels": ("image", "y", "x", "feature"),
+    }
+    for name in schema.taps:
+        names[tap_array(name)] = ("image", "step", f"{name}.channel", f"{name}.y", f"{name}.x")
+    return names
+
+
+def layout_named(name: str) -> NativeLayout | DenseLayout:
+    """The layout called `name`; a ValueError naming the choices for another."""
+    try:
+        return LAYOUTS[name]
+    except KeyError:
+        raise ValueError(f"unknown layout {name!r}; use {' or '.join(LAYOUTS)}") from None
