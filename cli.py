@@ -165,7 +165,10 @@ def predict(context: _Context, ensemble, checkpoint, images, out, device, pictur
 
 
 @main.command()
-@click.option("--store", required=True, help="Feature store to look into (a folder or a URL).")
+@click.option("--store", help="Feature store to look into (a folder or a URL).")
+@click.option("--checkpoint", type=click.Path(path_type=Path), help="With --taps: the checkpoint whose taps to list.")
+@click.option("--taps", "list_taps", is_flag=True, help="List the checkpoint's valid taps (module paths) with their shapes.")
+@click.option("--size", type=int, help="With --taps: input size (default: the model's sample size).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.option("--image", help="Image index or name (with --pixel).")
 @click.option("--pixel", nargs=2, type=int, multiple=True, help="Y X: print that pixel's feature vector (repeat with --export).")
@@ -176,12 +179,22 @@ def predict(context: _Context, ensemble, checkpoint, images, out, device, pictur
 @click.option("--compare-with", multiple=True, help="Other images for --similarity (repeatable).")
 @click.option("--export", type=click.Path(path_type=Path), help=".npy or .csv: the --pixel features of --image.")
 @click.pass_obj
-def inspect(context: _Context, store, as_json, image, pixel, verify, stats, pca, similarity, compare_with, export):
-    """Describe a store, print or export pixels' features, draw what the features hold; no model needed."""
+def inspect(context: _Context, store, checkpoint, list_taps, size, as_json, image, pixel, verify, stats, pca,
+            similarity, compare_with, export):
+    """Describe a store, print or export pixels' features, draw what the features hold; no model needed.
+    With --checkpoint --taps: the modules of a checkpoint that can be tapped, and their shapes."""
     from pipeline import inspection
     from pipeline.store.reader import FeatureStore
 
     def action():
+        if list_taps:
+            if checkpoint is None:
+                raise click.UsageError("--taps needs --checkpoint")
+            taps = inspection.checkpoint_taps(checkpoint, size)
+            click.echo(json.dumps(taps, indent=1) if as_json else inspection.format_taps(taps))
+            return
+        if store is None:
+            raise click.UsageError("give --store (or --checkpoint with --taps)")
         feature_store = FeatureStore(store)
         if verify:
             damaged = feature_store.damaged_images()

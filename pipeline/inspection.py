@@ -32,6 +32,26 @@ def store_summary(store: FeatureStore) -> dict:
     }
 
 
+def checkpoint_taps(checkpoint: str | Path, size: int | None = None) -> list[dict]:
+    """The modules of a checkpoint's UNet that can be taps, with their shapes at size×size
+    (default: the model's sample size)."""
+    from pipeline.sources.checkpoints import load_backbone
+    from pipeline.sources.diffusion_unet import list_taps
+
+    unet = load_backbone(checkpoint).unet
+    return list_taps(unet, size or unet.config.sample_size)
+
+
+def format_taps(taps: list[dict]) -> str:
+    """One line per tap: name, guided-diffusion block number if it has one, C×h×w."""
+    width = max(len(tap["name"]) for tap in taps)
+    return "\n".join(
+        f"{tap['name']:<{width}}  {'block ' + str(tap['block']) if tap['block'] is not None else '':<8}  "
+        f"{tap['channels']}×{tap['height']}×{tap['width']}"
+        for tap in taps
+    )
+
+
 def resolve_image(store: FeatureStore, image: str) -> int:
     """An image given by index ("3") or by name ("img001") → its index in the store."""
     names = store.image_names

@@ -136,6 +136,15 @@ def test_inspect_verify(workspace, trained, tmp_path):
     assert result.exit_code == 1 and "1 of 3 images" in result.output and "img_002" in result.output
 
 
+def test_inspect_lists_a_checkpoints_taps(workspace):
+    result = invoke("inspect", "--checkpoint", workspace / "unet", "--taps", "--json")
+    assert result.exit_code == 0, result.output
+    taps = {tap["name"]: tap for tap in json.loads(result.output)}
+    assert taps["up_blocks.4.resnets.0"]["block"] == 12 and taps["up_blocks.4.resnets.0"]["height"] == 32
+    assert "block 12" in invoke("inspect", "--checkpoint", workspace / "unet", "--taps", "--size", 64).output
+    assert invoke("inspect", "--taps").exit_code == 2  # a usage error: no checkpoint
+
+
 def test_inspect_pictures_stats_and_export(workspace, trained, tmp_path):
     store = workspace / "test.zarr"
     assert invoke("inspect", "--store", store, "--image", 0, "--pca", tmp_path / "pca.png").exit_code == 0

@@ -5,7 +5,7 @@ import torch
 
 from pipeline.sources.adm.blocks import decoder_block_names
 from pipeline.sources.checkpoints import Backbone
-from pipeline.sources.diffusion_unet import UNetSource, resolve_taps
+from pipeline.sources.diffusion_unet import UNetSource, list_taps, resolve_taps
 from pipeline.sources.noise import add_noise, paper_scheduler, shared_noise
 from pipeline.sources.tiny_unet import make_tiny_unet
 
@@ -57,3 +57,16 @@ def test_shapes_and_provenance():
     assert source.provenance() == {
         "kind": "diffusers", "checkpoint_sha256": "ab" * 32, "architecture": dict(source.unet.config), "noise_seed": 7,
     }
+
+
+def test_list_taps_names_every_single_use_module_with_its_shape_and_block_number():
+    unet = make_tiny_unet(sample_size=32, seed=1)
+    taps = {tap["name"]: tap for tap in list_taps(unet, 32)}
+    names = decoder_block_names(unet)
+    assert [taps[name]["block"] for name in names] == list(range(len(names)))
+    assert taps["mid_block"]["block"] is None and taps["conv_in"]["height"] == 32
+    source = _source([5, "mid_block"])
+    for shape in source.tap_shapes(32):
+        assert (taps[shape.name]["channels"], taps[shape.name]["height"]) == (shape.channels, shape.height)
+    # A module run several times per pass (the resnets' shared activation) has no single output.
+    assert not any(name.endswith("nonlinearity") for name in taps)

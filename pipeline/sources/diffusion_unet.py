@@ -12,6 +12,7 @@ fired, so the decoder blocks after the last one never run.
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -55,6 +56,38 @@ def resolve_taps(unet: torch.nn.Module, blocks: Sequence[int | str]) -> list[str
     repeated = sorted({tap for tap in taps if taps.count(tap) > 1})
     if repeated:
         raise ValueError(f"taps given more than once (block numbers are aliases of module names): {repeated}")
+    return taps
+
+
+def list_taps(unet: torch.nn.Module, size: int) -> list[dict]:
+    """Every module of the UNet that can be a tap, with its feature map shape for a size×size input.
+
+    One forward pass on zeros with a hook on every module; a module is listed when it runs once
+    per pass (a module reused inside a pass, like a shared activation, has no single output) and
+    its output (its first tensor for a tuple) is a (1, C, h, w) map. Decoder blocks carry their
+    guided-diffusion number (`block`), None for the others.
+
+    Returns:
+        [{"name", "block", "channels", "height", "width"}] in the order the modules ran.
+    """
+    numbered = {name: number for number, name in enumerate(decoder_block_names(unet))}
+    modules = {name: module for name, module in unet.named_modules() if name}
+    order: list[str] = []
+    with torch.inference_mode(), capture_outputs(modules) as outputs:
+        handles = [module.register_forward_hook(lambda *_, name=name: order.append(name)) for name, module in modules.items()]
+        try:
+            images = torch.zeros(1, unet.config.in_channels, size, size, device=unet.device)
+            unet(images, torch.zeros(1, dtype=torch.long, device=unet.device))
+        finally:
+            for handle in handles:
+                handle.remove()
+    taps = []
+    calls = collections.Counter(order)
+    for name in dict.fromkeys(order):  # in the order they first ran
+        output = outputs[name]
+        if calls[name] == 1 and isinstance(output, torch.Tensor) and output.dim() == 4:
+            taps.append({"name": name, "block": numbered.get(name), "channels": output.shape[1],
+                         "height": output.shape[2], "width": output.shape[3]})
     return taps
 
 
