@@ -58,7 +58,8 @@ def main(click_context: click.Context, verbose: bool, quiet: bool) -> None:
 
 
 @main.command()
-@click.option("--checkpoint", required=True, type=click.Path(path_type=Path), help="guided-diffusion .pt/.safetensors or diffusers folder.")
+@click.option("--checkpoint", required=True, type=click.Path(path_type=Path),
+              help="guided-diffusion .pt/.safetensors, a diffusers UNet folder, or a Stable Diffusion-family folder.")
 @click.option("--images", required=True, type=click.Path(path_type=Path), help="Folder of PNG/JPEG images (+ same-stem .npy labels).")
 @click.option("--store", required=True, help="Feature store to create or complete: a folder or a URL (s3://…, gs://…).")
 @click.option("--steps", default="50,150,250", show_default=True, help="Diffusion steps, comma-separated.")
@@ -72,8 +73,12 @@ def main(click_context: click.Context, verbose: bool, quiet: bool) -> None:
 @click.option("--codec", type=click.Choice(["blosc-lz4", "zstd", "none"]), default="blosc-lz4", show_default=True)
 @click.option("--classes", type=click.Path(path_type=Path), help="classes.json (default: found beside the images).")
 @click.option("--scheduler", help="Dask scheduler address (tcp://host:8786): its workers run the batches.")
+@click.option("--noise-draws", default=1, show_default=True, help="Average the features over this many noise draws (seed + k).")
+@click.option("--prompt", default="", help="Latent diffusion: the prompt, encoded by the folder's text encoder.")
+@click.option("--prompt-embeds", type=click.Path(path_type=Path), help="Latent diffusion: a (1, L, D) .safetensors/.npy in place of --prompt.")
 @click.pass_obj
-def extract(context: _Context, checkpoint, images, store, steps, blocks, seed, size, layout, batch_size, device, codec, classes, scheduler):
+def extract(context: _Context, checkpoint, images, store, steps, blocks, seed, size, layout, batch_size, device, codec, classes,
+            scheduler, noise_draws, prompt, prompt_embeds):
     """Extract pixel features of a folder of images into a store (resumes unfinished work)."""
     from pipeline.extraction.extract import extract_features
 
@@ -81,6 +86,7 @@ def extract(context: _Context, checkpoint, images, store, steps, blocks, seed, s
         settings = ExtractSettings(
             steps=_int_list(steps), blocks=_tap_list(blocks), seed=seed, size=size,
             layout=layout, batch_size=batch_size, device=device, codec=codec, scheduler=scheduler,
+            noise_draws=noise_draws, prompt=prompt, prompt_embeds=None if prompt_embeds is None else str(prompt_embeds),
         )
         class_info = load_class_info(classes) if classes else find_class_info(images)
         summary = extract_features(checkpoint, images, store, settings, class_info, show_progress=context.show_progress)
@@ -150,14 +156,16 @@ def evaluate(context: _Context, ensemble, store, out):
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder for masks, overlays and summary.json.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--pictures", default=6, show_default=True, help="Images in the overview figure predictions.png.")
+@click.option("--prompt-embeds", type=click.Path(path_type=Path), help="Latent diffusion: the file the features were extracted with.")
 @click.pass_obj
-def predict(context: _Context, ensemble, checkpoint, images, out, device, pictures):
+def predict(context: _Context, ensemble, checkpoint, images, out, device, pictures, prompt_embeds):
     """Segment new images (no labels needed) with a trained ensemble."""
     from pipeline.prediction import predict_folder
 
     def action():
         summary = predict_folder(
-            ensemble, checkpoint, images, out, device=device, show_progress=context.show_progress, pictures=pictures
+            ensemble, checkpoint, images, out, device=device, show_progress=context.show_progress, pictures=pictures,
+            prompt_embeds=prompt_embeds,
         )
         click.echo(f"predict: {summary.images} images segmented into {summary.out_dir} in {summary.seconds:.1f} s")
 

@@ -67,6 +67,10 @@ class ExtractSettings:
         codec: compression of the float16 chunks.
         scheduler: address of a Dask distributed scheduler (e.g. "tcp://10.0.0.5:8786") whose
             workers run the batches; None runs them in this process.
+        noise_draws: features averaged over this many noise draws (draw k: seed + k; DIFT uses 8).
+        prompt: latent-diffusion folders: the text encoded by the folder's text encoder.
+        prompt_embeds: latent-diffusion folders: a `.safetensors`/`.npy` file of a (1, L, D)
+            tensor, in place of the prompt (for folders without a text encoder).
     """
 
     steps: list[int] = dataclasses.field(default_factory=lambda: [50, 150, 250])
@@ -78,8 +82,13 @@ class ExtractSettings:
     device: str = "auto"
     codec: Codec = "blosc-lz4"
     scheduler: str | None = None
+    noise_draws: int = 1
+    prompt: str = ""
+    prompt_embeds: str | None = None
 
     def __post_init__(self) -> None:
+        if self.noise_draws < 1:
+            raise ValueError(f"extract: `noise_draws` must be at least 1, got {self.noise_draws}")
         if not self.steps or not self.blocks:
             raise ValueError("extract: `steps` and `blocks` must not be empty")
         bad_steps = [step for step in self.steps if not 0 <= step <= 999]

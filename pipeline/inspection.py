@@ -33,13 +33,13 @@ def store_summary(store: FeatureStore) -> dict:
 
 
 def checkpoint_taps(checkpoint: str | Path, size: int | None = None) -> list[dict]:
-    """The modules of a checkpoint's UNet that can be taps, with their shapes at size×size
-    (default: the model's sample size)."""
-    from pipeline.sources.checkpoints import load_backbone
+    """The modules of a checkpoint's UNet that can be taps, with their shapes for a size×size
+    image (default: the size the model was trained at)."""
     from pipeline.sources.diffusion_unet import list_taps
+    from pipeline.sources.loading import probe_source
 
-    unet = load_backbone(checkpoint).unet
-    return list_taps(unet, size or unet.config.sample_size)
+    source, size = probe_source(checkpoint, size)
+    return list_taps(source.unet, lambda: source.probe(size))
 
 
 def format_taps(taps: list[dict]) -> str:

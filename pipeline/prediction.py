@@ -19,7 +19,7 @@ from pipeline.heads.pixel_ensemble.ensemble import Ensemble, load_ensemble
 from pipeline.pictures.figures import save_prediction_grid
 from pipeline.pictures.masks import class_palette, colour_mask, overlay, save_png, uncertainty_image
 from pipeline.runtime.devices import torch_threads
-from pipeline.sources.diffusion_unet import load_unet_source
+from pipeline.sources.loading import load_source_for
 from pipeline.store.schema import StoreMismatchError
 
 logger = logging.getLogger(__name__)
@@ -66,6 +66,7 @@ def predict_folder(
     threads: int = 0,
     show_progress: bool = True,
     pictures: int = 6,
+    prompt_embeds: str | Path | None = None,
 ) -> PredictionSummary:
     """Segments every image of a folder and writes, per image: `<name>.npy` (labels at the
     image's own size), `<name>_mask.png`, `<name>_overlay.png`, `<name>_uncertainty.png`; and
@@ -83,8 +84,8 @@ def predict_folder(
     if "noise_seed" not in features.source:
         raise ValueError(f"the ensemble in {ensemble_dir} was trained on {features.source.get('kind')} features, "
                          "not a diffusion model's; `predict` segments with diffusion features only")
-    source = load_unet_source(checkpoint, features.taps, features.steps, features.source["noise_seed"], device)
-    check_checkpoint_matches(ensemble, source.backbone.checkpoint_sha256, checkpoint, ensemble_dir)
+    source = load_source_for(checkpoint, features, device, prompt_embeds)
+    check_checkpoint_matches(ensemble, source.provenance()["checkpoint_sha256"], checkpoint, ensemble_dir)
     size = features.image_size
     palette = class_palette(ensemble.num_classes)
     records = list_images(images_dir)

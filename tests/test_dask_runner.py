@@ -51,21 +51,21 @@ class CountModelLoads(distributed.WorkerPlugin):
     """Counts, per worker, how often the extraction model is loaded."""
 
     def setup(self, worker):
-        import pipeline.sources.diffusion_unet
+        import pipeline.sources.loading
 
         self.loads = 0
-        self.original = pipeline.sources.diffusion_unet.load_unet_source
+        self.original = pipeline.sources.loading.load_source
 
         def counting_load(*args, **kwargs):
             self.loads += 1
             return self.original(*args, **kwargs)
 
-        pipeline.sources.diffusion_unet.load_unet_source = counting_load
+        pipeline.sources.loading.load_source = counting_load
 
     def teardown(self, worker):
-        import pipeline.sources.diffusion_unet
+        import pipeline.sources.loading
 
-        pipeline.sources.diffusion_unet.load_unet_source = self.original
+        pipeline.sources.loading.load_source = self.original
 
 
 class MisbehaveOnce(distributed.WorkerPlugin):

@@ -47,6 +47,15 @@ def test_feature_maps_equal_a_full_forward_pass_stopped_after_the_last_tap():
             torch.testing.assert_close(maps[name][:, position], full[name])
 
 
+def test_features_over_several_noise_draws_are_the_mean_of_single_draws():
+    images = torch.rand(1, 3, 32, 32) * 2 - 1
+    averaged = _source([5], steps=(200,), seed=3).feature_maps(images)
+    single = [_source([5], steps=(200,), seed=seed).feature_maps(images) for seed in (3, 4)]
+    averaged_two = UNetSource(_source([]).backbone, [5], [200], 3, torch.device("cpu"), noise_draws=2).feature_maps(images)
+    name = averaged.popitem()[0]
+    torch.testing.assert_close(averaged_two[name], (single[0][name] + single[1][name]) / 2)
+
+
 def test_shapes_and_provenance():
     source = _source([5, 12], steps=(50, 150, 250), seed=7)
     shapes = source.tap_shapes(32)
@@ -56,13 +65,14 @@ def test_shapes_and_provenance():
         assert maps[shape.name].shape == (1, 3, shape.channels, shape.height, shape.width)
     assert source.provenance() == {
         "kind": "diffusers", "checkpoint_sha256": "ab" * 32, "architecture": dict(source.unet.config), "noise_seed": 7,
+        "noise_draws": 1,
     }
 
 
 def test_list_taps_names_every_single_use_module_with_its_shape_and_block_number():
-    unet = make_tiny_unet(sample_size=32, seed=1)
-    taps = {tap["name"]: tap for tap in list_taps(unet, 32)}
-    names = decoder_block_names(unet)
+    source = _source([])
+    taps = {tap["name"]: tap for tap in list_taps(source.unet, lambda: source.probe(32))}
+    names = decoder_block_names(source.unet)
     assert [taps[name]["block"] for name in names] == list(range(len(names)))
     assert taps["mid_block"]["block"] is None and taps["conv_in"]["height"] == 32
     source = _source([5, "mid_block"])

@@ -34,8 +34,8 @@ from pipeline.data.folders import ClassInfo, ImageRecord
 from pipeline.extraction import compute
 from pipeline.extraction.compute import SourceDescription
 from pipeline.runtime.cluster import shared_value
-from pipeline.sources import diffusion_unet  # called as diffusion_unet.load_unet_source(): a test plugin swaps it
-from pipeline.sources.diffusion_unet import UNetSource
+from pipeline.sources import loading  # called as loading.load_source(): a test plugin swaps it
+from pipeline.sources.base import FeatureSource
 from pipeline.store.locations import Location, is_url
 from pipeline.store.schema import StoreSchema
 from pipeline.store.writer import FeatureStoreWriter, open_store_for_writing
@@ -64,7 +64,7 @@ class ModelPerWorker(distributed.WorkerPlugin):
 
     def setup(self, worker: distributed.Worker) -> None:
         self.lock = threading.Lock()  # a worker with several threads may start several tasks at once
-        self.source: UNetSource | None = None
+        self.source: FeatureSource | None = None
         self.writers: dict[Location, FeatureStoreWriter] = {}
 
     def teardown(self, worker: distributed.Worker) -> None:
@@ -73,13 +73,10 @@ class ModelPerWorker(distributed.WorkerPlugin):
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
-    def model(self) -> UNetSource:
+    def model(self) -> FeatureSource:
         with self.lock:
             if self.source is None:
-                settings = self.settings
-                self.source = diffusion_unet.load_unet_source(
-                    self.checkpoint, settings.blocks, settings.steps, settings.seed, settings.device
-                )
+                self.source = loading.load_source(self.checkpoint, self.settings)
                 logger.info("worker loaded %s on %s", self.checkpoint, self.source.device)
             return self.source
 
@@ -127,7 +124,8 @@ class ClusterBatches:
         self.client = client
         self.settings = settings
         checkpoint = str(Path(checkpoint).resolve())
-        model_settings = (settings.blocks, settings.steps, settings.seed, settings.device)
+        model_settings = (settings.blocks, settings.steps, settings.seed, settings.device, settings.noise_draws,
+                          settings.prompt, settings.prompt_embeds)
         self.plugin_name = f"segcache-model-{dask.base.tokenize(checkpoint, *model_settings)}"
         client.register_plugin(ModelPerWorker(checkpoint, settings), name=self.plugin_name)
         workers = _workers(client)

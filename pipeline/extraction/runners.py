@@ -14,7 +14,7 @@ from pipeline.extraction.compute import SourceDescription, describe_source, extr
 from pipeline.extraction.dask_runner import ClusterBatches
 from pipeline.runtime.cluster import cluster_client
 from pipeline.sources.base import FeatureSource
-from pipeline.sources.diffusion_unet import load_unet_source
+from pipeline.sources.loading import load_source
 from pipeline.store.writer import FeatureStoreWriter
 
 logger = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ class InProcessBatches:
 def batch_runner(checkpoint: str | Path, settings: ExtractSettings) -> Iterator[BatchRunner]:
     """In-process batches, or the Dask cluster's when `settings.scheduler` names one."""
     if settings.scheduler is None:
-        source = load_unet_source(checkpoint, settings.blocks, settings.steps, settings.seed, settings.device)
+        source = load_source(checkpoint, settings)
         yield InProcessBatches(source, settings.size)
         return
     with cluster_client(settings.scheduler) as client, ClusterBatches(client, checkpoint, settings) as batches:

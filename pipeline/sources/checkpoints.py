@@ -213,11 +213,16 @@ def _reallocate_weights(unet: torch.nn.Module) -> None:
             tensor.data = tensor.data.clone()
 
 
+def plain_config(config: Mapping) -> dict:
+    """A diffusers config as plain JSON data: its own keys only (not `_name_or_path`, the
+    diffusers version…, which say nothing of the weights), tuples as lists."""
+    return json.loads(json.dumps({key: value for key, value in config.items() if not key.startswith("_")}))
+
+
 def _make_backbone(unet: UNet2DModel, checksum: str, source_format: str) -> Backbone:
     """Wrap a loaded UNet with its checksum and its config as plain JSON data."""
     _reallocate_weights(unet)
-    config = {key: value for key, value in unet.config.items() if not key.startswith("_")}
-    architecture = json.loads(json.dumps(config))  # tuples -> lists, proves it serialises
+    architecture = plain_config(unet.config)
     parameter_count = sum(parameter.numel() for parameter in unet.parameters())
     logger.info("loaded %s UNet2DModel, %d parameters, sha256 %s", source_format, parameter_count, checksum[:12])
     return Backbone(unet=unet, checkpoint_sha256=checksum, architecture=architecture, source_format=source_format)

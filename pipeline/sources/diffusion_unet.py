@@ -13,10 +13,11 @@ fired, so the decoder blocks after the last one never run.
 from __future__ import annotations
 
 import collections
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
+from diffusers import SchedulerMixin
 
 from pipeline.runtime.devices import autocast_for, pick_device
 from pipeline.sources.adm.blocks import decoder_block_names
@@ -59,10 +60,11 @@ def resolve_taps(unet: torch.nn.Module, blocks: Sequence[int | str]) -> list[str
     return taps
 
 
-def list_taps(unet: torch.nn.Module, size: int) -> list[dict]:
-    """Every module of the UNet that can be a tap, with its feature map shape for a size×size input.
+def list_taps(unet: torch.nn.Module, forward: Callable[[], object]) -> list[dict]:
+    """Every module of the UNet that can be a tap, with its feature map shape.
 
-    One forward pass on zeros with a hook on every module; a module is listed when it runs once
+    `forward` runs the model once (e.g. `UNetSource.probe`), with a hook on every module; a
+    module is listed when it runs once
     per pass (a module reused inside a pass, like a shared activation, has no single output) and
     its output (its first tensor for a tuple) is a (1, C, h, w) map. Decoder blocks carry their
     guided-diffusion number (`block`), None for the others.
@@ -76,8 +78,7 @@ def list_taps(unet: torch.nn.Module, size: int) -> list[dict]:
     with torch.inference_mode(), capture_outputs(modules) as outputs:
         handles = [module.register_forward_hook(lambda *_, name=name: order.append(name)) for name, module in modules.items()]
         try:
-            images = torch.zeros(1, unet.config.in_channels, size, size, device=unet.device)
-            unet(images, torch.zeros(1, dtype=torch.long, device=unet.device))
+            forward()
         finally:
             for handle in handles:
                 handle.remove()
@@ -91,6 +92,52 @@ def list_taps(unet: torch.nn.Module, size: int) -> list[dict]:
     return taps
 
 
+def tapped_outputs(
+    unet: torch.nn.Module,
+    taps: Sequence[str],
+    inputs: torch.Tensor,
+    steps: Sequence[int],
+    noises: Sequence[torch.Tensor],
+    scheduler: SchedulerMixin,
+    **conditioning,
+) -> dict[str, torch.Tensor]:
+    """What every diffusion source computes: each tap's output for `inputs` noised at each step,
+    averaged over the noise draws, the forward pass stopped once every tap has fired.
+
+    Args:
+        unet: the denoiser; called as `unet(x_t, t, **conditioning)`.
+        taps: module paths, in feature order.
+        inputs: x_0 (images or latents) on the UNet's device, (B, C, H, W).
+        steps: the steps t, in feature order.
+        noises: one noise tensor per draw, each (1, C, H, W), shared by the batch.
+        scheduler: defines the noise schedule (`noise.add_noise`).
+
+    Returns:
+        tap → float32 CPU (B, T, C_tap, h, w).
+    """
+    modules = {name: unet.get_submodule(name) for name in taps}
+    per_step: dict[str, list[torch.Tensor]] = {name: [] for name in taps}
+    with torch.inference_mode(), capture_outputs(modules, stop_when_all_captured=True) as outputs:
+        for step in steps:
+            timesteps = torch.full((len(inputs),), step, dtype=torch.long, device=inputs.device)
+            sums: dict[str, torch.Tensor] = {}
+            for noise in noises:
+                outputs.clear()
+                with autocast_for(inputs.device):
+                    run_until_captured(unet, add_noise(inputs, step, noise, scheduler), timesteps, **conditioning)
+                for name in taps:
+                    value = outputs[name].float().cpu()
+                    sums[name] = value if name not in sums else sums[name].add_(value)
+            for name in taps:
+                per_step[name].append(sums[name] / len(noises) if len(noises) > 1 else sums[name])
+    return {name: torch.stack(maps, dim=1) for name, maps in per_step.items()}  # (B, T, C, h, w)
+
+
+def draw_noises(seed: int, draws: int, shape: tuple[int, ...]) -> list[torch.Tensor]:
+    """The shared noise of each draw k (seed + k), each of `shape`."""
+    return [shared_noise(seed + draw, shape) for draw in range(draws)]
+
+
 class UNetSource:
     """A diffusion UNet on its device, the taps to capture and the steps to noise to.
 
@@ -100,20 +147,21 @@ class UNetSource:
         steps: the diffusion steps t, in feature order.
         noise_seed: seed of the noise shared by every image and step.
         device: where the UNet runs.
+        noise_draws: features averaged over this many noise draws (draw k: seed + k).
     """
 
     def __init__(
         self, backbone: Backbone, blocks: Sequence[int | str], steps: Sequence[int], noise_seed: int,
-        device: torch.device,
+        device: torch.device, noise_draws: int = 1,
     ):
         self.backbone = backbone
         self.unet = backbone.unet.to(device).eval()
         self.taps = resolve_taps(self.unet, blocks)
         self.steps = list(steps)
         self.noise_seed = noise_seed
+        self.noise_draws = noise_draws
         self.device = device
         self.scheduler = paper_scheduler()
-        self._modules = {name: self.unet.get_submodule(name) for name in self.taps}
 
     def provenance(self) -> dict:
         return {
@@ -121,34 +169,27 @@ class UNetSource:
             "checkpoint_sha256": self.backbone.checkpoint_sha256,
             "architecture": self.backbone.architecture,
             "noise_seed": self.noise_seed,
+            "noise_draws": self.noise_draws,
         }
 
     def tap_shapes(self, size: int) -> list[TapShape]:
         images = torch.zeros(1, self.unet.config.in_channels, size, size, device=self.device)
-        maps = self._run(images, [0], torch.zeros_like(images, device="cpu"))
+        maps = tapped_outputs(self.unet, self.taps, images, [0], [torch.zeros_like(images, device="cpu")], self.scheduler)
         return [TapShape(name, *maps[name].shape[2:]) for name in self.taps]
 
     def feature_maps(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        noise = shared_noise(self.noise_seed, (1, *images.shape[1:]))
-        return self._run(images, self.steps, noise)
+        noises = draw_noises(self.noise_seed, self.noise_draws, (1, *images.shape[1:]))
+        return tapped_outputs(self.unet, self.taps, images, self.steps, noises, self.scheduler)
 
-    def _run(self, images: torch.Tensor, steps: Sequence[int], noise: torch.Tensor) -> dict[str, torch.Tensor]:
-        """tap → float32 CPU (B, T, C, h, w) for the images noised with `noise` at each step."""
-        per_step = {name: [] for name in self.taps}
-        with torch.inference_mode(), capture_outputs(self._modules, stop_when_all_captured=True) as outputs:
-            for step in steps:
-                noisy = add_noise(images, step, noise, self.scheduler)
-                timesteps = torch.full((len(images),), step, dtype=torch.long, device=images.device)
-                outputs.clear()
-                with autocast_for(images.device):
-                    run_until_captured(self.unet, noisy, timesteps)
-                for name in self.taps:
-                    per_step[name].append(outputs[name].float().cpu())
-        return {name: torch.stack(maps, dim=1) for name, maps in per_step.items()}  # (B, T, C, h, w)
+    def probe(self, size: int) -> None:
+        """One forward pass on zeros at size×size (what `list_taps` watches)."""
+        images = torch.zeros(1, self.unet.config.in_channels, size, size, device=self.device)
+        self.unet(images, torch.zeros(1, dtype=torch.long, device=self.device))
 
 
 def load_unet_source(
-    checkpoint: str | Path, blocks: Sequence[int | str], steps: Sequence[int], noise_seed: int, device: str
+    checkpoint: str | Path, blocks: Sequence[int | str], steps: Sequence[int], noise_seed: int, device: str,
+    noise_draws: int = 1,
 ) -> UNetSource:
     """Loads a checkpoint onto the device ("auto" picks one) with its taps and steps."""
-    return UNetSource(load_backbone(checkpoint), blocks, steps, noise_seed, pick_device(device))
+    return UNetSource(load_backbone(checkpoint), blocks, steps, noise_seed, pick_device(device), noise_draws)

@@ -46,9 +46,9 @@ def capture_outputs(modules: Mapping[str, torch.nn.Module], stop_when_all_captur
             handle.remove()
 
 
-def run_until_captured(model: torch.nn.Module, *inputs) -> None:
+def run_until_captured(model: torch.nn.Module, *inputs, **keywords) -> None:
     """Calls `model(*inputs)`, stopping quietly where `capture_outputs(stop_when_all_captured=True)` stops it."""
     try:
-        model(*inputs)
+        model(*inputs, **keywords)
     except _StopForward:
         pass

@@ -1,10 +1,13 @@
-"""A tiny random UNet for tests and benchmarks (no checkpoint needed)."""
+"""Tiny random models for tests and benchmarks (no checkpoint needed): a guided-diffusion-style
+UNet and a Stable Diffusion-style latent-diffusion folder."""
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
-from diffusers import UNet2DModel
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel, UNet2DModel
 
 from pipeline.sources.adm.convert import AdmLayout, adm_unet_config
 from pipeline.sources.checkpoints import randomly_initialised_unet
@@ -36,3 +39,32 @@ def make_tiny_unet(sample_size: int = 32, seed: int = 0) -> UNet2DModel:
     config = adm_unet_config(layout, head_channels=32) | {"sample_size": sample_size}
     return randomly_initialised_unet(config, seed)
 
+
+
+def save_tiny_latent_diffusion(folder: Path, seed: int = 0, cross_attention_dim: int = 32) -> Path:
+    """A small random Stable Diffusion-style folder (unet/, vae/, scheduler/; no text encoder),
+    built from diffusers' own tiny test configuration, for tests and benchmarks.
+
+    The VAE halves the image side (two levels), so a 64×64 image has 4×32×32 latents; the UNet
+    has two levels (32, 64 channels), cross-attention of width `cross_attention_dim` in its
+    second down and first up level; the scheduler is SD's scaled-linear β schedule.
+    """
+    generator_state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(
+            block_out_channels=(32, 64), layers_per_block=2, sample_size=32, in_channels=4, out_channels=4,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            cross_attention_dim=cross_attention_dim,
+        )
+        vae = AutoencoderKL(
+            block_out_channels=[32, 64], in_channels=3, out_channels=3, latent_channels=4, sample_size=64,
+            down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+        )
+    finally:
+        torch.random.set_rng_state(generator_state)
+    scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
+    unet.save_pretrained(folder / "unet")
+    vae.save_pretrained(folder / "vae")
+    scheduler.save_pretrained(folder / "scheduler")
+    return folder

@@ -1,0 +1,77 @@
+"""Which feature source a checkpoint is: a latent-diffusion folder or a pixel-space UNet."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline.config import ExtractSettings
+from pipeline.runtime.devices import pick_device
+from pipeline.sources.base import FeatureSource
+from pipeline.sources.diffusion_unet import UNetSource, load_unet_source
+from pipeline.sources.latent import (
+    LATENT_DIFFUSION,
+    LatentSource,
+    is_latent_diffusion_folder,
+    load_latent_diffusion,
+    load_latent_source,
+)
+from pipeline.store.schema import FeatureDescription
+
+
+def load_source(checkpoint: str | Path, settings: ExtractSettings) -> FeatureSource:
+    """The extraction's source for a checkpoint, with the settings' taps, steps, seed and draws.
+
+    Raises:
+        ValueError: a prompt given for a model without text conditioning, or what loading raises.
+    """
+    if is_latent_diffusion_folder(checkpoint):
+        return load_latent_source(
+            checkpoint, settings.blocks, settings.steps, settings.seed, settings.device, settings.noise_draws,
+            settings.prompt, settings.prompt_embeds,
+        )
+    if settings.prompt or settings.prompt_embeds:
+        raise ValueError(
+            f"{checkpoint} is a pixel-space UNet without text conditioning: --prompt and --prompt-embeds apply "
+            "to latent-diffusion folders (unet/ with cross-attention, vae/, scheduler/) only"
+        )
+    return load_unet_source(checkpoint, settings.blocks, settings.steps, settings.seed, settings.device,
+                            settings.noise_draws)
+
+
+def load_source_for(
+    checkpoint: str | Path, features: FeatureDescription, device: str, prompt_embeds: str | Path | None = None
+) -> FeatureSource:
+    """The source that makes the features a head was trained on (`predict`): same taps, steps,
+    seed and draws, and for latent diffusion the same prompt (re-encoded, or the same file).
+
+    Raises:
+        ValueError: the features are not a diffusion model's, or the prompt embeddings differ.
+    """
+    recorded = features.source
+    if "noise_seed" not in recorded:
+        raise ValueError(f"the features came from a {recorded.get('kind')} source, not a diffusion model's checkpoint")
+    if recorded["kind"] != LATENT_DIFFUSION:
+        return load_unet_source(checkpoint, features.taps, features.steps, recorded["noise_seed"], device,
+                                recorded.get("noise_draws", 1))
+    source = load_latent_source(
+        checkpoint, features.taps, features.steps, recorded["noise_seed"], device, recorded["noise_draws"],
+        recorded["prompt"] or "", prompt_embeds,
+    )
+    if source.provenance()["prompt_embeds_sha256"] != recorded["prompt_embeds_sha256"]:
+        raise ValueError(
+            "the prompt embeddings differ from those the features were made with"
+            + (f" (prompt {recorded['prompt']!r})" if recorded["prompt"] is not None else "; give the same --prompt-embeds file")
+        )
+    return source
+
+
+def probe_source(checkpoint: str | Path, size: int | None = None) -> tuple[UNetSource | LatentSource, int]:
+    """A checkpoint's source with no taps, for looking at its modules (`inspect --taps`), and the
+    input size to look at (default: what the model was trained at)."""
+    if is_latent_diffusion_folder(checkpoint):
+        model = load_latent_diffusion(checkpoint, require_prompt=False)
+        source = LatentSource(model, [], [0], 0, pick_device("cpu"))
+        downsampling = 2 ** (len(model.vae.config.block_out_channels) - 1)
+        return source, size or model.unet.config.sample_size * downsampling
+    source = load_unet_source(checkpoint, [], [0], 0, "cpu")
+    return source, size or source.unet.config.sample_size
