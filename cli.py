@@ -298,6 +298,7 @@ def pretrain(context: _Context, images, out, steps, batch_size, image_size, chan
 @click.option("--size", type=int, help="Override the preset's model input size.")
 @click.option("--steps", help="Override the preset's steps, comma-separated.")
 @click.option("--blocks", help="Override the preset's taps (block numbers or module paths), comma-separated.")
+@click.option("--features", "feature_preset", help="A feature preset (presets/features/<name>.yaml, e.g. sd21-dift): its size, steps, taps, noise draws and prompt replace the dataset preset's.")
 @click.option("--members", default=10, show_default=True, help="MLPs in the ensemble.")
 @click.option("--max-epochs", default=100, show_default=True)
 @click.option("--batch-size", default=4, show_default=True, help="Images per UNet forward during extraction.")
@@ -306,16 +307,27 @@ def pretrain(context: _Context, images, out, steps, batch_size, image_size, chan
 @click.option("--threads", default=1, show_default=True, help="torch CPU threads for training and evaluation (0: torch's default).")
 @click.pass_obj
 def benchmark(context: _Context, preset, data, checkpoint, out, seeds, protocol, iou, classes, train_images, test_images,
-              size, steps, blocks, members, max_epochs, batch_size, layout, device, threads):
+              size, steps, blocks, feature_preset, members, max_epochs, batch_size, layout, device, threads):
     """Run a benchmark end to end (extract train+test once, train and evaluate per seed) and write report.json/.md."""
     from pipeline.benchmark import choose_preset, run_benchmark
+    from pipeline.data.presets import load_feature_preset
 
     def action():
+        features = load_feature_preset(feature_preset) if feature_preset else None
+        given = {"image_size": size, "steps": _int_list(steps) if steps else None,
+                 "blocks": _tap_list(blocks) if blocks else None}
+        if features is not None:  # options given on the command line still win
+            published = {"image_size": features.image_size, "steps": features.steps, "blocks": features.blocks}
+            given = {key: published[key] if value is None else value for key, value in given.items()}
         chosen, overrides = choose_preset(
-            preset, data, classes, train_images=train_images, test_images=test_images, image_size=size,
-            steps=_int_list(steps) if steps else None, blocks=_tap_list(blocks) if blocks else None,
+            preset, data, classes, train_images=train_images, test_images=test_images, **given
         )
-        extract_settings = ExtractSettings(layout=layout, batch_size=batch_size, device=device)
+        extract_settings = ExtractSettings(
+            layout=layout, batch_size=batch_size, device=device,
+            noise_draws=features.noise_draws if features else 1, prompt=features.prompt if features else "",
+        )
+        if features is not None:
+            overrides["features"] = features.name
         train_settings = TrainSettings(protocol=protocol, members=members, max_epochs=max_epochs, device=device, threads=threads)
         evaluate_settings = EvaluateSettings(iou=iou, threads=threads)
         run_dir = out or Path("runs") / "benchmarks" / chosen.name

@@ -73,6 +73,20 @@ def test_the_cli_runs_a_named_preset_with_overrides(dataset, tmp_path):
     assert report["images"] == {"train": 2, "test": 1} and report["difference_to_paper"] is not None
 
 
+def test_a_feature_preset_sets_size_steps_taps_and_draws_and_the_command_line_still_wins(dataset, tmp_path):
+    features = tmp_path / "two-draws.yaml"
+    features.write_text("name: two-draws\nimage_size: 32\nsteps: [50, 150]\nblocks: [5, 12]\nnoise_draws: 2\n")
+    result = CliRunner().invoke(main, [
+        "--quiet", "benchmark", "--data", str(dataset / "data"), "--features", str(features), "--steps", "100",
+        "--checkpoint", str(dataset / "unet"), "--out", str(tmp_path / "run"), "--members", "2", "--max-epochs", "1",
+        "--seeds", "0", "--device", "cpu",
+    ], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["features"]["steps"] == [100] and report["features"]["blocks"] == [5, 12]
+    assert report["features"]["noise_draws"] == 2 and report["preset_overrides"]["features"] == "two-draws"
+
+
 def test_protocol_breaks_are_refused_with_the_file_named(dataset, tmp_path):
     preset, _ = choose_preset(None, dataset / "data", **TINY)
     with pytest.raises(ValueError, match="holds 4 images but the protocol uses the first 9"):

@@ -66,3 +66,13 @@ def test_a_users_dataset_gets_the_papers_features_and_its_own_counts():
     preset = preset_for_dataset(ClassInfo(["bg", "thing"], 255), "mine", {"train": 5})
     assert (preset.train_images, preset.test_images, preset.num_classes) == (5, 0, 2)
     assert (preset.steps, preset.blocks, preset.paper_miou) == ([50, 150, 250], [5, 6, 7, 8, 12], None)
+
+
+def test_the_feature_presets_load_and_unknown_ones_are_named():
+    from pipeline.data.presets import feature_preset_names, load_feature_preset
+
+    assert "sd21-dift" in feature_preset_names()
+    dift = load_feature_preset("sd21-dift")
+    assert (dift.image_size, dift.steps, dift.blocks, dift.noise_draws) == (768, [261], ["up_blocks.1"], 8)
+    with pytest.raises(FileNotFoundError, match="sd21-dift"):
+        load_feature_preset("sd99")

@@ -93,16 +93,72 @@ def load_preset(name_or_path: str | Path) -> Preset:
     path = candidate if candidate.suffix in (".yaml", ".yml") else PRESETS_DIR / f"{name_or_path}.yaml"
     if not path.is_file():
         raise FileNotFoundError(f"no preset {str(name_or_path)!r} ({path} not found); known presets: {preset_names()}")
+    return _read_settings_file(Preset, path)
+
+
+def _read_settings_file(settings_class: type, path: Path):
+    """A settings dataclass from a YAML file: every required key present, no unknown key, right types.
+
+    Raises:
+        ValueError: naming the file and the key (or that it is not YAML).
+    """
     try:
         document = yaml.safe_load(path.read_text())
     except yaml.YAMLError as error:
         raise ValueError(f"{path}: not valid YAML: {error}") from None
-    required = [field.name for field in dataclasses.fields(Preset) if field.default is dataclasses.MISSING
+    required = [field.name for field in dataclasses.fields(settings_class) if field.default is dataclasses.MISSING
                 and field.default_factory is dataclasses.MISSING]
     missing = [key for key in required if not isinstance(document, dict) or key not in document]
     if missing:
         raise ValueError(f"{path}: missing key(s) {missing}")
-    return settings_from_mapping(Preset, document, str(path))
+    return settings_from_mapping(settings_class, document, str(path))
+
+
+@dataclasses.dataclass(frozen=True)
+class FeaturePreset:
+    """Published feature settings for a model family, applied to any dataset
+    (`presets/features/<name>.yaml`; each file cites where its settings come from).
+
+    Attributes:
+        name: e.g. "sd21-dift".
+        description: one line.
+        checkpoint: the model the settings were published with.
+        image_size: the model input size.
+        steps: diffusion steps t, in feature order.
+        blocks: taps (module paths or decoder block numbers), in feature order.
+        noise_draws: features averaged over this many noise draws.
+        prompt: the text prompt (latent-diffusion models).
+    """
+
+    name: str
+    image_size: int
+    steps: list[int]
+    blocks: list[int | str]
+    description: str = ""
+    checkpoint: str = ""
+    noise_draws: int = 1
+    prompt: str = ""
+
+
+def feature_preset_names() -> list[str]:
+    """Names of the feature presets shipped in `presets/features/`, sorted."""
+    return sorted(path.stem for path in (PRESETS_DIR / "features").glob("*.yaml"))
+
+
+def load_feature_preset(name_or_path: str | Path) -> FeaturePreset:
+    """Reads a feature preset by name (`presets/features/<name>.yaml`) or from a YAML file path.
+
+    Raises:
+        FileNotFoundError: naming the known feature presets when the name is unknown.
+        ValueError: naming the file and key on unknown keys or wrong types.
+    """
+    candidate = Path(name_or_path)
+    path = candidate if candidate.suffix in (".yaml", ".yml") else PRESETS_DIR / "features" / f"{name_or_path}.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no feature preset {str(name_or_path)!r} ({path} not found); known: {feature_preset_names()}"
+        )
+    return _read_settings_file(FeaturePreset, path)
 
 
 def preset_for_dataset(classes: ClassInfo, name: str, document: dict | None = None) -> Preset:
