@@ -1,6 +1,7 @@
 """Stable Diffusion-family folders as a feature source, on a tiny random model the test builds."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -8,15 +9,17 @@ import torch
 from click.testing import CliRunner
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from safetensors.torch import save_file
+from transformers import AutoTokenizer, CLIPTextModel
 
 from cli import main
 from conftest import write_image_folder
 from pipeline.config import ExtractSettings
 from pipeline.data.folders import list_images, load_image
 from pipeline.sources.latent import LatentSource, is_latent_diffusion_folder, load_latent_diffusion
-from pipeline.sources.loading import load_source
-from pipeline.sources.tiny_unet import make_tiny_unet, save_tiny_latent_diffusion
+from pipeline.sources.loading import load_source, load_source_for
+from pipeline.sources.tiny_unet import make_tiny_unet, save_tiny_latent_diffusion, save_tiny_text_encoder
 from pipeline.store.bilinear import upsample_and_concatenate
+from pipeline.store.schema import FeatureDescription
 
 TAPS = ["up_blocks.0", "up_blocks.1"]
 
@@ -30,6 +33,13 @@ def latent_workspace(tmp_path_factory):
         write_image_folder(root / "data" / split, count=count, size=64, seed=seed)
     (root / "data" / "classes.json").write_text(json.dumps({"names": ["background", "disc", "square"], "ignore_label": 255}))
     return root
+
+
+@pytest.fixture(scope="module")
+def prompted_folder(tmp_path_factory):
+    """The tiny SD folder with a tiny CLIP text encoder (width 32, the UNet's cross-attention) and
+    tokenizer, built offline."""
+    return save_tiny_latent_diffusion(tmp_path_factory.mktemp("prompted") / "sd", seed=0, with_text_encoder=True)
 
 
 def _reference_features(folder, embeds, images, step, seed, taps):
@@ -133,3 +143,72 @@ def test_extract_inspect_train_evaluate_through_the_cli(latent_workspace):
     invoke("predict", "--ensemble", root / "ensemble", "--checkpoint", root / "sd", "--images", root / "data" / "test",
            "--out", root / "predicted", "--prompt-embeds", root / "embeds.safetensors")
     assert (root / "predicted" / "img_000.npy").is_file()
+
+
+def _test_images(workspace):
+    return torch.from_numpy(np.stack([load_image(record, 64) for record in list_images(workspace / "data" / "test")]))
+
+
+def _encode_directly(folder, token_ids):
+    """transformers' CLIP text encoder on given token ids: (1, len(token_ids), D)."""
+    text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", dtype=torch.float32).eval()
+    with torch.no_grad():
+        return text_encoder(torch.tensor([token_ids]))[0]
+
+
+def test_a_prompt_is_encoded_padded_to_the_tokenizer_length(prompted_folder):
+    tokenizer = AutoTokenizer.from_pretrained(prompted_folder / "tokenizer")
+    start, end, a, cat = tokenizer.convert_tokens_to_ids(["<|startoftext|>", "<|endoftext|>", "a</w>", "cat</w>"])
+    # As diffusers' StableDiffusionPipeline: 77 tokens, padded with <|endoftext|> (SD 1.x's pad token).
+    padded = [start, a, cat, end] + [end] * 73
+    model = load_latent_diffusion(prompted_folder, prompt="a cat")
+    assert model.prompt == "a cat" and model.prompt_embeds.shape == (1, 77, 32)
+    assert model.prompt_embeds.dtype == torch.float32
+    torch.testing.assert_close(model.prompt_embeds, _encode_directly(prompted_folder, padded), rtol=0, atol=0)
+    provenance = LatentSource(model, [], [0], 0, torch.device("cpu")).provenance()
+    assert provenance["prompt"] == "a cat"
+    other = LatentSource(load_latent_diffusion(prompted_folder, prompt="a dog"), [], [0], 0, torch.device("cpu"))
+    assert other.provenance()["prompt_embeds_sha256"] != provenance["prompt_embeds_sha256"]
+    # A prompt longer than the encoder is truncated to 77 tokens (the last one <|endoftext|>).
+    long = load_latent_diffusion(prompted_folder, prompt="a cat " * 60).prompt_embeds
+    torch.testing.assert_close(long, _encode_directly(prompted_folder, [start] + [a, cat] * 37 + [a, end]), rtol=0, atol=0)
+
+
+def test_a_half_precision_text_encoder_runs_in_float32(prompted_folder, tmp_path):
+    folder = shutil.copytree(prompted_folder, tmp_path / "sd")
+    CLIPTextModel.from_pretrained(folder / "text_encoder").half().save_pretrained(folder / "text_encoder")
+    embeds = load_latent_diffusion(folder, prompt="a cat").prompt_embeds
+    tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
+    ids = tokenizer("a cat", padding="max_length", max_length=77, truncation=True).input_ids
+    assert embeds.dtype == torch.float32
+    torch.testing.assert_close(embeds, _encode_directly(folder, ids), rtol=0, atol=0)
+
+
+def test_a_text_encoder_that_does_not_fit_the_unet_is_refused(prompted_folder, tmp_path):
+    folder = shutil.copytree(prompted_folder, tmp_path / "sd")
+    shutil.rmtree(folder / "text_encoder")
+    save_tiny_text_encoder(folder, hidden_size=48)
+    with pytest.raises(ValueError, match=r"sd/text_encoder gives prompt embeddings of width 48, but .*sd/unet's "
+                                         r"cross-attention takes 32: the text encoder"):
+        load_latent_diffusion(folder, prompt="a cat")
+    shutil.rmtree(folder / "tokenizer")
+    with pytest.raises(ValueError, match="has text_encoder/ but no tokenizer/.*--prompt-embeds"):
+        load_latent_diffusion(folder, prompt="a cat")
+
+
+def test_predict_re_encodes_the_recorded_prompt(prompted_folder, latent_workspace):
+    settings = ExtractSettings(steps=[261], blocks=TAPS, seed=3, size=64, device="cpu", prompt="a cat")
+    source = load_source(prompted_folder, settings)
+    images = _test_images(latent_workspace)
+    maps = source.feature_maps(images)
+    reference = _reference_features(prompted_folder, source.model.prompt_embeds, images, 261, 3, TAPS)
+    for name in TAPS:
+        relative = (maps[name][:, 0] - reference[name]).norm() / reference[name].norm()
+        assert relative < 1e-4, (name, relative)
+    provenance = source.provenance()
+    feature_dim = sum(shape.channels for shape in source.tap_shapes(64))
+    features = FeatureDescription(provenance, [261], TAPS, 64, feature_dim)
+    rebuilt = load_source_for(prompted_folder, features, "cpu")
+    assert rebuilt.provenance() == provenance and rebuilt.model.prompt == "a cat"
+    with pytest.raises(ValueError, match="prompt embeddings differ.*'a dog'"):
+        load_source_for(prompted_folder, FeatureDescription(provenance | {"prompt": "a dog"}, [261], TAPS, 64, feature_dim), "cpu")

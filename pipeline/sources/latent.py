@@ -250,7 +250,7 @@ def _read_prompt_embeds(path: Path) -> torch.Tensor:
 
 def _encode_prompt(folder: Path, prompt: str) -> torch.Tensor:
     """The prompt through the folder's tokenizer and text encoder, padded to the tokenizer's
-    length as diffusers' Stable Diffusion pipeline does: float32 (1, L, D)."""
+    length as diffusers' Stable Diffusion pipeline does (no attention mask): float32 (1, L, D)."""
     try:
         from transformers import AutoTokenizer, CLIPTextModel
     except ImportError:
@@ -258,10 +258,21 @@ def _encode_prompt(folder: Path, prompt: str) -> torch.Tensor:
             f"encoding a prompt with {folder}/text_encoder needs the `transformers` package "
             "(pip install transformers), or give --prompt-embeds FILE"
         ) from None
-    tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
-    text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder").eval()
+    if not (folder / "tokenizer").is_dir():
+        raise ValueError(
+            f"{folder} has text_encoder/ but no tokenizer/: encoding a prompt needs both, or give --prompt-embeds FILE"
+        )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
+    except (OSError, ValueError, TypeError) as error:
+        raise ValueError(f"{folder}/tokenizer is not a readable tokenizer: {str(error).strip()[:200]}") from None
+    try:
+        # float32 whatever the stored dtype: transformers 5 would keep an fp16 checkpoint in fp16.
+        text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", dtype=torch.float32).eval()
+    except (OSError, ValueError, RuntimeError, TypeError) as error:
+        raise ValueError(f"{folder}/text_encoder is not a readable CLIPTextModel: {str(error).strip()[:200]}") from None
     tokens = tokenizer(
         prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
     )
     with torch.inference_mode():
-        return text_encoder(tokens.input_ids)[0].float()
+        return text_encoder(tokens.input_ids)[0].float()  # (1, model_max_length, hidden_size)

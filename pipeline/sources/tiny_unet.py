@@ -3,6 +3,7 @@ UNet and a Stable Diffusion-style latent-diffusion folder."""
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -41,13 +42,17 @@ def make_tiny_unet(sample_size: int = 32, seed: int = 0) -> UNet2DModel:
 
 
 
-def save_tiny_latent_diffusion(folder: Path, seed: int = 0, cross_attention_dim: int = 32) -> Path:
-    """A small random Stable Diffusion-style folder (unet/, vae/, scheduler/; no text encoder),
-    built from diffusers' own tiny test configuration, for tests and benchmarks.
+def save_tiny_latent_diffusion(
+    folder: Path, seed: int = 0, cross_attention_dim: int = 32, with_text_encoder: bool = False
+) -> Path:
+    """A small random Stable Diffusion-style folder (unet/, vae/, scheduler/; text_encoder/ and
+    tokenizer/ with `with_text_encoder`), built from diffusers' own tiny test configuration, for
+    tests and benchmarks.
 
     The VAE halves the image side (two levels), so a 64×64 image has 4×32×32 latents; the UNet
     has two levels (32, 64 channels), cross-attention of width `cross_attention_dim` in its
-    second down and first up level; the scheduler is SD's scaled-linear β schedule.
+    second down and first up level; the scheduler is SD's scaled-linear β schedule. The text
+    encoder is `save_tiny_text_encoder`'s, as wide as the cross-attention.
     """
     generator_state = torch.random.get_rng_state()
     try:
@@ -67,4 +72,44 @@ def save_tiny_latent_diffusion(folder: Path, seed: int = 0, cross_attention_dim:
     unet.save_pretrained(folder / "unet")
     vae.save_pretrained(folder / "vae")
     scheduler.save_pretrained(folder / "scheduler")
+    if with_text_encoder:
+        save_tiny_text_encoder(folder, hidden_size=cross_attention_dim, seed=seed)
+    return folder
+
+
+def save_tiny_text_encoder(folder: Path, hidden_size: int = 32, seed: int = 0) -> Path:
+    """A small random CLIP text encoder in `folder/text_encoder` and its tokenizer in
+    `folder/tokenizer`, as Stable Diffusion folders hold them, built offline (no hub access).
+
+    The tokenizer is CLIP's byte-level BPE over a 516-token vocabulary: the 256 byte symbols, each
+    also as a word end (`a</w>`), the merges `c a` and `ca t</w>` (so "a cat" is 4 tokens with the
+    special ones), `<|startoftext|>` and `<|endoftext|>` (also the padding, as in SD 1.x), 77
+    tokens long. The encoder has 2 layers of width `hidden_size` (4 heads; 77 positions).
+    """
+    # transformers is needed only here and to encode prompts; importing it takes seconds.
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    symbols = sorted(ByteLevel.alphabet())
+    tokens = [*symbols, *(symbol + "</w>" for symbol in symbols), "ca", "cat</w>", "<|startoftext|>", "<|endoftext|>"]
+    vocabulary = {token: index for index, token in enumerate(tokens)}
+    tokenizer_folder = folder / "tokenizer"
+    tokenizer_folder.mkdir(parents=True, exist_ok=True)
+    # The files of a real SD folder's tokenizer/, then transformers' own save (adds tokenizer.json).
+    (tokenizer_folder / "vocab.json").write_text(json.dumps(vocabulary, ensure_ascii=False, indent=1) + "\n")
+    (tokenizer_folder / "merges.txt").write_text("#version: 0.2\nc a\nca t</w>\n")
+    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_folder, model_max_length=77)
+    tokenizer.save_pretrained(tokenizer_folder)
+    config = CLIPTextConfig(
+        vocab_size=len(vocabulary), hidden_size=hidden_size, intermediate_size=37, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=77, projection_dim=hidden_size,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    generator_state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        text_encoder = CLIPTextModel(config)
+    finally:
+        torch.random.set_rng_state(generator_state)
+    text_encoder.save_pretrained(folder / "text_encoder")
     return folder
