@@ -110,8 +110,11 @@ def extract(context: _Context, checkpoint, images, store, steps, blocks, seed, s
 @click.option("--device", default="auto", show_default=True)
 @click.option("--classes", type=click.Path(path_type=Path), help="classes.json (default: recorded in the store).")
 @click.option("--scheduler", help="Dask scheduler address: its workers read the features; the ensemble trains here.")
+@click.option("--steps", help="Train on these of the store's steps only, comma-separated (default: all).")
+@click.option("--blocks", help="Train on these of the store's taps only: names or block numbers, comma-separated (default: all).")
 @click.pass_obj
-def train(context: _Context, store, out, members, seed, learning_rate, batch_size, max_epochs, protocol, device, classes, scheduler):
+def train(context: _Context, store, out, members, seed, learning_rate, batch_size, max_epochs, protocol, device, classes,
+          scheduler, steps, blocks):
     """Train the MLP ensemble on the labeled pixels of a store (the paper's protocol by default)."""
     from pipeline.heads.pixel_ensemble.training import train_on_store
 
@@ -119,6 +122,7 @@ def train(context: _Context, store, out, members, seed, learning_rate, batch_siz
         settings = TrainSettings(
             protocol=protocol, members=members, seed=seed, learning_rate=learning_rate, batch_size=batch_size,
             max_epochs=max_epochs, device=device, scheduler=scheduler,
+            steps=_int_list(steps) if steps else None, blocks=_tap_list(blocks) if blocks else None,
         )
         class_info = load_class_info(classes) if classes else None
         _, summary = train_on_store(store, out, settings, class_info, context.show_progress)

@@ -111,6 +111,9 @@ class TrainSettings:
         members: number of MLPs in the ensemble.
         hidden_widths: each member's two hidden layer widths; None: the paper's rule, (128, 32)
             below 30 classes and (256, 128) from 30 on.
+        steps: train on these of the store's steps only (None: all of them).
+        blocks: train on these of the store's taps only, by name or guided-diffusion block
+            number (None: all of them); changing `steps` or `blocks` never re-runs extraction.
         seed: seeds initialisation and the pixel order of every member.
         learning_rate: Adam learning rate.
         batch_size: pixels per optimiser step.
@@ -136,6 +139,8 @@ class TrainSettings:
     protocol: Protocol = "paper"
     members: int = 10
     hidden_widths: list[int] | None = None
+    steps: list[int] | None = None
+    blocks: list[int | str] | None = None
     seed: int = 0
     learning_rate: float = 0.001
     batch_size: int = 64

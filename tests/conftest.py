@@ -35,7 +35,8 @@ def pytest_collection_modifyitems(config, items) -> None:
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: order kept otherwise
 
 # Three taps at three resolutions, two steps: D = 2 * (6 + 4 + 2) = 24.
-TAP_SHAPES = [TapShape("decoder.5", 6, 4, 4), TapShape("decoder.8", 4, 8, 8), TapShape("decoder.12", 2, 16, 16)]
+TAP_SHAPES = [TapShape("decoder.5", 6, 4, 4, block=5), TapShape("decoder.8", 4, 8, 8, block=8),
+              TapShape("decoder.12", 2, 16, 16, block=12)]
 STEPS = [50, 150]
 
 

@@ -228,3 +228,13 @@ def test_verbose_shows_the_traceback(tmp_path):
     )
     assert result.exit_code == 1 and isinstance(result.exception, ValueError)  # raised, not summarised
     assert "no PNG or JPEG images" in str(result.exception)
+
+
+def test_train_on_a_subset_of_the_stores_steps_and_taps(workspace, trained, tmp_path):
+    result = invoke("train", "--store", workspace / "train.zarr", "--out", tmp_path / "subset", "--members", 1,
+                    "--max-epochs", 1, "--steps", 150, "--blocks", "12,up_blocks.1.upsamplers.0")
+    assert result.exit_code == 0, result.output
+    features = json.loads((tmp_path / "subset" / "ensemble.json").read_text())["features"]
+    assert features["steps"] == [150] and features["taps"] == ["up_blocks.1.upsamplers.0", "up_blocks.4.resnets.0"]
+    result = invoke("evaluate", "--ensemble", tmp_path / "subset", "--store", workspace / "test.zarr", "--out", tmp_path / "r")
+    assert result.exit_code == 0, result.output

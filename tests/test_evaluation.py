@@ -136,3 +136,23 @@ def test_refined_predictions_in_the_same_format_are_scored_and_drawn(trained, tm
     assert refined["images"] == 3 and refined["miou"] > 0.9 and refined["mean_uncertainty"] is None
     write_masks_and_pictures(tmp_path / "refined.zarr", trained / "test.zarr", tmp_path / "out", show_progress=False)
     np.testing.assert_array_equal(np.load(tmp_path / "out" / "masks" / "image_01.npy"), Predictions(tmp_path / "refined.zarr").labels(1))
+
+
+def test_an_ensemble_trained_on_a_subset_is_evaluated_on_that_subset_of_any_store_holding_it(trained, tmp_path):
+    # The label lives in the last tap (decoder.12) at every step: one step of it is enough.
+    settings = TrainSettings(members=2, max_epochs=8, buffer_pixels=300, device="cpu", steps=[150], blocks=[12])
+    train_on_store(trained / "train.zarr", tmp_path / "subset", settings, show_progress=False)
+    ensemble = load_ensemble(tmp_path / "subset")
+    assert (ensemble.features.steps, ensemble.features.taps, ensemble.feature_dim) == ([150], ["decoder.12"], 2)
+    metrics = evaluate_on_store(tmp_path / "subset", trained / "test.zarr", tmp_path / "out", EvaluateSettings(),
+                                show_progress=False)
+    assert metrics["miou"] > 0.9
+    # A store without that tap is refused, naming what is missing and what it has.
+    write_learnable_store(tmp_path / "other.zarr", count=1, seed=2)
+    import zarr
+
+    group = zarr.open_group(tmp_path / "other.zarr", mode="r+")
+    group.attrs["segcache"] = {**group.attrs["segcache"], "steps": [50, 250]}  # as if extracted at other steps
+    with pytest.raises(StoreMismatchError, match=r"trained on steps \[150\].*no step \[150\]"):
+        evaluate_on_store(tmp_path / "subset", tmp_path / "other.zarr", tmp_path / "out2", EvaluateSettings(),
+                          show_progress=False)

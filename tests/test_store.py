@@ -1,4 +1,5 @@
 import dataclasses
+import pickle
 
 import dask.array
 import numpy as np
@@ -112,6 +113,28 @@ def test_the_feature_description_names_source_steps_and_taps(tmp_path):
     assert description.source["checkpoint_sha256"] == "0" * 64 and description.feature_dim == 24
     other = dataclasses.replace(description, steps=[50], source={**description.source, "noise_seed": 1})
     assert description.differences(other) == ["source.noise_seed: 0 vs 1", "steps: [50, 150] vs [50]"]
+
+
+@pytest.mark.parametrize("layout", ["native", "dense"])
+def test_a_selection_of_steps_and_taps_reads_their_columns_only(tmp_path, layout):
+    write_synthetic_store(tmp_path / "store.zarr", layout, _labels(2))
+    full = FeatureStore(tmp_path / "store.zarr")
+    chosen = FeatureStore(tmp_path / "store.zarr", steps=[150], taps=[12, "decoder.5"])  # kept in store order
+    assert chosen.feature_dim == 6 + 2 and chosen.selection.taps == ["decoder.5", "decoder.12"]
+    description = chosen.feature_description()
+    assert (description.steps, description.taps, description.feature_dim) == ([150], ["decoder.5", "decoder.12"], 8)
+    columns = np.r_[12:18, 22:24]  # step 150's group starts at 12: decoder.5 is 12..17, decoder.12 is 22..23
+    ys, xs = np.array([0, 3, 15]), np.array([1, 9, 15])
+    np.testing.assert_array_equal(chosen.pixel_features(1, ys, xs), full.pixel_features(1, ys, xs)[:, columns])
+    np.testing.assert_array_equal(chosen.image_features(0), full.image_features(0)[..., columns])
+    assert chosen.to_dask().shape == (2, 16, 16, 8)
+    assert pickle.loads(pickle.dumps(chosen)).feature_dim == 8  # a Dask worker reopens the same selection
+    if layout == "native":
+        assert [tuple(table.shape) for table in chosen.block_tables(0)] == [(6, 4, 4), (2, 16, 16)]
+    with pytest.raises(StoreMismatchError, match=r"no tap 'decoder.7'.*decoder.5 \(block 5\)"):
+        FeatureStore(tmp_path / "store.zarr", taps=["decoder.7"])
+    with pytest.raises(StoreMismatchError, match=r"no step \[250\].*\[50, 150\]"):
+        FeatureStore(tmp_path / "store.zarr", steps=[250])
 
 
 def test_native_arrays_are_named_by_tap_under_taps(tmp_path):
@@ -318,7 +341,6 @@ def _write_hostile_store(path, marker):
     """A segcache-looking store that also holds a Zarr v2 array whose chunk is a pickle that
     creates `marker` when unpickled, and a v3 array with a codec segcache never writes."""
     import json
-    import pickle
 
     import zarr
 
@@ -342,7 +364,6 @@ class _CreatesFileWhenUnpickled:
 
 
 def test_a_store_is_never_unpickled(tmp_path):
-    import pickle
 
     marker = tmp_path / "pwned.txt"
     _write_hostile_store(tmp_path / "store.zarr", marker)

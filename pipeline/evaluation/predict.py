@@ -42,6 +42,27 @@ class ImagePrediction:
         return top_decile_mean(self.disagreement)
 
 
+def open_store_for_ensemble(
+    ensemble: Ensemble, store_path: str | Path, ensemble_dir: Path, cache_megabytes: int = 0
+) -> FeatureStore:
+    """The store's features an ensemble was trained on: its steps and taps of the store, read
+    alone (a store may hold more, e.g. a superset extracted once for many selections).
+
+    Raises:
+        StoreMismatchError: the store lacks one of them, or holds another model's features.
+    """
+    features = ensemble.features
+    try:
+        store = FeatureStore(store_path, cache_megabytes, features.steps, features.taps)
+    except StoreMismatchError as error:
+        raise StoreMismatchError(
+            f"the ensemble in {ensemble_dir} was trained on steps {features.steps} and taps {features.taps}, "
+            f"but {error} ({store_path}); extract those"
+        ) from None
+    check_ensemble_matches_store(ensemble, store, ensemble_dir)
+    return store
+
+
 def check_ensemble_matches_store(ensemble: Ensemble, store: FeatureStore, ensemble_dir: Path) -> None:
     """Refuses to apply an ensemble to features other than those it was trained on."""
     differences = ensemble.features.differences(store.feature_description())
@@ -131,8 +152,7 @@ def predict_store(
     ensemble_dir = Path(ensemble_dir)
     ensemble = load_ensemble(ensemble_dir)
     # Each image is read once: no table cache, whose filling would grow with the test set.
-    store = FeatureStore(store_path, cache_megabytes=0)
-    check_ensemble_matches_store(ensemble, store, ensemble_dir)
+    store = open_store_for_ensemble(ensemble, store_path, ensemble_dir)
     indices = [int(index) for index in np.flatnonzero(store.done_mask())]
     provenance = {"ensemble": str(ensemble_dir), "store": str(store.path), "features": store.feature_description(),
                   "labels": "mode of the members' votes"}

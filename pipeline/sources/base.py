@@ -19,12 +19,14 @@ import torch
 
 @dataclasses.dataclass(frozen=True)
 class TapShape:
-    """One tap's feature map shape for one image (the same at every step)."""
+    """One tap's feature map shape for one image (the same at every step), and the
+    guided-diffusion decoder block number that names the same module, if it has one."""
 
     name: str
     channels: int
     height: int
     width: int
+    block: int | None = None
 
 
 class FeatureSource(Protocol):

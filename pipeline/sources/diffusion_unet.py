@@ -60,6 +60,14 @@ def resolve_taps(unet: torch.nn.Module, blocks: Sequence[int | str]) -> list[str
     return taps
 
 
+def block_numbers(unet: torch.nn.Module) -> dict[str, int]:
+    """Decoder module path → its guided-diffusion block number (none when the up blocks cannot be numbered)."""
+    try:
+        return {name: number for number, name in enumerate(decoder_block_names(unet))}
+    except ValueError:
+        return {}
+
+
 def list_taps(unet: torch.nn.Module, forward: Callable[[], object]) -> list[dict]:
     """Every module of the UNet that can be a tap, with its feature map shape.
 
@@ -72,7 +80,7 @@ def list_taps(unet: torch.nn.Module, forward: Callable[[], object]) -> list[dict
     Returns:
         [{"name", "block", "channels", "height", "width"}] in the order the modules ran.
     """
-    numbered = {name: number for number, name in enumerate(decoder_block_names(unet))}
+    numbered = block_numbers(unet)
     modules = {name: module for name, module in unet.named_modules() if name}
     order: list[str] = []
     with torch.inference_mode(), capture_outputs(modules) as outputs:
@@ -175,7 +183,8 @@ class UNetSource:
     def tap_shapes(self, size: int) -> list[TapShape]:
         images = torch.zeros(1, self.unet.config.in_channels, size, size, device=self.device)
         maps = tapped_outputs(self.unet, self.taps, images, [0], [torch.zeros_like(images, device="cpu")], self.scheduler)
-        return [TapShape(name, *maps[name].shape[2:]) for name in self.taps]
+        numbers = block_numbers(self.unet)
+        return [TapShape(name, *maps[name].shape[2:], block=numbers.get(name)) for name in self.taps]
 
     def feature_maps(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         noises = draw_noises(self.noise_seed, self.noise_draws, (1, *images.shape[1:]))

@@ -33,7 +33,7 @@ from pipeline.data.folders import file_sha256
 from pipeline.runtime.devices import autocast_for, pick_device
 from pipeline.sources.base import TapShape
 from pipeline.sources.checkpoints import plain_config
-from pipeline.sources.diffusion_unet import draw_noises, resolve_taps, tapped_outputs
+from pipeline.sources.diffusion_unet import block_numbers, draw_noises, resolve_taps, tapped_outputs
 
 LATENT_DIFFUSION = "latent-diffusion"
 _PARTS = ("unet", "vae", "scheduler")
@@ -176,7 +176,8 @@ class LatentSource:
             self.unet, self.taps, latents, [0], [torch.zeros_like(latents, device="cpu")], self.model.scheduler,
             encoder_hidden_states=self._prompt(1),
         )
-        return [TapShape(name, *maps[name].shape[2:]) for name in self.taps]
+        numbers = block_numbers(self.unet)
+        return [TapShape(name, *maps[name].shape[2:], block=numbers.get(name)) for name in self.taps]
 
     def feature_maps(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         latents = self.encode(images)  # (B, C_latent, h, w)

@@ -92,22 +92,25 @@ class DenseLayout:
     ) -> None:
         """Reads whole tiles (chunks) and picks the pixels from them; never one pixel at a time."""
         store.check_done(index)
-        picked = np.empty((len(ys), store.feature_dim), dtype=out.dtype)
+        columns = store.selection.columns  # the chosen steps' and taps' columns of each tile's vectors
+        picked = np.empty((len(ys), len(columns)), dtype=out.dtype)
         tile = store.group["pixels"].chunks[1]
         tile_ids = (ys // tile) * (store.image_size // tile + 1) + xs // tile
         for tile_id in np.unique(tile_ids):
             members = np.flatnonzero(tile_ids == tile_id)
             top, left = ys[members[0]] // tile * tile, xs[members[0]] // tile * tile
             block = store.read_region("pixels", index, slice(top, top + tile), slice(left, left + tile))  # (tile, tile, D)
-            picked[members] = block[ys[members] - top, xs[members] - left]
+            picked[members] = block[ys[members] - top, xs[members] - left][:, columns]
         out[rows] = picked
 
     def image_features(self, store: FeatureStore, index: int) -> np.ndarray:
         store.check_done(index)
-        return store.read_region("pixels", index)
+        pixels = store.read_region("pixels", index)  # (S, S, D of the store)
+        return pixels if store.feature_dim == pixels.shape[-1] else pixels[..., store.selection.columns]
 
     def to_dask(self, store: FeatureStore) -> dask.array.Array:
-        return dask.array.from_zarr(store.group["pixels"])  # the store's own tiles
+        pixels = dask.array.from_zarr(store.group["pixels"])  # the store's own tiles
+        return pixels if store.feature_dim == pixels.shape[-1] else pixels[..., store.selection.columns]
 
 
 NATIVE, DENSE = NativeLayout(), DenseLayout()

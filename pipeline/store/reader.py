@@ -31,6 +31,8 @@ from pipeline.store.schema import (
     StoreFormatError,
     StoreSchema,
     image_digest,
+    select_features,
+    tap_array,
 )
 
 logger = logging.getLogger(__name__)
@@ -124,14 +126,24 @@ class FeatureStore:
     Args:
         path: the store directory, or a URL fsspec reaches (s3://…, gs://…, memory://…).
         cache_megabytes: RAM for native block tables kept between reads (native layout).
+        steps, taps: read only these of the store's steps and taps (None: all; taps by name or
+            guided-diffusion block number): the pixel features, their dimension and the feature
+            description are those of the selection, and a native store reads only the chosen taps.
 
-    A pickled store is its location and cache size: unpickled (on a Dask worker), it reopens
-    the store there with an empty cache of its own.
+    A pickled store is its location, cache size and selection: unpickled (on a Dask worker), it
+    reopens the store there with an empty cache of its own.
+
+    Raises:
+        StoreMismatchError: the store lacks a chosen step or tap (the message lists what it has).
     """
 
-    def __init__(self, path: str | Path, cache_megabytes: int = 512):
+    def __init__(
+        self, path: str | Path, cache_megabytes: int = 512, steps: Sequence[int] | None = None,
+        taps: Sequence[int | str] | None = None,
+    ):
         self.path = store_location(path)
         self.cache_megabytes = cache_megabytes
+        self._chosen = (None if steps is None else list(steps), None if taps is None else list(taps))
         if not holds_zarr_group(self.path):
             raise FileNotFoundError(f"no feature store at {self.path} (run `extract` first)")
         self.group = open_zarr_group(self.path, "r")
@@ -141,12 +153,13 @@ class FeatureStore:
         self.code_version = self.group.attrs["segcache"].get("code_version")
         self._cache = _TableCache(cache_megabytes << 20)
         self._layout = layout_named(self.schema.layout)
+        self.selection = select_features(self.schema, *self._chosen)
 
     def __getstate__(self) -> dict:
-        return {"path": self.path, "cache_megabytes": self.cache_megabytes}
+        return {"path": self.path, "cache_megabytes": self.cache_megabytes, "chosen": self._chosen}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["path"], state["cache_megabytes"])
+        self.__init__(state["path"], state["cache_megabytes"], *state["chosen"])
 
     # --- what the store holds -------------------------------------------------------------
     @property
@@ -167,11 +180,12 @@ class FeatureStore:
 
     @property
     def feature_dim(self) -> int:
-        return self.schema.feature_dim
+        """D: the width of a pixel's feature vector (of the selection)."""
+        return self.selection.feature_dim
 
     def feature_description(self) -> FeatureDescription:
-        """What a model trained on these features must record to be applied to others."""
-        return FeatureDescription.of(self.schema)
+        """What a model trained on these features (the selection) must record to be applied to others."""
+        return FeatureDescription.of(self.schema, self.selection)
 
     def done_mask(self) -> np.ndarray:
         """bool (N,): which images are completely written."""
@@ -242,15 +256,16 @@ class FeatureStore:
         return None if (labels == NO_LABELS).all() else labels
 
     def block_tables(self, index: int) -> list[torch.Tensor]:
-        """Native layout: per (step, tap) in feature order, float16 (C, h, w)."""
+        """Native layout: per chosen (step, tap) in feature order, float16 (C, h, w)."""
         if self._layout is not NATIVE:
             raise ValueError(f"{self.path} has the dense layout; block tables exist only in native stores")
         cached = self._cache.get(index)
         if cached is not None:
             return cached
         self.check_done(index)
-        per_tap = [torch.from_numpy(self.read_region(name, index)) for name in self._feature_array_names()]  # (T, C, h, w)
-        tables = [maps[step] for step in range(self.schema.maps_per_tap) for maps in per_tap]
+        chosen = [tap_array(name) for name in self.selection.taps]  # only these arrays are read
+        per_tap = [torch.from_numpy(self.read_region(name, index)) for name in chosen]  # each (T, C, h, w)
+        tables = [maps[step] for step in self.selection.step_positions for maps in per_tap]
         self._cache.put(index, tables)
         return tables
 

@@ -103,12 +103,80 @@ class FeatureDescription:
     feature_dim: int
 
     @classmethod
-    def of(cls, schema: StoreSchema) -> FeatureDescription:
-        return cls(dict(schema.source), list(schema.steps), list(schema.taps), schema.image_size, schema.feature_dim)
+    def of(cls, schema: StoreSchema, selection: FeatureSelection | None = None) -> FeatureDescription:
+        """What a store holds, or the `selection` of it."""
+        if selection is None:
+            return cls(dict(schema.source), list(schema.steps), list(schema.taps), schema.image_size, schema.feature_dim)
+        return cls(dict(schema.source), selection.steps, selection.taps, schema.image_size, selection.feature_dim)
 
     def differences(self, other: FeatureDescription) -> list[str]:
         """'field: this value vs other value' for each field that differs (source keys one by one)."""
         return [f"{name}: {mine!r} vs {theirs!r}" for name, mine, theirs in _differing_fields(self, other)]
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureSelection:
+    """A subset of a store's features, in the store's feature order: some of its steps and taps.
+
+    Attributes:
+        steps: the chosen steps ([] for a store without steps).
+        step_positions: their positions along each tap array's step axis.
+        tap_shapes: the chosen taps.
+        columns: int64 (D',): their columns in the store's full pixel feature vector.
+    """
+
+    steps: list[int]
+    step_positions: list[int]
+    tap_shapes: list[TapShape]
+    columns: np.ndarray
+
+    @property
+    def taps(self) -> list[str]:
+        return [shape.name for shape in self.tap_shapes]
+
+    @property
+    def feature_dim(self) -> int:
+        return len(self.columns)
+
+
+def select_features(
+    schema: StoreSchema, steps: Sequence[int] | None = None, blocks: Sequence[int | str] | None = None
+) -> FeatureSelection:
+    """Some of a store's steps and taps (None: all), kept in the store's order; taps by name or by
+    their guided-diffusion block number.
+
+    Raises:
+        StoreMismatchError: naming what the store does not hold, and what it holds.
+    """
+    wanted_steps = list(schema.steps) if steps is None else list(steps)
+    missing = [step for step in wanted_steps if step not in schema.steps]
+    if missing:
+        raise StoreMismatchError(f"the store holds no step {missing}; its steps are {schema.steps}")
+    by_name = {shape.name: shape for shape in schema.tap_shapes}
+    by_number = {shape.block: shape for shape in schema.tap_shapes if shape.block is not None}
+    chosen_names = set()
+    for block in schema.taps if blocks is None else blocks:
+        shape = by_number.get(block) if isinstance(block, int) else by_name.get(block)
+        if shape is None:
+            known = [shape.name + (f" (block {shape.block})" if shape.block is not None else "") for shape in schema.tap_shapes]
+            raise StoreMismatchError(f"the store holds no tap {block!r}; its taps are {known}")
+        chosen_names.add(shape.name)
+    step_positions = [position for position, step in enumerate(schema.steps) if step in wanted_steps] or [0]
+    tap_positions = [position for position, shape in enumerate(schema.tap_shapes) if shape.name in chosen_names]
+    widths = [shape.channels for shape in schema.tap_shapes]
+    starts = np.cumsum([0, *widths])[:-1]  # each tap's first column within one step's group
+    step_width = sum(widths)
+    columns = [
+        np.arange(step * step_width + starts[tap], step * step_width + starts[tap] + widths[tap])
+        for step in step_positions
+        for tap in tap_positions
+    ]
+    return FeatureSelection(
+        steps=[schema.steps[position] for position in step_positions] if schema.steps else [],
+        step_positions=step_positions,
+        tap_shapes=[schema.tap_shapes[position] for position in tap_positions],
+        columns=np.concatenate(columns).astype(np.int64),
+    )
 
 
 def tap_array(tap: str) -> str:

@@ -51,14 +51,16 @@ def train_on_store(
     classes: ClassInfo | None = None,
     show_progress: bool = True,
 ) -> tuple[Ensemble, TrainingSummary]:
-    """Trains an ensemble on every labeled pixel of a store and saves it to `out_dir`.
+    """Trains an ensemble on every labeled pixel of a store and saves it to `out_dir`: on all the
+    store's features, or on `settings.steps` and `settings.blocks` of them (read alone; the
+    ensemble records which, so evaluate and predict read the same ones).
 
     With `settings.scheduler` set, the features are read by that Dask cluster's workers and sent
     here, where the ensemble trains.
     """
     started = time.perf_counter()
     return_large_allocations_promptly()  # else table reads past the cache pile up in glibc's heaps
-    store = FeatureStore(store_path, cache_megabytes=settings.cache_megabytes)
+    store = FeatureStore(store_path, settings.cache_megabytes, settings.steps, settings.blocks)
     classes = store_classes(store, classes)
     pixels = select_labeled_pixels(store, classes.num_classes, classes.ignore_label, settings.min_class_pixels, classes.names)
     logger.info("%d labeled pixels of %d classes from %s", len(pixels), classes.num_classes, store_path)
