@@ -110,6 +110,12 @@ def test_broken_folders_are_refused_naming_the_part(latent_workspace, tmp_path):
         pixel = tmp_path / "pixel_unet"
         make_tiny_unet().save_pretrained(pixel)
         load_source(pixel, ExtractSettings(prompt="a cat", device="cpu"))
+    config_path = folder / "unet" / "config.json"
+    original = config_path.read_text()
+    config_path.write_text(json.dumps({**json.loads(original), "addition_embed_type": "text_time"}))  # as SD-XL's
+    with pytest.raises(ValueError, match="needs added conditioning.*SD-XL"):
+        load_latent_diffusion(folder, prompt_embeds=wide)
+    config_path.write_text(original)
     shutil.rmtree(folder / "vae")
     with pytest.raises(ValueError, match="missing vae/"):
         load_latent_diffusion(folder, prompt_embeds=wide)

@@ -97,12 +97,13 @@ def load_latent_diffusion(
             f"{folder} is missing {', '.join(part + '/' for part in missing)}: a latent-diffusion folder needs "
             "unet/, vae/ and scheduler/ (a diffusers pipeline folder, e.g. saved with `save_pretrained`)"
         )
-    unet = _load_part(UNet2DConditionModel, folder, "unet")
-    if unet.config.get("addition_embed_type") is not None:
+    added = json.loads((folder / "unet" / "config.json").read_text()).get("addition_embed_type")
+    if added is not None:  # checked before the weights are read
         raise ValueError(
-            f"{folder}/unet needs added conditioning ({unet.config.addition_embed_type!r}: SD-XL's pooled text "
-            "embeddings and time ids), which segcache does not supply yet; use an SD 1.x/2.x-style folder"
+            f"{folder}/unet needs added conditioning ({added!r}: SD-XL's pooled text embeddings and time ids), "
+            "which segcache does not supply yet; use an SD 1.x/2.x-style folder"
         )
+    unet = _load_part(UNet2DConditionModel, folder, "unet")
     vae = _load_part(AutoencoderKL, folder, "vae")
     scheduler = DDPMScheduler.from_config(DDPMScheduler.load_config(folder / "scheduler"))
     width = unet.config.cross_attention_dim
