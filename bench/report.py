@@ -35,6 +35,17 @@ def _extraction(result: dict) -> list[str]:
     ]
 
 
+def _latent_extraction(result: dict) -> list[str]:
+    ratios, speed, megabytes = result["ratios"], result["images_per_second"], result["store_megabytes_per_image"]
+    return [
+        f"| 1 extraction overhead, latent diffusion ({result['unet_parameters'] / 1e6:.0f} M-parameter SD-shaped UNet, "
+        f"{result['size']}², taps {', '.join(result['blocks'])}, {result['images']} images, {result['device']}) "
+        f"| extract {100 * ratios['extract_vs_bare']:.0f} % of bare VAE encode + forwards ({speed['extract']:.2f} vs "
+        f"{speed['bare_truncated']:.2f} img/s); {megabytes['features_float16']:.2f} MB/image float16 features "
+        f"| bare VAE encode + forwards = 100 % | extract ≥ 90 % | {_holds(result['targets'])} |"
+    ]
+
+
 def _memory(result: dict) -> list[str]:
     rows = result["rows"]
     peaks = ", ".join(f"{row['images']}: {row['peak_rss_bytes'] / GB:.2f}" for row in rows)
@@ -171,6 +182,7 @@ def _pretrain(result: dict) -> list[str]:
 
 SECTIONS: dict[str, Callable[[dict], list[str]]] = {
     "extraction_overhead": _extraction,
+    "latent_extraction": _latent_extraction,
     "training_memory": _memory,
     "training_speed": _speed,
     "fast_protocol_classes": _fast_classes,

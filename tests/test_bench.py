@@ -17,6 +17,7 @@ from bench import (
     extraction_overhead,
     fast_protocol_classes,
     inference_speed,
+    latent_extraction,
     pretrain_speed,
     sampling_throughput,
     storage_codecs,
@@ -28,8 +29,8 @@ from bench.report import summary_table
 
 @pytest.mark.parametrize(
     "module",
-    [storage_codecs, extraction_overhead, training_speed, fast_protocol_classes, inference_speed, sampling_throughput,
-     pretrain_speed],
+    [storage_codecs, extraction_overhead, latent_extraction, training_speed, fast_protocol_classes, inference_speed,
+     sampling_throughput, pretrain_speed],
     ids=lambda module: module.__name__,
 )
 def test_quick_benchmark_writes_a_result_the_summary_can_read(tmp_path, module):
