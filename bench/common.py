@@ -168,6 +168,22 @@ def write_synthetic_store(
     return path
 
 
+def extraction_timings(settings, device: str, count: int, repeats: int, times: dict[str, list[float]]) -> dict:
+    """The part of an extraction benchmark's result every one reports: what ran (images, size,
+    steps, taps, batch, device, repeats), each measurement's seconds and its median images/s."""
+    return {
+        "images": count,
+        "size": settings.size,
+        "steps": settings.steps,
+        "blocks": settings.blocks,
+        "batch_size": settings.batch_size,
+        "device": device,
+        "repeats": repeats,
+        "seconds": {name: [round(value, 3) for value in values] for name, values in times.items()},
+        "images_per_second": {name: round(count / statistics.median(values), 3) for name, values in times.items()},
+    }
+
+
 def directory_bytes(path: Path) -> int:
     """Bytes of the files under `path`, each hardlinked file counted once (as `du` does)."""
     sizes = {}

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bench.common import SHARED, command_line, write_result
+from bench.common import SHARED, command_line, extraction_timings, write_result
 from pipeline.config import ExtractSettings
 from pipeline.data.folders import list_images, load_example
 from pipeline.extraction.extract import extract_features
@@ -111,15 +111,7 @@ def run(quick: bool, scratch: Path, count: int = 8, repeats: int = 3) -> dict:
     return {
         "what": "extract-stage images/s vs bare UNet forwards' images/s, same images, steps, batch and device",
         "model": str(checkpoint.name),
-        "images": count,
-        "size": settings.size,
-        "steps": settings.steps,
-        "blocks": settings.blocks,
-        "batch_size": settings.batch_size,
-        "device": str(pick_device(settings.device)),
-        "repeats": repeats,
-        "seconds": {name: [round(value, 3) for value in values] for name, values in times.items()},
-        "images_per_second": {name: round(value, 3) for name, value in throughput.items()},
+        **extraction_timings(settings, str(pick_device(settings.device)), count, repeats, times),
         "store_bytes_per_image": sizes,
         "ratios": {
             "native_vs_bare": round(native_ratio, 3),

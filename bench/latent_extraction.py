@@ -41,7 +41,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from PIL import Image
 from safetensors.torch import save_file
 
-from bench.common import SHARED, command_line, write_result
+from bench.common import SHARED, command_line, extraction_timings, write_result
 from bench.extraction_overhead import extract_seconds
 from pipeline.config import ExtractSettings
 from pipeline.data.folders import list_images, load_example
@@ -183,15 +183,7 @@ def run(quick: bool, scratch: Path, count: int = 24, repeats: int = 5) -> dict:
                 "same images, steps, taps, batch and device",
         "model": "tiny SD (save_tiny_latent_diffusion)" if quick else "SD 1.x shape at ~1/5 width, random weights",
         "unet_parameters": sum(parameter.numel() for parameter in UNet2DConditionModel.from_pretrained(folder / "unet").parameters()),
-        "images": count,
-        "size": settings.size,
-        "steps": settings.steps,
-        "blocks": settings.blocks,
-        "batch_size": settings.batch_size,
-        "device": str(pick_device(settings.device)),
-        "repeats": repeats,
-        "seconds": {name: [round(value, 3) for value in values] for name, values in times.items()},
-        "images_per_second": {name: round(value, 3) for name, value in throughput.items()},
+        **extraction_timings(settings, str(pick_device(settings.device)), count, repeats, times),
         "store_megabytes_per_image": megabytes,
         "ratios": {
             "extract_vs_bare": round(ratio, 3),
