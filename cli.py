@@ -112,17 +112,24 @@ def extract(context: _Context, checkpoint, images, store, steps, blocks, seed, s
 @click.option("--scheduler", help="Dask scheduler address: its workers read the features; the ensemble trains here.")
 @click.option("--steps", help="Train on these of the store's steps only, comma-separated (default: all).")
 @click.option("--blocks", help="Train on these of the store's taps only: names or block numbers, comma-separated (default: all).")
+@click.option("--selection", type=click.Path(path_type=Path), help="A selection.json written by `select`: its steps and taps.")
 @click.pass_obj
 def train(context: _Context, store, out, members, seed, learning_rate, batch_size, max_epochs, protocol, device, classes,
-          scheduler, steps, blocks):
+          scheduler, steps, blocks, selection):
     """Train the MLP ensemble on the labeled pixels of a store (the paper's protocol by default)."""
     from pipeline.heads.pixel_ensemble.training import train_on_store
 
     def action():
+        chosen_steps, chosen_taps = _int_list(steps) if steps else None, _tap_list(blocks) if blocks else None
+        if selection is not None:
+            if steps or blocks:
+                raise click.UsageError("give --selection or --steps/--blocks, not both")
+            from pipeline.heads.selection import read_selection
+
+            chosen_steps, chosen_taps = read_selection(selection)
         settings = TrainSettings(
             protocol=protocol, members=members, seed=seed, learning_rate=learning_rate, batch_size=batch_size,
-            max_epochs=max_epochs, device=device, scheduler=scheduler,
-            steps=_int_list(steps) if steps else None, blocks=_tap_list(blocks) if blocks else None,
+            max_epochs=max_epochs, device=device, scheduler=scheduler, steps=chosen_steps or None, blocks=chosen_taps,
         )
         class_info = load_class_info(classes) if classes else None
         _, summary = train_on_store(store, out, settings, class_info, context.show_progress)
@@ -148,6 +155,33 @@ def evaluate(context: _Context, ensemble, store, out):
         click.echo(
             f"evaluate: {metrics['images']} images, mIoU {metrics['miou']}, pixel accuracy "
             f"{metrics['pixel_accuracy']}; written to {out}"
+        )
+
+    _run(context, action)
+
+
+@main.command()
+@click.option("--store", required=True, help="Feature store of the labeled training images (may hold many steps and taps).")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder for selection.json and selection.png.")
+@click.option("--classes", type=click.Path(path_type=Path), help="classes.json (default: recorded in the store).")
+@click.option("--folds", default=5, show_default=True, help="Cross-validation folds over the labeled images.")
+@click.option("--pixels-per-image", default=500, show_default=True, help="Labeled pixels sampled from each image.")
+@click.option("--min-gain", default=0.2, show_default=True, help="Stop adding when validation mIoU rises by no more points than this.")
+@click.option("--max-features", type=int, help="Never choose more features per pixel than this.")
+@click.pass_obj
+def select(context: _Context, store, out, classes, folds, pixels_per_image, min_gain, max_features):
+    """Choose steps and taps of a store from its labeled images alone (k-fold cross-validation of a cheap probe)."""
+    from pipeline.config import SelectSettings
+    from pipeline.heads.selection import select_into_folder
+
+    def action():
+        settings = SelectSettings(folds=folds, pixels_per_image=pixels_per_image, min_gain_points=min_gain,
+                                  max_features=max_features)
+        class_info = load_class_info(classes) if classes else None
+        chosen = select_into_folder(store, out, settings, class_info, context.show_progress)
+        click.echo(
+            f"select: steps {chosen.steps}, taps {chosen.taps} (validation mIoU {chosen.validation_miou:.3f} over "
+            f"{chosen.folds} folds); {out / 'selection.json'}, {out / 'selection.png'}"
         )
 
     _run(context, action)

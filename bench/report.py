@@ -101,9 +101,22 @@ def _sampling(result: dict) -> list[str]:
         f"| 4 pixel stream, pixels/s ({result['feature_dim']}-d) | native {result['native']['pixels_per_second']:,.0f} "
         f"({ratios['native_vs_fast_protocol']:.1f}× fast-protocol use, {ratios['native_vs_paper_protocol']:.1f}× paper-protocol use); "
         f"dense {result['dense']['pixels_per_second']:,.0f} ({result['dense']['feature_chunk_reads_per_buffer']:.0f} whole-chunk reads per "
-        f"{result['dense']['buffer_pixels']:,}-pixel buffer) | ensemble uses {consumption['fast_protocol_pixels_per_second']:,.0f} (fast), "
+        f"{result['dense']['buffer_pixels']:,}-pixel buffer)"
+        + _subset_cell(result.get("native_subset"), result["native"])
+        + f" | ensemble uses {consumption['fast_protocol_pixels_per_second']:,.0f} (fast), "
         f"{consumption['paper_protocol_pixels_per_second']:,.0f} (paper, per member) | ≥ 5× use | {_holds(result['targets'])} |"
     ]
+
+
+def _subset_cell(subset: dict | None, native: dict) -> str:
+    """The stream of a selection of the store (train --steps/--blocks), when measured."""
+    if subset is None:
+        return ""
+    return (
+        f"; one tap at one step ({subset['feature_dim']}-d) of the same native store {subset['pixels_per_second']:,.0f}, "
+        f"reading {subset['feature_megabytes_read_per_buffer']:,.0f} MB per buffer instead of "
+        f"{native['feature_megabytes_read_per_buffer']:,.0f} MB"
+    )
 
 
 def _storage(result: dict) -> list[str]:

@@ -39,15 +39,24 @@ from pipeline.heads.pixel_ensemble.sampling import PixelStream, select_labeled_p
 from pipeline.store.reader import FeatureStore
 
 
-def stream_rate(store_path: Path, num_classes: int, settings: TrainSettings, buffers: int) -> dict:
+def stream_rate(
+    store_path: Path, num_classes: int, settings: TrainSettings, buffers: int, steps=None, taps=None
+) -> dict:
     """Pixels per second between consecutive buffers of an epoch (the consumer waits on nothing
-    else), and how many chunk reads each buffer took."""
-    store = FeatureStore(store_path, cache_megabytes=settings.cache_megabytes)
+    else), and how many chunk reads (and bytes) each buffer took; `steps`/`taps`: a selection."""
+    store = FeatureStore(store_path, settings.cache_megabytes, steps, taps)
     pixels = select_labeled_pixels(store, num_classes, 255, settings.min_class_pixels)
     stream = PixelStream(store, pixels, settings.fast_batch_size, settings.buffer_pixels)
-    reads = []
+    reads, read_bytes = [], []
     original_read = store.read_region
-    store.read_region = lambda *args: reads.append(args[0]) or original_read(*args)
+
+    def counted_read(*args):
+        region = original_read(*args)
+        reads.append(args[0])
+        read_bytes.append(region.nbytes if args[0] not in ("labels", "done") else 0)
+        return region
+
+    store.read_region = counted_read
     intervals, sizes = [], []
     started = time.perf_counter()
     for position, (features, _) in enumerate(stream.buffers(np.random.default_rng(0))):
@@ -65,6 +74,8 @@ def stream_rate(store_path: Path, num_classes: int, settings: TrainSettings, buf
         "buffers_timed": len(intervals),
         "seconds_per_buffer": [round(value, 3) for value in intervals],
         "feature_chunk_reads_per_buffer": round(feature_reads / len(intervals), 1),
+        "feature_megabytes_read_per_buffer": round(sum(read_bytes) / len(intervals) / 1e6, 1),
+        "feature_dim": store.feature_dim,
         "labeled_pixels": len(pixels),
         "images": store.num_images,
     }
@@ -118,6 +129,9 @@ def run(quick: bool, scratch: Path) -> dict:
     torch.set_num_threads(1)
     native = write_synthetic_store(scratch / "sampling-native.zarr", "native", native_images, size, shapes, steps, classes)
     native_rate = stream_rate(native, classes, settings, buffers)
+    # One tap at one step of the same store (issue 18: train on a subset): only its array is read.
+    subset = {"steps": [steps[-1]], "taps": [shapes[-1].name]}
+    subset_rate = stream_rate(native, classes, settings, buffers, **subset)
     dense = write_synthetic_store(scratch / "sampling-dense.zarr", "dense", dense_images, size, shapes, steps, classes)
     dense_rate = stream_rate(dense, classes, settings, buffers)
     feature_dim = FeatureStore(native).feature_dim
@@ -129,6 +143,7 @@ def run(quick: bool, scratch: Path) -> dict:
         "feature_dim": feature_dim,
         "settings": {"buffer_pixels": settings.buffer_pixels, "cache_megabytes": settings.cache_megabytes},
         "native": native_rate,
+        "native_subset": {"selection": subset, **subset_rate},
         "dense": dense_rate,
         "consumption": consumption,
         "ratios": {
@@ -137,7 +152,11 @@ def run(quick: bool, scratch: Path) -> dict:
             "dense_vs_fast_protocol": round(dense_rate["pixels_per_second"] / fast, 2),
             "dense_vs_paper_protocol": round(dense_rate["pixels_per_second"] / paper, 2),
         },
-        "targets": {"native stream >= 5x the (default, fast) ensemble's consumption": native_ratio_fast >= 5},
+        "targets": {
+            "native stream >= 5x the (default, fast) ensemble's consumption": native_ratio_fast >= 5,
+            "a subset reads only its own tap's bytes": subset_rate["feature_megabytes_read_per_buffer"]
+            < native_rate["feature_megabytes_read_per_buffer"],
+        },
     }
 
 

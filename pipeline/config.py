@@ -288,6 +288,33 @@ def settings_from_mapping(settings_class: type, mapping: Any, where: str):
 
 
 @dataclasses.dataclass(frozen=True)
+class SelectSettings:
+    """How `select` chooses steps and taps from the labeled images (see pipeline/heads/selection.py).
+
+    Attributes:
+        folds: cross-validation folds over the labeled images.
+        pixels_per_image: labeled pixels sampled from each image for the probe.
+        min_gain_points: keep adding a step or a tap while validation mIoU rises by more than
+            this many points.
+        max_features: never choose more features per pixel (None: no limit).
+        seed: seeds the pixel sample and the folds.
+    """
+
+    folds: int = 5
+    pixels_per_image: int = 500
+    min_gain_points: float = 0.2
+    max_features: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.folds < 2 or self.pixels_per_image < 1 or self.min_gain_points < 0:
+            raise ValueError(
+                f"select: need folds >= 2, pixels_per_image >= 1, min_gain_points >= 0; got {self.folds}, "
+                f"{self.pixels_per_image}, {self.min_gain_points}"
+            )
+
+
+@dataclasses.dataclass(frozen=True)
 class Params:
     """All of `params.yaml`."""
 
@@ -297,10 +324,11 @@ class Params:
     evaluate: EvaluateSettings
     baselines: BaselineSettings
     benchmark: BenchmarkSettings = dataclasses.field(default_factory=BenchmarkSettings)
+    select: SelectSettings = dataclasses.field(default_factory=SelectSettings)
 
 
 _SECTIONS = {"demo": DemoSpec, "extract": ExtractSettings, "train": TrainSettings, "evaluate": EvaluateSettings,
-             "baselines": BaselineSettings, "benchmark": BenchmarkSettings}
+             "baselines": BaselineSettings, "benchmark": BenchmarkSettings, "select": SelectSettings}
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:

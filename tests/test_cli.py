@@ -90,7 +90,7 @@ def test_evaluating_with_an_ensemble_of_other_features_is_refused(workspace, tra
     assert result.exit_code == 0, result.output
     result = invoke("evaluate", "--ensemble", workspace / "ensemble", "--store", tmp_path / "other.zarr", "--out", tmp_path / "out")
     assert result.exit_code == 1
-    assert "trained on other features" in result.output and "steps" in result.output
+    assert "was trained on steps [50, 150]" in result.output and "no step [150]" in result.output
 
 
 def test_clear_errors_without_tracebacks(tmp_path):

@@ -283,3 +283,25 @@ def save_picture_grid(
     figure.savefig(path, dpi=100)
     logger.info("saved %d pictures to %s", len(pictures), path)
 
+
+
+def save_selection_heatmap(path: Path | str, steps: list[int], taps: list[str], miou: dict[str, float],
+                           chosen: tuple[list[int], list[str]]) -> None:
+    """Validation mIoU of each (step, tap) alone as a heat map (steps × taps), the chosen ones framed."""
+    rows = steps or [None]
+    values = np.array([[miou[tap if step is None else f"t{step} {tap}"] for tap in taps] for step in rows])  # (T, taps)
+    figure = Figure(figsize=(1.2 + 0.9 * len(taps), 1.4 + 0.5 * len(rows)), constrained_layout=True)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    image = axes.imshow(values, cmap="viridis", aspect="auto")
+    for row, step in enumerate(rows):
+        for column, tap in enumerate(taps):
+            framed = (step is None or step in chosen[0]) and tap in chosen[1]
+            axes.text(column, row, f"{values[row, column]:.2f}", ha="center", va="center", fontsize=8,
+                      color="white" if values[row, column] < values.mean() else "black",
+                      fontweight="bold" if framed else "normal")
+    axes.set_xticks(range(len(taps)), taps, rotation=45, ha="right", fontsize=7)
+    axes.set_yticks(range(len(rows)), ["—" if step is None else f"t = {step}" for step in rows])
+    axes.set_title("validation mIoU of each (step, tap) alone; bold: chosen", fontsize=9)
+    figure.colorbar(image, ax=axes)
+    figure.savefig(path, dpi=120)

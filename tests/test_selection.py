@@ -1,0 +1,52 @@
+"""Choosing steps and taps from the labeled images alone: a cheap probe, cross-validated over images."""
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from cli import main
+from conftest import write_learnable_store
+from pipeline.heads.selection import read_selection, select_steps_and_taps
+
+CLASSES = ["background", "round", "square"]
+
+
+def test_the_tap_that_holds_the_labels_is_chosen(tmp_path):
+    # The learnable store encodes the labels in decoder.12 only (at both steps), plus noise.
+    write_learnable_store(tmp_path / "train.zarr", count=4, seed=0, noise=0.5)
+    selection = select_steps_and_taps(tmp_path / "train.zarr", CLASSES, 255, folds=4, pixels_per_image=200,
+                                      show_progress=False)
+    assert selection.taps == ["decoder.12"] and len(selection.steps) >= 1
+    assert selection.single["t50 decoder.12"] > 0.9 > selection.single["t50 decoder.5"]
+    assert selection.validation_miou == selection.order[-1]["miou"] and selection.folds == 4
+    assert selection.per_class_best_tap["square"] == "decoder.12"
+
+
+def test_one_labeled_image_is_not_enough(tmp_path):
+    write_learnable_store(tmp_path / "one.zarr", count=1)
+    with pytest.raises(ValueError, match="at least 2 labeled images"):
+        select_steps_and_taps(tmp_path / "one.zarr", CLASSES, 255, show_progress=False)
+
+
+def test_select_writes_a_selection_that_train_reads(tmp_path):
+    write_learnable_store(tmp_path / "train.zarr", count=4, seed=0, noise=0.5)
+
+    def invoke(*arguments):
+        result = CliRunner().invoke(main, ["--quiet", *map(str, arguments)], catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        return result
+
+    invoke("select", "--store", tmp_path / "train.zarr", "--out", tmp_path / "selection", "--folds", 2,
+           "--pixels-per-image", 100)
+    steps, taps = read_selection(tmp_path / "selection" / "selection.json")
+    assert taps == ["decoder.12"] and Image.open(tmp_path / "selection" / "selection.png").size[0] > 200
+    invoke("train", "--store", tmp_path / "train.zarr", "--out", tmp_path / "ensemble", "--members", 1,
+           "--max-epochs", 1, "--selection", tmp_path / "selection" / "selection.json")
+    features = json.loads((tmp_path / "ensemble" / "ensemble.json").read_text())["features"]
+    assert (features["steps"], features["taps"]) == (steps, taps)
+    with pytest.raises(ValueError, match="not a selection.json"):
+        read_selection(tmp_path / "ensemble" / "ensemble.json")
+    assert np.isfinite(json.loads((tmp_path / "selection" / "selection.json").read_text())["validation_miou"])
