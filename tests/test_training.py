@@ -107,3 +107,18 @@ def test_the_fast_protocol_learns_the_small_part_the_paper_protocol_learns(small
         ious[protocol] = _part_iou(tmp_path / protocol, root / "test.zarr", part=1)
     assert ious["paper"] > 0.5
     assert ious["fast"] >= ious["paper"] - 0.05, ious
+
+
+def test_training_on_a_subset_reads_no_array_outside_it(tmp_path, monkeypatch):
+    write_learnable_store(tmp_path / "train.zarr")
+    opened = set()
+    original = FeatureStore.read_region
+
+    def recording(self, array_name, index, *selection):
+        opened.add(array_name)
+        return original(self, array_name, index, *selection)
+
+    monkeypatch.setattr(FeatureStore, "read_region", recording)
+    settings = TrainSettings(members=1, max_epochs=1, device="cpu", steps=[150], blocks=["decoder.12"])
+    train_on_store(tmp_path / "train.zarr", tmp_path / "out", settings, show_progress=False)
+    assert opened == {"taps/decoder.12", "labels", "done"}
