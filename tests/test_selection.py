@@ -50,3 +50,29 @@ def test_select_writes_a_selection_that_train_reads(tmp_path):
     with pytest.raises(ValueError, match="not a selection.json"):
         read_selection(tmp_path / "ensemble" / "ensemble.json")
     assert np.isfinite(json.loads((tmp_path / "selection" / "selection.json").read_text())["validation_miou"])
+
+
+@pytest.mark.parametrize("dataset", ["cat_15", "horse_21"])
+def test_select_runs_on_a_real_dataset_with_the_golden_adm_tiny(shared_dir, tmp_path, dataset):
+    """The mechanics on real images and label maps (adm-tiny has random weights: not the quality)."""
+    from pipeline.config import ExtractSettings
+    from pipeline.data.folders import first_images, list_images, load_class_info
+    from pipeline.extraction.extract import extract_features
+
+    source = shared_dir / "datasets" / "ddpm-seg" / dataset
+    images = tmp_path / "images"
+    images.mkdir()
+    for record in first_images(list_images(source / "real" / "train"), 4, source / "real" / "train"):
+        for path in (record.image_path, record.label_path):
+            (images / path.name).symlink_to(path.resolve())
+    classes = load_class_info(source / "classes.json")
+    settings = ExtractSettings(steps=[50, 150], blocks=[5, 8, 12], size=64, batch_size=4, device="cpu")
+    extract_features(shared_dir / "fixtures" / "adm-tiny" / "adm_tiny.pt", images, tmp_path / "train.zarr", settings,
+                     classes, show_progress=False)
+    selection = select_steps_and_taps(tmp_path / "train.zarr", classes.names, classes.ignore_label, folds=2,
+                                      pixels_per_image=200, show_progress=False)
+    from pipeline.store.reader import FeatureStore
+
+    assert selection.taps and set(selection.taps) <= set(FeatureStore(tmp_path / "train.zarr").schema.taps)
+    assert len(selection.single) == 2 * 3 and 0 <= selection.validation_miou <= 1
+    assert selection.steps and set(selection.steps) <= {50, 150}
