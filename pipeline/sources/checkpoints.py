@@ -168,20 +168,31 @@ def _build_unet(config: Mapping, state_dict: Mapping[str, torch.Tensor], source:
     return unet.eval()
 
 
+def diffusers_weights_file(model_folder: Path) -> Path:
+    """The weights file diffusers' `from_pretrained` loads from a model folder: the .safetensors
+    one when both exist (its preference), else the .bin one.
+
+    Raises:
+        ValueError: the folder has neither.
+    """
+    for name in _DIFFUSERS_WEIGHT_NAMES:
+        if (model_folder / name).is_file():
+            return model_folder / name
+    raise ValueError(f"{model_folder}: no weights file, expected one of {list(_DIFFUSERS_WEIGHT_NAMES)}")
+
+
 def _load_diffusers_folder(folder: Path) -> tuple[UNet2DModel, Path]:
     """Load a diffusers model folder, or the `unet/` of a pipeline folder; also return its weights file."""
     model_folder = folder if (folder / "config.json").is_file() else folder / "unet"
     if not (model_folder / "config.json").is_file():
         raise ValueError(f"{folder}: not a diffusers model folder: no config.json in it or in {folder / 'unet'}")
     _read_config_json(model_folder / "config.json")
-    weights_paths = [model_folder / name for name in _DIFFUSERS_WEIGHT_NAMES if (model_folder / name).is_file()]
-    if not weights_paths:
-        raise ValueError(f"{model_folder}: no weights file, expected one of {list(_DIFFUSERS_WEIGHT_NAMES)}")
+    weights_path = diffusers_weights_file(model_folder)
     try:
         unet = UNet2DModel.from_pretrained(
             str(model_folder),
             local_files_only=True,
-            use_safetensors=weights_paths[0].suffix == ".safetensors",
+            use_safetensors=weights_path.suffix == ".safetensors",
             dtype=torch.float32,
             low_cpu_mem_usage=is_accelerate_available(),  # without accelerate diffusers would warn and fall back
         )
@@ -190,8 +201,7 @@ def _load_diffusers_folder(folder: Path) -> tuple[UNet2DModel, Path]:
             f"{model_folder}: could not load it as a diffusers UNet2DModel (a damaged weights file, or weights of "
             f"another architecture than its config.json?): {_first_lines(error)}"
         ) from error
-    # from_pretrained prefers the .safetensors file when both exist, as the list order does.
-    return unet.eval(), weights_paths[0]
+    return unet.eval(), weights_path
 
 
 def _first_lines(error: Exception, count: int = 4) -> str:

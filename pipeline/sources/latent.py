@@ -32,12 +32,11 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from pipeline.data.folders import file_sha256
 from pipeline.runtime.devices import autocast_for, pick_device
 from pipeline.sources.base import TapShape
-from pipeline.sources.checkpoints import plain_config
+from pipeline.sources.checkpoints import diffusers_weights_file, plain_config
 from pipeline.sources.diffusion_unet import block_numbers, draw_noises, resolve_taps, tapped_outputs
 
 LATENT_DIFFUSION = "latent-diffusion"
 _PARTS = ("unet", "vae", "scheduler")
-_WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 
 
 def is_latent_diffusion_folder(path: str | Path) -> bool:
@@ -121,7 +120,7 @@ def load_latent_diffusion(
             f"{source} gives prompt embeddings of width {embeds.shape[-1]}, but {folder}/unet's cross-attention "
             f"takes {width}: the text encoder (or file) does not belong to this UNet"
         )
-    digests = {part: file_sha256(_weights_file(folder, part)) for part in ("unet", "vae")}
+    digests = {part: file_sha256(diffusers_weights_file(folder / part)) for part in ("unet", "vae")}
     return LatentDiffusion(
         unet=unet.eval(),
         vae=vae.eval(),
@@ -214,20 +213,10 @@ def load_latent_source(
 
 def _load_part(model_class, folder: Path, part: str):
     try:
-        return model_class.from_pretrained(folder / part)
+        return model_class.from_pretrained(folder / part, local_files_only=True, dtype=torch.float32)
     except (OSError, ValueError, RuntimeError, TypeError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ValueError(f"{folder}/{part} is not a readable {model_class.__name__}: {first_line}") from None
-
-
-def _weights_file(folder: Path, part: str) -> Path:
-    for name in _WEIGHT_NAMES:
-        if (folder / part / name).is_file():
-            return folder / part / name
-    found = sorted(path.name for path in (folder / part).glob("*.safetensors"))
-    if found:
-        return folder / part / found[0]
-    raise ValueError(f"{folder}/{part} has no weights file ({' or '.join(_WEIGHT_NAMES)})")
 
 
 def _read_prompt_embeds(path: Path) -> torch.Tensor:
