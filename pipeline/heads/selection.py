@@ -28,7 +28,6 @@ from tqdm.auto import tqdm
 from pipeline.config import SelectSettings
 from pipeline.data.folders import ClassInfo
 from pipeline.heads.pixel_ensemble.sampling import select_labeled_pixels
-from pipeline.heads.pixel_ensemble.training import store_classes
 from pipeline.pictures.figures import save_selection_heatmap
 from pipeline.store.reader import FeatureStore
 from pipeline.store.schema import select_features
@@ -64,7 +63,7 @@ def select_into_folder(
     """`select_steps_and_taps` with the store's classes (or `classes`), written to `out_dir` as
     `selection.json` (what `train --selection` reads) and `selection.png` (the heat map)."""
     store = FeatureStore(store_path, cache_megabytes=0)
-    classes = store_classes(store, classes)
+    classes = store.class_info(classes)
     selection = select_steps_and_taps(
         store_path, classes.names, classes.ignore_label, settings.folds, settings.pixels_per_image,
         settings.min_gain_points / 100, settings.max_features, settings.seed, show_progress,

@@ -18,6 +18,7 @@ import zarr
 import zarr.codecs
 from zarr.core.sync import sync
 
+from pipeline.data.folders import ClassInfo
 from pipeline.store.layouts import NATIVE, layout_named, store_arrays
 from pipeline.store.locations import Location, holds_zarr_group, location_bytes, open_zarr_group, store_location
 from pipeline.store.schema import (
@@ -186,6 +187,21 @@ class FeatureStore:
     def feature_description(self) -> FeatureDescription:
         """What a model trained on these features (the selection) must record to be applied to others."""
         return FeatureDescription.of(self.schema, self.selection)
+
+    def class_info(self, given: ClassInfo | None = None) -> ClassInfo:
+        """The class names and ignore label: `given` ones, else those recorded in the store.
+
+        Raises:
+            ValueError: none given and none recorded (the message says how to give them).
+        """
+        if given is not None:
+            return given
+        if self.schema.classes is None:
+            raise ValueError(
+                f"{self.path} records no class names; give them with --classes PATH/TO/classes.json "
+                "(a JSON file with `names` and `ignore_label`)"
+            )
+        return ClassInfo(names=list(self.schema.classes["names"]), ignore_label=int(self.schema.classes["ignore_label"]))
 
     def done_mask(self) -> np.ndarray:
         """bool (N,): which images are completely written."""

@@ -32,18 +32,6 @@ class TrainingSummary:
     epochs_per_member: list[int]
 
 
-def store_classes(store: FeatureStore, classes: ClassInfo | None) -> ClassInfo:
-    """The class names and ignore label: given ones, else those recorded in the store."""
-    if classes is not None:
-        return classes
-    if store.schema.classes is None:
-        raise ValueError(
-            f"{store.path} records no class names; give them with --classes PATH/TO/classes.json "
-            "(a JSON file with `names` and `ignore_label`)"
-        )
-    return ClassInfo(names=list(store.schema.classes["names"]), ignore_label=int(store.schema.classes["ignore_label"]))
-
-
 def train_on_store(
     store_path: str | Path,
     out_dir: str | Path,
@@ -61,7 +49,7 @@ def train_on_store(
     started = time.perf_counter()
     return_large_allocations_promptly()  # else table reads past the cache pile up in glibc's heaps
     store = FeatureStore(store_path, settings.cache_megabytes, settings.steps, settings.blocks)
-    classes = store_classes(store, classes)
+    classes = store.class_info(classes)
     pixels = select_labeled_pixels(store, classes.num_classes, classes.ignore_label, settings.min_class_pixels, classes.names)
     logger.info("%d labeled pixels of %d classes from %s", len(pixels), classes.num_classes, store_path)
     device = pick_device(settings.device)
