@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from pipeline.config import SelectSettings
 from pipeline.data.folders import ClassInfo
+from pipeline.evaluation.metrics import IoUAccumulator
 from pipeline.heads.pixel_ensemble.sampling import select_labeled_pixels
 from pipeline.pictures.figures import save_selection_heatmap
 from pipeline.store.reader import FeatureStore
@@ -116,7 +117,7 @@ def select_steps_and_taps(
 
     def score(steps: list[int], taps: list[str]) -> tuple[float, np.ndarray]:
         columns = select_features(schema, steps or None, taps).columns
-        return _cross_validated_miou(features[:, columns], labels, fold, num_classes)
+        return _cross_validated_miou(features[:, columns], labels, fold, num_classes, ignore_label)
 
     steps_of_store = schema.steps or [None]
     candidates = [(step, tap) for step in steps_of_store for tap in schema.taps]
@@ -158,24 +159,17 @@ def _name(step: int | None, tap: str) -> str:
 
 
 def _cross_validated_miou(
-    features: np.ndarray, labels: np.ndarray, fold: np.ndarray, num_classes: int
+    features: np.ndarray, labels: np.ndarray, fold: np.ndarray, num_classes: int, ignore_label: int
 ) -> tuple[float, np.ndarray]:
     """mIoU of a ridge classifier over the folds' held-out pixels (IoU summed over all folds
-    before dividing), and per class IoU (NaN for classes absent from every held-out pixel)."""
-    intersections, unions = np.zeros(num_classes), np.zeros(num_classes)
+    before dividing; classes absent from both prediction and truth left out), and per-class IoU."""
+    accumulator = IoUAccumulator(num_classes, ignore_label)
     for held_out in np.unique(fold):
         train, test = fold != held_out, fold == held_out
         scaler = StandardScaler().fit(features[train])
         classifier = RidgeClassifier(alpha=1.0).fit(scaler.transform(features[train]), labels[train])
-        predicted = classifier.predict(scaler.transform(features[test]))
-        truth = labels[test]
-        for k in range(num_classes):
-            intersections[k] += np.sum((predicted == k) & (truth == k))
-            unions[k] += np.sum((predicted == k) | (truth == k))
-    present = unions > 0
-    per_class = np.full(num_classes, np.nan)
-    per_class[present] = intersections[present] / unions[present]
-    return float(np.nanmean(per_class)), per_class
+        accumulator.update(classifier.predict(scaler.transform(features[test])), labels[test])
+    return accumulator.mean_iou("ignore_excluded"), accumulator.per_class_iou("ignore_excluded")
 
 
 def write_selection(selection: Selection, path: Path) -> None:
