@@ -20,6 +20,7 @@ def test_block_numbers_are_aliases_of_module_paths():
     unet = make_tiny_unet(sample_size=32, seed=1)
     names = decoder_block_names(unet)
     assert resolve_taps(unet, [5, "12", "mid_block", names[3]]) == [names[5], names[12], "mid_block", names[3]]
+    assert resolve_taps(unet, ["decoder"]) == names and resolve_taps(unet, ["mid_block", "decoder"])[1:] == names
     with pytest.raises(ValueError, match=r"decoder block 40 is invalid.*0\.\.14"):
         resolve_taps(unet, [40])
     with pytest.raises(ValueError, match="'up_blocks.9' is neither"):

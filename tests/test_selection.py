@@ -76,3 +76,36 @@ def test_select_runs_on_a_real_dataset_with_the_golden_adm_tiny(shared_dir, tmp_
     assert selection.taps and set(selection.taps) <= set(FeatureStore(tmp_path / "train.zarr").schema.taps)
     assert len(selection.single) == 2 * 3 and 0 <= selection.validation_miou <= 1
     assert selection.steps and set(selection.steps) <= {50, 150}
+
+
+def test_the_ridge_probe_is_sklearns_scaled_ridge_classifier():
+    """The Gram-block probe gives the predictions of StandardScaler → RidgeClassifier per fold."""
+    from sklearn.linear_model import RidgeClassifier
+    from sklearn.preprocessing import StandardScaler
+
+    from pipeline.evaluation.metrics import IoUAccumulator
+    from pipeline.heads.selection import RidgeProbe
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 4, size=600)
+    labels[labels == 3] = 2  # class 3 never occurs: never predicted
+    scales = 10.0 ** rng.uniform(-2, 2, size=12)  # standardising matters
+    features = ((rng.normal(size=(600, 12)) + labels[:, None] * rng.normal(size=12)) * scales + 40.0).astype(np.float32)
+    features[:, 5] = 7.0  # a constant column
+    fold = np.arange(600) % 3
+    groups = {"a": np.arange(0, 5), "b": np.arange(5, 9), "c": np.arange(9, 12)}
+    probe = RidgeProbe(features, labels, fold, num_classes=4, ignore_label=255)
+    for name, columns in groups.items():
+        probe.add_group(name, columns)
+    for chosen in (["a"], ["b", "c"], ["c", "a", "b"]):
+        columns = np.concatenate([groups[name] for name in chosen])
+        expected = IoUAccumulator(4, 255)
+        for held_out in range(3):
+            train, test = fold != held_out, fold == held_out
+            scaler = StandardScaler().fit(features[train][:, columns])
+            classifier = RidgeClassifier(alpha=1.0).fit(scaler.transform(features[train][:, columns]), labels[train])
+            expected.update(classifier.predict(scaler.transform(features[test][:, columns])), labels[test])
+        miou, per_class = probe.score(chosen)
+        assert miou == pytest.approx(expected.mean_iou("ignore_excluded"), abs=1e-9)
+        np.testing.assert_allclose(per_class, expected.per_class_iou("ignore_excluded"))
+        assert np.isnan(per_class[3])

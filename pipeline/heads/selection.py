@@ -1,8 +1,10 @@
 """Choosing a store's steps and taps from the labeled images alone (never the test split).
 
 A cheap proxy stands in for the ensemble: a ridge classifier (one-vs-rest least squares on
-standardised features, sklearn's `RidgeClassifier`) on a sample of each training image's
-labeled pixels, scored by mIoU on held-out images with k-fold cross-validation over images.
+standardised features, what sklearn's `StandardScaler` → `RidgeClassifier` computes) on a sample
+of each training image's labeled pixels, scored by mIoU on held-out images with k-fold
+cross-validation over images. `RidgeProbe` fits it from Gram blocks computed once per pair of
+(step, tap) groups, so each of the hundreds of fits costs a d×d solve, not a pass over the pixels.
 
 1. Every single (step, tap) is scored alone: the per-candidate table and heat map.
 2. Greedy forward selection on the store's grid (a selection is some steps × some taps, what
@@ -21,8 +23,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from sklearn.linear_model import RidgeClassifier
-from sklearn.preprocessing import StandardScaler
 from tqdm.auto import tqdm
 
 from pipeline.config import SelectSettings
@@ -115,11 +115,15 @@ def select_steps_and_taps(
     fold = np.array([fold_of_image[int(image)] for image in image_of])
     schema = store.schema
 
-    def score(steps: list[int], taps: list[str]) -> tuple[float, np.ndarray]:
-        columns = select_features(schema, steps or None, taps).columns
-        return _cross_validated_miou(features[:, columns], labels, fold, num_classes, ignore_label)
-
+    probe = RidgeProbe(features, labels, fold, num_classes, ignore_label)
     steps_of_store = schema.steps or [None]
+    for step in steps_of_store:
+        for tap in schema.taps:
+            probe.add_group((step, tap), select_features(schema, None if step is None else [step], [tap]).columns)
+
+    def score(steps: list[int], taps: list[str]) -> tuple[float, np.ndarray]:
+        return probe.score([(step, tap) for step in (steps or [None]) for tap in taps])
+
     candidates = [(step, tap) for step in steps_of_store for tap in schema.taps]
     single, per_class = {}, {}
     for step, tap in tqdm(candidates, desc="select: single", unit="candidate", disable=not show_progress):
@@ -158,18 +162,78 @@ def _name(step: int | None, tap: str) -> str:
     return tap if step is None else f"t{step} {tap}"
 
 
-def _cross_validated_miou(
-    features: np.ndarray, labels: np.ndarray, fold: np.ndarray, num_classes: int, ignore_label: int
-) -> tuple[float, np.ndarray]:
-    """mIoU of a ridge classifier over the folds' held-out pixels (IoU summed over all folds
-    before dividing; classes absent from both prediction and truth left out), and per-class IoU."""
-    accumulator = IoUAccumulator(num_classes, ignore_label)
-    for held_out in np.unique(fold):
-        train, test = fold != held_out, fold == held_out
-        scaler = StandardScaler().fit(features[train])
-        classifier = RidgeClassifier(alpha=1.0).fit(scaler.transform(features[train]), labels[train])
-        accumulator.update(classifier.predict(scaler.transform(features[test])), labels[test])
-    return accumulator.mean_iou("ignore_excluded"), accumulator.per_class_iou("ignore_excluded")
+class RidgeProbe:
+    """Cross-validated ridge classifiers on any union of column groups, from statistics computed once.
+
+    Per fold: the pixel count, column sums, the ±1 class targets' sums and cross products, and
+    (on a group's first use) the Gram rows of that group against every column; the training
+    side of a fold is all folds minus that one. A fit on some groups then centres and
+    standardises their Gram matrix and solves (C + alpha·I) W = b: the same classifier as
+    `StandardScaler` → `RidgeClassifier(alpha)` fitted on the training folds' pixels (equal up to
+    float rounding; a test compares them), for the cost of a d×d solve instead of a pass over the
+    pixels. Memory: the features in float64 (8·P·D bytes) and 8·(folds + 1)·D bytes per column of
+    the groups used, at most 8·(folds + 1)·D².
+
+    Args:
+        features: (P, D) of the sampled pixels; labels: (P,) in 0..num_classes-1; fold: (P,)
+            each pixel's fold (its image's).
+    """
+
+    def __init__(self, features: np.ndarray, labels: np.ndarray, fold: np.ndarray, num_classes: int,
+                 ignore_label: int, alpha: float = 1.0):
+        # Shifting every column by a constant changes neither the scaler nor the ridge fit (both
+        # centre the data), and keeps the Gram sums small where features sit far from 0.
+        self.features = features.astype(np.float64) - features.mean(axis=0, dtype=np.float64)  # (P, D)
+        self.labels, self.num_classes, self.ignore_label, self.alpha = labels, num_classes, ignore_label, alpha
+        self.fold_rows = [np.flatnonzero(fold == held_out) for held_out in np.unique(fold)]
+        self.columns: dict[object, np.ndarray] = {}
+        targets = np.where(labels[:, None] == np.arange(num_classes), 1.0, -1.0)  # (P, K): RidgeClassifier's coding
+        # Per-fold statistics, each with the sum over all folds appended as a last entry.
+        self.count = self._with_total(np.array([len(rows) for rows in self.fold_rows], dtype=np.float64))  # (F+1,)
+        self.class_count = self._with_total(np.stack([np.bincount(labels[rows], minlength=num_classes)
+                                                      for rows in self.fold_rows]))  # (F+1, K)
+        self.target_sum = self._with_total(np.stack([targets[rows].sum(axis=0) for rows in self.fold_rows]))
+        self.sums = self._with_total(np.stack([self.features[rows].sum(axis=0) for rows in self.fold_rows]))  # (F+1, D)
+        self.cross = self._with_total(np.stack([self.features[rows].T @ targets[rows] for rows in self.fold_rows]))  # (F+1, D, K)
+        self.gram_rows: dict[object, np.ndarray] = {}  # group → (F+1, d, D): its columns × every column
+
+    @staticmethod
+    def _with_total(per_fold: np.ndarray) -> np.ndarray:
+        return np.concatenate([per_fold, per_fold.sum(axis=0, keepdims=True)])
+
+    def add_group(self, key: object, columns: np.ndarray) -> None:
+        """Names some columns (a (step, tap)); `score` takes unions of named groups."""
+        self.columns[key] = np.asarray(columns)
+
+    def _rows(self, key: object) -> np.ndarray:
+        if key not in self.gram_rows:
+            block = self.features[:, self.columns[key]]
+            self.gram_rows[key] = self._with_total(np.stack([block[rows].T @ self.features[rows] for rows in self.fold_rows]))
+        return self.gram_rows[key]
+
+    def score(self, groups: Sequence[object]) -> tuple[float, np.ndarray]:
+        """mIoU over the folds' held-out pixels (IoU summed over all folds before dividing;
+        classes absent from both prediction and truth left out), and per-class IoU."""
+        columns = np.concatenate([self.columns[group] for group in groups])
+        gram = np.concatenate([self._rows(group)[:, :, columns] for group in groups], axis=1)  # (F+1, d, d)
+        accumulator = IoUAccumulator(self.num_classes, self.ignore_label)
+        for held_out, rows in enumerate(self.fold_rows):
+            def training(statistic: np.ndarray) -> np.ndarray:  # all folds but the held-out one
+                return statistic[-1] - statistic[held_out]
+
+            count = training(self.count)
+            mean = training(self.sums[:, columns]) / count
+            target_mean = training(self.target_sum) / count  # (K,)
+            centred = training(gram) - count * np.outer(mean, mean)  # (d, d)
+            scale = np.sqrt(np.clip(np.diag(centred) / count, 0.0, None))
+            scale[scale < 10 * np.finfo(np.float64).eps] = 1.0  # as StandardScaler: a constant column stays as it is
+            system = centred / np.outer(scale, scale) + self.alpha * np.eye(len(scale))
+            right = (training(self.cross[:, columns]) - count * np.outer(mean, target_mean)) / scale[:, None]  # (d, K)
+            weights = np.linalg.solve(system, right)
+            decision = ((self.features[np.ix_(rows, columns)] - mean) / scale) @ weights + target_mean  # (n, K)
+            decision[:, training(self.class_count) == 0] = -np.inf  # classes the training folds lack
+            accumulator.update(decision.argmax(axis=1), self.labels[rows])
+        return accumulator.mean_iou("ignore_excluded"), accumulator.per_class_iou("ignore_excluded")
 
 
 def write_selection(selection: Selection, path: Path) -> None:

@@ -3,7 +3,8 @@
 Taps are module paths of the diffusers UNet (`up_blocks.1.attentions.0`); a tap's feature map is
 that module's forward output (its first tensor when it returns a tuple). guided-diffusion decoder
 block numbers are aliases: `5` names the module `adm.blocks.decoder_block_names(unet)[5]`, so
-`--blocks 5,6,7,8,12` works as the paper writes it.
+`--blocks 5,6,7,8,12` works as the paper writes it, and the word `decoder` names every decoder
+block (a superset for `select` to choose from).
 
 Every image is noised with the same noise (`noise.shared_noise`) at each step, through the
 paper's linear schedule (`noise.paper_scheduler`); the forward pass stops once every tap has
@@ -26,9 +27,12 @@ from pipeline.sources.checkpoints import Backbone, load_backbone
 from pipeline.sources.hooks import capture_outputs, run_until_captured
 from pipeline.sources.noise import add_noise, paper_scheduler, shared_noise
 
+ALL_DECODER_BLOCKS = "decoder"
+
 
 def resolve_taps(unet: torch.nn.Module, blocks: Sequence[int | str]) -> list[str]:
-    """Tap names for what a user typed: guided-diffusion block numbers or module paths.
+    """Tap names for what a user typed: guided-diffusion block numbers, module paths, or
+    `ALL_DECODER_BLOCKS` ("decoder") for every decoder block in order.
 
     Raises:
         ValueError: a number outside the UNet's decoder blocks, a name that is not one of its
@@ -47,12 +51,14 @@ def resolve_taps(unet: torch.nn.Module, blocks: Sequence[int | str]) -> list[str
             taps.append(numbered[block])
         elif isinstance(block, str) and block.isdigit():
             taps.extend(resolve_taps(unet, [int(block)]))
+        elif block == ALL_DECODER_BLOCKS:
+            taps.extend(numbered)
         elif isinstance(block, str) and block in modules and block:
             taps.append(block)
         else:
             raise ValueError(
-                f"{block!r} is neither a decoder block number (0..{len(numbered) - 1}) nor a module of this "
-                f"UNet; decoder blocks are {numbered} (`inspect --taps` lists every module)"
+                f"{block!r} is neither a decoder block number (0..{len(numbered) - 1}), {ALL_DECODER_BLOCKS!r} nor a "
+                f"module of this UNet; decoder blocks are {numbered} (`inspect --taps` lists every module)"
             )
     repeated = sorted({tap for tap in taps if taps.count(tap) > 1})
     if repeated:
