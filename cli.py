@@ -124,7 +124,7 @@ def train(context: _Context, store, out, members, seed, learning_rate, batch_siz
         if selection is not None:
             if steps or blocks:
                 raise click.UsageError("give --selection or --steps/--blocks, not both")
-            from pipeline.heads.selection import read_selection
+            from pipeline.heads.selection_file import read_selection
 
             chosen_steps, chosen_taps = read_selection(selection)
         settings = TrainSettings(

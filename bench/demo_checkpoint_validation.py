@@ -68,7 +68,8 @@ def pixel_validation_miou(
     """The same as validation_miou for the raw-pixel baseline (each pixel's RGB neighbourhood)."""
     for images, store in ((data.train_images, "train.zarr"), (data.validation_images, "val.zarr")):
         extract_pixel_features(images, run_dir / store, size, neighbourhood, data.classes, show_progress=False)
-    return _ensemble_mious(run_dir, trainings)
+    every_tap = [dataclasses.replace(settings, steps=None, blocks=None) for settings in trainings]  # one tap, no steps
+    return _ensemble_mious(run_dir, every_tap)
 
 
 def _ensemble_mious(run_dir: Path, trainings: list[TrainSettings]) -> list[float]:

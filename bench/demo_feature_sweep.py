@@ -31,6 +31,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(PROJECT_ROOT / "bench" / "results" / "demo_feature_sweep.json"))
     arguments = parser.parse_args()
     params = load_params(PROJECT_ROOT / "params.yaml")
+    every_tap = dataclasses.replace(params.train, steps=None, blocks=None)  # each setting's store is its own
     results = {}
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
@@ -39,7 +40,7 @@ def main() -> None:
         for number, (name, (steps, blocks)) in enumerate(SETTINGS.items()):
             extract = dataclasses.replace(params.extract, steps=steps, blocks=blocks)
             results[name] = {
-                source: validation_miou(weights, data, scratch / f"{number}-{source}", extract, [params.train])[0]
+                source: validation_miou(weights, data, scratch / f"{number}-{source}", extract, [every_tap])[0]
                 for source, weights in (("ddpm", Path(arguments.checkpoint)), ("random", random_twin))
             }
             print(name, results[name], flush=True)

@@ -9,7 +9,8 @@ from stages import output_path
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--ddpm", required=True, help="metrics.json of the DDPM features")
+    parser.add_argument("--ddpm", required=True, help="metrics.json of the DDPM features (the selected taps)")
+    parser.add_argument("--ddpm-paper-taps", help="metrics.json of the DDPM features at the paper's taps")
     parser.add_argument("--random", required=True, help="metrics.json of the random-weights UNet")
     parser.add_argument("--pixels", required=True, help="metrics.json of the raw pixels")
     parser.add_argument("--out", required=True)
@@ -17,7 +18,10 @@ def main() -> None:
     parser.add_argument("--per-class", help="where to write every class's IoU by feature source")
     arguments = parser.parse_args()
 
-    paths = {"ddpm": Path(arguments.ddpm), "random": Path(arguments.random), "pixels": Path(arguments.pixels)}
+    paths = {"ddpm": Path(arguments.ddpm)}
+    if arguments.ddpm_paper_taps:
+        paths["ddpm_paper_taps"] = Path(arguments.ddpm_paper_taps)
+    paths |= {"random": Path(arguments.random), "pixels": Path(arguments.pixels)}
     per_class = output_path(arguments.per_class) if arguments.per_class else None
     summary = write_comparison(paths, output_path(arguments.out), output_path(arguments.chart), per_class)
     print("compare: " + ", ".join(f"{key} {value}" for key, value in summary.items()))

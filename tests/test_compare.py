@@ -11,6 +11,8 @@ def test_margins_are_in_points():
         "miou": 0.42, "miou_random_weights": 0.30, "miou_pixels": 0.12,
         "margin_over_random_weights": 12.0, "margin_over_pixels": 30.0,
     }
+    with_paper_taps = compare_feature_sources({"ddpm": 0.42, "ddpm_paper_taps": 0.40, "random": 0.30})
+    assert with_paper_taps["miou_paper_taps"] == 0.40 and with_paper_taps["margin_over_paper_taps"] == 2.0
     with pytest.raises(ValueError, match="unknown"):
         compare_feature_sources({"dino": 0.5})
 

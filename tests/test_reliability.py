@@ -200,7 +200,8 @@ def test_pretrain_killed_resumes_from_its_last_checkpoint_exactly(workspace, tmp
     assert not list(out.glob("*.tmp"))
 
 
-TRAIN = {"members": 2, "max_epochs": 15, "patience": 1000, "seed": 0, "device": "cpu", "threads": 1}
+TRAIN = {"members": 2, "max_epochs": 15, "patience": 1000, "seed": 0, "device": "cpu", "threads": 1,
+         "steps": None, "blocks": None}  # every step and tap of the synthetic store
 
 
 def test_train_killed_keeps_the_old_ensemble_and_a_rerun_matches(tmp_path, monkeypatch):

@@ -9,7 +9,8 @@ from PIL import Image
 
 from cli import main
 from conftest import write_learnable_store
-from pipeline.heads.selection import read_selection, select_steps_and_taps
+from pipeline.heads.selection import select_steps_and_taps
+from pipeline.heads.selection_file import read_selection
 
 CLASSES = ["background", "round", "square"]
 
@@ -109,3 +110,20 @@ def test_the_ridge_probe_is_sklearns_scaled_ridge_classifier():
         assert miou == pytest.approx(expected.mean_iou("ignore_excluded"), abs=1e-9)
         np.testing.assert_allclose(per_class, expected.per_class_iou("ignore_excluded"))
         assert np.isnan(per_class[3])
+
+
+def test_select_opens_no_file_of_the_test_split(tmp_path):
+    """Every file Python opens during `select` (an audit hook sees them all) lies outside the test store."""
+    import sys
+
+    write_learnable_store(tmp_path / "train.zarr", count=4, seed=0, noise=0.5)
+    write_learnable_store(tmp_path / "test.zarr", count=3, seed=1, noise=0.5)
+    opened, recording = [], []
+    sys.addaudithook(lambda event, arguments: recording and event == "open" and opened.append(str(arguments[0])))
+    recording.append(True)
+    try:
+        select_steps_and_taps(tmp_path / "train.zarr", CLASSES, 255, folds=2, pixels_per_image=100, show_progress=False)
+    finally:
+        recording.clear()
+    assert any("train.zarr" in path for path in opened)  # the hook does see the store's files
+    assert not [path for path in opened if "test.zarr" in path]

@@ -15,7 +15,7 @@ from conftest import PROJECT_ROOT
 SMALL_SETTINGS = {
     "demo": {"pool_images": 4, "train_images": 4, "test_images": 3},
     "extract": {"steps": [50, 150], "batch_size": 4},
-    "train": {"members": 2, "max_epochs": 5},
+    "train": {"members": 2, "max_epochs": 5, "steps": [50, 150]},
     "evaluate": {"pictures": 2},
 }
 
@@ -47,28 +47,36 @@ def project(tmp_path_factory):
 @pytest.mark.slow
 def test_repro_runs_everything_then_nothing_then_only_training(project):
     first = run(project, "repro")
-    for source in ("ddpm", "random", "pixels"):
-        for stage in (f"train@{source}", f"evaluate@{source}"):
-            assert f"Running stage '{stage}'" in first
+    for source in ("ddpm", "ddpm-paper-taps", "random", "pixels"):
+        assert f"Running stage 'evaluate@{source}'" in first
         metrics = json.loads((project / "data" / "results" / source / "metrics.json").read_text())
         assert 0.0 <= metrics["miou"] <= 1.0 and metrics["images"] == 3
+    for source in ("ddpm", "random", "pixels"):
         assert (project / "data" / "stores" / f"{source}-train.zarr" / "zarr.json").is_file()
-    for stage in ("demo_data", "random_model", "extract@ddpm-train", "extract@random-test", "extract_pixels@test", "compare"):
+    for stage in ("demo_data", "random_model", "extract@ddpm-train", "extract@random-test", "extract_pixels@test",
+                  "select", "train_selected", "train@ddpm-paper-taps", "train@random", "train@pixels", "compare"):
         assert f"Running stage '{stage}'" in first
+    # The headline ensemble trains on the selection, the paper-taps one on train.steps × train.blocks.
+    features = {name: json.loads((project / "data" / "models" / f"ensemble-{name}" / "ensemble.json").read_text())["features"]
+                for name in ("ddpm", "ddpm-paper-taps")}
+    selection = json.loads((project / "data" / "selection" / "selection.json").read_text())
+    assert (features["ddpm"]["steps"], features["ddpm"]["taps"]) == (selection["steps"], selection["taps"])
+    assert features["ddpm-paper-taps"]["steps"] == [50, 150] and len(features["ddpm-paper-taps"]["taps"]) == 5
     comparison = json.loads((project / "data" / "metrics.json").read_text())
-    assert set(comparison) >= {"miou", "miou_random_weights", "miou_pixels"}
+    assert set(comparison) >= {"miou", "miou_paper_taps", "miou_random_weights", "miou_pixels", "margin_over_paper_taps"}
     shown = run(project, "metrics", "show")
-    assert "miou_random_weights" in shown and "miou_pixels" in shown
+    assert "miou_paper_taps" in shown and "miou_random_weights" in shown and "miou_pixels" in shown
 
     second = run(project, "repro")
     assert "Running stage" not in second
 
     params = yaml.safe_load((project / "params.yaml").read_text())
-    params["train"]["seed"] = 1
+    params["train"]["steps"] = [150]
     (project / "params.yaml").write_text(yaml.safe_dump(params))
     third = run(project, "repro")
-    assert "Running stage 'train@ddpm'" in third and "Running stage 'evaluate@ddpm'" in third
-    assert "Running stage 'extract" not in third and "Running stage 'random_model'" not in third
+    assert "Running stage 'train@ddpm-paper-taps'" in third and "Running stage 'evaluate@ddpm-paper-taps'" in third
+    for untouched in ("extract", "random_model", "select", "train_selected", "evaluate@ddpm'"):
+        assert f"Running stage '{untouched}" not in third
 
 
 def test_stages_write_only_inside_the_data_folder(tmp_path, monkeypatch):

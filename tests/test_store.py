@@ -133,6 +133,7 @@ def test_a_selection_of_steps_and_taps_reads_their_columns_only(tmp_path, layout
         assert [tuple(table.shape) for table in chosen.block_tables(0)] == [(6, 4, 4), (2, 16, 16)]
     with pytest.raises(StoreMismatchError, match=r"no tap 'decoder.7'.*decoder.5 \(block 5\)"):
         FeatureStore(tmp_path / "store.zarr", taps=["decoder.7"])
+    assert FeatureStore(tmp_path / "store.zarr", taps=["decoder"]).feature_dim == full.feature_dim  # every numbered tap
     with pytest.raises(StoreMismatchError, match=r"no step \[250\].*\[50, 150\]"):
         FeatureStore(tmp_path / "store.zarr", steps=[250])
 

@@ -12,13 +12,11 @@ cross-validation over images. `RidgeProbe` fits it from Gram blocks computed onc
    that raises the validation mIoU most, while it rises by more than `min_gain` (0.2 points by
    default) and the features stay within `max_features`.
 
-The result is what `train --selection` reads (`write_selection`, `read_selection`).
+The result is `selection_file.Selection`, written as the selection.json that `train --selection` reads.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -29,32 +27,10 @@ from pipeline.config import SelectSettings
 from pipeline.data.folders import ClassInfo
 from pipeline.evaluation.metrics import IoUAccumulator
 from pipeline.heads.pixel_ensemble.sampling import select_labeled_pixels
+from pipeline.heads.selection_file import Selection, write_selection
 from pipeline.pictures.figures import save_selection_heatmap
 from pipeline.store.reader import FeatureStore
 from pipeline.store.schema import select_features
-
-
-@dataclasses.dataclass(frozen=True)
-class Selection:
-    """The chosen steps and taps, and how every candidate scored.
-
-    Attributes:
-        steps, taps: the choice, in the store's order.
-        validation_miou: the proxy's cross-validated mIoU with the choice.
-        single: "t<step> <tap>" → the proxy's cross-validated mIoU with that (step, tap) alone.
-        order: each greedy round's addition and the mIoU after it ("start" for the first).
-        per_class_best_tap: class name → the tap whose single (step, tap) scored it best.
-        folds, pixels_per_image: how it was measured.
-    """
-
-    steps: list[int]
-    taps: list[str]
-    validation_miou: float
-    single: dict[str, float]
-    order: list[dict]
-    per_class_best_tap: dict[str, str]
-    folds: int
-    pixels_per_image: int
 
 
 def select_into_folder(
@@ -234,17 +210,3 @@ class RidgeProbe:
             decision[:, training(self.class_count) == 0] = -np.inf  # classes the training folds lack
             accumulator.update(decision.argmax(axis=1), self.labels[rows])
         return accumulator.mean_iou("ignore_excluded"), accumulator.per_class_iou("ignore_excluded")
-
-
-def write_selection(selection: Selection, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(dataclasses.asdict(selection), indent=1))
-
-
-def read_selection(path: str | Path) -> tuple[list[int], list[str]]:
-    """(steps, taps) of a `selection.json`; a ValueError naming the file if it is not one."""
-    try:
-        document = json.loads(Path(path).read_text())
-        return [int(step) for step in document["steps"]], [str(tap) for tap in document["taps"]]
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise ValueError(f"{path} is not a selection.json written by `select` ({error})") from None

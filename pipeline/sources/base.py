@@ -16,6 +16,9 @@ from typing import Protocol
 
 import torch
 
+# In a list of taps, this word names every decoder block (a UNet's numbered taps), in order.
+ALL_DECODER_BLOCKS = "decoder"
+
 
 @dataclasses.dataclass(frozen=True)
 class TapShape:

@@ -22,12 +22,10 @@ from diffusers import SchedulerMixin
 
 from pipeline.runtime.devices import autocast_for, pick_device
 from pipeline.sources.adm.blocks import decoder_block_names
-from pipeline.sources.base import TapShape
+from pipeline.sources.base import ALL_DECODER_BLOCKS, TapShape
 from pipeline.sources.checkpoints import Backbone, load_backbone
 from pipeline.sources.hooks import capture_outputs, run_until_captured
 from pipeline.sources.noise import add_noise, paper_scheduler, shared_noise
-
-ALL_DECODER_BLOCKS = "decoder"
 
 
 def resolve_taps(unet: torch.nn.Module, blocks: Sequence[int | str]) -> list[str]:

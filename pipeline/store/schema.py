@@ -10,7 +10,7 @@ import numpy as np
 import zarr
 import zarr.codecs
 
-from pipeline.sources.base import TapShape, steps_per_tap
+from pipeline.sources.base import ALL_DECODER_BLOCKS, TapShape, steps_per_tap
 
 FORMAT_VERSION = 4  # 4: named taps (`taps/<name>`) and a tagged source provenance
 READABLE_FORMATS = (4,)  # 3 (`block_<b>` arrays, one checkpoint hash) and older: re-extract
@@ -142,8 +142,8 @@ class FeatureSelection:
 def select_features(
     schema: StoreSchema, steps: Sequence[int] | None = None, blocks: Sequence[int | str] | None = None
 ) -> FeatureSelection:
-    """Some of a store's steps and taps (None: all), kept in the store's order; taps by name or by
-    their guided-diffusion block number.
+    """Some of a store's steps and taps (None: all), kept in the store's order; taps by name, by
+    their guided-diffusion block number, or `ALL_DECODER_BLOCKS` for every numbered tap.
 
     Raises:
         StoreMismatchError: naming what the store does not hold, and what it holds.
@@ -156,6 +156,9 @@ def select_features(
     by_number = {shape.block: shape for shape in schema.tap_shapes if shape.block is not None}
     chosen_names = set()
     for block in schema.taps if blocks is None else blocks:
+        if block == ALL_DECODER_BLOCKS and by_number:
+            chosen_names.update(shape.name for shape in by_number.values())
+            continue
         shape = by_number.get(block) if isinstance(block, int) else by_name.get(block)
         if shape is None:
             known = [shape.name + (f" (block {shape.block})" if shape.block is not None else "") for shape in schema.tap_shapes]
