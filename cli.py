@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from pipeline.config import EvaluateSettings, ExtractSettings, TrainSettings
+from pipeline.config import EvaluateSettings, ExtractSettings, RefineSettings, TrainSettings
 from pipeline.data.folders import find_class_info, load_class_info
 
 
@@ -183,6 +183,55 @@ def select(context: _Context, store, out, classes, folds, pixels_per_image, min_
             f"select: steps {chosen.steps}, taps {chosen.taps} (validation mIoU {chosen.validation_miou:.3f} over "
             f"{chosen.folds} folds); {out / 'selection.json'}, {out / 'selection.png'}"
         )
+
+    _run(context, action)
+
+
+@main.command("refine-train")
+@click.option("--ensemble", required=True, type=click.Path(path_type=Path), help="Folder of the trained ensemble to refine.")
+@click.option("--store", required=True, help="Feature store of its labeled training images.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder for the trained refiner.")
+@click.option("--first-prediction", type=click.Choice(["out_of_fold", "in_fold"]), default="out_of_fold", show_default=True,
+              help="What the refiner learns to fix: predictions of ensembles that never saw the image, or the ensemble's own.")
+@click.option("--folds", default=5, show_default=True, help="Out-of-fold ensembles (each trained as `train` does).")
+@click.option("--members", default=10, show_default=True, help="Members of each out-of-fold ensemble.")
+@click.option("--projection-dims", default=16, show_default=True, help="Principal components of the features it sees (0: none).")
+@click.option("--iterations", default=2000, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.pass_obj
+def refine_train(context: _Context, ensemble, store, out, first_prediction, folds, members, projection_dims, iterations,
+                 seed, device):
+    """Train a mask-prior refiner (DDPS) that learns to fix an ensemble's mistakes on its labeled images."""
+    from pipeline.refine.training import train_refiner
+
+    def action():
+        settings = RefineSettings(folds=folds, first_prediction=first_prediction, projection_dims=projection_dims,
+                                  iterations=iterations, seed=seed, device=device)
+        summary = train_refiner(ensemble, store, out, settings, TrainSettings(members=members, seed=seed, device=device),
+                                context.show_progress)
+        click.echo(f"refine-train: refiner on {summary.images} images (their first predictions: mIoU "
+                   f"{summary.first_prediction_miou}) saved to {summary.refiner_dir} in {summary.seconds:.1f} s")
+
+    _run(context, action)
+
+
+@main.command()
+@click.option("--refiner", required=True, type=click.Path(path_type=Path), help="Folder of a trained refiner.")
+@click.option("--predictions", required=True, type=click.Path(path_type=Path), help="A predictions.zarr written by `evaluate`.")
+@click.option("--store", required=True, help="The feature store those predictions were made from.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder for the refined predictions, masks, pictures, metrics.json.")
+@click.option("--schedule", default="5,3,1", show_default=True, help="Re-noising steps, descending, comma-separated.")
+@click.option("--seed", default=0, show_default=True)
+@click.pass_obj
+def refine(context: _Context, refiner, predictions, store, out, schedule, seed):
+    """Refine an ensemble's stored predictions with a trained refiner; score them where there are labels."""
+    from pipeline.refine.refining import refine_on_store
+
+    def action():
+        settings = RefineSettings(schedule=_int_list(schedule), seed=seed)
+        metrics = refine_on_store(refiner, predictions, store, out, settings, EvaluateSettings(), context.show_progress)
+        click.echo(f"refine: {metrics['images']} images, mIoU {metrics['miou']}; written to {out}")
 
     _run(context, action)
 

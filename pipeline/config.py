@@ -314,6 +314,57 @@ class SelectSettings:
             )
 
 
+FirstPrediction = Literal["out_of_fold", "in_fold"]
+
+
+@dataclasses.dataclass(frozen=True)
+class RefineSettings:
+    """The mask-prior refiner (pipeline/refine/): how it is trained, and how it refines.
+
+    Attributes:
+        folds: out-of-fold first predictions come from this many ensembles, each trained on the
+            other folds of the labeled images (the settings of `train`, the ensemble's taps).
+        first_prediction: "out_of_fold" (each training image predicted by an ensemble that never
+            saw it: the mistakes the refiner will meet on new images) or "in_fold" (the final
+            ensemble's own predictions of its training images).
+        projection_dims: principal components of the pixel features the refiner sees beside the
+            ensemble's probabilities (0: the probabilities only).
+        diffusion_steps: T of the mask diffusion.
+        width: channels of the refiner's network.
+        iterations, batch_size, learning_rate: its training (Adam, cosine decay to 0).
+        crop: training crops are this fraction of the image side (1: whole images); with
+            horizontal flips when `flips`.
+        schedule: the steps at which `refine` re-noises its current map, from the first
+            prediction down (descending, each in 1..T).
+        seed: seeds the folds, the network, its training and the refinement's noise.
+        device, threads: where and with how many CPU threads it trains and refines.
+    """
+
+    folds: int = 5
+    first_prediction: FirstPrediction = "out_of_fold"
+    projection_dims: int = 16
+    diffusion_steps: int = 10
+    width: int = 32
+    iterations: int = 2000
+    batch_size: int = 8
+    learning_rate: float = 0.001
+    crop: float = 0.75
+    flips: bool = True
+    schedule: list[int] = dataclasses.field(default_factory=lambda: [5, 3, 1])
+    seed: int = 0
+    device: str = "auto"
+    threads: int = 0
+
+    def __post_init__(self) -> None:
+        if self.folds < 2 or self.projection_dims < 0 or self.diffusion_steps < 1 or self.width < 8 or self.width % 8:
+            raise ValueError("refine: need folds >= 2, projection_dims >= 0, diffusion_steps >= 1, width a multiple of 8")
+        if self.iterations < 1 or self.batch_size < 1 or self.learning_rate <= 0 or not 0 < self.crop <= 1:
+            raise ValueError("refine: iterations, batch_size and learning_rate must be positive, crop in (0, 1]")
+        if not self.schedule or any(not 1 <= t <= self.diffusion_steps for t in self.schedule) or \
+                self.schedule != sorted(self.schedule, reverse=True):
+            raise ValueError(f"refine: `schedule` must descend within 1..{self.diffusion_steps}, got {self.schedule}")
+
+
 @dataclasses.dataclass(frozen=True)
 class Params:
     """All of `params.yaml`."""
@@ -325,10 +376,12 @@ class Params:
     baselines: BaselineSettings
     benchmark: BenchmarkSettings = dataclasses.field(default_factory=BenchmarkSettings)
     select: SelectSettings = dataclasses.field(default_factory=SelectSettings)
+    refine: RefineSettings = dataclasses.field(default_factory=RefineSettings)
 
 
 _SECTIONS = {"demo": DemoSpec, "extract": ExtractSettings, "train": TrainSettings, "evaluate": EvaluateSettings,
-             "baselines": BaselineSettings, "benchmark": BenchmarkSettings, "select": SelectSettings}
+             "baselines": BaselineSettings, "benchmark": BenchmarkSettings, "select": SelectSettings,
+             "refine": RefineSettings}
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:

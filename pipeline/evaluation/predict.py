@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -138,13 +138,15 @@ def predict_store(
     pixels_per_batch: int = 16384,
     threads: int = 0,
     show_progress: bool = True,
+    images: Sequence[int] | None = None,
 ) -> Predictions:
     """Step 1 of the evaluation: predicts every finished image of a store into a predictions
     folder (`pipeline.evaluation.predictions`): the members' mean probabilities, their voted
     labels and their disagreement, one image at a time (memory does not grow with the store).
 
     The folder appears whole or not at all: it is written beside `predictions_dir` and renamed
-    into place at the end, replacing what was there.
+    into place at the end, replacing what was there. `images`: these finished images only (store
+    indices; None: all).
 
     Raises:
         StoreMismatchError: the ensemble was trained on other features than the store holds.
@@ -153,7 +155,8 @@ def predict_store(
     ensemble = load_ensemble(ensemble_dir)
     # Each image is read once: no table cache, whose filling would grow with the test set.
     store = open_store_for_ensemble(ensemble, store_path, ensemble_dir)
-    indices = [int(index) for index in np.flatnonzero(store.done_mask())]
+    wanted = None if images is None else {int(index) for index in images}
+    indices = [int(index) for index in np.flatnonzero(store.done_mask()) if wanted is None or index in wanted]
     provenance = {"ensemble": str(ensemble_dir), "store": str(store.path), "features": store.feature_description(),
                   "labels": "mode of the members' votes"}
     with replaced_folder(Path(predictions_dir)) as staging, torch_threads(threads):

@@ -26,10 +26,13 @@ def write_masks_and_pictures(
     out_dir: str | Path,
     pictures: int = 6,
     show_progress: bool = True,
+    refined_from: Predictions | None = None,
 ) -> None:
     """Writes into `out_dir`: `masks/<name>.npy` (the stored labels, int16 (S, S)),
     `masks/<name>.png` (their overlay on the image) and `predictions.png` (image | ground truth |
     prediction | uncertainty for the first `pictures` images), one image at a time.
+    `refined_from`: when `predictions` are a refiner's, the predictions it refined; the grid then
+    shows them as "prediction" and these as "refined".
     """
     predictions = predictions if isinstance(predictions, Predictions) else Predictions(predictions)
     store = FeatureStore(store_path, cache_megabytes=0)
@@ -46,8 +49,11 @@ def write_masks_and_pictures(
         np.save(out_dir / "masks" / f"{name}.npy", labels.astype(np.int16))
         save_png(out_dir / "masks" / f"{name}.png", overlay(image, labels, palette, ignore_label=predictions.ignore_label))
         if len(grid_rows) < pictures:
-            grid_rows.append({"image": image, "ground_truth": store.labels(store_index[name]), "prediction": labels,
-                              "uncertainty": predictions.uncertainty(position), "title": name})
+            row = {"image": image, "ground_truth": store.labels(store_index[name]), "prediction": labels,
+                   "uncertainty": predictions.uncertainty(position), "title": name}
+            if refined_from is not None:
+                row |= {"prediction": refined_from.labels(refined_from.position(name)), "refined": labels}
+            grid_rows.append(row)
     if grid_rows:
         save_prediction_grid(out_dir / "predictions.png", grid_rows, predictions.class_names, predictions.ignore_label)
 

@@ -22,11 +22,12 @@ from pipeline.pictures.masks import IGNORE_COLOUR, UNCERTAINTY_COLOURMAP, class_
 
 logger = logging.getLogger(__name__)
 
-_COLUMN_KEYS = ("image", "ground_truth", "prediction", "uncertainty")
+_COLUMN_KEYS = ("image", "ground_truth", "prediction", "refined", "uncertainty")
 _COLUMN_TITLES = {
     "image": "image",
     "ground_truth": "ground truth",
     "prediction": "prediction",
+    "refined": "refined",
     "uncertainty": "uncertainty",
 }
 
@@ -37,7 +38,7 @@ def save_prediction_grid(
     class_names: list[str],
     ignore_label: int | None = 255,
 ) -> None:
-    """Saves a figure with one row per image: image | ground truth | prediction | uncertainty.
+    """Saves a figure with one row per image: image | ground truth | prediction | refined | uncertainty.
 
     A column is left out when no row has it (e.g. no ground truth for generated images); a
     row that lacks it gets an empty cell. The legend lists the classes that appear.
@@ -45,7 +46,8 @@ def save_prediction_grid(
     Args:
         path: Where to write the PNG.
         rows: One dict per image with ``image`` (H, W, 3) uint8 and any of ``ground_truth``
-            (H, W) int, ``prediction`` (H, W) int, ``uncertainty`` (H, W) float (one colour
+            (H, W) int, ``prediction`` (H, W) int, ``refined`` (H, W) int (a refiner's output,
+            beside the prediction it refined), ``uncertainty`` (H, W) float (one colour
             scale shared by all rows), and ``title`` (str, written beside the row).
         class_names: Name of each label, index = label value.
         ignore_label: Label shown white and listed as "ignore"; None when there is none.
@@ -221,7 +223,7 @@ def _add_class_legend(
     """A legend under the grid with the classes present in any ground truth or prediction."""
     present: set[int] = set()
     for row in rows:
-        for key in ("ground_truth", "prediction"):
+        for key in ("ground_truth", "prediction", "refined"):
             if row.get(key) is not None:
                 present.update(np.unique(row[key]).tolist())
     handles = [

@@ -50,6 +50,13 @@ class LabeledPixels:
     def class_counts(self, num_classes: int) -> np.ndarray:
         return np.bincount(self.label, minlength=num_classes)
 
+    def of_images(self, images: Sequence[int]) -> LabeledPixels:
+        """The pixels of these images (store indices) only; a ValueError if none has any."""
+        keep = np.isin(self.image_index, np.asarray(images))
+        if not keep.any():
+            raise ValueError(f"none of the images {list(images)} has a labeled pixel to train on")
+        return LabeledPixels(self.image_index[keep], self.y[keep], self.x[keep], self.label[keep])
+
 
 def usable_labels(labels: np.ndarray, ignore_label: int, num_classes: int, min_class_pixels: int) -> np.ndarray:
     """Applies the paper's rule: in one image, a class with fewer than `min_class_pixels`

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -38,19 +39,23 @@ def train_on_store(
     settings: TrainSettings,
     classes: ClassInfo | None = None,
     show_progress: bool = True,
+    images: Sequence[int] | None = None,
 ) -> tuple[Ensemble, TrainingSummary]:
     """Trains an ensemble on every labeled pixel of a store and saves it to `out_dir`: on all the
     store's features, or on `settings.steps` and `settings.blocks` of them (read alone; the
     ensemble records which, so evaluate and predict read the same ones).
 
     With `settings.scheduler` set, the features are read by that Dask cluster's workers and sent
-    here, where the ensemble trains.
+    here, where the ensemble trains. `images`: train on these of the store's images only (their
+    indices; None: all), e.g. the training folds of a cross-validation.
     """
     started = time.perf_counter()
     return_large_allocations_promptly()  # else table reads past the cache pile up in glibc's heaps
     store = FeatureStore(store_path, settings.cache_megabytes, settings.steps, settings.blocks)
     classes = store.class_info(classes)
     pixels = select_labeled_pixels(store, classes.num_classes, classes.ignore_label, settings.min_class_pixels, classes.names)
+    if images is not None:
+        pixels = pixels.of_images(images)
     logger.info("%d labeled pixels of %d classes from %s", len(pixels), classes.num_classes, store_path)
     device = pick_device(settings.device)
     with torch_threads(settings.threads), cluster_client(settings.scheduler) as client:
