@@ -191,8 +191,8 @@ def select(context: _Context, store, out, classes, folds, pixels_per_image, min_
 @click.option("--ensemble", required=True, type=click.Path(path_type=Path), help="Folder of the trained ensemble to refine.")
 @click.option("--store", required=True, help="Feature store of its labeled training images.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder for the trained refiner.")
-@click.option("--first-prediction", type=click.Choice(["out_of_fold", "in_fold"]), default="out_of_fold", show_default=True,
-              help="What the refiner learns to fix: predictions of ensembles that never saw the image, or the ensemble's own.")
+@click.option("--first-prediction", type=click.Choice(["in_fold", "out_of_fold"]), default="in_fold", show_default=True,
+              help="What the refiner learns to fix: the ensemble's own predictions of its training images, or those of ensembles that never saw them (k folds; costs k trainings).")
 @click.option("--folds", default=5, show_default=True, help="Out-of-fold ensembles (each trained as `train` does).")
 @click.option("--members", default=10, show_default=True, help="Members of each out-of-fold ensemble.")
 @click.option("--projection-dims", default=16, show_default=True, help="Principal components of the features it sees (0: none).")

@@ -32,6 +32,7 @@ BENCHMARKS = [
     "training_memory",  # 2: peak RSS vs training images
     "evaluation_streaming",  # 7: peak RSS vs test images
     "inference_speed",  # 7: first layer at native resolution vs upsampled features
+    "refine_speed",  # 19: mask-prior refinement vs the ensemble's prediction
     "dvc_overhead",  # 6: DVC bookkeeping of stores
     "pretrain_speed",  # DDPM pretraining step, float32 vs bfloat16
 ]

@@ -7,7 +7,7 @@ faces. Refiners are trained on the training store (out-of-fold or in-fold first 
 with and without the feature projection) and refine those predictions with several schedules.
 Results go to bench/results/demo_refine_validation.json.
 
-    python -m bench.demo_refine_validation [--data-seeds 0] [--iterations 2000]
+    python -m bench.demo_refine_validation [--data-seeds 0,1] [--iterations 2000] [--refiners in_fold,out_of_fold]
 """
 
 import argparse
@@ -29,9 +29,10 @@ from pipeline.refine.refining import refine_predictions
 from pipeline.refine.training import train_refiner
 
 REFINERS = {  # name → RefineSettings changes
-    "out_of_fold": {},
+    "out_of_fold": {"first_prediction": "out_of_fold"},
     "in_fold": {"first_prediction": "in_fold"},
-    "out_of_fold, probabilities only": {"projection_dims": 0},
+    "in_fold_probabilities_only": {"first_prediction": "in_fold", "projection_dims": 0},
+    "out_of_fold_probabilities_only": {"first_prediction": "out_of_fold", "projection_dims": 0},
 }
 SCHEDULES = [[1], [3, 1], [5, 3, 1], [8, 5, 3, 1], [10, 7, 4, 1]]
 
@@ -44,10 +45,11 @@ def _scored(predictions, store) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", default=str(PROJECT_ROOT / "data" / "checkpoints" / "demo_ddpm"))
-    parser.add_argument("--data-seeds", default="0")
+    parser.add_argument("--data-seeds", default="0,1")
     parser.add_argument("--validation-images", type=int, default=64)
     parser.add_argument("--iterations", type=int, help="Refiner training iterations (default: params.yaml).")
-    parser.add_argument("--refiners", default=",".join(REFINERS), help="Which refiner variants, comma-separated.")
+    parser.add_argument("--refiners", default="out_of_fold,in_fold,in_fold_probabilities_only",
+                        help=f"Refiner variants, comma-separated, of {sorted(REFINERS)}.")
     parser.add_argument("--out", default=str(PROJECT_ROOT / "bench" / "results" / "demo_refine_validation.json"))
     arguments = parser.parse_args()
     params = load_params(PROJECT_ROOT / "params.yaml")
@@ -89,7 +91,11 @@ def main() -> None:
                         "miou", "gain_points", "worst_class_gain_points", "refine_seconds")}}), flush=True)
             run["ensemble_train_and_predict_seconds"] = round(ensemble_seconds, 1)
             runs.append(run)
-    Path(arguments.out).write_text(json.dumps({
+    out = Path(arguments.out)
+    earlier = json.loads(out.read_text())["runs"] if out.is_file() else []  # other data seeds' runs stay
+    runs = sorted([run for run in earlier if run["data_seed"] not in {run["data_seed"] for run in runs}] + runs,
+                  key=lambda run: run["data_seed"])
+    out.write_text(json.dumps({
         "checkpoint": str(arguments.checkpoint), "validation_images": arguments.validation_images,
         "refine": dataclasses.asdict(refine), "runs": runs,
     }, indent=1) + "\n")

@@ -183,6 +183,14 @@ def _inference(result: dict) -> list[str]:
     return lines
 
 
+def _refine(result: dict) -> list[str]:
+    return [
+        f"| 19 refinement ({result['shape']}, schedule {result['schedule']}) | {result['seconds_per_image_refine']:.2f} s/image "
+        f"({result['refine_vs_ensemble']:.2f}× the ensemble's prediction) | the ensemble's prediction "
+        f"{result['seconds_per_image_ensemble']:.2f} s/image | ≤ 1× | {_holds(result['targets'])} |"
+    ]
+
+
 def _pretrain(result: dict) -> list[str]:
     steps, model = result["seconds_per_step"], result["model"]
     native = "native" if result["native_bfloat16"] else "emulated"
@@ -204,6 +212,7 @@ SECTIONS: dict[str, Callable[[dict], list[str]]] = {
     "dvc_overhead": _dvc,
     "evaluation_streaming": _evaluation,
     "inference_speed": _inference,
+    "refine_speed": _refine,
     "pretrain_speed": _pretrain,
 }
 

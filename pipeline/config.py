@@ -324,9 +324,9 @@ class RefineSettings:
     Attributes:
         folds: out-of-fold first predictions come from this many ensembles, each trained on the
             other folds of the labeled images (the settings of `train`, the ensemble's taps).
-        first_prediction: "out_of_fold" (each training image predicted by an ensemble that never
-            saw it: the mistakes the refiner will meet on new images) or "in_fold" (the final
-            ensemble's own predictions of its training images).
+        first_prediction: "in_fold" (the final ensemble's own predictions of its training images)
+            or "out_of_fold" (each training image predicted by an ensemble that never saw it, the
+            kind of mistakes the refiner meets on new images, for `folds` ensemble trainings).
         projection_dims: principal components of the pixel features the refiner sees beside the
             ensemble's probabilities (0: the probabilities only).
         diffusion_steps: T of the mask diffusion.
@@ -341,7 +341,7 @@ class RefineSettings:
     """
 
     folds: int = 5
-    first_prediction: FirstPrediction = "out_of_fold"
+    first_prediction: FirstPrediction = "in_fold"
     projection_dims: int = 16
     diffusion_steps: int = 10
     width: int = 32

@@ -11,6 +11,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--ddpm", required=True, help="metrics.json of the DDPM features (the selected taps)")
     parser.add_argument("--ddpm-paper-taps", help="metrics.json of the DDPM features at the paper's taps")
+    parser.add_argument("--ddpm-refined", help="metrics.json of the DDPM features' predictions after refinement")
     parser.add_argument("--random", required=True, help="metrics.json of the random-weights UNet")
     parser.add_argument("--pixels", required=True, help="metrics.json of the raw pixels")
     parser.add_argument("--out", required=True)
@@ -19,6 +20,8 @@ def main() -> None:
     arguments = parser.parse_args()
 
     paths = {"ddpm": Path(arguments.ddpm)}
+    if arguments.ddpm_refined:
+        paths["ddpm_refined"] = Path(arguments.ddpm_refined)
     if arguments.ddpm_paper_taps:
         paths["ddpm_paper_taps"] = Path(arguments.ddpm_paper_taps)
     paths |= {"random": Path(arguments.random), "pixels": Path(arguments.pixels)}

@@ -19,6 +19,7 @@ from bench import (
     inference_speed,
     latent_extraction,
     pretrain_speed,
+    refine_speed,
     sampling_throughput,
     storage_codecs,
     training_speed,
@@ -30,7 +31,7 @@ from bench.report import summary_table
 @pytest.mark.parametrize(
     "module",
     [storage_codecs, extraction_overhead, latent_extraction, training_speed, fast_protocol_classes, inference_speed,
-     sampling_throughput, pretrain_speed],
+     refine_speed, sampling_throughput, pretrain_speed],
     ids=lambda module: module.__name__,
 )
 def test_quick_benchmark_writes_a_result_the_summary_can_read(tmp_path, module):

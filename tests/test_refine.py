@@ -83,7 +83,8 @@ def test_refine_train_and_refine_through_the_command_line(tmp_path):
     _invoke("train", "--store", tmp_path / "train.zarr", "--out", tmp_path / "ensemble", "--members", 1, "--max-epochs", 2)
     _invoke("evaluate", "--ensemble", tmp_path / "ensemble", "--store", tmp_path / "test.zarr", "--out", tmp_path / "results")
     _invoke("refine-train", "--ensemble", tmp_path / "ensemble", "--store", tmp_path / "train.zarr", "--out",
-            tmp_path / "refiner", "--folds", 2, "--members", 1, "--iterations", 20, "--projection-dims", 4, "--device", "cpu")
+            tmp_path / "refiner", "--first-prediction", "out_of_fold", "--folds", 2, "--members", 1, "--iterations", 20,
+            "--projection-dims", 4, "--device", "cpu")
     config = json.loads((tmp_path / "refiner" / "refiner.json").read_text())
     assert config["condition_channels"] == 3 + 4 and config["first_prediction"] == "out_of_fold"
     _invoke("refine", "--refiner", tmp_path / "refiner", "--predictions", tmp_path / "results" / "predictions.zarr",
@@ -106,7 +107,7 @@ def test_refine_refuses_other_classes_and_other_features(tmp_path):
     write_learnable_store(tmp_path / "train.zarr", count=4, seed=0, noise=1.0)
     _invoke("train", "--store", tmp_path / "train.zarr", "--out", tmp_path / "ensemble", "--members", 1, "--max-epochs", 1)
     _invoke("refine-train", "--ensemble", tmp_path / "ensemble", "--store", tmp_path / "train.zarr", "--out",
-            tmp_path / "refiner", "--first-prediction", "in_fold", "--iterations", 2, "--device", "cpu")
+            tmp_path / "refiner", "--iterations", 2, "--device", "cpu")  # in-fold, the default
     _invoke("evaluate", "--ensemble", tmp_path / "ensemble", "--store", tmp_path / "train.zarr", "--out", tmp_path / "results")
     other_classes = create_predictions(tmp_path / "other.zarr", ["image_00"], ["sky", "road", "car"], 255, 16, False)
     other_classes.write(0, np.full((3, 16, 16), 1 / 3, np.float32))

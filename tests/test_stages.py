@@ -17,6 +17,7 @@ SMALL_SETTINGS = {
     "extract": {"steps": [50, 150], "batch_size": 4},
     "train": {"members": 2, "max_epochs": 5, "steps": [50, 150]},
     "evaluate": {"pictures": 2},
+    "refine": {"folds": 2, "iterations": 20},
 }
 
 
@@ -54,7 +55,8 @@ def test_repro_runs_everything_then_nothing_then_only_training(project):
     for source in ("ddpm", "random", "pixels"):
         assert (project / "data" / "stores" / f"{source}-train.zarr" / "zarr.json").is_file()
     for stage in ("demo_data", "random_model", "extract@ddpm-train", "extract@random-test", "extract_pixels@test",
-                  "select", "train_selected", "train@ddpm-paper-taps", "train@random", "train@pixels", "compare"):
+                  "select", "train_selected", "train@ddpm-paper-taps", "train@random", "train@pixels", "refine_train",
+                  "refine", "compare"):
         assert f"Running stage '{stage}'" in first
     # The headline ensemble trains on the selection, the paper-taps one on train.steps × train.blocks.
     features = {name: json.loads((project / "data" / "models" / f"ensemble-{name}" / "ensemble.json").read_text())["features"]
@@ -63,7 +65,10 @@ def test_repro_runs_everything_then_nothing_then_only_training(project):
     assert (features["ddpm"]["steps"], features["ddpm"]["taps"]) == (selection["steps"], selection["taps"])
     assert features["ddpm-paper-taps"]["steps"] == [50, 150] and len(features["ddpm-paper-taps"]["taps"]) == 5
     comparison = json.loads((project / "data" / "metrics.json").read_text())
-    assert set(comparison) >= {"miou", "miou_paper_taps", "miou_random_weights", "miou_pixels", "margin_over_paper_taps"}
+    assert set(comparison) >= {"miou", "miou_refined", "refinement_gain", "miou_paper_taps", "miou_random_weights",
+                               "miou_pixels", "margin_over_paper_taps"}
+    refined = json.loads((project / "data" / "results" / "ddpm-refined" / "metrics.json").read_text())
+    assert refined["miou"] == comparison["miou_refined"] and refined["images"] == 3
     shown = run(project, "metrics", "show")
     assert "miou_paper_taps" in shown and "miou_random_weights" in shown and "miou_pixels" in shown
 
@@ -75,7 +80,7 @@ def test_repro_runs_everything_then_nothing_then_only_training(project):
     (project / "params.yaml").write_text(yaml.safe_dump(params))
     third = run(project, "repro")
     assert "Running stage 'train@ddpm-paper-taps'" in third and "Running stage 'evaluate@ddpm-paper-taps'" in third
-    for untouched in ("extract", "random_model", "select", "train_selected", "evaluate@ddpm'"):
+    for untouched in ("extract", "random_model", "select", "train_selected", "evaluate@ddpm'", "refine"):
         assert f"Running stage '{untouched}" not in third
 
 

@@ -10,6 +10,7 @@ from pipeline.pictures.figures import save_per_class_iou_chart
 # Feature source → (metric name in the comparison, label in the chart).
 FEATURE_SOURCES = {
     "ddpm": ("miou", "DDPM features, selected taps"),
+    "ddpm_refined": ("miou_refined", "DDPM features, selected taps, refined"),
     "ddpm_paper_taps": ("miou_paper_taps", "DDPM features, the paper's taps"),
     "random": ("miou_random_weights", "same UNet, random weights"),
     "pixels": ("miou_pixels", "raw pixels (neighbourhood)"),
@@ -20,13 +21,15 @@ def compare_feature_sources(miou_by_source: dict[str, float]) -> dict:
     """The demo's headline metrics: each source's mIoU and the DDPM features' margins (points).
 
     Args:
-        miou_by_source: "ddpm", "ddpm_paper_taps", "random", "pixels" → mIoU in [0, 1].
+        miou_by_source: "ddpm", "ddpm_refined", "ddpm_paper_taps", "random", "pixels" → mIoU in [0, 1].
     """
     unknown = sorted(set(miou_by_source) - set(FEATURE_SOURCES))
     if unknown:
         raise ValueError(f"unknown feature sources {unknown}; known: {sorted(FEATURE_SOURCES)}")
     summary = {FEATURE_SOURCES[source][0]: miou for source, miou in miou_by_source.items()}
     ddpm = miou_by_source.get("ddpm")
+    if ddpm is not None and miou_by_source.get("ddpm_refined") is not None:
+        summary["refinement_gain"] = round(100 * (miou_by_source["ddpm_refined"] - ddpm), 2)
     for source in ("ddpm_paper_taps", "random", "pixels"):
         if ddpm is not None and miou_by_source.get(source) is not None:
             summary[f"margin_over_{FEATURE_SOURCES[source][0].removeprefix('miou_')}"] = round(
