@@ -25,6 +25,7 @@ BENCHMARKS = [
     "storage_codecs",  # 5: bytes per image per layout and codec
     "store_size",  # 5: the same at the paper's size (552 M-parameter ADM)
     "extraction_overhead",  # 1: extract stage vs bare forwards
+    "extraction_gpu_rate",  # 20: the store writer at GPU rates, against the disk
     "latent_extraction",  # 1 (issue 17.3): the same for a latent-diffusion (SD-shaped) folder
     "training_speed",  # 3: fast vs paper protocol
     "fast_protocol_classes",  # 3: the same per class, on validation images

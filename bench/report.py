@@ -35,6 +35,17 @@ def _extraction(result: dict) -> list[str]:
     ]
 
 
+def _gpu_rate(result: dict) -> list[str]:
+    writer, model = result["writer"]["blosc-lz4"], result["extraction_with_simulated_model"]
+    return [
+        f"| 20 store writer at GPU rates ({result['shape']}) | {writer['megabytes_per_second']:.0f} MB/s "
+        f"({writer['images_per_second']:.1f} img/s, blosc-lz4): {100 * result['writer_fraction_of_disk']:.0f} % of the disk; "
+        f"with a 0.1 s/image model {model['images_per_second']:.1f} img/s, {100 * result['extraction_fraction_of_bound']:.0f} % "
+        f"of the slower of model and writer | disk {result['disk_megabytes_per_second_direct_io']:.0f} MB/s (direct I/O) "
+        f"| ≥ 80 % of the disk; ≥ 90 % of the bound | {_holds(result['targets'])} |"
+    ]
+
+
 def _latent_extraction(result: dict) -> list[str]:
     ratios, speed, megabytes = result["ratios"], result["images_per_second"], result["store_megabytes_per_image"]
     return [
@@ -203,6 +214,7 @@ def _pretrain(result: dict) -> list[str]:
 
 SECTIONS: dict[str, Callable[[dict], list[str]]] = {
     "extraction_overhead": _extraction,
+    "extraction_gpu_rate": _gpu_rate,
     "latent_extraction": _latent_extraction,
     "training_memory": _memory,
     "training_speed": _speed,

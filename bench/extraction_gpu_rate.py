@@ -1,0 +1,164 @@
+"""Extraction at GPU rates without a GPU: can the store writer keep up with the UNet?
+
+A feature source that hands out precomputed paper-shape activations (256², blocks 5, 6, 7, 8,
+12 at steps 50/150/250: 50.3 MB of float16 per image, already float16 as a GPU would make them
+on the device) goes through the real extraction path: image loading, batching, chunk encoding,
+writes, checksums and done marks. Measured in one run, on this machine's disk:
+
+- the disk: a file of the same size written with direct I/O (`dd oflag=direct`);
+- the writer: extraction with a source that takes no time, per codec (native layout), and the
+  same without the overlap of compute and writes (one batch after the other, as before);
+- extraction with a simulated model of 0.1 s per image (the paper's ADM on a GPU does the three
+  forwards of a 256² image in about that), against the slower of the model and the writer.
+
+Every timing ends with `os.sync()`: the data is on the disk, not in the page cache.
+
+    python -m bench --only extraction_gpu_rate [--quick] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from bench.common import (
+    PAPER_SIZE,
+    PAPER_STEPS,
+    PAPER_TAP_SHAPES,
+    TINY_SIZE,
+    TINY_STEPS,
+    TINY_TAP_SHAPES,
+    command_line,
+    write_result,
+)
+from pipeline.extraction.compute import describe_source, extract_batch
+from pipeline.extraction.extract import extract_with_runner
+from pipeline.extraction.runners import InProcessBatches
+from pipeline.sources.base import TapShape
+
+MODEL_SECONDS_PER_IMAGE = 0.1
+CODECS = ("blosc-lz4", "zstd", "none")
+
+
+class PrecomputedSource:
+    """A `FeatureSource` whose feature maps are fixed random float16 activations, handed out
+    after `seconds_per_image` × batch of simulated model time (a sleep, which like a GPU's work
+    leaves the CPU to the writer)."""
+
+    def __init__(self, tap_shapes: list[TapShape], steps: list[int], seconds_per_image: float):
+        self.steps, self.device, self.seconds_per_image = list(steps), torch.device("cpu"), seconds_per_image
+        self._shapes = tap_shapes
+        generator = torch.Generator().manual_seed(0)
+        self._maps = {shape.name: torch.randn(1, len(steps), shape.channels, shape.height, shape.width,
+                                              generator=generator).to(torch.float16) for shape in tap_shapes}
+
+    def provenance(self) -> dict:
+        return {"kind": "precomputed", "seconds_per_image": self.seconds_per_image}
+
+    def tap_shapes(self, size: int) -> list[TapShape]:
+        return list(self._shapes)
+
+    def feature_maps(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.seconds_per_image:
+            time.sleep(self.seconds_per_image * len(images))
+        return {name: maps.expand(len(images), *maps.shape[1:]) for name, maps in self._maps.items()}  # (B, T, C, h, w)
+
+
+class SequentialBatches(InProcessBatches):
+    """The writer before the overlap: each batch computed, then written, then the next."""
+
+    def run(self, writer, records, batches, classes):
+        for batch in batches:
+            with writer.claim(batch) as claimed:
+                written = extract_batch(self.source, writer, {index: records[index] for index in claimed}, claimed,
+                                        self.size, classes)
+            yield len(batch), written
+
+
+def _images(folder: Path, count: int, size: int) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for index in range(count):
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(folder / f"{index:03d}.png")
+    return folder
+
+
+def disk_megabytes_per_second(path: Path, megabytes: int) -> float:
+    """Sequential write bandwidth of the disk under `path`: `dd` with direct I/O, then sync."""
+    started = time.perf_counter()
+    subprocess.run(["dd", "if=/dev/zero", f"of={path}", "bs=4M", f"count={max(1, megabytes // 4)}", "oflag=direct"],
+                   check=True, capture_output=True)
+    os.sync()
+    seconds = time.perf_counter() - started
+    path.unlink()
+    return max(1, megabytes // 4) * 4 * 1.048576 / seconds
+
+
+def extraction_rate(images: Path, store: Path, source: PrecomputedSource, size: int, codec: str, batch_size: int,
+                    runner: type[InProcessBatches] = InProcessBatches) -> dict:
+    """Images/s and MB/s (float16 features, before compression) of one extraction, ending in a sync."""
+    shutil.rmtree(store, ignore_errors=True)
+    os.sync()
+    started = time.perf_counter()
+    summary = extract_with_runner(lambda: contextlib.nullcontext(runner(source, size)), images, store, size,
+                                  codec=codec, batch_size=batch_size, show_progress=False)
+    os.sync()
+    seconds = time.perf_counter() - started
+    megabytes = sum(shape.channels * shape.height * shape.width for shape in describe_source(source, size).tap_shapes)
+    megabytes *= 2 * len(source.steps) / 1e6 * summary.images_written
+    on_disk = sum(path.stat().st_size for path in store.rglob("*") if path.is_file()) / 1e6
+    shutil.rmtree(store, ignore_errors=True)
+    return {"images_per_second": round(summary.images_written / seconds, 2), "megabytes_per_second": round(megabytes / seconds, 1),
+            "compression_ratio": round(megabytes / on_disk, 2)}
+
+
+def run(quick: bool, scratch: Path) -> dict:
+    torch.set_num_threads(1)
+    size, taps, steps = (TINY_SIZE, TINY_TAP_SHAPES, TINY_STEPS) if quick else (PAPER_SIZE, PAPER_TAP_SHAPES, PAPER_STEPS)
+    count, batch_size = (8, 4) if quick else (32, 4)
+    images = _images(scratch / "gpu-rate-images", count, size)
+    store = scratch / "gpu-rate.zarr"
+    per_image_megabytes = sum(shape.channels * shape.height * shape.width for shape in taps) * 2 * len(steps) / 1e6
+    disk = disk_megabytes_per_second(scratch / "gpu-rate-disk.bin", max(8, round(per_image_megabytes * count)))
+    writer = {codec: extraction_rate(images, store, PrecomputedSource(taps, steps, 0.0), size, codec, batch_size)
+              for codec in CODECS}
+    sequential = extraction_rate(images, store, PrecomputedSource(taps, steps, 0.0), size, CODECS[0], batch_size,
+                                 SequentialBatches)
+    model = extraction_rate(images, store, PrecomputedSource(taps, steps, MODEL_SECONDS_PER_IMAGE), size, CODECS[0],
+                            batch_size)
+    bound = min(1 / MODEL_SECONDS_PER_IMAGE, writer[CODECS[0]]["images_per_second"])
+    result = {
+        "what": "store writer at GPU rates: precomputed paper-shape activations through the real extraction path, "
+                "native layout, each timing ending in os.sync()",
+        "shape": f"{size}², {len(taps)} taps × {len(steps)} steps, {per_image_megabytes:.1f} MB float16 per image",
+        "images": count, "batch_size": batch_size,
+        "disk_megabytes_per_second_direct_io": round(disk, 1),
+        "writer": writer,
+        "writer_without_overlap_blosc_lz4": sequential,
+        "simulated_model_seconds_per_image": MODEL_SECONDS_PER_IMAGE,
+        "extraction_with_simulated_model": model,
+        "writer_fraction_of_disk": round(writer[CODECS[0]]["megabytes_per_second"] / disk, 3),
+        "extraction_fraction_of_bound": round(model["images_per_second"] / bound, 3),
+    }
+    result["targets"] = {"writer >= 80 % of the disk": result["writer_fraction_of_disk"] >= 0.8,
+                         "extraction >= 90 % of the bound": result["extraction_fraction_of_bound"] >= 0.9}
+    print(json.dumps(result), flush=True)
+    return result
+
+
+def main() -> None:
+    arguments, scratch = command_line(__doc__)
+    print(write_result("extraction_gpu_rate", run(arguments.quick, scratch)))
+
+
+if __name__ == "__main__":
+    main()
