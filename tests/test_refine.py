@@ -115,7 +115,7 @@ def test_refine_refuses_other_classes_and_other_features(tmp_path):
         refine_predictions(tmp_path / "refiner", tmp_path / "other.zarr", tmp_path / "train.zarr", tmp_path / "x.zarr", [1])
     images = write_image_folder(tmp_path / "images", count=2, size=16)
     extract_pixel_features(images, tmp_path / "pixels.zarr", 16, show_progress=False)  # raw pixels: no such taps
-    with pytest.raises(StoreMismatchError, match=r"refiner .* reads steps \[50, 150\] and taps .*holds no"):
+    with pytest.raises(StoreMismatchError, match=r"refiner .* was trained on steps \[50, 150\] and taps .*holds no"):
         refine_predictions(tmp_path / "refiner", tmp_path / "results" / "predictions.zarr", tmp_path / "pixels.zarr",
                            tmp_path / "x.zarr", [1])
     with pytest.raises(ValueError, match="outside 1..10"):

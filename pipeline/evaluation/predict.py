@@ -23,7 +23,7 @@ from pipeline.heads.pixel_ensemble.inference import member_logits_from_tables, v
 from pipeline.runtime.atomic import replaced_folder
 from pipeline.runtime.devices import torch_threads
 from pipeline.store.reader import FeatureStore
-from pipeline.store.schema import StoreMismatchError
+from pipeline.store.schema import FeatureDescription, StoreMismatchError
 
 logger = logging.getLogger(__name__)
 
@@ -51,27 +51,29 @@ def open_store_for_ensemble(
     Raises:
         StoreMismatchError: the store lacks one of them, or holds another model's features.
     """
-    features = ensemble.features
+    return open_store_for_features(ensemble.features, store_path, ensemble_dir, "ensemble", cache_megabytes)
+
+
+def open_store_for_features(
+    features: FeatureDescription, store_path: str | Path, trained_dir: Path, kind: str, cache_megabytes: int = 0
+) -> FeatureStore:
+    """`features`' steps and taps of a store, for a head (`kind`: "ensemble", "refiner") saved in
+    `trained_dir` that was trained on them; refused, naming what differs, if the store lacks them."""
     try:
         store = FeatureStore(store_path, cache_megabytes, features.steps, features.taps)
     except StoreMismatchError as error:
         raise StoreMismatchError(
-            f"the ensemble in {ensemble_dir} was trained on steps {features.steps} and taps {features.taps}, "
+            f"the {kind} in {trained_dir} was trained on steps {features.steps} and taps {features.taps}, "
             f"but {error} ({store_path}); extract those"
         ) from None
-    check_ensemble_matches_store(ensemble, store, ensemble_dir)
-    return store
-
-
-def check_ensemble_matches_store(ensemble: Ensemble, store: FeatureStore, ensemble_dir: Path) -> None:
-    """Refuses to apply an ensemble to features other than those it was trained on."""
-    differences = ensemble.features.differences(store.feature_description())
+    differences = features.differences(store.feature_description())
     if differences:
         raise StoreMismatchError(
-            f"the ensemble in {ensemble_dir} was trained on other features than {store.path} holds "
-            f"(ensemble vs store: {'; '.join(differences)}); extract the images with the ensemble's checkpoint, "
+            f"the {kind} in {trained_dir} was trained on other features than {store.path} holds "
+            f"({kind} vs store: {'; '.join(differences)}); extract the images with the {kind}'s checkpoint, "
             "steps and taps"
         )
+    return store
 
 
 @torch.inference_mode()

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from pipeline.config import EvaluateSettings, RefineSettings
 from pipeline.evaluation.evaluate import PREDICTIONS_FOLDER
+from pipeline.evaluation.predict import open_store_for_features
 from pipeline.evaluation.predictions import Predictions, create_predictions
 from pipeline.evaluation.report import write_masks_and_pictures, write_per_class_chart
 from pipeline.evaluation.scoring import score_predictions
@@ -29,8 +30,7 @@ from pipeline.refine.mask_diffusion import MaskDiffusion
 from pipeline.refine.training import REFINER_CONFIG, REFINER_WEIGHTS
 from pipeline.runtime.atomic import replaced_folder
 from pipeline.runtime.devices import torch_threads
-from pipeline.store.reader import FeatureStore
-from pipeline.store.schema import FeatureDescription, StoreMismatchError
+from pipeline.store.schema import FeatureDescription
 
 
 @dataclasses.dataclass
@@ -101,16 +101,7 @@ def refine_predictions(
                          f"refiner in {refiner_dir} of {refiner.class_names}")
     if any(not 1 <= step <= refiner.diffusion.steps for step in schedule):
         raise ValueError(f"schedule {list(schedule)} has steps outside 1..{refiner.diffusion.steps} of {refiner_dir}")
-    features = refiner.features
-    try:
-        store = FeatureStore(store_path, 0, features.steps, features.taps)
-    except StoreMismatchError as error:
-        raise StoreMismatchError(f"the refiner in {refiner_dir} reads steps {features.steps} and taps {features.taps}, "
-                                 f"but {error} ({store_path})") from None
-    differences = features.differences(store.feature_description())
-    if differences:
-        raise StoreMismatchError(f"the refiner in {refiner_dir} was trained on other features than {store_path} holds "
-                                 f"(refiner vs store: {'; '.join(differences)})")
+    store = open_store_for_features(refiner.features, store_path, Path(refiner_dir), "refiner")
     position_in_store = {name: index for index, name in enumerate(store.image_names)}
     missing = [name for name in predictions.image_names if name not in position_in_store]
     if missing:

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from pipeline.config import RefineSettings, TrainSettings
 from pipeline.evaluation.metrics import IoUAccumulator
 from pipeline.evaluation.predict import ImagePrediction, open_store_for_ensemble, predict_image
-from pipeline.heads.pixel_ensemble.ensemble import load_ensemble
+from pipeline.heads.pixel_ensemble.ensemble import Ensemble, load_ensemble
 from pipeline.heads.pixel_ensemble.training import train_on_store
 from pipeline.refine.conditioning import FeatureProjection, conditioning
 from pipeline.refine.denoiser import MaskDenoiser
@@ -54,11 +54,11 @@ class RefinerTrainingSummary:
 
 
 def first_predictions(
-    ensemble_dir: Path, store_path: str | Path, train: TrainSettings, refine: RefineSettings, work_dir: Path
+    ensemble: Ensemble, store: FeatureStore, store_path: str | Path, train: TrainSettings, refine: RefineSettings,
+    work_dir: Path,
 ) -> dict[int, ImagePrediction]:
-    """Store index → the prediction of each labeled training image that the refiner learns to fix."""
-    ensemble = load_ensemble(ensemble_dir)
-    store = open_store_for_ensemble(ensemble, store_path, ensemble_dir)
+    """Store index → the prediction of each labeled training image that the refiner learns to fix
+    (`store`: the ensemble's features of the store at `store_path`)."""
     labeled = [int(index) for index in np.flatnonzero(store.done_mask()) if store.labels(int(index)) is not None]
     if refine.first_prediction == "in_fold":
         return {index: predict_image(ensemble, store, index, 16384) for index in labeled}
@@ -106,7 +106,7 @@ def train_refiner(
     ensemble = load_ensemble(ensemble_dir)
     store = open_store_for_ensemble(ensemble, store_path, ensemble_dir)
     with tempfile.TemporaryDirectory() as work_dir:
-        first = first_predictions(ensemble_dir, store_path, train, refine, Path(work_dir))
+        first = first_predictions(ensemble, store, store_path, train, refine, Path(work_dir))
     indices = sorted(first)
     rng = np.random.default_rng(refine.seed)
     projection = FeatureProjection.fit(_sampled_features(store, indices, rng), refine.projection_dims, refine.seed)
