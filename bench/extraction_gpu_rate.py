@@ -5,13 +5,16 @@ A feature source that hands out precomputed paper-shape activations (256², bloc
 on the device) goes through the real extraction path: image loading, batching, chunk encoding,
 writes, checksums and done marks. Measured in one run, on this machine's disk:
 
-- the disk: a file of the same size written with direct I/O (`dd oflag=direct`);
+- the disk: a file of the same size written with direct I/O (`dd oflag=direct`), and through
+  the page cache then synced (`dd conv=fsync`, the ceiling of any buffered writer);
 - the writer: extraction with a source that takes no time, per codec (native layout), and the
   same without the overlap of compute and writes (one batch after the other, as before);
 - extraction with a simulated model of 0.1 s per image (the paper's ADM on a GPU does the three
   forwards of a 256² image in about that), against the slower of the model and the writer.
 
-Every timing ends with `os.sync()`: the data is on the disk, not in the page cache.
+Every timing ends with `os.sync()`: the data is on the disk, not in the page cache. Each measure
+is the median of 3 interleaved repeats (a shared VM's disk varies by 2× within minutes), and the
+writer's CPU seconds per image say how many cores it needs to keep up with the disk.
 
     python -m bench --only extraction_gpu_rate [--quick] [--out DIR]
 """
@@ -92,62 +95,86 @@ def _images(folder: Path, count: int, size: int) -> Path:
     return folder
 
 
-def disk_megabytes_per_second(path: Path, megabytes: int) -> float:
-    """Sequential write bandwidth of the disk under `path`: `dd` with direct I/O, then sync."""
+def disk_megabytes_per_second(path: Path, megabytes: int, direct: bool = True) -> float:
+    """Sequential write bandwidth of the disk under `path`: `dd` with direct I/O (the raw disk),
+    or through the page cache and synced (what any buffered writer, zarr's included, can get)."""
+    blocks = max(1, megabytes // 4)
     started = time.perf_counter()
-    subprocess.run(["dd", "if=/dev/zero", f"of={path}", "bs=4M", f"count={max(1, megabytes // 4)}", "oflag=direct"],
-                   check=True, capture_output=True)
+    subprocess.run(["dd", "if=/dev/zero", f"of={path}", "bs=4M", f"count={blocks}",
+                    "oflag=direct" if direct else "conv=fsync"], check=True, capture_output=True)
     os.sync()
     seconds = time.perf_counter() - started
     path.unlink()
-    return max(1, megabytes // 4) * 4 * 1.048576 / seconds
+    return blocks * 4 * 1.048576 / seconds
 
 
 def extraction_rate(images: Path, store: Path, source: PrecomputedSource, size: int, codec: str, batch_size: int,
                     runner: type[InProcessBatches] = InProcessBatches) -> dict:
-    """Images/s and MB/s (float16 features, before compression) of one extraction, ending in a sync."""
+    """Images/s and MB/s (float16 features, before compression) of one extraction, ending in a
+    sync, and the CPU seconds per image it took (all threads of this process)."""
     shutil.rmtree(store, ignore_errors=True)
     os.sync()
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     summary = extract_with_runner(lambda: contextlib.nullcontext(runner(source, size)), images, store, size,
                                   codec=codec, batch_size=batch_size, show_progress=False)
     os.sync()
-    seconds = time.perf_counter() - started
+    seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
     megabytes = sum(shape.channels * shape.height * shape.width for shape in describe_source(source, size).tap_shapes)
     megabytes *= 2 * len(source.steps) / 1e6 * summary.images_written
     on_disk = sum(path.stat().st_size for path in store.rglob("*") if path.is_file()) / 1e6
     shutil.rmtree(store, ignore_errors=True)
-    return {"images_per_second": round(summary.images_written / seconds, 2), "megabytes_per_second": round(megabytes / seconds, 1),
-            "compression_ratio": round(megabytes / on_disk, 2)}
+    return {"images_per_second": summary.images_written / seconds, "megabytes_per_second": megabytes / seconds,
+            "cpu_seconds_per_image": cpu_seconds / summary.images_written, "compression_ratio": megabytes / on_disk}
+
+
+def _median_of(runs: list[dict]) -> dict:
+    """Each measure's median over the repeats, rounded."""
+    return {key: round(float(np.median([run[key] for run in runs])), 3) for key in runs[0]}
 
 
 def run(quick: bool, scratch: Path) -> dict:
     torch.set_num_threads(1)
     size, taps, steps = (TINY_SIZE, TINY_TAP_SHAPES, TINY_STEPS) if quick else (PAPER_SIZE, PAPER_TAP_SHAPES, PAPER_STEPS)
-    count, batch_size = (8, 4) if quick else (32, 4)
+    count, batch_size, repeats = (8, 4, 1) if quick else (32, 4, 3)
     images = _images(scratch / "gpu-rate-images", count, size)
     store = scratch / "gpu-rate.zarr"
     per_image_megabytes = sum(shape.channels * shape.height * shape.width for shape in taps) * 2 * len(steps) / 1e6
-    disk = disk_megabytes_per_second(scratch / "gpu-rate-disk.bin", max(8, round(per_image_megabytes * count)))
-    writer = {codec: extraction_rate(images, store, PrecomputedSource(taps, steps, 0.0), size, codec, batch_size)
-              for codec in CODECS}
-    sequential = extraction_rate(images, store, PrecomputedSource(taps, steps, 0.0), size, CODECS[0], batch_size,
-                                 SequentialBatches)
-    model = extraction_rate(images, store, PrecomputedSource(taps, steps, MODEL_SECONDS_PER_IMAGE), size, CODECS[0],
-                            batch_size)
+    disk_megabytes = max(8, round(per_image_megabytes * count))
+    measured: dict[str, list] = {}
+    for _ in range(repeats):  # interleaved, so a disk that slows down meanwhile slows every measure alike
+        measured.setdefault("disk", []).append(disk_megabytes_per_second(scratch / "gpu-rate-disk.bin", disk_megabytes))
+        measured.setdefault("disk_buffered", []).append(
+            disk_megabytes_per_second(scratch / "gpu-rate-disk.bin", disk_megabytes, direct=False))
+        for codec in CODECS:
+            measured.setdefault(codec, []).append(
+                extraction_rate(images, store, PrecomputedSource(taps, steps, 0.0), size, codec, batch_size))
+        measured.setdefault("sequential", []).append(extraction_rate(
+            images, store, PrecomputedSource(taps, steps, 0.0), size, CODECS[0], batch_size, SequentialBatches))
+        measured.setdefault("model", []).append(extraction_rate(
+            images, store, PrecomputedSource(taps, steps, MODEL_SECONDS_PER_IMAGE), size, CODECS[0], batch_size))
+    disk, disk_buffered = (round(float(np.median(measured[key])), 1) for key in ("disk", "disk_buffered"))
+    writer = {codec: _median_of(measured[codec]) for codec in CODECS}
+    model = _median_of(measured["model"])
     bound = min(1 / MODEL_SECONDS_PER_IMAGE, writer[CODECS[0]]["images_per_second"])
     result = {
         "what": "store writer at GPU rates: precomputed paper-shape activations through the real extraction path, "
-                "native layout, each timing ending in os.sync()",
+                f"native layout, each timing ending in os.sync(); medians of {repeats} interleaved repeats",
         "shape": f"{size}², {len(taps)} taps × {len(steps)} steps, {per_image_megabytes:.1f} MB float16 per image",
-        "images": count, "batch_size": batch_size,
-        "disk_megabytes_per_second_direct_io": round(disk, 1),
+        "images": count, "batch_size": batch_size, "repeats": repeats,
+        "disk_megabytes_per_second_direct_io": disk,
+        "disk_megabytes_per_second_direct_io_each": [round(value, 1) for value in measured["disk"]],
+        "disk_megabytes_per_second_buffered_and_synced": disk_buffered,
         "writer": writer,
-        "writer_without_overlap_blosc_lz4": sequential,
+        "writer_without_overlap_blosc_lz4": _median_of(measured["sequential"]),
         "simulated_model_seconds_per_image": MODEL_SECONDS_PER_IMAGE,
         "extraction_with_simulated_model": model,
         "writer_fraction_of_disk": round(writer[CODECS[0]]["megabytes_per_second"] / disk, 3),
+        "writer_fraction_of_buffered_disk": round(writer[CODECS[0]]["megabytes_per_second"] / disk_buffered, 3),
         "extraction_fraction_of_bound": round(model["images_per_second"] / bound, 3),
+        # CPU seconds per image × the disk's images per second: the cores the writer needs to keep up with this disk
+        "cores_to_keep_up_with_the_disk": round(
+            writer[CODECS[0]]["cpu_seconds_per_image"] * disk / per_image_megabytes, 2),
+        "cpu_count": os.cpu_count(),
     }
     result["targets"] = {"writer >= 80 % of the disk": result["writer_fraction_of_disk"] >= 0.8,
                          "extraction >= 90 % of the bound": result["extraction_fraction_of_bound"] >= 0.9}

@@ -204,7 +204,7 @@ def image_digest(regions: Sequence[np.ndarray]) -> np.ndarray:
     """sha256 of an image's stored regions (features, labels, image) in a fixed order, uint8 (32,)."""
     digest = hashlib.sha256()
     for region in regions:
-        digest.update(np.ascontiguousarray(region).tobytes())
+        digest.update(memoryview(np.ascontiguousarray(region)).cast("B"))  # the bytes, not a copy
     return np.frombuffer(digest.digest(), dtype=np.uint8)
 
 

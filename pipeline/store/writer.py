@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import errno
@@ -144,20 +145,46 @@ class FeatureStoreWriter:
             labels: int (S, S), or None when the image has no label map.
             feature_maps: tap name → float (T, C, h, w), T maps in step order (`FeatureSource`).
         """
-        regions = {name: region for name, region in self._feature_regions(feature_maps)}
-        regions["labels"] = np.full((self.schema.image_size,) * 2, NO_LABELS, np.int16) if labels is None else labels.astype(np.int16)
-        regions["images"] = np.asarray(image, dtype=np.uint8)
+        features = dict(self._feature_regions(feature_maps))
+        labels_region = np.full((self.schema.image_size,) * 2, NO_LABELS, np.int16) if labels is None else labels.astype(np.int16)
+        others = {"labels": labels_region, "images": np.asarray(image, dtype=np.uint8)}
         pause_point("write-image-begin", index)
         self._remove_partial_chunks(index)
-        for position, (name, region) in enumerate(regions.items()):
-            # Every chunk is written, even one equal to the fill value: a missing chunk is damage.
-            self.group[name].with_config({"write_empty_chunks": True})[index] = region
-            if position == 0:
-                pause_point("write-image-features-written", index)
+        # The arrays' chunks are encoded and written side by side, and hashed meanwhile: zarr's
+        # codecs, its file writes and sha256 release the GIL, so each takes a core of its own.
+        with concurrent.futures.ThreadPoolExecutor(max_workers=len(features) + 1) as pool:
+            digest = pool.submit(image_digest, [*features.values(), *others.values()])
+            _all_done(pool, self._write_region, index, features)
+            pause_point("write-image-features-written", index)
+            _all_done(pool, self._write_region, index, others)
+            checksum = digest.result()
+        self._start_writeback(index, [*features, *others])
         # The checksum and the done mark come last: a killed write leaves the image pending.
-        self.group["checksums"][index] = image_digest(list(regions.values()))
+        self.group["checksums"][index] = checksum
         self.group["done"][index] = 1
         pause_point("write-image-done", index)
+
+    def _write_region(self, name: str, index: int, region: np.ndarray) -> None:
+        """The region as the array's whole chunk of this image: given with the chunk's own shape
+        (1, …), zarr encodes it as it is, without first copying it into a fresh chunk. Every chunk
+        is written, even one equal to the fill value: a missing chunk is damage."""
+        self.group[name].with_config({"write_empty_chunks": True})[index : index + 1] = region[None]  # (1, …)
+
+    def _start_writeback(self, index: int, names: Sequence[str]) -> None:
+        """Asks the kernel to start writing this image's chunk files to the disk now, so the disk
+        works while the next image is encoded instead of all at once at the end (Linux: the
+        POSIX_FADV_DONTNEED advice starts the write-back of a file's dirty pages without waiting
+        for it). Nothing changes in what is written; elsewhere (a URL, macOS) this does nothing."""
+        if self.path is None or not hasattr(os, "posix_fadvise"):
+            return
+        for name in names:
+            for chunk in (self.path / name / "c" / str(index)).rglob("*"):
+                if chunk.is_file():
+                    descriptor = os.open(chunk, os.O_RDONLY)
+                    try:
+                        os.posix_fadvise(descriptor, 0, 0, os.POSIX_FADV_DONTNEED)
+                    finally:
+                        os.close(descriptor)
 
     def _remove_partial_chunks(self, index: int) -> None:
         """Deletes what a writer killed during one of this image's chunk writes left behind:
@@ -175,6 +202,15 @@ class FeatureStoreWriter:
         if missing:
             raise ValueError(f"no feature maps for the store's taps {missing}")
         yield from layout_named(self.schema.layout).regions(self.schema, feature_maps)
+
+
+def _all_done(pool: concurrent.futures.Executor, write, index: int, regions: Mapping[str, np.ndarray]) -> None:
+    """Runs `write(name, index, region)` for every region in `pool`; waits for all of them (a
+    failed write raises once the others have ended, so none is left writing behind the caller)."""
+    futures = [pool.submit(write, name, index, region) for name, region in regions.items()]
+    concurrent.futures.wait(futures)
+    for future in futures:
+        future.result()
 
 
 def open_store_for_writing(
