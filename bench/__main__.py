@@ -26,6 +26,7 @@ BENCHMARKS = [
     "store_size",  # 5: the same at the paper's size (552 M-parameter ADM)
     "extraction_overhead",  # 1: extract stage vs bare forwards
     "extraction_gpu_rate",  # 20: the store writer at GPU rates, against the disk
+    "extraction_gpu",  # 20.4: the paper's ADM-256 on a GPU, bare forwards vs extraction (skipped without CUDA)
     "latent_extraction",  # 1 (issue 17.3): the same for a latent-diffusion (SD-shaped) folder
     "training_speed",  # 3: fast vs paper protocol
     "fast_protocol_classes",  # 3: the same per class, on validation images

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.sources.adm.convert import AdmLayout
 from pipeline.sources.base import TapShape
 from pipeline.store.schema import StoreSchema
 from pipeline.store.writer import open_store_for_writing
@@ -40,6 +41,17 @@ PAPER_TAP_SHAPES = [
     TapShape("adm.12", 256, 128, 128),
 ]
 PAPER_SIZE = 256
+# The paper's 256×256 ADM (guided-diffusion flags of ffhq.pt / lsun_*.pt: num_channels 256,
+# channel_mult 1,1,2,2,4,4, attention at 32,16,8, learn_sigma): 552 M parameters.
+PAPER_LAYOUT = AdmLayout(
+    in_channels=3,
+    out_channels=6,
+    level_channels=(256, 256, 512, 512, 1024, 1024),
+    num_res_blocks=2,
+    attention_levels=(False, False, False, True, True, True),
+    scale_shift_norm=True,
+    resblock_updown=True,
+)
 PAPER_CLASSES = 34  # ffhq_34: ≥ 30 classes, so the members' wide (256, 128) shape
 # Quick mode: the same structure, tiny (D = 2 × (6 + 4 + 2) = 24).
 TINY_STEPS = [50, 150]

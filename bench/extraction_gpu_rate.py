@@ -41,6 +41,7 @@ from bench.common import (
     TINY_STEPS,
     TINY_TAP_SHAPES,
     command_line,
+    peak_rss_bytes,
     write_result,
 )
 from pipeline.extraction.compute import describe_source, extract_batch
@@ -175,6 +176,9 @@ def run(quick: bool, scratch: Path) -> dict:
         "cores_to_keep_up_with_the_disk": round(
             writer[CODECS[0]]["cpu_seconds_per_image"] * disk / per_image_megabytes, 2),
         "cpu_count": os.cpu_count(),
+        # every extraction of the run in one process: at most two batches of features on the host
+        "peak_rss_gigabytes": round(peak_rss_bytes() / 2**30, 2),
+        "batch_megabytes": round(per_image_megabytes * batch_size, 1),
     }
     result["targets"] = {"writer >= 80 % of the disk": result["writer_fraction_of_disk"] >= 0.8,
                          "extraction >= 90 % of the bound": result["extraction_fraction_of_bound"] >= 0.9}

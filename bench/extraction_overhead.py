@@ -18,6 +18,7 @@ on cat_15 training images; without ../shared, a tiny UNet on generated images.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import statistics
 import time
@@ -31,7 +32,7 @@ from bench.common import SHARED, command_line, extraction_timings, write_result
 from pipeline.config import ExtractSettings
 from pipeline.data.folders import list_images, load_example
 from pipeline.extraction.extract import extract_features
-from pipeline.runtime.devices import pick_device
+from pipeline.runtime.devices import autocast_for, pick_device
 from pipeline.sources.adm.blocks import decoder_block
 from pipeline.sources.checkpoints import load_backbone
 from pipeline.sources.hooks import capture_outputs, run_until_captured
@@ -59,8 +60,11 @@ def prepare_inputs(scratch: Path, quick: bool, count: int) -> tuple[Path, Path, 
     return scratch / "overhead-unet", images, ExtractSettings(size=32, batch_size=4, device="auto", blocks=[2, 3, 5])
 
 
-def bare_forwards(checkpoint: Path, images_dir: Path, settings: ExtractSettings, truncated: bool) -> float:
-    """Seconds for the UNet forwards alone over every image and step (inputs prepared beforehand)."""
+def bare_forwards(
+    checkpoint: Path, images_dir: Path, settings: ExtractSettings, truncated: bool, float32: bool = False
+) -> float:
+    """Seconds for the UNet forwards alone over every image and step (inputs prepared beforehand),
+    in extraction's precision (float16 autocast on CUDA) or, with `float32`, in full precision."""
     device = pick_device(settings.device)
     unet = load_backbone(checkpoint).unet.to(device).eval()
     images = np.stack([load_example(record, settings.size)[0] for record in list_images(images_dir)])
@@ -74,7 +78,8 @@ def bare_forwards(checkpoint: Path, images_dir: Path, settings: ExtractSettings,
             for step in settings.steps:
                 timesteps = torch.full((len(batch),), step, dtype=torch.long, device=device)
                 outputs.clear()
-                run_until_captured(unet, add_noise(batch, step, noise, scheduler), timesteps)
+                with contextlib.nullcontext() if float32 else autocast_for(device):
+                    run_until_captured(unet, add_noise(batch, step, noise, scheduler), timesteps)
     if device.type == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - started

@@ -46,6 +46,22 @@ def _gpu_rate(result: dict) -> list[str]:
     ]
 
 
+def _gpu_extraction(result: dict) -> list[str]:
+    if "skipped" in result:
+        return [f"| 20.4 extraction on a GPU (paper's ADM-256) | skipped: {result['skipped']} | | | |"]
+    rows = "; ".join(
+        f"batch {batch}: extraction {row['extraction_images_per_second']:.1f} img/s = "
+        f"{100 * row['extraction_fraction_of_bare_float16']:.0f} % of bare float16 forwards "
+        f"({row['bare_float16_images_per_second']:.1f}; float32 {row['bare_float32_images_per_second']:.1f})"
+        for batch, row in result["batch_sizes"].items()
+    )
+    return [
+        f"| 20.4 extraction on a GPU (paper's ADM-256, {result['device']}, {result['cpu_count']} CPUs) | {rows} "
+        f"| writer alone {result['writer_alone']['images_per_second']:.1f} img/s, disk {result['disk_images_per_second']:.1f} "
+        f"img/s ({result['disk_megabytes_per_second_direct_io']:.0f} MB/s) | limit: {result['limit']} | — |"
+    ]
+
+
 def _latent_extraction(result: dict) -> list[str]:
     ratios, speed, megabytes = result["ratios"], result["images_per_second"], result["store_megabytes_per_image"]
     return [
@@ -151,17 +167,19 @@ def _storage(result: dict) -> list[str]:
 
 def _dvc(result: dict) -> list[str]:
     cells = "; ".join(
-        f"{name}: +{value['overhead_seconds']:.1f} s, disk {value['disk_vs_store']:.2f}× store"
+        f"{name}: +{value['overhead_seconds_fixed']:.1f} s + {value['overhead_seconds_per_image']:.3f} s/image, "
+        f"disk {value['disk_vs_store']:.2f}× store"
         for name, value in result["variants"].items()
     )
-    fractions = result["overhead_fraction_of_extraction"]["not cached (cache: false, persist: true)"]
-    cpu = "n/a" if fractions["cpu"] is None else f"{100 * fractions['cpu']:.1f} %"
-    per_image = result["overhead_seconds_per_image"]["not cached (cache: false, persist: true)"]
+    chosen = result["chosen"]
+    fractions = result["overhead_fraction_of_extraction"][chosen]
+    cpu = "n/a" if fractions["cpu"] is None else f"{100 * fractions['cpu']:.2f} %"
+    per_image = result["variants"][chosen]["overhead_seconds_per_image"]
     seconds = result["extraction_seconds_per_image"]
     return [
         f"| 6 DVC on a {result['store_bytes'] / GB:.2f} GB native store ({result['images']} images) | {cells} "
-        f"| chosen setting (cache: false): +{per_image:.2f} s/image = {cpu} of CPU extraction ({seconds['cpu_paper_size_measured']:.1f} s/image), "
-        f"{100 * fractions['gpu_estimate']:.0f} % of GPU-estimate forwards ({seconds['gpu_estimate']:.3f} s/image) "
+        f"| chosen ({chosen}): +{per_image:.3f} s/image = {cpu} of CPU extraction, "
+        f"{100 * fractions['gpu_rate']:.1f} % of GPU-rate extraction ({seconds['gpu_rate']:.2f} s/image) "
         f"| no doubled disk, ≤ 10 % | {_holds(result['targets'])} |"
     ]
 
@@ -215,6 +233,7 @@ def _pretrain(result: dict) -> list[str]:
 SECTIONS: dict[str, Callable[[dict], list[str]]] = {
     "extraction_overhead": _extraction,
     "extraction_gpu_rate": _gpu_rate,
+    "extraction_gpu": _gpu_extraction,
     "latent_extraction": _latent_extraction,
     "training_memory": _memory,
     "training_speed": _speed,

@@ -23,24 +23,15 @@ import torch
 from diffusers import UNet2DModel
 from PIL import Image
 
-from bench.common import write_result
+from bench.common import PAPER_LAYOUT, write_result
 from pipeline.config import ExtractSettings
 from pipeline.extraction.extract import extract_features
-from pipeline.sources.adm.convert import AdmLayout, adm_unet_config
+from pipeline.sources.adm.convert import adm_unet_config
 from pipeline.store.reader import FeatureStore
 from pipeline.store.schema import tap_array
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 FFHQ_TEST = PROJECT_ROOT.parent / "shared" / "datasets" / "ddpm-seg" / "ffhq_34" / "real" / "test"
-PAPER_LAYOUT = AdmLayout(
-    in_channels=3,
-    out_channels=6,
-    level_channels=(256, 256, 512, 512, 1024, 1024),
-    num_res_blocks=2,
-    attention_levels=(False, False, False, True, True, True),
-    scale_shift_norm=True,
-    resblock_updown=True,
-)
 
 
 def prepare_images(folder: Path, count: int) -> str:

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from bench import (
+    extraction_gpu,
     extraction_gpu_rate,
     extraction_overhead,
     fast_protocol_classes,
@@ -31,7 +32,7 @@ from bench.report import summary_table
 
 @pytest.mark.parametrize(
     "module",
-    [storage_codecs, extraction_overhead, extraction_gpu_rate, latent_extraction, training_speed, fast_protocol_classes, inference_speed,
+    [storage_codecs, extraction_overhead, extraction_gpu_rate, extraction_gpu, latent_extraction, training_speed, fast_protocol_classes, inference_speed,
      refine_speed, sampling_throughput, pretrain_speed],
     ids=lambda module: module.__name__,
 )

@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from conftest import PROJECT_ROOT
+from pipeline.store.reader import FeatureStore
 
 SMALL_SETTINGS = {
     "demo": {"pool_images": 4, "train_images": 4, "test_images": 3},
@@ -35,7 +36,8 @@ def project(tmp_path_factory):
     project = tmp_path_factory.mktemp("project")
     for name in ("pipeline", "stages"):
         shutil.copytree(PROJECT_ROOT / name, project / name, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(PROJECT_ROOT / "dvc.yaml", project / "dvc.yaml")
+    for name in ("dvc.yaml", ".dvcignore"):
+        shutil.copy(PROJECT_ROOT / name, project / name)
     shutil.copytree(PROJECT_ROOT / "data" / "checkpoints", project / "data" / "checkpoints")
     params = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
     for section, values in SMALL_SETTINGS.items():
@@ -82,6 +84,17 @@ def test_repro_runs_everything_then_nothing_then_only_training(project):
     assert "Running stage 'train@ddpm-paper-taps'" in third and "Running stage 'evaluate@ddpm-paper-taps'" in third
     for untouched in ("extract", "random_model", "select", "train_selected", "evaluate@ddpm'", "refine"):
         assert f"Running stage '{untouched}" not in third
+
+    # DVC knows a store by its zarr.json (not every chunk): a deleted store is rebuilt, the same
+    # as before, so what reads it does not run again; a changed extraction setting re-runs it.
+    shutil.rmtree(project / "data" / "stores" / "random-test.zarr")
+    fourth = run(project, "repro")
+    assert "Running stage 'extract@random-test'" in fourth and "Running stage 'evaluate@random'" not in fourth
+    assert FeatureStore(project / "data" / "stores" / "random-test.zarr").done_mask().all()
+    params["extract"]["seed"] += 1
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    changed = run(project, "status")
+    assert "extract@ddpm-train" in changed and "extract@random-test" in changed and "extract_pixels" not in changed
 
 
 def test_stages_write_only_inside_the_data_folder(tmp_path, monkeypatch):

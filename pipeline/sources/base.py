@@ -54,8 +54,8 @@ class FeatureSource(Protocol):
         ...
 
     def feature_maps(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Images (B, 3, S, S) in [-1, 1] on `device` → tap name → float32 CPU (B, T, C, h, w),
-        T = max(1, len(steps)), steps in order."""
+        """Images (B, 3, S, S) in [-1, 1] on `device` → tap name → float32 (B, T, C, h, w) on
+        `device`, T = max(1, len(steps)), steps in order."""
         ...
 
 

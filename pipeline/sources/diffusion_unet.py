@@ -125,7 +125,8 @@ def tapped_outputs(
         scheduler: defines the noise schedule (`noise.add_noise`).
 
     Returns:
-        tap → float32 CPU (B, T, C_tap, h, w).
+        tap → float32 (B, T, C_tap, h, w) on the inputs' device (the caller chooses what crosses
+        to the host, and in which precision).
     """
     modules = {name: unet.get_submodule(name) for name in taps}
     per_step: dict[str, list[torch.Tensor]] = {name: [] for name in taps}
@@ -138,7 +139,7 @@ def tapped_outputs(
                 with autocast_for(inputs.device):
                     run_until_captured(unet, add_noise(inputs, step, noise, scheduler), timesteps, **conditioning)
                 for name in taps:
-                    value = outputs[name].float().cpu()
+                    value = outputs[name].float()
                     sums[name] = value if name not in sums else sums[name].add_(value)
             for name in taps:
                 per_step[name].append(sums[name] / len(noises) if len(noises) > 1 else sums[name])
