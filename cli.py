@@ -396,7 +396,7 @@ def pretrain(context: _Context, images, out, steps, batch_size, image_size, chan
 def benchmark(context: _Context, preset, data, checkpoint, out, seeds, protocol, iou, classes, train_images, test_images,
               size, steps, blocks, feature_preset, members, max_epochs, batch_size, layout, device, threads):
     """Run a benchmark end to end (extract train+test once, train and evaluate per seed) and write report.json/.md."""
-    from pipeline.benchmark import choose_preset, run_benchmark
+    from pipeline.benchmark import choose_preset, run_benchmark, summary_line
     from pipeline.data.presets import load_feature_preset
 
     def action():
@@ -422,12 +422,7 @@ def benchmark(context: _Context, preset, data, checkpoint, out, seeds, protocol,
             chosen, data, checkpoint, run_dir, extract_settings, train_settings, evaluate_settings, _int_list(seeds),
             overrides, context.show_progress,
         )
-        paper = report["paper_miou_percent"]
-        click.echo(
-            f"benchmark {report['preset']}: mIoU {report['miou_percent']['mean']} ± {report['miou_percent']['std']} % "
-            f"over seeds {report['seeds']} (paper: {paper['mean']} ± {paper['std']} %) in {report['seconds']['total']} s, "
-            f"peak memory {report['peak_memory_megabytes']['total']} MB; report in {run_dir / 'report.md'}"
-        )
+        click.echo(f"{summary_line(report)}; report in {run_dir / 'report.md'}")
 
     _run(context, action)
 

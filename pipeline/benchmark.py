@@ -243,15 +243,33 @@ def _report(preset, data_root, checkpoint, extract, train, evaluate, records, st
     }
 
 
-def _plus_minus(summary: dict) -> str:
+def plus_minus(summary: dict, unit: str = "") -> str | None:
+    """A figure over seeds for people: "71.3 ± 0.4" (a spread: two seeds or more), "71.3" (one seed),
+    None where there is no figure (no result; no paper number for the dataset). `unit`, e.g. " %",
+    is appended."""
     if summary.get("mean") is None:
-        return "n/a"
-    return f"{summary['mean']:.1f}" + (f" ± {summary['std']:.1f}" if summary.get("std") is not None else "")
+        return None
+    spread = f" ± {summary['std']:.1f}" if summary.get("std") is not None else ""
+    return f"{summary['mean']:.1f}{spread}{unit}"
+
+
+def summary_line(report: dict) -> str:
+    """The report in one line for the console: ours, the paper's where it has a number, time, memory."""
+    ours = plus_minus(report["miou_percent"], " %") or "n/a"
+    line = f"benchmark {report['preset']}: mIoU {ours} over seeds {report['seeds']}"
+    paper = plus_minus(report["paper_miou_percent"], " %")
+    if paper:
+        line += f" (paper: {paper})"
+    line += f" in {report['seconds']['total']} s"
+    memory = report["peak_memory_megabytes"]["total"]
+    if memory is not None:
+        line += f", peak memory {memory} MB"
+    return line
 
 
 def format_report(report: dict) -> str:
-    """The report as a short Markdown page."""
-    paper = report["paper_miou_percent"]
+    """The report as a short Markdown page (the paper's row only where the paper has a number)."""
+    paper = plus_minus(report["paper_miou_percent"])
     lines = [
         f"# Benchmark {report['preset']}",
         "",
@@ -260,8 +278,11 @@ def format_report(report: dict) -> str:
         "| | mIoU (%) |",
         "|---|---|",
         f"| ours ({len(report['seeds'])} seed(s), {report['protocol']} protocol, IoU: {report['iou_definition']}) "
-        f"| {_plus_minus(report['miou_percent'])} |",
-        f"| paper (checkpoint {report['paper_checkpoint'] or 'n/a'}) | {_plus_minus(paper)} |",
+        f"| {plus_minus(report['miou_percent']) or 'n/a'} |",
+    ]
+    if paper:
+        lines.append(f"| paper (checkpoint {report['paper_checkpoint'] or 'n/a'}) | {paper} |")
+    lines += [
         "",
         f"Checkpoint: `{report['checkpoint']}` (sha256 {report['checkpoint_sha256'][:12]}…); "
         f"images: {report['images']['train']} train, {report['images']['test']} test; "

@@ -4,7 +4,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from pipeline.benchmark import choose_preset, run_benchmark
+from pipeline.benchmark import choose_preset, run_benchmark, summary_line
 from pipeline.config import load_params
 
 
@@ -27,7 +27,7 @@ def main() -> None:
         preset, arguments.data, checkpoint, arguments.out, params.extract, params.train, params.evaluate,
         settings.seeds, overrides,
     )
-    print(f"benchmark {preset.name}: mIoU {report['miou_percent']} (paper {report['paper_miou_percent']})")
+    print(summary_line(report))
 
 
 if __name__ == "__main__":

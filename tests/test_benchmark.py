@@ -8,7 +8,15 @@ from click.testing import CliRunner
 
 from cli import main
 from conftest import write_image_folder
-from pipeline.benchmark import choose_preset, protocol_images, run_benchmark, summarise_seeds
+from pipeline.benchmark import (
+    choose_preset,
+    format_report,
+    plus_minus,
+    protocol_images,
+    run_benchmark,
+    summarise_seeds,
+    summary_line,
+)
 from pipeline.config import EvaluateSettings, ExtractSettings, TrainSettings
 from pipeline.data.presets import load_preset
 from pipeline.sources.tiny_unet import make_tiny_unet
@@ -47,7 +55,9 @@ def test_a_preset_runs_end_to_end_to_a_report(dataset, tmp_path):
     assert report["peak_memory_megabytes"]["total"] is None or report["peak_memory_megabytes"]["total"] > 50
     assert report["preset_overrides"] == TINY and report["images_extracted_in_this_run"] == {"train": 3, "test": 2}
     assert json.loads((tmp_path / "report.json").read_text()) == report
-    assert "| paper (checkpoint n/a) | n/a |" in (tmp_path / "report.md").read_text()
+    markdown = (tmp_path / "report.md").read_text()
+    assert "| paper" not in markdown and "paper:" not in summary_line(report)  # no paper number: no paper row
+    assert markdown.count("±") == 1 and "None" not in markdown  # two seeds: ours with a spread
     # Only the protocol's first images were extracted, in sorted order.
     assert sorted(path.name for path in (tmp_path / "images" / "test").iterdir()) == [
         "img_000.npy", "img_000.png", "img_001.npy", "img_001.png"
@@ -85,6 +95,9 @@ def test_a_feature_preset_sets_size_steps_taps_and_draws_and_the_command_line_st
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert report["features"]["steps"] == [100] and report["features"]["blocks"] == [5, 12]
     assert report["features"]["noise_draws"] == 2 and report["preset_overrides"]["features"] == "two-draws"
+    assert report["miou_percent"]["std"] is None and report["paper_miou_percent"] == {"mean": None, "std": None}
+    markdown = (tmp_path / "run" / "report.md").read_text()
+    assert "±" not in markdown and "None" not in markdown and "| paper" not in markdown  # one seed, no paper number
 
 
 def test_protocol_breaks_are_refused_with_the_file_named(dataset, tmp_path):
@@ -103,6 +116,52 @@ def test_protocol_breaks_are_refused_with_the_file_named(dataset, tmp_path):
 def test_seed_summary_is_mean_and_sample_std_in_percent():
     assert summarise_seeds([0.5, 0.6, None]) == {"mean": 55.0, "std": 7.07, "per_seed": [50.0, 60.0, None]}
     assert summarise_seeds([0.5])["std"] is None
+
+
+@pytest.mark.parametrize("summary, text", [
+    ({"mean": 71.3, "std": 0.44}, "71.3 ± 0.4 %"),
+    ({"mean": 71.34, "std": None}, "71.3 %"),  # one seed, or a paper number without a spread
+    ({"mean": None, "std": None}, None),  # no figure
+])
+def test_a_figure_shows_its_spread_only_where_there_is_one(summary, text):
+    assert plus_minus(summary, " %") == text
+
+
+def _report(seeds: list[int], paper: dict) -> dict:
+    """A report as run_benchmark writes it, with the given seeds (mIoU 71.3 %, 71.9 %, …) and paper figure."""
+    miou = summarise_seeds([0.713 + 0.006 * index for index in range(len(seeds))])
+    return {
+        "preset": "ffhq_34", "description": "FFHQ-34", "checkpoint": "ffhq.pt", "checkpoint_sha256": "0123456789abcdef",
+        "paper_checkpoint": "ffhq.pt" if paper["mean"] is not None else None, "images": {"train": 20, "test": 20},
+        "features": {"feature_dim": 8448, "image_size": 256}, "protocol": "paper", "iou_definition": "paper",
+        "train_settings": {"members": 10, "max_epochs": 100, "batch_size": 64}, "preset_overrides": {},
+        "seeds": seeds, "miou_percent": miou, "paper_miou_percent": paper,
+        "seconds": {"total": 60.0, "extract_train": 10.0, "extract_test": 10.0, "train": [20.0], "evaluate": [5.0]},
+        "peak_memory_megabytes": {"total": 900.0}, "store_megabytes": {"train": 128.0, "test": 128.0},
+        "per_class_iou_percent": {"background": 90.0, "hair": None},
+    }
+
+
+def test_a_one_seed_report_without_a_paper_number_shows_neither_spread_nor_paper():
+    report = _report([0], {"mean": None, "std": None})
+    for text in (summary_line(report), format_report(report)):
+        assert "71.3 %" in text or "| 71.3 |" in text
+        assert "±" not in text and "None" not in text and "paper:" not in text and "| paper" not in text
+    assert summary_line(report) == "benchmark ffhq_34: mIoU 71.3 % over seeds [0] in 60.0 s, peak memory 900.0 MB"
+
+
+def test_a_paper_number_without_a_spread_is_shown_without_one():
+    report = _report([0], {"mean": 59.1, "std": None})
+    assert "(paper: 59.1 %)" in summary_line(report) and "| paper (checkpoint ffhq.pt) | 59.1 |" in format_report(report)
+    assert "±" not in summary_line(report) + format_report(report)
+
+
+def test_a_two_seed_report_with_a_paper_number_shows_both_spreads_and_the_paper():
+    report = _report([0, 1], {"mean": 59.1, "std": 1.4})
+    assert summary_line(report).startswith("benchmark ffhq_34: mIoU 71.6 ± 0.4 % over seeds [0, 1] (paper: 59.1 ± 1.4 %)")
+    markdown = format_report(report)
+    assert "| 71.6 ± 0.4 |" in markdown and "| paper (checkpoint ffhq.pt) | 59.1 ± 1.4 |" in markdown
+    assert "None" not in markdown
 
 
 @pytest.mark.parametrize("name", ["ffhq_34", "cat_15", "horse_21"])
