@@ -82,13 +82,30 @@ def test_pictures_and_export(store, tmp_path):
         export_pixel_features(store, "1", [(0, 0)], tmp_path / "pixels.txt")
 
 
-def test_readme_xarray_example_reads_the_store_without_segcache(tmp_path):
-    _, written = write_synthetic_store(tmp_path / "store.zarr", "native", [np.zeros((16, 16), np.int64), None])
+def test_readme_xarray_example_reads_the_store_without_segcache_and_without_a_warning(tmp_path):
+    import warnings
+
+    import dask.array
+    import xarray
+    import zarr
+
+    from pipeline.store.reader import FeatureStore
+    from pipeline.store.writer import open_store_for_writing
+
+    path = tmp_path / "store.zarr"
+    _, written = write_synthetic_store(path, "native", [np.zeros((16, 16), np.int64), None])
+    with open_store_for_writing(path, FeatureStore(path).schema).claim([0, 1]):  # as concurrent extraction leaves it
+        pass
     readme = (PROJECT_ROOT / "README.md").read_text()
     code = re.search(r"<!-- xarray-example.*?-->\n```python\n(.*?)```", readme, re.DOTALL).group(1)
-    code = code.replace("data/stores/ddpm-train.zarr", str(tmp_path / "store.zarr")).replace("up_blocks.4.resnets.0", "decoder.12")
+    code = code.replace("data/stores/ddpm-train.zarr", str(path)).replace("up_blocks.4.resnets.0", "decoder.12")
     namespace: dict = {}
-    exec(code, namespace)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any warning of zarr, xarray or Dask fails the test
+        exec(code, namespace)
+        assert {name for name, _ in zarr.open_group(path, mode="r").members(max_depth=None)} >= {"images", "taps", "done"}
+        assert set(xarray.open_zarr(path, consolidated=False).data_vars) == {"images", "labels", "checksums", "done"}
+        assert dask.array.from_zarr(str(path), component="images").shape == (2, 16, 16, 3)
     # conftest writes activations per (step, tap): decoder.12 is the last of each step's three.
     expected = np.stack([written[0][step * 3 + 2][:, 5, 7] for step in range(2)])  # (step, channel)
     np.testing.assert_allclose(namespace["pixel"], expected.astype(np.float16), rtol=1e-3)

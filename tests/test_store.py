@@ -291,7 +291,9 @@ def test_claims_keep_two_writers_off_the_same_image(tmp_path):
         first.write_image(0, image, None, _zero_activations(schema))
     with second.claim([0, 1]) as theirs:
         assert theirs == [1]  # 0 was finished meanwhile: never written twice
-    assert sorted(path.name for path in (tmp_path / "store.zarr" / ".claims").iterdir()) == ["0", "1", "2"]
+    assert sorted(path.name for path in (tmp_path / ".store.zarr.claims").iterdir()) == ["0", "1", "2"]
+    assert sorted(path.name for path in (tmp_path / "store.zarr").iterdir() if not path.name.endswith(".json")) == [
+        "checksums", "done", "images", "labels", "taps"]  # nothing but Zarr inside
 
 
 def test_disjoint_writers_in_parallel_and_a_reader_see_only_whole_images(tmp_path):

@@ -7,10 +7,12 @@ Layout of a store (all chunks hold exactly one image, so images are written inde
     labels   (N, S, S)        int16, label maps; -1 where an image has no labels
     checksums (N, 32)         uint8, sha256 of each image's regions, recorded when written
     done     (N,)             uint8, 1 once every array of that image is written
-    .claims/<i>               empty lock files: a writer holds `flock` on image i while writing it
     native layout:  block_<b> (N, T, C_b, h_b, w_b) float16 — each block at its own resolution,
                     T steps in feature order
     dense layout:   pixels    (N, S, S, D) float16 — upsampled pixel features, chunked in tiles
+
+Beside a local store, `.<name>.claims/<i>`: empty lock files, a writer holds `flock` on image i
+while writing it (beside, not inside: the store holds nothing but Zarr).
 
 Pixel features are in the paper's order: step-major, then blocks in the given order. A native
 store makes any pixel's D-dimensional vector on demand (`pipeline.store.bilinear`); a dense store
@@ -21,7 +23,7 @@ Safety of writing (what a kill, a full disk or a second writer can and cannot do
 - Each image is one region of every array (chunks never span images). Its chunks are written
   first (zarr writes each chunk to a temporary file and renames it), then its checksum, then its
   done mark: an image killed halfway stays pending and is rewritten on the next run.
-- A writer holds an exclusive `flock` on `.claims/<i>` while it computes and writes image i,
+- A writer holds an exclusive `flock` on `.<name>.claims/<i>` while it computes and writes image i,
   and re-checks the done mark once it holds it: two processes on one store share the work
   instead of writing the same image twice. The kernel drops the lock when a process dies.
 - Readers see only done images; every chunk carries a CRC32C, every image a sha256, and a chunk

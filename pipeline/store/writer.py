@@ -43,7 +43,10 @@ from pipeline.store.schema import (
 
 logger = logging.getLogger(__name__)
 
-CLAIMS_DIR = ".claims"
+def claims_folder(store: Path) -> Path:
+    """Where writers of a local store hold their per-image locks: `.<store name>.claims/` beside
+    it, so the store holds nothing but Zarr (plain zarr and xarray open it without a warning)."""
+    return store.with_name(f".{store.name}.claims")
 
 
 def _is_store(path: Path) -> bool:
@@ -94,13 +97,13 @@ class FeatureStoreWriter:
 
         Yields the claimed indices, in order: not those another writer holds (unless `wait`,
         which waits for it to finish or die) and not those done by the time the claim is held.
-        A claim is an exclusive `flock` on `.claims/<index>`, released when the block ends or
+        A claim is an exclusive `flock` on `<index>` in `claims_folder(store)`, released when the block ends or
         the process dies (the kernel drops it, so a killed writer never leaves an image locked).
         """
         if self.path is None:
             yield self.pending_among(indices)
             return
-        claims_dir = self.path / CLAIMS_DIR
+        claims_dir = claims_folder(self.path)
         claims_dir.mkdir(exist_ok=True)
         held: dict[int, int] = {}  # index → file descriptor of its lock
         try:
