@@ -14,6 +14,8 @@ import click
 
 from pipeline.config import EvaluateSettings, ExtractSettings, RefineSettings, TrainSettings
 from pipeline.data.folders import find_class_info, load_class_info
+from pipeline.sizes import describe as describe_size
+from pipeline.sizes import parse_size
 
 
 def _tap_list(text: str) -> list[int | str]:
@@ -66,7 +68,10 @@ def main(click_context: click.Context, verbose: bool, quiet: bool) -> None:
 @click.option("--blocks", default="5,6,7,8,12", show_default=True,
               help="Taps: guided-diffusion decoder block numbers and/or UNet module paths (up_blocks.1.attentions.0).")
 @click.option("--seed", default=0, show_default=True, help="Seed of the shared noise.")
-@click.option("--size", default=256, show_default=True, help="Model input size.")
+@click.option("--size", default="256", show_default=True,
+              help="Model input size: S (images resized to S×S) or H,W (rows, columns), e.g. 360,480.")
+@click.option("--resize", help="Instead of --size, keep the images' aspect ratio: shorter:N or longer:N (the other side "
+                               "rounded to the model's multiple), e.g. shorter:256.")
 @click.option("--layout", type=click.Choice(["native", "dense"]), default="native", show_default=True)
 @click.option("--batch-size", default=4, show_default=True, help="Images per forward pass.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, mps…")
@@ -77,22 +82,25 @@ def main(click_context: click.Context, verbose: bool, quiet: bool) -> None:
 @click.option("--prompt", default="", help="Latent diffusion: the prompt, encoded by the folder's text encoder.")
 @click.option("--prompt-embeds", type=click.Path(path_type=Path), help="Latent diffusion: a (1, L, D) .safetensors/.npy in place of --prompt.")
 @click.pass_obj
-def extract(context: _Context, checkpoint, images, store, steps, blocks, seed, size, layout, batch_size, device, codec, classes,
-            scheduler, noise_draws, prompt, prompt_embeds):
+def extract(context: _Context, checkpoint, images, store, steps, blocks, seed, size, resize, layout, batch_size, device,
+            codec, classes, scheduler, noise_draws, prompt, prompt_embeds):
     """Extract pixel features of a folder of images into a store (resumes unfinished work)."""
     from pipeline.extraction.extract import extract_features
 
     def action():
         settings = ExtractSettings(
-            steps=_int_list(steps), blocks=_tap_list(blocks), seed=seed, size=size,
+            steps=_int_list(steps), blocks=_tap_list(blocks), seed=seed, size=parse_size(size), resize=resize,
             layout=layout, batch_size=batch_size, device=device, codec=codec, scheduler=scheduler,
             noise_draws=noise_draws, prompt=prompt, prompt_embeds=None if prompt_embeds is None else str(prompt_embeds),
         )
         class_info = load_class_info(classes) if classes else find_class_info(images)
         summary = extract_features(checkpoint, images, store, settings, class_info, show_progress=context.show_progress)
+        other_shapes = (f"; {summary.images_of_other_shapes} images of another aspect ratio were resized to it"
+                        if summary.images_of_other_shapes else "")
         click.echo(
             f"extract: {summary.images_written} of {summary.images_total} images written to {summary.store_path} "
-            f"({summary.feature_dim} features per pixel) in {summary.seconds:.1f} s on {summary.device}"
+            f"at {describe_size(summary.image_shape)} ({summary.feature_dim} features per pixel) in "
+            f"{summary.seconds:.1f} s on {summary.device}{other_shapes}"
         )
 
     _run(context, action)

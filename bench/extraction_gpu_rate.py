@@ -60,6 +60,7 @@ class PrecomputedSource:
 
     def __init__(self, tap_shapes: list[TapShape], steps: list[int], seconds_per_image: float):
         self.steps, self.device, self.seconds_per_image = list(steps), torch.device("cpu"), seconds_per_image
+        self.size_multiple = 1
         self._shapes = tap_shapes
         generator = torch.Generator().manual_seed(0)
         self._maps = {shape.name: torch.randn(1, len(steps), shape.channels, shape.height, shape.width,
@@ -68,7 +69,7 @@ class PrecomputedSource:
     def provenance(self) -> dict:
         return {"kind": "precomputed", "seconds_per_image": self.seconds_per_image}
 
-    def tap_shapes(self, size: int) -> list[TapShape]:
+    def tap_shapes(self, size) -> list[TapShape]:
         return list(self._shapes)
 
     def feature_maps(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -84,7 +85,7 @@ class SequentialBatches(InProcessBatches):
         for batch in batches:
             with writer.claim(batch) as claimed:
                 written = extract_batch(self.source, writer, {index: records[index] for index in claimed}, claimed,
-                                        self.size, classes)
+                                        writer.schema.image_shape, classes)
             yield len(batch), written
 
 
@@ -116,7 +117,7 @@ def extraction_rate(images: Path, store: Path, source: PrecomputedSource, size: 
     shutil.rmtree(store, ignore_errors=True)
     os.sync()
     started, cpu_started = time.perf_counter(), time.process_time()
-    summary = extract_with_runner(lambda: contextlib.nullcontext(runner(source, size)), images, store, size,
+    summary = extract_with_runner(lambda: contextlib.nullcontext(runner(source)), images, store, size,
                                   codec=codec, batch_size=batch_size, show_progress=False)
     os.sync()
     seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline import sizes
 from pipeline.config import EvaluateSettings, ExtractSettings, TrainSettings
 from pipeline.data.folders import (
     ImageRecord,
@@ -270,6 +271,7 @@ def summary_line(report: dict) -> str:
 def format_report(report: dict) -> str:
     """The report as a short Markdown page (the paper's row only where the paper has a number)."""
     paper = plus_minus(report["paper_miou_percent"])
+    memory = report["peak_memory_megabytes"]["total"]
     lines = [
         f"# Benchmark {report['preset']}",
         "",
@@ -286,13 +288,14 @@ def format_report(report: dict) -> str:
         "",
         f"Checkpoint: `{report['checkpoint']}` (sha256 {report['checkpoint_sha256'][:12]}…); "
         f"images: {report['images']['train']} train, {report['images']['test']} test; "
-        f"features: {report['features']['feature_dim']} per pixel at {report['features']['image_size']}².",
+        f"features: {report['features']['feature_dim']} per pixel at {sizes.describe(report['features']['image_size'])}.",
         f"Training: {report['train_settings']['members']} members, at most {report['train_settings']['max_epochs']} "
         f"epochs, batch {report['train_settings']['batch_size']}; preset overrides: {report['preset_overrides'] or 'none'}.",
         f"Time: {report['seconds']['total']} s in all (extraction {report['seconds']['extract_train']} + "
         f"{report['seconds']['extract_test']} s, training {report['seconds']['train']} s, evaluation "
-        f"{report['seconds']['evaluate']} s). Peak memory: {report['peak_memory_megabytes']['total']} MB. "
-        f"Stores: {report['store_megabytes']['train']} + {report['store_megabytes']['test']} MB.",
+        f"{report['seconds']['evaluate']} s)."
+        + (f" Peak memory: {memory} MB." if memory is not None else "")
+        + f" Stores: {report['store_megabytes']['train']} + {report['store_megabytes']['test']} MB.",
         "",
         "| class | IoU (%) |",
         "|---|---|",

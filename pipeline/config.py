@@ -15,6 +15,8 @@ from typing import Any, Literal
 
 import yaml
 
+from pipeline import sizes
+
 Layout = Literal["native", "dense"]
 Codec = Literal["blosc-lz4", "zstd", "none"]
 Protocol = Literal["paper", "fast"]
@@ -60,7 +62,10 @@ class ExtractSettings:
         blocks: the taps, in feature order: guided-diffusion decoder block numbers (`output_blocks`
             index: 5, 12) and/or module paths of the UNet ("up_blocks.1.attentions.0").
         seed: seed of the one noise image shared by all images and steps.
-        size: model input size; images are resized to size×size.
+        size: model input size: S (images resized to S×S, the paper's protocol) or [H, W].
+        resize: instead of `size`, a rule that keeps the images' aspect ratio: "shorter:256"
+            (the shorter side becomes 256, the other is rounded to the model's multiple) or
+            "longer:N". The store holds one size: images of other shapes are resized to it.
         layout: "native" (each block at its own resolution) or "dense" (upsampled pixels).
         batch_size: images per UNet forward.
         device: "auto" (cuda > mps > cpu) or a torch device string.
@@ -76,7 +81,8 @@ class ExtractSettings:
     steps: list[int] = dataclasses.field(default_factory=lambda: [50, 150, 250])
     blocks: list[int | str] = dataclasses.field(default_factory=lambda: [5, 6, 7, 8, 12])
     seed: int = 0
-    size: int = 256
+    size: int | list[int] = 256
+    resize: str | None = None
     layout: Layout = "native"
     batch_size: int = 4
     device: str = "auto"
@@ -96,8 +102,11 @@ class ExtractSettings:
             raise ValueError(f"extract: steps must lie in 0..999, got {bad_steps}")
         if len(set(self.steps)) != len(self.steps) or len(set(self.blocks)) != len(self.blocks):
             raise ValueError(f"extract: repeated steps or blocks: {self.steps}, {self.blocks}")
-        if self.size <= 0 or self.batch_size <= 0:
-            raise ValueError(f"extract: size and batch_size must be positive, got {self.size}, {self.batch_size}")
+        if self.batch_size <= 0:
+            raise ValueError(f"extract: batch_size must be positive, got {self.batch_size}")
+        sizes.parse_size(",".join(map(str, self.size)) if isinstance(self.size, list) else str(self.size))
+        if self.resize is not None:
+            sizes.check_rule(self.resize)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline import sizes
 from pipeline.store.reader import FeatureStore
 
 
@@ -64,9 +65,9 @@ def resolve_image(store: FeatureStore, image: str) -> int:
 
 def pixel_feature_vector(store: FeatureStore, image: str, y: int, x: int) -> list[float]:
     """One pixel's full feature vector, in feature order."""
-    size = store.image_size
-    if not (0 <= y < size and 0 <= x < size):
-        raise ValueError(f"pixel ({y}, {x}) is outside the {size}×{size} image")
+    height, width = store.image_shape
+    if not (0 <= y < height and 0 <= x < width):
+        raise ValueError(f"pixel ({y}, {x}) is outside the {width}×{height} (width × height) image")
     index = resolve_image(store, image)
     features = store.pixel_features(index, np.array([y]), np.array([x]))  # (1, D)
     return [float(value) for value in features[0]]
@@ -82,7 +83,7 @@ def format_summary(summary: dict) -> str:
         f"store       {summary['path']}",
         f"layout      {summary['layout']}",
         f"images      {summary['images']['done']} of {summary['images']['total']} done, "
-        f"{summary['image_size']}×{summary['image_size']}",
+        f"{sizes.describe(summary['image_size'])}",
         f"steps       {summary['steps']}",
         f"taps        {taps}",
         f"features    {summary['feature_dim']} per pixel",

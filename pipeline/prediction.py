@@ -94,7 +94,7 @@ def predict_folder(
     summaries, picture_rows = [], []
     with torch_threads(threads):
         for record in tqdm(records, desc="predict", unit="image", disable=not show_progress):
-            model_input = torch.from_numpy(load_image(record, size))[None].to(source.device)  # (1, 3, S, S)
+            model_input = torch.from_numpy(load_image(record, size))[None].to(source.device)  # (1, 3, H, W)
             maps = source.feature_maps(model_input)  # tap → (1, T, C, h, w)
             tables = [maps[tap][0, step].cpu() for step in range(len(features.steps)) for tap in features.taps]  # feature order
             prediction = predict_from_tables(ensemble, tables, size)

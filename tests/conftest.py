@@ -89,21 +89,24 @@ def shared_dir() -> Path:
     return SHARED
 
 
-def write_image_folder(folder: Path, count: int, size: int = 32, labeled: bool = True, seed: int = 0) -> Path:
-    """Random RGB PNGs with 3-class label maps (a bright square is class 2, a dark disc class 1)."""
+def write_image_folder(folder: Path, count: int, size: int | tuple[int, int] = 32, labeled: bool = True, seed: int = 0) -> Path:
+    """Random RGB PNGs with 3-class label maps (a bright square is class 2, a dark disc class 1);
+    `size`: S for S×S, or (H, W)."""
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
-    yy, xx = np.mgrid[:size, :size]
+    height, width = (size, size) if isinstance(size, int) else size
+    side = min(height, width)
+    yy, xx = np.mgrid[:height, :width]
     for index in range(count):
-        image = rng.integers(60, 120, size=(size, size, 3), dtype=np.uint8)
-        labels = np.zeros((size, size), dtype=np.uint8)
-        cy, cx = rng.integers(size // 4, 3 * size // 4, size=2)
-        disc = (yy - cy) ** 2 + (xx - cx) ** 2 < (size // 6) ** 2
+        image = rng.integers(60, 120, size=(height, width, 3), dtype=np.uint8)
+        labels = np.zeros((height, width), dtype=np.uint8)
+        cy, cx = rng.integers(side // 4, 3 * side // 4, size=2)
+        disc = (yy - cy) ** 2 + (xx - cx) ** 2 < (side // 6) ** 2
         image[disc] = 20
         labels[disc] = 1
-        top, left = rng.integers(0, size - size // 4, size=2)
-        image[top : top + size // 4, left : left + size // 4] = 230
-        labels[top : top + size // 4, left : left + size // 4] = 2
+        top, left = rng.integers(0, side - side // 4, size=2)
+        image[top : top + side // 4, left : left + side // 4] = 230
+        labels[top : top + side // 4, left : left + side // 4] = 2
         Image.fromarray(image).save(folder / f"img_{index:03d}.png")
         if labeled:
             np.save(folder / f"img_{index:03d}.npy", labels)

@@ -14,6 +14,7 @@ from pipeline.data.folders import (
     file_sha256,
     find_class_info,
     first_images,
+    image_shape,
     list_images,
     load_example,
     load_image,
@@ -120,8 +121,7 @@ def test_examples_are_checked_before_extraction(tmp_path):
     Image.new("RGB", (10, 8)).save(tmp_path / "wide.png")
     with pytest.raises(ValueError, match="1 of 2 images have no label map.*wide.png"):
         check_labels_complete(list_images(tmp_path), tmp_path)
-    with pytest.raises(ValueError, match="wide.png is 10×8, not square"):
-        check_examples(list_images(tmp_path), classes)
+    check_examples(list_images(tmp_path), classes)  # a rectangle is an image like any other
 
 
 # --- the paper's format and its variants -----------------------------------------------------
@@ -161,10 +161,18 @@ def test_jpeg_images_are_read(tmp_path):
     assert record.image_path.suffix == ".jpg" and image.shape == (3, 8, 8) and labels.shape == (8, 8)
 
 
-def test_a_non_square_image_is_refused_by_name(tmp_path):
-    _write_pair(tmp_path, "wide", (12, 8), np.zeros((8, 12), np.uint8))
-    with pytest.raises(ValueError, match=r"wide\.png is 12×8, not square"):
-        check_examples(list_images(tmp_path))
+def test_a_rectangular_image_and_its_labels_are_resized_to_height_and_width(tmp_path):
+    labels = np.arange(8 * 12, dtype=np.uint8).reshape(8, 12) % 5  # 12 wide, 8 high
+    _write_pair(tmp_path, "wide", (12, 8), labels)
+    (record,) = list_images(tmp_path)
+    check_examples([record])
+    assert image_shape(record) == (8, 12)
+    image, same = load_example(record, (8, 12))
+    assert image.shape == (3, 8, 12) and np.array_equal(same, labels)
+    image, halved = load_example(record, (4, 6))  # nearest neighbour: every other row and column
+    assert image.shape == (3, 4, 6) and np.array_equal(halved, labels[::2, ::2])
+    image, square = load_example(record, 4)  # S still means S×S
+    assert image.shape == (3, 4, 4) and np.array_equal(square, labels[::2, ::3])
 
 
 def test_a_labeled_split_names_every_image_without_a_label_map(tmp_path):

@@ -477,7 +477,6 @@ BAD_IMAGE_FOLDERS = {
     "corrupt PNG": lambda folder: _damaged_copy(folder, ".png", "corrupt"),
     "truncated JPEG": lambda folder: _damaged_copy(folder, ".jpg", "truncated"),
     "corrupt JPEG": lambda folder: _damaged_copy(folder, ".jpg", "corrupt"),
-    "non-square image": lambda folder: [Image.fromarray(_random_rgb(24, 32)).save(folder / "wide.png"), "wide.png"][1],
     "label map of the wrong shape": lambda folder: _labeled_image(folder, np.zeros((16, 16), np.uint8)),
     "label map of a non-integer dtype": lambda folder: _labeled_image(folder, np.full((32, 32), 0.5, np.float32)),
     "NaN in a float label map": _nan_labels,

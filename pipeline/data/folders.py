@@ -5,10 +5,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from pipeline.sizes import as_shape
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
@@ -118,19 +121,34 @@ def _open_rgb(record: ImageRecord) -> Image.Image:
         raise ValueError(f"cannot read image {record.image_path}: {error}") from None
 
 
-def _to_model_input(rgb: Image.Image, size: int) -> np.ndarray:
-    if rgb.size != (size, size):
+def _to_model_input(rgb: Image.Image, size: int | Sequence[int]) -> np.ndarray:
+    height, width = as_shape(size)
+    if rgb.size != (width, height):
         # Bilinear, as the official code's torchvision Resize does on PIL images.
-        rgb = rgb.resize((size, size), Image.Resampling.BILINEAR)
-    pixels = np.asarray(rgb, dtype=np.float32)  # (size, size, 3) in 0..255
+        rgb = rgb.resize((width, height), Image.Resampling.BILINEAR)
+    pixels = np.asarray(rgb, dtype=np.float32)  # (H, W, 3) in 0..255
     return pixels.transpose(2, 0, 1) / 127.5 - 1.0
 
 
-def load_image(record: ImageRecord, size: int) -> np.ndarray:
-    """Loads an image of any size and mode as the model's input (resized to size×size).
+def image_shape(record: ImageRecord) -> tuple[int, int]:
+    """(H, W) of an image file, from its header (nothing decoded).
+
+    Raises:
+        ValueError: naming the file if it cannot be read.
+    """
+    try:
+        with Image.open(record.image_path) as image:
+            width, height = image.size
+    except (OSError, SyntaxError, ValueError) as error:
+        raise ValueError(f"cannot read image {record.image_path}: {error}") from None
+    return height, width
+
+
+def load_image(record: ImageRecord, size: int | Sequence[int]) -> np.ndarray:
+    """Loads an image of any size and mode as the model's input, resized to `size` (S: S×S, or (H, W)).
 
     Returns:
-        float32 array (3, size, size) scaled to [-1, 1].
+        float32 array (3, H, W) scaled to [-1, 1].
 
     Raises:
         ValueError: naming the file if it cannot be decoded.
@@ -138,15 +156,16 @@ def load_image(record: ImageRecord, size: int) -> np.ndarray:
     return _to_model_input(_open_rgb(record), size)
 
 
-def load_example(record: ImageRecord, size: int, classes: ClassInfo | None = None) -> tuple[np.ndarray, np.ndarray | None]:
-    """An image and its label map as the feature store keeps them, checked.
-
-    The image must be square (the paper's protocol resizes, never crops). The label map must
+def load_example(
+    record: ImageRecord, size: int | Sequence[int], classes: ClassInfo | None = None
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """An image and its label map as the feature store keeps them, checked, both resized to
+    `size` (S: S×S, or (H, W); the paper's protocol resizes, never crops). The label map must
     have the image's height and width and, when `classes` is given, hold only class indices
     and the ignore label.
 
     Returns:
-        (float32 (3, size, size) in [-1, 1], int64 (size, size) labels or None).
+        (float32 (3, H, W) in [-1, 1], int64 (H, W) labels or None).
 
     Raises:
         ValueError: naming the file and the problem.
@@ -169,15 +188,13 @@ def check_examples(records: list[ImageRecord], classes: ClassInfo | None = None)
                 image.load()  # decode it all: a truncated or corrupt file is refused before anything is written
         except (OSError, SyntaxError, ValueError) as error:
             raise ValueError(f"cannot read image {record.image_path}: {error}") from None
-        _checked_labels(record, image_size, image_size[0], classes)  # at full size: every value checked
+        _checked_labels(record, image_size, image_size[::-1], classes)  # at full size: every value checked
 
 
 def _checked_labels(
-    record: ImageRecord, image_size: tuple[int, int], size: int, classes: ClassInfo | None
+    record: ImageRecord, image_size: tuple[int, int], size: int | Sequence[int], classes: ClassInfo | None
 ) -> np.ndarray | None:
-    width, height = image_size
-    if width != height:
-        raise ValueError(f"image {record.image_path} is {width}×{height}, not square; crop or pad it to a square first")
+    width, height = image_size  # PIL's order
     labels = load_label_map(record, size, expected_shape=(height, width))
     if labels is not None and classes is not None:
         valid = ((labels >= 0) & (labels < classes.num_classes)) | (labels == classes.ignore_label)
@@ -191,11 +208,13 @@ def _checked_labels(
 
 
 def model_input_to_uint8(image: np.ndarray) -> np.ndarray:
-    """The inverse of `load_image`'s scaling: (3, S, S) in [-1, 1] → uint8 (S, S, 3)."""
+    """The inverse of `load_image`'s scaling: (3, H, W) in [-1, 1] → uint8 (H, W, 3)."""
     return np.clip(np.round((image.transpose(1, 2, 0) + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
-def load_label_map(record: ImageRecord, size: int, expected_shape: tuple[int, int] | None = None) -> np.ndarray | None:
+def load_label_map(
+    record: ImageRecord, size: int | Sequence[int], expected_shape: tuple[int, int] | None = None
+) -> np.ndarray | None:
     """Loads an image's label map, resized by nearest neighbour.
 
     Output pixel i takes source pixel floor(i · in / out), in exact integer arithmetic. This is
@@ -207,11 +226,11 @@ def load_label_map(record: ImageRecord, size: int, expected_shape: tuple[int, in
 
     Args:
         record: the image and its label map.
-        size: the side it is resized to.
+        size: what it is resized to: S (S×S) or (H, W).
         expected_shape: (height, width) the map must have (the image's own), if known.
 
     Returns:
-        int64 array (size, size), or None when the image has no label map.
+        int64 array (H, W), or None when the image has no label map.
 
     Raises:
         ValueError: naming the file when it is not a 2-d integer array.
@@ -232,11 +251,12 @@ def load_label_map(record: ImageRecord, size: int, expected_shape: tuple[int, in
             f"label map {record.label_path} is {labels.shape[0]}×{labels.shape[1]} but its image "
             f"{record.image_path.name} is {expected_shape[0]}×{expected_shape[1]}"
         )
-    if labels.shape != (size, size):
+    out_height, out_width = as_shape(size)
+    if labels.shape != (out_height, out_width):
         height, width = labels.shape
-        rows = (np.arange(size) * height // size)[:, None]
-        columns = (np.arange(size) * width // size)[None, :]
-        labels = labels[rows, columns]  # nearest neighbour, (size, size)
+        rows = (np.arange(out_height) * height // out_height)[:, None]
+        columns = (np.arange(out_width) * width // out_width)[None, :]
+        labels = labels[rows, columns]  # nearest neighbour, (H, W)
     return labels.astype(np.int64)
 
 

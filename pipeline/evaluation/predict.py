@@ -22,6 +22,7 @@ from pipeline.heads.pixel_ensemble.ensemble import Ensemble, load_ensemble
 from pipeline.heads.pixel_ensemble.inference import member_logits_from_tables, votes_and_disagreement
 from pipeline.runtime.atomic import replaced_folder
 from pipeline.runtime.devices import torch_threads
+from pipeline.sizes import as_shape
 from pipeline.store.reader import FeatureStore
 from pipeline.store.schema import FeatureDescription, StoreMismatchError
 
@@ -78,41 +79,44 @@ def open_store_for_features(
 
 @torch.inference_mode()
 def predict_pixels(
-    ensemble: Ensemble, pixel_features: Callable[[np.ndarray, np.ndarray], np.ndarray], size: int, pixels_per_batch: int
+    ensemble: Ensemble, pixel_features: Callable[[np.ndarray, np.ndarray], np.ndarray], size: int | Sequence[int],
+    pixels_per_batch: int,
 ) -> ImagePrediction:
-    """Predicts every pixel of a size×size image, a band of rows at a time.
+    """Predicts every pixel of an image, a band of rows at a time.
 
     Args:
         ensemble: the trained members.
         pixel_features: (ys, xs) → float32 (P, D) features of those pixels.
-        size: the image's side.
+        size: the image size: S (S×S) or (H, W).
         pixels_per_batch: about how many pixels go through the ensemble at once.
     """
-    rows_per_band = max(1, pixels_per_batch // size)
-    labels = np.empty((size, size), dtype=np.int64)
-    disagreement = np.empty((size, size), dtype=np.float32)
-    mean_probabilities = np.empty((ensemble.num_classes, size, size), dtype=np.float32)
-    for top in range(0, size, rows_per_band):
-        rows = np.arange(top, min(top + rows_per_band, size))
-        ys, xs = np.repeat(rows, size), np.tile(np.arange(size), len(rows))  # the band's pixels, row-major
+    height, width = as_shape(size)
+    rows_per_band = max(1, pixels_per_batch // width)
+    labels = np.empty((height, width), dtype=np.int64)
+    disagreement = np.empty((height, width), dtype=np.float32)
+    mean_probabilities = np.empty((ensemble.num_classes, height, width), dtype=np.float32)
+    for top in range(0, height, rows_per_band):
+        rows = np.arange(top, min(top + rows_per_band, height))
+        ys, xs = np.repeat(rows, width), np.tile(np.arange(width), len(rows))  # the band's pixels, row-major
         features = torch.from_numpy(pixel_features(ys, xs))  # (P, D)
         logits = torch.stack([member(features) for member in ensemble.members])  # (M, P, K)
         band_labels, band_disagreement, band_probabilities = _prediction(logits)
-        labels[rows] = band_labels.numpy().reshape(len(rows), size)
-        disagreement[rows] = band_disagreement.numpy().reshape(len(rows), size)
-        mean_probabilities[:, rows] = band_probabilities.numpy().T.reshape(-1, len(rows), size)  # (P, K) -> (K, rows, S)
+        labels[rows] = band_labels.numpy().reshape(len(rows), width)
+        disagreement[rows] = band_disagreement.numpy().reshape(len(rows), width)
+        mean_probabilities[:, rows] = band_probabilities.numpy().T.reshape(-1, len(rows), width)  # (P, K) -> (K, rows, W)
     return ImagePrediction(labels, disagreement, mean_probabilities)
 
 
-def predict_from_tables(ensemble: Ensemble, tables: list[torch.Tensor], size: int) -> ImagePrediction:
-    """Predicts every pixel of a size×size image from its block tables (per (step, block),
-    (C_b, h_b, w_b)), each member's first layer at the blocks' own resolution."""
+def predict_from_tables(ensemble: Ensemble, tables: list[torch.Tensor], size: int | Sequence[int]) -> ImagePrediction:
+    """Predicts every pixel of an image of `size` (S: S×S, or (H, W)) from its block tables (per
+    (step, block), (C_b, h_b, w_b)), each member's first layer at the blocks' own resolution."""
+    height, width = as_shape(size)
     labels, disagreement, mean_probabilities = _prediction(member_logits_from_tables(ensemble.members, tables, size))
-    # (S·S,) row-major -> (S, S); (S·S, K) -> (K, S, S)
+    # (H·W,) row-major -> (H, W); (H·W, K) -> (K, H, W)
     return ImagePrediction(
-        labels.numpy().reshape(size, size),
-        disagreement.numpy().reshape(size, size),
-        mean_probabilities.numpy().T.reshape(-1, size, size),
+        labels.numpy().reshape(height, width),
+        disagreement.numpy().reshape(height, width),
+        mean_probabilities.numpy().T.reshape(-1, height, width),
     )
 
 
@@ -127,9 +131,9 @@ def predict_image(ensemble: Ensemble, store: FeatureStore, index: int, pixels_pe
     """Predicts every pixel of one stored image (native stores: from the block tables at once;
     dense stores: a band of pixel vectors at a time)."""
     if store.layout == "native":
-        return predict_from_tables(ensemble, store.block_tables(index), store.image_size)
+        return predict_from_tables(ensemble, store.block_tables(index), store.image_shape)
     return predict_pixels(
-        ensemble, lambda ys, xs: store.pixel_features(index, ys, xs), store.image_size, pixels_per_batch
+        ensemble, lambda ys, xs: store.pixel_features(index, ys, xs), store.image_shape, pixels_per_batch
     )
 
 
@@ -164,7 +168,7 @@ def predict_store(
     with replaced_folder(Path(predictions_dir)) as staging, torch_threads(threads):
         writer = create_predictions(
             staging, [store.image_names[index] for index in indices], ensemble.class_names, ensemble.ignore_label,
-            store.image_size, has_uncertainty=True, provenance=provenance,
+            store.image_shape, has_uncertainty=True, provenance=provenance,
         )
         for position, index in enumerate(tqdm(indices, desc="predict", unit="image", disable=not show_progress)):
             prediction = predict_image(ensemble, store, index, pixels_per_batch)

@@ -14,7 +14,7 @@ A predictions folder is a Zarr v3 group, one chunk per image along the first axi
 - `done` uint8 (N,): 1 once an image is completely written; readers refuse the others.
 
 Attributes (`segcache_predictions`): format, image_names, class_names, ignore_label,
-image_size, has_uncertainty, and `provenance` (free-form: what predicted them, from what).
+image_size (S for S×S, or [H, W]), has_uncertainty, and `provenance` (free-form: what predicted them, from what).
 
 A refiner reads a folder with `Predictions`, writes its output with `create_predictions` and
 `PredictionsWriter.write`, and `score_predictions` scores either the same way.
@@ -31,6 +31,7 @@ import zarr
 import zarr.codecs
 
 from pipeline.evaluation.metrics import top_decile_mean
+from pipeline.sizes import as_shape, recorded_size
 
 logger = logging.getLogger(__name__)
 
@@ -63,18 +64,18 @@ class PredictionsWriter:
         """Writes image `position` (its place in `image_names`).
 
         Args:
-            probabilities: float (K, S, S), stored as float16.
-            labels: int (S, S); None: the argmax of the stored float16 probabilities.
-            uncertainty: float32 (S, S), required when the folder was created with uncertainty.
+            probabilities: float (K, H, W), stored as float16.
+            labels: int (H, W); None: the argmax of the stored float16 probabilities.
+            uncertainty: float32 (H, W), required when the folder was created with uncertainty.
         """
-        size, num_classes = self.attributes["image_size"], len(self.attributes["class_names"])
-        if probabilities.shape != (num_classes, size, size):
-            raise ValueError(f"probabilities of shape {probabilities.shape}; expected {(num_classes, size, size)}")
+        shape, num_classes = as_shape(self.attributes["image_size"]), len(self.attributes["class_names"])
+        if probabilities.shape != (num_classes, *shape):
+            raise ValueError(f"probabilities of shape {probabilities.shape}; expected {(num_classes, *shape)}")
         stored = probabilities.astype(np.float16)
         if labels is None:
             labels = stored.argmax(axis=0)
-        if labels.shape != (size, size):
-            raise ValueError(f"labels of shape {labels.shape}; expected {(size, size)}")
+        if labels.shape != shape:
+            raise ValueError(f"labels of shape {labels.shape}; expected {shape}")
         if self.attributes["has_uncertainty"] != (uncertainty is not None):
             raise ValueError(
                 f"{self.group.store} was created {'with' if self.attributes['has_uncertainty'] else 'without'} "
@@ -93,27 +94,27 @@ def create_predictions(
     image_names: Sequence[str],
     class_names: Sequence[str],
     ignore_label: int,
-    image_size: int,
+    image_size: int | Sequence[int],
     has_uncertainty: bool,
     provenance: dict | None = None,
 ) -> PredictionsWriter:
     """Creates an empty predictions folder with its full schema (replacing one at `path`)."""
     if len(set(image_names)) != len(image_names):
         raise ValueError(f"image names repeat in {list(image_names)[:10]}…: predictions are looked up by name")
-    count, size, num_classes = len(image_names), image_size, len(class_names)
+    count, (height, width), num_classes = len(image_names), as_shape(image_size), len(class_names)
     group = zarr.open_group(str(path), mode="w", zarr_format=3)
     group.attrs[ATTRIBUTE] = {
         "format": FORMAT, "image_names": list(image_names), "class_names": list(class_names),
-        "ignore_label": int(ignore_label), "image_size": int(size), "has_uncertainty": bool(has_uncertainty),
+        "ignore_label": int(ignore_label), "image_size": recorded_size((height, width)), "has_uncertainty": bool(has_uncertainty),
         "provenance": provenance or {},
     }
     arrays = {
-        "probabilities": ((count, num_classes, size, size), "float16", np.nan),
-        "labels": ((count, size, size), "int16", -1),
+        "probabilities": ((count, num_classes, height, width), "float16", np.nan),
+        "labels": ((count, height, width), "int16", -1),
         "done": ((count,), "uint8", 0),
     }
     if has_uncertainty:
-        arrays["uncertainty"] = ((count, size, size), "float16", np.nan)
+        arrays["uncertainty"] = ((count, height, width), "float16", np.nan)
         arrays["uncertainty_score"] = ((count,), "float64", np.nan)
     for name, (shape, dtype, fill_value) in arrays.items():
         group.create_array(
@@ -162,8 +163,13 @@ class Predictions:
         return int(self.attributes["ignore_label"])
 
     @property
-    def image_size(self) -> int:
-        return int(self.attributes["image_size"])
+    def image_size(self) -> int | list[int]:
+        """As recorded: S for S×S, or [H, W]."""
+        return self.attributes["image_size"]
+
+    @property
+    def image_shape(self) -> tuple[int, int]:
+        return as_shape(self.attributes["image_size"])
 
     @property
     def has_uncertainty(self) -> bool:

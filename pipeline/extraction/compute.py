@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from pipeline.data.folders import ClassInfo, ImageRecord, load_example, model_input_to_uint8
+from pipeline.sizes import ImageShape
 from pipeline.sources.base import FeatureSource, TapShape
 from pipeline.store.writer import FeatureStoreWriter
 
@@ -24,11 +25,12 @@ class SourceDescription:
     provenance: dict
     steps: list[int]
     tap_shapes: list[TapShape]
+    size_multiple: int  # both sides of an input must be multiples of it
 
 
-def describe_source(source: FeatureSource, size: int) -> SourceDescription:
-    """The source's provenance, steps and tap shapes at size×size."""
-    return SourceDescription(source.provenance(), list(source.steps), source.tap_shapes(size))
+def describe_source(source: FeatureSource, shape: ImageShape) -> SourceDescription:
+    """The source's provenance, steps and tap shapes for inputs of `shape` (H, W)."""
+    return SourceDescription(source.provenance(), list(source.steps), source.tap_shapes(shape), source.size_multiple)
 
 
 @dataclasses.dataclass
@@ -36,7 +38,7 @@ class ComputedBatch:
     """One batch's model outputs on the host, ready to be written (`write_batch`)."""
 
     indices: list[int]  # store indices of the images to write (the pending ones of the batch)
-    images: list[np.ndarray]  # uint8 (S, S, 3) each
+    images: list[np.ndarray]  # uint8 (H, W, 3) each
     labels: list[np.ndarray | None]
     feature_maps: list[dict[str, torch.Tensor]]  # per image: tap → (T, C, h, w) on the CPU
 
@@ -46,7 +48,7 @@ def compute_batch(
     writer: FeatureStoreWriter,
     records: Mapping[int, ImageRecord],
     batch: Sequence[int],
-    size: int,
+    shape: ImageShape,
     classes: ClassInfo | None = None,
 ) -> ComputedBatch:
     """Runs one batch through the source (the whole batch, so no image's features depend on what
@@ -59,8 +61,8 @@ def compute_batch(
     pending = set(writer.pending_among(batch))
     if not pending:
         return ComputedBatch([], [], [], [])
-    examples = [load_example(records[index], size, classes) for index in batch]
-    images = np.stack([image for image, _ in examples])  # (B, 3, S, S)
+    examples = [load_example(records[index], shape, classes) for index in batch]
+    images = np.stack([image for image, _ in examples])  # (B, 3, H, W)
     feature_maps = source.feature_maps(torch.from_numpy(images).to(source.device))  # tap → (B, T, C, h, w)
     dtype = torch.float16 if writer.schema.layout == "native" else torch.float32
     on_host = {name: maps.to(dtype).cpu() for name, maps in feature_maps.items()}
@@ -85,7 +87,7 @@ def extract_batch(
     writer: FeatureStoreWriter,
     records: Mapping[int, ImageRecord],
     batch: Sequence[int],
-    size: int,
+    shape: ImageShape,
     classes: ClassInfo | None = None,
 ) -> int:
     """Extracts one batch of images into an open store: `compute_batch` then `write_batch`, the
@@ -97,4 +99,4 @@ def extract_batch(
     Returns:
         How many images this call wrote.
     """
-    return write_batch(writer, compute_batch(source, writer, records, batch, size, classes))
+    return write_batch(writer, compute_batch(source, writer, records, batch, shape, classes))

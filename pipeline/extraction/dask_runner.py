@@ -29,11 +29,13 @@ import dask.base
 import distributed
 import torch
 
+from pipeline import sizes
 from pipeline.config import ExtractSettings
 from pipeline.data.folders import ClassInfo, ImageRecord
 from pipeline.extraction import compute
 from pipeline.extraction.compute import SourceDescription
 from pipeline.runtime.cluster import shared_value
+from pipeline.sizes import ImageShape
 from pipeline.sources import loading  # called as loading.load_source(): a test plugin swaps it
 from pipeline.sources.base import FeatureSource
 from pipeline.store.locations import Location, is_url
@@ -92,8 +94,8 @@ def _plugin(name: str) -> ModelPerWorker:
     return distributed.get_worker().plugins[name]
 
 
-def _describe_on_worker(plugin_name: str, size: int) -> SourceDescription:
-    return compute.describe_source(_plugin(plugin_name).model(), size)
+def _describe_on_worker(plugin_name: str, shape: ImageShape) -> SourceDescription:
+    return compute.describe_source(_plugin(plugin_name).model(), shape)
 
 
 def _extract_batch_on_worker(
@@ -105,7 +107,7 @@ def _extract_batch_on_worker(
     classes: ClassInfo | None,
 ) -> int:
     state = _plugin(plugin_name)
-    return compute.extract_batch(state.model(), state.writer(location, schema), records, batch, schema.image_size, classes)
+    return compute.extract_batch(state.model(), state.writer(location, schema), records, batch, schema.image_shape, classes)
 
 
 def _absolute(record: ImageRecord) -> ImageRecord:
@@ -143,13 +145,16 @@ class ClusterBatches:
         with contextlib.suppress(Exception):  # the cluster may be gone; nothing of ours to lose then
             self.client.unregister_worker_plugin(self.plugin_name)
 
-    def describe(self) -> SourceDescription:
+    def describe(self, shape: ImageShape) -> SourceDescription:
         """The source's description, computed on a worker (the driver never loads the model)."""
         future = self.client.submit(
-            _describe_on_worker, self.plugin_name, self.settings.size, resources=self.resources, pure=False,
-            retries=TASK_RETRIES,
+            _describe_on_worker, self.plugin_name, shape, resources=self.resources, pure=False, retries=TASK_RETRIES,
         )
         return future.result()
+
+    def size_multiple(self) -> int:
+        """The model's size multiple, from a worker's description at the configured size."""
+        return self.describe(sizes.as_shape(self.settings.size)).size_multiple
 
     def run(
         self, writer: FeatureStoreWriter, records: Sequence[ImageRecord], batches: list[list[int]],

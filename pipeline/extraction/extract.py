@@ -6,6 +6,7 @@ running the batches where a `runners.BatchRunner` says (this process or a Dask c
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import logging
@@ -16,9 +17,19 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from pipeline import sizes
 from pipeline.config import ExtractSettings
-from pipeline.data.folders import ClassInfo, check_examples, check_labels_complete, file_sha256, list_images
+from pipeline.data.folders import (
+    ClassInfo,
+    ImageRecord,
+    check_examples,
+    check_labels_complete,
+    file_sha256,
+    image_shape,
+    list_images,
+)
 from pipeline.extraction.runners import BatchRunner, batch_runner
+from pipeline.sizes import ImageShape
 from pipeline.store.locations import store_location
 from pipeline.store.schema import StoreSchema
 from pipeline.store.writer import ExtractionSummary, FeatureStoreWriter, open_store_for_writing
@@ -76,7 +87,7 @@ def extract_features(
     """
     return extract_with_runner(
         lambda: batch_runner(checkpoint, settings), images_dir, store_path, settings.size, settings.layout,
-        settings.codec, settings.batch_size, classes, replace_mismatched, show_progress, code_sha256,
+        settings.codec, settings.batch_size, classes, replace_mismatched, show_progress, code_sha256, settings.resize,
     )
 
 
@@ -84,7 +95,7 @@ def extract_with_runner(
     open_runner: Callable[[], AbstractContextManager[BatchRunner]],
     images_dir: str | Path,
     store_path: str | Path,
-    size: int,
+    size: int | list[int],
     layout: str = "native",
     codec: str = "blosc-lz4",
     batch_size: int = 4,
@@ -92,6 +103,7 @@ def extract_with_runner(
     replace_mismatched: bool = False,
     show_progress: bool = True,
     code_sha256: str | None = None,
+    resize: str | None = None,
 ) -> ExtractionSummary:
     """Extracts a folder into a store through any runner (any feature source): `extract_features`
     for diffusion UNets, `pixels.extract_pixel_features` for the raw-pixel baseline. The runner is
@@ -104,10 +116,11 @@ def extract_with_runner(
     check_examples(records, classes)
     with open_runner() as runner:
         # 2. The store, created from its full schema or reopened to resume.
-        source = runner.describe()
+        shape, other_shapes = extraction_shape(records, size, resize, runner.size_multiple())
+        source = runner.describe(shape)
         schema = StoreSchema(
             layout=layout,
-            image_size=size,
+            image_size=sizes.recorded_size(shape),
             steps=source.steps,
             tap_shapes=source.tap_shapes,
             source=source.provenance,
@@ -136,4 +149,32 @@ def extract_with_runner(
         feature_dim=schema.feature_dim,
         seconds=time.perf_counter() - started,
         device=runner.where,
+        image_shape=shape,
+        images_of_other_shapes=other_shapes,
     )
+
+
+def extraction_shape(
+    records: list[ImageRecord], size: int | list[int], resize: str | None, multiple: int
+) -> tuple[ImageShape, int]:
+    """The store's (H, W), and how many images have another aspect ratio (resized to it all the same).
+
+    With a `resize` rule, the shape is the rule applied to the folder's most common image size;
+    otherwise `size`. Either way each side must be a multiple of the model's `multiple`.
+
+    Raises:
+        ValueError: a size the model cannot take, naming it and the multiple.
+    """
+    originals = [image_shape(record) for record in records]  # (H, W) of each file
+    if resize is not None:
+        most_common = collections.Counter(originals).most_common(1)[0][0]
+        shape = sizes.apply_rule(resize, most_common, multiple)
+    else:
+        shape = sizes.as_shape(size)
+    sizes.check_multiple(shape, multiple, "this model")
+    aspect = shape[1] / shape[0]
+    other_shapes = sum(1 for height, width in originals if abs(width / height - aspect) > 0.02 * aspect)
+    if other_shapes:
+        logger.warning("%d of %d images have another aspect ratio than the store's %s: they are resized to it",
+                       other_shapes, len(records), sizes.describe(shape))
+    return shape, other_shapes

@@ -15,7 +15,7 @@ from pipeline.store.writer import ExtractionSummary
 def extract_pixel_features(
     images_dir: str | Path,
     store_path: str | Path,
-    size: int,
+    size: int | list[int],
     neighbourhood: int = 3,
     classes: ClassInfo | None = None,
     replace_mismatched: bool = False,
@@ -24,6 +24,6 @@ def extract_pixel_features(
 ) -> ExtractionSummary:
     """Writes the raw-pixel baseline features of a folder of images into a native store."""
     return extract_with_runner(
-        lambda: contextlib.nullcontext(InProcessBatches(PixelSource(neighbourhood), size)), images_dir, store_path, size, classes=classes, replace_mismatched=replace_mismatched,
-        show_progress=show_progress, code_sha256=code_sha256,
+        lambda: contextlib.nullcontext(InProcessBatches(PixelSource(neighbourhood))), images_dir, store_path, size,
+        classes=classes, replace_mismatched=replace_mismatched, show_progress=show_progress, code_sha256=code_sha256,
     )

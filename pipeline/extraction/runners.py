@@ -15,6 +15,7 @@ from pipeline.data.folders import ClassInfo, ImageRecord
 from pipeline.extraction.compute import ComputedBatch, SourceDescription, compute_batch, describe_source, write_batch
 from pipeline.extraction.dask_runner import ClusterBatches
 from pipeline.runtime.cluster import cluster_client
+from pipeline.sizes import ImageShape
 from pipeline.sources.base import FeatureSource
 from pipeline.sources.loading import load_source
 from pipeline.store.writer import FeatureStoreWriter
@@ -28,8 +29,11 @@ class BatchRunner(Protocol):
 
     where: str  # for the summary: "cpu", "cuda:0", "Dask cluster tcp://… (4 workers, …)"
 
-    def describe(self) -> SourceDescription:
-        """The source's provenance, steps and tap shapes at the extraction size."""
+    def size_multiple(self) -> int:
+        """Both sides of an input must be multiples of this (the model's total downsampling)."""
+
+    def describe(self, shape: ImageShape) -> SourceDescription:
+        """The source's provenance, steps and tap shapes for inputs of `shape` (H, W)."""
 
     def run(
         self, writer: FeatureStoreWriter, records: Sequence[ImageRecord], batches: list[list[int]],
@@ -39,21 +43,22 @@ class BatchRunner(Protocol):
 
 
 class InProcessBatches:
-    """Runs the batches one after the other in this process, on one loaded source of size×size
-    features, with the store writes of one batch overlapping the model's work on the next.
+    """Runs the batches one after the other in this process, on one loaded source, with the store writes of one batch overlapping the model's work on the next.
 
     One writer thread writes a computed batch while the next one computes; at most two batches'
     outputs are held on the host (the one being written and the one waiting for it), so memory
     stays flat. Blosc, zstd and file writes release the GIL, so the two really overlap.
     """
 
-    def __init__(self, source: FeatureSource, size: int):
+    def __init__(self, source: FeatureSource):
         self.source = source
-        self.size = size
         self.where = str(source.device)
 
-    def describe(self) -> SourceDescription:
-        return describe_source(self.source, self.size)
+    def size_multiple(self) -> int:
+        return self.source.size_multiple
+
+    def describe(self, shape: ImageShape) -> SourceDescription:
+        return describe_source(self.source, shape)
 
     def run(
         self, writer: FeatureStoreWriter, records: Sequence[ImageRecord], batches: list[list[int]],
@@ -66,7 +71,7 @@ class InProcessBatches:
         """
         def compute(claimed: list[int]) -> ComputedBatch:
             chosen = {index: records[index] for index in claimed}
-            return compute_batch(self.source, writer, chosen, claimed, self.size, classes)
+            return compute_batch(self.source, writer, chosen, claimed, writer.schema.image_shape, classes)
 
         failed = threading.Event()  # a failed write (a full disk) stops the writes queued after it
         with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-writer") as pool:
@@ -108,7 +113,7 @@ def batch_runner(checkpoint: str | Path, settings: ExtractSettings) -> Iterator[
     """In-process batches, or the Dask cluster's when `settings.scheduler` names one."""
     if settings.scheduler is None:
         source = load_source(checkpoint, settings)
-        yield InProcessBatches(source, settings.size)
+        yield InProcessBatches(source)
         return
     with cluster_client(settings.scheduler) as client, ClusterBatches(client, checkpoint, settings) as batches:
         yield batches

@@ -40,22 +40,22 @@ class FeatureProjection:
         return cls(weight.astype(np.float32), (-weight @ pca.mean_).astype(np.float32))
 
     def project_image(self, store: FeatureStore, index: int) -> torch.Tensor:
-        """float32 (P, S, S): every pixel of a stored image, projected."""
-        size = store.image_size
+        """float32 (P, H, W): every pixel of a stored image, projected."""
+        shape = store.image_shape
         if self.dims == 0:
-            return torch.zeros((0, size, size))
+            return torch.zeros((0, *shape))
         weight = torch.from_numpy(self.weight)
         if store.layout != "native":
-            features = torch.from_numpy(store.image_features(index)).float()  # (S, S, D)
+            features = torch.from_numpy(store.image_features(index)).float()  # (H, W, D)
             return torch.einsum("pd,hwd->phw", weight, features) + torch.from_numpy(self.bias)[:, None, None]
         tables = store.block_tables(index)  # per (step, tap): (C, h, w)
-        projected = torch.from_numpy(self.bias)[:, None, None].expand(-1, size, size).clone()
+        projected = torch.from_numpy(self.bias)[:, None, None].expand(-1, *shape).clone()
         for part, table in zip(torch.split(weight, [table.shape[0] for table in tables], dim=1), tables):
             native = torch.einsum("pc,chw->phw", part, table.float())[None]  # (1, P, h, w)
-            projected += F.interpolate(native, size=(size, size), mode="bilinear", align_corners=False)[0]
+            projected += F.interpolate(native, size=shape, mode="bilinear", align_corners=False)[0]
         return projected
 
 
 def conditioning(probabilities: np.ndarray | torch.Tensor, projected: torch.Tensor) -> torch.Tensor:
-    """The refiner's input channels: class probabilities (K, S, S) and projected features (P, S, S)."""
+    """The refiner's input channels: class probabilities (K, H, W) and projected features (P, H, W)."""
     return torch.cat([torch.as_tensor(probabilities, dtype=torch.float32), projected])  # (K + P, S, S)

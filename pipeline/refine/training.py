@@ -81,10 +81,10 @@ def first_predictions(
 def _crop_and_flip(
     tensors: list[torch.Tensor], crop: float, flips: bool, generator: torch.Generator
 ) -> list[torch.Tensor]:
-    """One random crop (shared by the batch) and a horizontal flip per image, of tensors (B, ..., S, S)."""
-    size = tensors[0].shape[-1]
-    side = max(8, round(size * crop))
-    top, left = (int(torch.randint(0, size - side + 1, (1,), generator=generator)) for _ in range(2))
+    """One random square crop (shared by the batch) and a horizontal flip per image, of tensors (B, ..., H, W)."""
+    height, width = tensors[0].shape[-2:]
+    side = max(8, round(min(height, width) * crop))
+    top, left = (int(torch.randint(0, length - side + 1, (1,), generator=generator)) for length in (height, width))
     cropped = [tensor[..., top: top + side, left: left + side] for tensor in tensors]
     if not flips:
         return cropped
@@ -179,11 +179,11 @@ def fit_denoiser(
 
 def _sampled_features(store: FeatureStore, indices: list[int], rng: np.random.Generator) -> np.ndarray:
     """(N, D) features of up to PIXELS_FOR_PROJECTION random pixels of each image."""
-    size = store.image_size
+    height, width = store.image_shape
     parts = []
     for index in indices:
-        chosen = rng.choice(size * size, min(PIXELS_FOR_PROJECTION, size * size), replace=False)
-        parts.append(store.pixel_features(index, chosen // size, chosen % size))
+        chosen = rng.choice(height * width, min(PIXELS_FOR_PROJECTION, height * width), replace=False)
+        parts.append(store.pixel_features(index, chosen // width, chosen % width))  # row-major (y, x)
     return np.concatenate(parts)
 
 

@@ -16,6 +16,8 @@ from typing import Protocol
 
 import torch
 
+from pipeline.sizes import ImageShape
+
 # In a list of taps, this word names every decoder block (a UNet's numbered taps), in order.
 ALL_DECODER_BLOCKS = "decoder"
 
@@ -39,22 +41,25 @@ class FeatureSource(Protocol):
         steps: the diffusion steps t, in feature order; [] for a source without steps.
         taps: the names of the feature maps, in feature order.
         device: where `feature_maps` wants its input.
+        size_multiple: both sides of an input must be multiples of this (the model's total
+            downsampling; 1 for a source that takes any size).
     """
 
     steps: list[int]
     taps: list[str]
     device: torch.device
+    size_multiple: int
 
     def provenance(self) -> dict:
         """JSON-serialisable, tagged by "kind": equal provenance and inputs give equal features."""
         ...
 
-    def tap_shapes(self, size: int) -> list[TapShape]:
-        """Each tap's (C, h, w) for a size×size input, in tap order."""
+    def tap_shapes(self, size: int | ImageShape) -> list[TapShape]:
+        """Each tap's (C, h, w) for an input of `size` (S: S×S, or (H, W)), in tap order."""
         ...
 
     def feature_maps(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Images (B, 3, S, S) in [-1, 1] on `device` → tap name → float32 (B, T, C, h, w) on
+        """Images (B, 3, H, W) in [-1, 1] on `device` → tap name → float32 (B, T, C, h, w) on
         `device`, T = max(1, len(steps)), steps in order."""
         ...
 

@@ -21,6 +21,7 @@ import torch
 from diffusers import SchedulerMixin
 
 from pipeline.runtime.devices import autocast_for, pick_device
+from pipeline.sizes import ImageShape, as_shape
 from pipeline.sources.adm.blocks import decoder_block_names
 from pipeline.sources.base import ALL_DECODER_BLOCKS, TapShape
 from pipeline.sources.checkpoints import Backbone, load_backbone
@@ -175,6 +176,7 @@ class UNetSource:
         self.noise_draws = noise_draws
         self.device = device
         self.scheduler = paper_scheduler()
+        self.size_multiple = 2 ** (len(self.unet.config.block_out_channels) - 1)  # one halving per level but the last
 
     def provenance(self) -> dict:
         return {
@@ -185,8 +187,8 @@ class UNetSource:
             "noise_draws": self.noise_draws,
         }
 
-    def tap_shapes(self, size: int) -> list[TapShape]:
-        images = torch.zeros(1, self.unet.config.in_channels, size, size, device=self.device)
+    def tap_shapes(self, size: int | ImageShape) -> list[TapShape]:
+        images = torch.zeros(1, self.unet.config.in_channels, *as_shape(size), device=self.device)  # (1, C, H, W)
         maps = tapped_outputs(self.unet, self.taps, images, [0], [torch.zeros_like(images, device="cpu")], self.scheduler)
         numbers = block_numbers(self.unet)
         return [TapShape(name, *maps[name].shape[2:], block=numbers.get(name)) for name in self.taps]

@@ -31,6 +31,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
 from pipeline.data.folders import file_sha256
 from pipeline.runtime.devices import autocast_for, pick_device
+from pipeline.sizes import ImageShape, as_shape
 from pipeline.sources.base import TapShape
 from pipeline.sources.checkpoints import diffusers_weights_file, plain_config
 from pipeline.sources.diffusion_unet import block_numbers, draw_noises, resolve_taps, tapped_outputs
@@ -157,6 +158,9 @@ class LatentSource:
         self.noise_seed = noise_seed
         self.noise_draws = noise_draws
         self.device = device
+        # The VAE's downsampling, then the UNet's on the latents (one halving per level but the last).
+        self.size_multiple = 2 ** (len(self.vae.config.block_out_channels) - 1) * 2 ** (
+            len(self.unet.config.block_out_channels) - 1)
 
     def provenance(self) -> dict:
         embeds = self.model.prompt_embeds.contiguous().numpy()
@@ -170,8 +174,8 @@ class LatentSource:
             "prompt_embeds_sha256": hashlib.sha256(embeds.tobytes()).hexdigest(),
         }
 
-    def tap_shapes(self, size: int) -> list[TapShape]:
-        latents = self.encode(torch.zeros(1, 3, size, size, device=self.device))
+    def tap_shapes(self, size: int | ImageShape) -> list[TapShape]:
+        latents = self.encode(torch.zeros(1, 3, *as_shape(size), device=self.device))  # (1, C_latent, H/f, W/f)
         maps = tapped_outputs(
             self.unet, self.taps, latents, [0], [torch.zeros_like(latents, device="cpu")], self.model.scheduler,
             encoder_hidden_states=self._prompt(1),

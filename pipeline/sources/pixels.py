@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from pipeline.sizes import ImageShape, as_shape
 from pipeline.sources.base import TapShape
 
 
@@ -23,12 +24,13 @@ class PixelSource:
         self.neighbourhood = neighbourhood
         self.taps = [f"pixels.rgb{neighbourhood}x{neighbourhood}"]
         self.device = torch.device("cpu")
+        self.size_multiple = 1
 
     def provenance(self) -> dict:
         return {"kind": "pixels", "neighbourhood": self.neighbourhood}
 
-    def tap_shapes(self, size: int) -> list[TapShape]:
-        return [TapShape(self.taps[0], 3 * self.neighbourhood**2, size, size)]
+    def tap_shapes(self, size: int | ImageShape) -> list[TapShape]:
+        return [TapShape(self.taps[0], 3 * self.neighbourhood**2, *as_shape(size))]
 
     def feature_maps(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         maps = [neighbourhood_features(image, self.neighbourhood) for image in images.float().cpu()]

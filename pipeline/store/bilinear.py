@@ -13,19 +13,21 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from pipeline.sizes import as_shape
 
-def upsample_and_concatenate(activations: Sequence[torch.Tensor], size: int) -> torch.Tensor:
-    """Upsamples every block to size×size and concatenates them along channels.
+
+def upsample_and_concatenate(activations: Sequence[torch.Tensor], size: int | Sequence[int]) -> torch.Tensor:
+    """Upsamples every block to the image size and concatenates them along channels.
 
     Args:
         activations: per block (in feature order) a tensor (B, C_b, h_b, w_b).
-        size: the image size.
+        size: the image size: S (S×S) or (H, W).
 
     Returns:
-        float tensor (B, size, size, ΣC_b), channels last.
+        float tensor (B, H, W, ΣC_b), channels last.
     """
     upsampled = [
-        F.interpolate(block.float(), size=(size, size), mode="bilinear", align_corners=False)
+        F.interpolate(block.float(), size=as_shape(size), mode="bilinear", align_corners=False)
         for block in activations
     ]
     return torch.cat(upsampled, dim=1).permute(0, 2, 3, 1)  # (B, C, H, W) -> (B, H, W, C)
@@ -45,21 +47,22 @@ def _bilinear_taps(coordinates: torch.Tensor, in_size: int, out_size: int):
     return low, high, high_weight
 
 
-def gather_pixels(table: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor, size: int) -> torch.Tensor:
+def gather_pixels(table: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor, size: int | Sequence[int]) -> torch.Tensor:
     """One block's upsampled features at chosen pixels, without upsampling the whole block.
 
     Args:
         table: one image's block activations, (C, h, w), any float dtype.
-        ys, xs: pixel rows and columns in the size×size image, int (P,).
-        size: the image size the block is upsampled to.
+        ys, xs: pixel rows and columns in the image, int (P,).
+        size: the image size the block is upsampled to: S (S×S) or (H, W).
 
     Returns:
         float32 (P, C), equal to `upsample_and_concatenate([table[None]], size)[0, ys, xs]`
         up to float32 round-off.
     """
     channels, height, width = table.shape
-    y_low, y_high, y_weight = _bilinear_taps(ys, height, size)
-    x_low, x_high, x_weight = _bilinear_taps(xs, width, size)
+    image_height, image_width = as_shape(size)
+    y_low, y_high, y_weight = _bilinear_taps(ys, height, image_height)
+    x_low, x_high, x_weight = _bilinear_taps(xs, width, image_width)
     # Four neighbours per pixel as rows of the (h*w, C) table, and their bilinear weights.
     neighbours = torch.stack(
         [y_low * width + x_low, y_low * width + x_high, y_high * width + x_low, y_high * width + x_high], dim=1

@@ -3,7 +3,7 @@ features are written into them, and how pixel features are read back.
 
 - native (`NATIVE`): each tap at its own resolution, `taps/<name>` (N, T, C, h, w); any pixel's
   vector is made on demand by bilinear interpolation of 4 neighbours per tap.
-- dense (`DENSE`): the upsampled pixel features written out, `pixels` (N, S, S, D), in tiles.
+- dense (`DENSE`): the upsampled pixel features written out, `pixels` (N, H, W, D), in tiles.
 
 Everything else about a store (images, labels, checksums, done marks, claims) is the same for
 both, so the writer and the reader ask the layout only these questions.
@@ -54,19 +54,19 @@ class NativeLayout:
         column = 0
         for table in store.block_tables(index):
             columns = slice(column, column + table.shape[0])
-            out[rows, columns] = gather_pixels(table, ys_tensor, xs_tensor, store.image_size).numpy()  # (P, C)
+            out[rows, columns] = gather_pixels(table, ys_tensor, xs_tensor, store.image_shape).numpy()  # (P, C)
             column = columns.stop
 
     def image_features(self, store: FeatureStore, index: int) -> np.ndarray:
         tables = store.block_tables(index)
-        pixels = upsample_and_concatenate([table[None] for table in tables], store.image_size)[0]  # (S, S, D)
+        pixels = upsample_and_concatenate([table[None] for table in tables], store.image_shape)[0]  # (H, W, D)
         return pixels.to(torch.float16).numpy()
 
     def to_dask(self, store: FeatureStore) -> dask.array.Array:
-        size = store.image_size
+        height, width = store.image_shape
         per_image = [
             dask.array.from_delayed(
-                dask.delayed(store.image_features)(index), shape=(size, size, store.feature_dim), dtype=np.float16
+                dask.delayed(store.image_features)(index), shape=(height, width, store.feature_dim), dtype=np.float16
             )
             for index in range(store.num_images)
         ]
@@ -79,12 +79,13 @@ class DenseLayout:
     name = "dense"
 
     def feature_arrays(self, schema: StoreSchema) -> dict[str, tuple[str, tuple[int, ...], tuple[int, ...]]]:
-        count, size, tile = len(schema.image_names), schema.image_size, min(DENSE_TILE, schema.image_size)
-        return {"pixels": ("float16", (count, size, size, schema.feature_dim), (1, tile, tile, schema.feature_dim))}
+        (height, width), count = schema.image_shape, len(schema.image_names)
+        tiles = (min(DENSE_TILE, height), min(DENSE_TILE, width))
+        return {"pixels": ("float16", (count, height, width, schema.feature_dim), (1, *tiles, schema.feature_dim))}
 
     def regions(self, schema: StoreSchema, feature_maps: Mapping[str, torch.Tensor]) -> Iterator[tuple[str, np.ndarray]]:
         tables = [feature_maps[name][step] for step in range(schema.maps_per_tap) for name in schema.taps]
-        pixels = upsample_and_concatenate([table[None] for table in tables], schema.image_size)[0]  # (S, S, D)
+        pixels = upsample_and_concatenate([table[None] for table in tables], schema.image_shape)[0]  # (H, W, D)
         yield "pixels", pixels.to(torch.float16).numpy()
 
     def gather_into(
@@ -94,18 +95,19 @@ class DenseLayout:
         store.check_done(index)
         columns = store.selection.columns  # the chosen steps' and taps' columns of each tile's vectors
         picked = np.empty((len(ys), len(columns)), dtype=out.dtype)
-        tile = store.group["pixels"].chunks[1]
-        tile_ids = (ys // tile) * (store.image_size // tile + 1) + xs // tile
+        tile_height, tile_width = store.group["pixels"].chunks[1:3]
+        tile_ids = (ys // tile_height) * (store.image_shape[1] // tile_width + 1) + xs // tile_width
         for tile_id in np.unique(tile_ids):
             members = np.flatnonzero(tile_ids == tile_id)
-            top, left = ys[members[0]] // tile * tile, xs[members[0]] // tile * tile
-            block = store.read_region("pixels", index, slice(top, top + tile), slice(left, left + tile))  # (tile, tile, D)
+            top, left = ys[members[0]] // tile_height * tile_height, xs[members[0]] // tile_width * tile_width
+            block = store.read_region(
+                "pixels", index, slice(top, top + tile_height), slice(left, left + tile_width))  # (tile_h, tile_w, D)
             picked[members] = block[ys[members] - top, xs[members] - left][:, columns]
         out[rows] = picked
 
     def image_features(self, store: FeatureStore, index: int) -> np.ndarray:
         store.check_done(index)
-        pixels = store.read_region("pixels", index)  # (S, S, D of the store)
+        pixels = store.read_region("pixels", index)  # (H, W, D of the store)
         return pixels if store.feature_dim == pixels.shape[-1] else pixels[..., store.selection.columns]
 
     def to_dask(self, store: FeatureStore) -> dask.array.Array:
@@ -119,10 +121,10 @@ LAYOUTS = {layout.name: layout for layout in (NATIVE, DENSE)}
 
 def store_arrays(schema: StoreSchema) -> dict[str, tuple[str, tuple[int, ...], tuple[int, ...]]]:
     """Every array of a store with this schema: name → (dtype, shape, chunk shape)."""
-    count, size = len(schema.image_names), schema.image_size
+    count, (height, width) = len(schema.image_names), schema.image_shape
     return {
-        "images": ("uint8", (count, size, size, 3), (1, size, size, 3)),
-        "labels": ("int16", (count, size, size), (1, size, size)),
+        "images": ("uint8", (count, height, width, 3), (1, height, width, 3)),
+        "labels": ("int16", (count, height, width), (1, height, width)),
         "checksums": ("uint8", (count, 32), (1, 32)),
         "done": ("uint8", (count,), (1,)),
         **layout_named(schema.layout).feature_arrays(schema),

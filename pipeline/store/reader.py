@@ -168,8 +168,14 @@ class FeatureStore:
         return self.schema.layout
 
     @property
-    def image_size(self) -> int:
+    def image_size(self) -> int | list[int]:
+        """As recorded: S for S×S, or [H, W]."""
         return self.schema.image_size
+
+    @property
+    def image_shape(self) -> tuple[int, int]:
+        """(H, W) of the store's images."""
+        return self.schema.image_shape
 
     @property
     def num_images(self) -> int:
@@ -261,7 +267,7 @@ class FeatureStore:
 
     # --- per image --------------------------------------------------------------------------
     def image(self, index: int) -> np.ndarray:
-        """The resized input image, uint8 (S, S, 3)."""
+        """The resized input image, uint8 (H, W, 3)."""
         self.check_done(index)
         return self.read_region("images", index)
 

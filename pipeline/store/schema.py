@@ -10,6 +10,7 @@ import numpy as np
 import zarr
 import zarr.codecs
 
+from pipeline.sizes import ImageShape, as_shape
 from pipeline.sources.base import ALL_DECODER_BLOCKS, TapShape, steps_per_tap
 
 FORMAT_VERSION = 4  # 4: named taps (`taps/<name>`) and a tagged source provenance
@@ -45,7 +46,8 @@ class StoreSchema:
 
     Attributes:
         layout: "native" or "dense".
-        image_size: S, the model input size.
+        image_size: the model input size: S for S×S (as every square store records it), or
+            [H, W] (`image_shape` reads both).
         steps: diffusion steps, in feature order ([] for a source without steps).
         tap_shapes: per tap in feature order, its name and feature map shape.
         source: the feature source's provenance, tagged by "kind" (`FeatureSource.provenance`).
@@ -57,7 +59,7 @@ class StoreSchema:
     """
 
     layout: str
-    image_size: int
+    image_size: int | list[int]
     steps: list[int]
     tap_shapes: list[TapShape]
     source: dict
@@ -69,6 +71,11 @@ class StoreSchema:
     @property
     def taps(self) -> list[str]:
         return [shape.name for shape in self.tap_shapes]
+
+    @property
+    def image_shape(self) -> ImageShape:
+        """(H, W) of the store's images."""
+        return as_shape(self.image_size)
 
     @property
     def maps_per_tap(self) -> int:
@@ -99,8 +106,12 @@ class FeatureDescription:
     source: dict
     steps: list[int]
     taps: list[str]
-    image_size: int
+    image_size: int | list[int]  # S for S×S, or [H, W]
     feature_dim: int
+
+    @property
+    def image_shape(self) -> ImageShape:
+        return as_shape(self.image_size)
 
     @classmethod
     def of(cls, schema: StoreSchema, selection: FeatureSelection | None = None) -> FeatureDescription:

@@ -67,6 +67,8 @@ class ExtractionSummary:
     feature_dim: int
     seconds: float
     device: str
+    image_shape: tuple[int, int] = (0, 0)  # (H, W) of the store's images
+    images_of_other_shapes: int = 0  # images of another aspect ratio, resized to the store's all the same
 
 
 class FeatureStoreWriter:
@@ -144,12 +146,12 @@ class FeatureStoreWriter:
 
         Args:
             index: the image's position in the store.
-            image: uint8 (S, S, 3).
-            labels: int (S, S), or None when the image has no label map.
+            image: uint8 (H, W, 3).
+            labels: int (H, W), or None when the image has no label map.
             feature_maps: tap name → float (T, C, h, w), T maps in step order (`FeatureSource`).
         """
         features = dict(self._feature_regions(feature_maps))
-        labels_region = np.full((self.schema.image_size,) * 2, NO_LABELS, np.int16) if labels is None else labels.astype(np.int16)
+        labels_region = np.full(self.schema.image_shape, NO_LABELS, np.int16) if labels is None else labels.astype(np.int16)
         others = {"labels": labels_region, "images": np.asarray(image, dtype=np.uint8)}
         pause_point("write-image-begin", index)
         self._remove_partial_chunks(index)

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+
+from pipeline.sizes import as_shape
 
 logger = logging.getLogger(__name__)
 
@@ -42,16 +45,18 @@ def votes_and_disagreement(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Te
 
 
 def predict_from_block_tables(
-    members: list[torch.nn.Module], tables: list[torch.Tensor], size: int
+    members: list[torch.nn.Module], tables: list[torch.Tensor], size: int | Sequence[int]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`predict_with_uncertainty` for every pixel of a size×size image, from its block tables:
-    labels int64 (size·size,) and disagreement float32 (size·size,), row-major."""
+    """`predict_with_uncertainty` for every pixel of an image of `size` (S: S×S, or (H, W)),
+    from its block tables: labels int64 (H·W,) and disagreement float32 (H·W,), row-major."""
     return votes_and_disagreement(member_logits_from_tables(members, tables, size))
 
 
 @torch.inference_mode()
-def member_logits_from_tables(members: list[torch.nn.Module], tables: list[torch.Tensor], size: int) -> torch.Tensor:
-    """Each member's logits for every pixel of a size×size image, from its block tables.
+def member_logits_from_tables(
+    members: list[torch.nn.Module], tables: list[torch.Tensor], size: int | Sequence[int]
+) -> torch.Tensor:
+    """Each member's logits for every pixel of an image, from its block tables.
 
     A pixel's features are the blocks upsampled bilinearly and concatenated, and upsampling
     is linear, so each member's first layer is applied at every block's own resolution and
@@ -64,11 +69,12 @@ def member_logits_from_tables(members: list[torch.nn.Module], tables: list[torch
     Args:
         members: trained members in eval mode (`make_pixel_classifier`'s layers).
         tables: per (step, block) in feature order, (C_b, h_b, w_b), any float dtype.
-        size: the image side.
+        size: the image size: S (S×S) or (H, W).
 
     Returns:
-        float32 (M, size·size, K), pixels row-major.
+        float32 (M, H·W, K), pixels row-major.
     """
+    height, width = as_shape(size)
     tables = [table.float() for table in tables]
     widths = [table.shape[0] for table in tables]
     first_weights = torch.cat([member[0].weight for member in members])  # (M·H1, D): all members at once
@@ -84,16 +90,16 @@ def member_logits_from_tables(members: list[torch.nn.Module], tables: list[torch
     member_logits = []
     for index, member in enumerate(members):
         rows = slice(index * member[0].out_features, (index + 1) * member[0].out_features)
-        hidden = None  # (S·S, H1): pixels first, so the upsampling runs channels-last (~1.7x faster)
+        hidden = None  # (H·W, H1): pixels first, so the upsampling runs channels-last (~1.7x faster)
         for summed in native.values():  # (M·H1, h, w)
             channels_last = summed[None, rows].contiguous(memory_format=torch.channels_last)
-            upsampled = F.interpolate(channels_last, size=(size, size), mode="bilinear", align_corners=False)
-            upsampled = upsampled.permute(0, 2, 3, 1).reshape(size * size, -1)  # (1, H1, S, S) -> (S·S, H1), no copy
+            upsampled = F.interpolate(channels_last, size=(height, width), mode="bilinear", align_corners=False)
+            upsampled = upsampled.permute(0, 2, 3, 1).reshape(height * width, -1)  # (1, H1, H, W) -> (H·W, H1), no copy
             hidden = upsampled if hidden is None else hidden.add_(upsampled)
         for weight, bias in _folded_hidden_layers(member):
             hidden = torch.addmm(bias, hidden.relu_(), weight.T)  # ReLU, then (BatchNorm + Linear) folded
-        member_logits.append(hidden)  # (S·S, K)
-    return torch.stack(member_logits)  # (M, S·S, K)
+        member_logits.append(hidden)  # (H·W, K)
+    return torch.stack(member_logits)  # (M, H·W, K)
 
 
 def _folded_hidden_layers(member: torch.nn.Sequential) -> list[tuple[torch.Tensor, torch.Tensor]]:

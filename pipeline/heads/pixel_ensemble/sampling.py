@@ -111,9 +111,10 @@ def select_labeled_pixels(
         min_class_pixels: see `scaled_min_class_pixels` (None: scaled with the image area).
         class_names: for the warnings (default: the class indices).
     """
-    if store.image_size > np.iinfo(np.uint16).max or num_classes > np.iinfo(np.int16).max:
+    height, width = store.image_shape
+    if max(height, width) > np.iinfo(np.uint16).max or num_classes > np.iinfo(np.int16).max:
         raise ValueError(f"{store.path}: images over 65535 pixels wide or over 32767 classes are not supported")
-    threshold = scaled_min_class_pixels(store.image_size, store.image_size, min_class_pixels)
+    threshold = scaled_min_class_pixels(height, width, min_class_pixels)
     dropped_in_images = np.zeros(num_classes, dtype=np.int64)
     labeled_images = 0
     parts = []
@@ -197,12 +198,13 @@ class PixelStream:
         if self.store.layout == "native":
             # The same permutation as rng.permutation(count), half the memory of int64.
             return rng.permutation(np.arange(count, dtype=np.int32))
-        tile = self.store.group["pixels"].chunks[1]
-        tiles_per_row = self.store.image_size // tile + 1
+        tile_height, tile_width = self.store.group["pixels"].chunks[1:3]
+        height, width = self.store.image_shape
+        tiles_per_row, tiles_per_column = width // tile_width + 1, height // tile_height + 1
         tile_key = (
-            self.pixels.image_index.astype(np.int64) * tiles_per_row**2
-            + (self.pixels.y // tile).astype(np.int64) * tiles_per_row
-            + self.pixels.x // tile
+            self.pixels.image_index.astype(np.int64) * (tiles_per_row * tiles_per_column)
+            + (self.pixels.y // tile_height).astype(np.int64) * tiles_per_row
+            + self.pixels.x // tile_width
         )
         tile_rank = rng.permutation(tile_key.max() + 1)[tile_key]
         order = np.argsort(tile_rank, kind="stable").astype(np.int32)
