@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from pipeline.data.folders import list_images, load_image
+from pipeline.data.folders import list_images, load_image, resize_nearest
 from pipeline.evaluation.predict import predict_from_tables
 from pipeline.heads.pixel_ensemble.ensemble import Ensemble, load_ensemble
 from pipeline.pictures.figures import save_prediction_grid
@@ -44,16 +44,8 @@ def check_checkpoint_matches(ensemble: Ensemble, checkpoint_sha256: str, checkpo
         )
 
 
-def _resize_labels(labels: np.ndarray, width: int, height: int) -> np.ndarray:
-    """Nearest-neighbour resize of an int label map (S, S) to (height, width)."""
-    size = labels.shape[0]
-    rows = (np.arange(height) * size // height)[:, None]
-    columns = (np.arange(width) * size // width)[None, :]
-    return labels[rows, columns]
-
-
 def _resize_values(values: np.ndarray, width: int, height: int) -> np.ndarray:
-    """Bilinear resize of a float map (S, S) to (height, width)."""
+    """Bilinear resize of a float map (h, w) to (height, width)."""
     return np.asarray(Image.fromarray(values.astype(np.float32)).resize((width, height), Image.Resampling.BILINEAR))
 
 
@@ -117,7 +109,7 @@ def _write_outputs(
     with Image.open(record.image_path) as image:
         original = np.asarray(image.convert("RGB"))  # (H, W, 3)
     height, width = original.shape[:2]
-    labels = _resize_labels(prediction.labels, width, height)
+    labels = resize_nearest(prediction.labels, (height, width))
     disagreement = np.clip(_resize_values(prediction.disagreement, width, height), 0, None)
     np.save(out_dir / f"{record.name}.npy", labels.astype(np.int16))
     save_png(out_dir / f"{record.name}_mask.png", colour_mask(labels, palette, ignore_label=None))

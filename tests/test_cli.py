@@ -69,28 +69,30 @@ def test_extract_train_evaluate(workspace, trained):
 
 
 def test_rectangular_images_extract_train_evaluate_and_predict_at_their_own_size(tmp_path):
-    """48×64 (H×W) images with label maps, end to end: every mask is 64 wide and 48 high."""
+    """64×48 (W×H) images with label maps, resized to 48×32 keeping their aspect ratio, end to end:
+    every mask comes back 64 wide and 48 high."""
     make_tiny_unet(sample_size=32, seed=0).save_pretrained(tmp_path / "unet")
     for split, count, seed in (("train", 3, 0), ("test", 2, 1)):
         write_image_folder(tmp_path / "data" / split, count=count, size=(48, 64), seed=seed)
     (tmp_path / "data" / "classes.json").write_text(json.dumps(CLASSES))
     common = ["--checkpoint", tmp_path / "unet", "--steps", "50", "--blocks", "5,12"]
-    extracted = invoke("extract", *common, "--size", "48,64", "--images", tmp_path / "data" / "train",
+    extracted = invoke("extract", *common, "--size", "32,48", "--images", tmp_path / "data" / "train",
                        "--store", tmp_path / "train.zarr")
     assert extracted.exit_code == 0, extracted.output
-    assert "at 64×48" in extracted.output
-    # The rule keeps the aspect ratio: shorter side 48, the other 64 (a multiple of 16 already).
-    by_rule = invoke("extract", *common, "--resize", "shorter:48", "--images", tmp_path / "data" / "test",
+    assert "at 48×32" in extracted.output
+    # The rule keeps the aspect ratio: the shorter side 48 → 32, the other 64 → 42.7, rounded to 48 (3 × 16).
+    by_rule = invoke("extract", *common, "--resize", "shorter:32", "--images", tmp_path / "data" / "test",
                      "--store", tmp_path / "test.zarr")
     assert by_rule.exit_code == 0, by_rule.output
     from pipeline.store.reader import FeatureStore
 
     test_store = FeatureStore(tmp_path / "test.zarr")
-    assert test_store.image_shape == (48, 64) and test_store.group["labels"].shape == (2, 48, 64)
-    explicit = invoke("extract", *common, "--size", "48,64", "--images", tmp_path / "data" / "test",
+    assert test_store.image_shape == (32, 48) and test_store.group["labels"].shape == (2, 32, 48)
+    assert test_store.schema.original_shape(1) == (48, 64)
+    explicit = invoke("extract", *common, "--size", "32,48", "--images", tmp_path / "data" / "test",
                       "--store", tmp_path / "test-explicit.zarr")
     assert explicit.exit_code == 0, explicit.output
-    ys, xs = np.array([0, 47, 20, 5]), np.array([0, 63, 40, 60])  # corners and the wide part
+    ys, xs = np.array([0, 31, 20, 5]), np.array([0, 47, 40, 44])  # corners and the wide part
     np.testing.assert_array_equal(test_store.pixel_features(1, ys, xs),
                                   FeatureStore(tmp_path / "test-explicit.zarr").pixel_features(1, ys, xs))
     trained = invoke("train", "--store", tmp_path / "train.zarr", "--out", tmp_path / "ensemble", "--members", 2,
@@ -106,8 +108,11 @@ def test_rectangular_images_extract_train_evaluate_and_predict_at_their_own_size
     assert predicted.exit_code == 0, predicted.output
     assert np.load(tmp_path / "predicted" / "img_001.npy").shape == (48, 64)
     assert Image.open(tmp_path / "predicted" / "img_001_mask.png").size == (64, 48)
+    # predict and evaluate label the same image alike (one resizes the input, the other reads the store).
+    agreement = (np.load(tmp_path / "predicted" / "img_001.npy") == np.load(tmp_path / "results" / "masks" / "img_001.npy"))
+    assert agreement.mean() > 0.95
     inspected = invoke("inspect", "--store", tmp_path / "test.zarr")
-    assert "64×48" in inspected.output
+    assert "48×32" in inspected.output
 
 
 def test_a_size_the_model_cannot_take_and_a_bad_rule_are_refused_clearly(workspace):

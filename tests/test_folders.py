@@ -20,6 +20,7 @@ from pipeline.data.folders import (
     load_image,
     load_label_map,
     require_label_maps,
+    resize_nearest,
 )
 
 
@@ -173,6 +174,7 @@ def test_a_rectangular_image_and_its_labels_are_resized_to_height_and_width(tmp_
     assert image.shape == (3, 4, 6) and np.array_equal(halved, labels[::2, ::2])
     image, square = load_example(record, 4)  # S still means S×S
     assert image.shape == (3, 4, 4) and np.array_equal(square, labels[::2, ::3])
+    assert np.array_equal(resize_nearest(labels[::2, ::2], (8, 12)), np.repeat(np.repeat(labels[::2, ::2], 2, 0), 2, 1))
 
 
 def test_a_labeled_split_names_every_image_without_a_label_map(tmp_path):

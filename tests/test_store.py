@@ -9,7 +9,7 @@ import torch
 from conftest import STEPS, as_feature_maps, synthetic_activations, synthetic_schema, write_synthetic_store
 from pipeline.store.bilinear import upsample_and_concatenate
 from pipeline.store.reader import FeatureStore
-from pipeline.store.schema import DamagedImageError, IncompleteImageError, StoreMismatchError
+from pipeline.store.schema import DamagedImageError, IncompleteImageError, StoreMismatchError, StoreSchema
 from pipeline.store.writer import open_store_for_writing
 
 
@@ -408,3 +408,11 @@ def test_malformed_provenance_is_a_format_error(tmp_path):
     group.attrs["segcache"] = {**group.attrs["segcache"], "tap_shapes": [{"block": 5, "surprise": 1}]}
     with pytest.raises(StoreFormatError, match="malformed"):
         FeatureStore(tmp_path / "store.zarr")
+
+
+def test_original_sizes_are_recorded_only_where_an_image_was_resized():
+    same = synthetic_schema("native", 2)
+    assert "original_sizes" not in same.to_json()  # as every store before the field: the same zarr.json
+    assert StoreSchema.from_json(same.to_json()) == same and same.original_shape(1) == same.image_shape
+    resized = dataclasses.replace(same, original_sizes=[[16, 16], [48, 64]])
+    assert StoreSchema.from_json(resized.to_json()) == resized and resized.original_shape(1) == (48, 64)

@@ -251,13 +251,19 @@ def load_label_map(
             f"label map {record.label_path} is {labels.shape[0]}×{labels.shape[1]} but its image "
             f"{record.image_path.name} is {expected_shape[0]}×{expected_shape[1]}"
         )
-    out_height, out_width = as_shape(size)
-    if labels.shape != (out_height, out_width):
-        height, width = labels.shape
-        rows = (np.arange(out_height) * height // out_height)[:, None]
-        columns = (np.arange(out_width) * width // out_width)[None, :]
-        labels = labels[rows, columns]  # nearest neighbour, (H, W)
-    return labels.astype(np.int64)
+    return resize_nearest(labels, as_shape(size)).astype(np.int64)
+
+
+def resize_nearest(labels: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """A label map (h, w) at `shape` (H, W) by nearest neighbour: output pixel i takes source
+    pixel floor(i · in / out) along each axis (see `load_label_map`); the same array if it fits."""
+    out_height, out_width = shape
+    height, width = labels.shape
+    if (height, width) == (out_height, out_width):
+        return labels
+    rows = (np.arange(out_height) * height // out_height)[:, None]
+    columns = (np.arange(out_width) * width // out_width)[None, :]
+    return labels[rows, columns]  # (H, W)
 
 
 def find_class_info(images_folder: str | Path) -> ClassInfo | None:

@@ -10,8 +10,10 @@ import logging
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 from tqdm.auto import tqdm
 
+from pipeline.data.folders import resize_nearest
 from pipeline.evaluation.predictions import Predictions
 from pipeline.pictures.figures import save_per_class_iou_chart, save_prediction_grid
 from pipeline.pictures.masks import class_palette, overlay, save_png
@@ -28,9 +30,10 @@ def write_masks_and_pictures(
     show_progress: bool = True,
     refined_from: Predictions | None = None,
 ) -> None:
-    """Writes into `out_dir`: `masks/<name>.npy` (the stored labels, int16 (S, S)),
-    `masks/<name>.png` (their overlay on the image) and `predictions.png` (image | ground truth |
-    prediction | uncertainty for the first `pictures` images), one image at a time.
+    """Writes into `out_dir`: `masks/<name>.npy` (the predicted labels at the image's own size,
+    by nearest neighbour from the store's, int16 (H, W)), `masks/<name>.png` (their overlay on the
+    image, enlarged from the store's to that size) and `predictions.png` (image | ground truth |
+    prediction | uncertainty at the store's size, for the first `pictures` images), one image at a time.
     `refined_from`: when `predictions` are a refiner's, the predictions it refined; the grid then
     shows them as "prediction" and these as "refined".
     """
@@ -46,8 +49,12 @@ def write_masks_and_pictures(
     grid_rows = []
     for position, name in enumerate(tqdm(predictions.image_names, desc="masks", unit="image", disable=not show_progress)):
         labels, image = predictions.labels(position), store.image(store_index[name])
-        np.save(out_dir / "masks" / f"{name}.npy", labels.astype(np.int16))
-        save_png(out_dir / "masks" / f"{name}.png", overlay(image, labels, palette, ignore_label=predictions.ignore_label))
+        height, width = store.schema.original_shape(store_index[name])
+        own_size_labels = resize_nearest(labels, (height, width))
+        own_size_image = np.asarray(Image.fromarray(image).resize((width, height), Image.Resampling.BILINEAR))
+        np.save(out_dir / "masks" / f"{name}.npy", own_size_labels.astype(np.int16))
+        save_png(out_dir / "masks" / f"{name}.png",
+                 overlay(own_size_image, own_size_labels, palette, ignore_label=predictions.ignore_label))
         if len(grid_rows) < pictures:
             row = {"image": image, "ground_truth": store.labels(store_index[name]), "prediction": labels,
                    "uncertainty": predictions.uncertainty(position), "title": name}

@@ -21,7 +21,6 @@ from pipeline import sizes
 from pipeline.config import ExtractSettings
 from pipeline.data.folders import (
     ClassInfo,
-    ImageRecord,
     check_examples,
     check_labels_complete,
     file_sha256,
@@ -116,7 +115,8 @@ def extract_with_runner(
     check_examples(records, classes)
     with open_runner() as runner:
         # 2. The store, created from its full schema or reopened to resume.
-        shape, other_shapes = extraction_shape(records, size, resize, runner.size_multiple())
+        originals = [image_shape(record) for record in records]  # (H, W) of each file
+        shape, other_shapes = extraction_shape(originals, size, resize, runner.size_multiple())
         source = runner.describe(shape)
         schema = StoreSchema(
             layout=layout,
@@ -128,6 +128,7 @@ def extract_with_runner(
             image_sha256=[file_sha256(record.image_path) for record in records],
             classes=None if classes is None else {"names": classes.names, "ignore_label": classes.ignore_label},
             code_sha256=code_sha256,
+            original_sizes=None if set(originals) == {shape} else [list(original) for original in originals],
         )
         with _disk_full_explained(store_path, None):
             writer = open_store_for_writing(store_path, schema, codec, replace_mismatched)
@@ -155,9 +156,10 @@ def extract_with_runner(
 
 
 def extraction_shape(
-    records: list[ImageRecord], size: int | list[int], resize: str | None, multiple: int
+    originals: list[ImageShape], size: int | list[int], resize: str | None, multiple: int
 ) -> tuple[ImageShape, int]:
-    """The store's (H, W), and how many images have another aspect ratio (resized to it all the same).
+    """The store's (H, W), and how many of the images (their `originals` (H, W)) have another
+    aspect ratio (resized to it all the same).
 
     With a `resize` rule, the shape is the rule applied to the folder's most common image size;
     otherwise `size`. Either way each side must be a multiple of the model's `multiple`.
@@ -165,7 +167,6 @@ def extraction_shape(
     Raises:
         ValueError: a size the model cannot take, naming it and the multiple.
     """
-    originals = [image_shape(record) for record in records]  # (H, W) of each file
     if resize is not None:
         most_common = collections.Counter(originals).most_common(1)[0][0]
         shape = sizes.apply_rule(resize, most_common, multiple)
@@ -176,5 +177,5 @@ def extraction_shape(
     other_shapes = sum(1 for height, width in originals if abs(width / height - aspect) > 0.02 * aspect)
     if other_shapes:
         logger.warning("%d of %d images have another aspect ratio than the store's %s: they are resized to it",
-                       other_shapes, len(records), sizes.describe(shape))
+                       other_shapes, len(originals), sizes.describe(shape))
     return shape, other_shapes

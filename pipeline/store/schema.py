@@ -56,6 +56,9 @@ class StoreSchema:
         classes: {"names": [...], "ignore_label": int} when known, else None.
         code_sha256: a digest of the code that computed the features, when the caller gives one
             (the DVC stage does, so a code change rebuilds its store instead of resuming it).
+        original_sizes: each image's own [H, W] before resizing, recorded only where some image
+            differs from the store's size (None: all are at the store's size), so masks can be
+            written back at each image's size.
     """
 
     layout: str
@@ -67,6 +70,7 @@ class StoreSchema:
     image_sha256: list[str]
     classes: dict | None = None
     code_sha256: str | None = None
+    original_sizes: list[list[int]] | None = None
 
     @property
     def taps(self) -> list[str]:
@@ -76,6 +80,10 @@ class StoreSchema:
     def image_shape(self) -> ImageShape:
         """(H, W) of the store's images."""
         return as_shape(self.image_size)
+
+    def original_shape(self, index: int) -> ImageShape:
+        """(H, W) of image `index` before it was resized to the store's size."""
+        return self.image_shape if self.original_sizes is None else as_shape(self.original_sizes[index])
 
     @property
     def maps_per_tap(self) -> int:
@@ -88,6 +96,8 @@ class StoreSchema:
 
     def to_json(self) -> dict:
         document = dataclasses.asdict(self)
+        if document["original_sizes"] is None:
+            del document["original_sizes"]  # a store of images at its own size reads as before the field
         document["format"] = FORMAT_VERSION
         return document
 
