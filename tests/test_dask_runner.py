@@ -139,6 +139,18 @@ def test_cluster_extraction_equals_in_process_and_loads_the_model_once_per_worke
     assert all(names == [] for names in plugins.values())
 
 
+def test_a_rectangular_store_on_the_cluster_equals_the_one_made_here(cluster, dataset, tmp_path):
+    address, _ = cluster
+    checkpoint, images, _ = dataset
+    settings = dataclasses.replace(SETTINGS, size=[16, 32])  # 16 rows, 32 columns
+    extract_features(checkpoint, images, tmp_path / "here.zarr", settings, show_progress=False)
+    extract_features(checkpoint, images, tmp_path / "cluster.zarr", dataclasses.replace(settings, scheduler=address),
+                     show_progress=False)
+    here = FeatureStore(tmp_path / "here.zarr")
+    assert here.image_shape == (16, 32) and here.group["images"].shape == (6, 16, 32, 3)
+    assert_same_store(FeatureStore(tmp_path / "cluster.zarr"), here)
+
+
 def test_workers_declaring_a_gpu_take_every_batch(cluster, dataset, tmp_path):
     address, client = cluster
     checkpoint, images, reference = dataset
