@@ -104,7 +104,7 @@ class ExtractSettings:
             raise ValueError(f"extract: repeated steps or blocks: {self.steps}, {self.blocks}")
         if self.batch_size <= 0:
             raise ValueError(f"extract: batch_size must be positive, got {self.batch_size}")
-        sizes.parse_size(",".join(map(str, self.size)) if isinstance(self.size, list) else str(self.size))
+        sizes.check_size(self.size)
         if self.resize is not None:
             sizes.check_rule(self.resize)
 

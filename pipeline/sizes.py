@@ -43,14 +43,24 @@ def parse_size(text: str) -> int | list[int]:
     Raises:
         ValueError: naming the text and the two accepted forms.
     """
-    parts = [part.strip() for part in str(text).split(",")]
     try:
-        numbers = [int(part) for part in parts]
+        numbers = [int(part) for part in str(text).split(",")]
     except ValueError:
         numbers = []
-    if len(numbers) not in (1, 2) or min(numbers) < 1:
-        raise ValueError(f"size {text!r}: give one number S (S×S) or H,W (rows, columns), e.g. 256 or 360,480")
+    check_size(numbers[0] if len(numbers) == 1 else numbers, text)
     return numbers[0] if len(numbers) == 1 or numbers[0] == numbers[1] else numbers
+
+
+def check_size(size: int | Sequence[int], given: object = None) -> None:
+    """Refuses a size that is not one positive number or two (H, W).
+
+    Raises:
+        ValueError: naming the size (or the text it came from, `given`) and the accepted forms.
+    """
+    numbers = [size] if isinstance(size, int) else list(size)
+    if len(numbers) not in (1, 2) or not all(isinstance(number, int) and number >= 1 for number in numbers):
+        shown = size if given is None else given
+        raise ValueError(f"size {shown!r}: give one number S (S×S) or H,W (rows, columns), e.g. 256 or 360,480")
 
 
 def check_rule(rule: str) -> tuple[str, int]:

@@ -132,7 +132,7 @@ def test_cluster_extraction_equals_in_process_and_loads_the_model_once_per_worke
         client.unregister_worker_plugin("count-model-loads")
     assert (summary.images_total, summary.images_written) == (6, 6) and "2 workers" in summary.device
     assert_same_store(FeatureStore(tmp_path / "cluster.zarr"), reference)
-    # 4 tasks (the model description + 3 batches of 2), but at most one model load per worker.
+    # 5 tasks (the size multiple, the model description, 3 batches of 2), but at most one model load per worker.
     assert 1 <= sum(loads.values()) <= 2 and max(loads.values()) == 1
     # The model is released on the workers after the run.
     plugins = client.run(lambda dask_worker: [name for name in dask_worker.plugins if name.startswith("segcache")])

@@ -14,7 +14,6 @@ from pipeline.data.folders import (
     file_sha256,
     find_class_info,
     first_images,
-    image_shape,
     list_images,
     load_example,
     load_image,
@@ -166,8 +165,7 @@ def test_a_rectangular_image_and_its_labels_are_resized_to_height_and_width(tmp_
     labels = np.arange(8 * 12, dtype=np.uint8).reshape(8, 12) % 5  # 12 wide, 8 high
     _write_pair(tmp_path, "wide", (12, 8), labels)
     (record,) = list_images(tmp_path)
-    check_examples([record])
-    assert image_shape(record) == (8, 12)
+    assert check_examples([record]) == [(8, 12)]
     image, same = load_example(record, (8, 12))
     assert image.shape == (3, 8, 12) and np.array_equal(same, labels)
     image, halved = load_example(record, (4, 6))  # nearest neighbour: every other row and column

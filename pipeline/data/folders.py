@@ -130,20 +130,6 @@ def _to_model_input(rgb: Image.Image, size: int | Sequence[int]) -> np.ndarray:
     return pixels.transpose(2, 0, 1) / 127.5 - 1.0
 
 
-def image_shape(record: ImageRecord) -> tuple[int, int]:
-    """(H, W) of an image file, from its header (nothing decoded).
-
-    Raises:
-        ValueError: naming the file if it cannot be read.
-    """
-    try:
-        with Image.open(record.image_path) as image:
-            width, height = image.size
-    except (OSError, SyntaxError, ValueError) as error:
-        raise ValueError(f"cannot read image {record.image_path}: {error}") from None
-    return height, width
-
-
 def load_image(record: ImageRecord, size: int | Sequence[int]) -> np.ndarray:
     """Loads an image of any size and mode as the model's input, resized to `size` (S: S×S, or (H, W)).
 
@@ -175,12 +161,16 @@ def load_example(
     return _to_model_input(rgb, size), labels
 
 
-def check_examples(records: list[ImageRecord], classes: ClassInfo | None = None) -> None:
+def check_examples(records: list[ImageRecord], classes: ClassInfo | None = None) -> list[tuple[int, int]]:
     """Checks every image (decoded in full) and label map before hours of extraction start.
+
+    Returns:
+        Each image's own (H, W), in order.
 
     Raises:
         ValueError: naming the first file that `load_example` would refuse.
     """
+    shapes = []
     for record in records:
         try:
             with Image.open(record.image_path) as image:
@@ -189,6 +179,8 @@ def check_examples(records: list[ImageRecord], classes: ClassInfo | None = None)
         except (OSError, SyntaxError, ValueError) as error:
             raise ValueError(f"cannot read image {record.image_path}: {error}") from None
         _checked_labels(record, image_size, image_size[::-1], classes)  # at full size: every value checked
+        shapes.append(image_size[::-1])  # PIL's (W, H) → (H, W)
+    return shapes
 
 
 def _checked_labels(

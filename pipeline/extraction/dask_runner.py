@@ -29,7 +29,6 @@ import dask.base
 import distributed
 import torch
 
-from pipeline import sizes
 from pipeline.config import ExtractSettings
 from pipeline.data.folders import ClassInfo, ImageRecord
 from pipeline.extraction import compute
@@ -98,6 +97,10 @@ def _describe_on_worker(plugin_name: str, shape: ImageShape) -> SourceDescriptio
     return compute.describe_source(_plugin(plugin_name).model(), shape)
 
 
+def _size_multiple_on_worker(plugin_name: str) -> int:
+    return _plugin(plugin_name).model().size_multiple
+
+
 def _extract_batch_on_worker(
     plugin_name: str,
     location: Location,
@@ -153,8 +156,11 @@ class ClusterBatches:
         return future.result()
 
     def size_multiple(self) -> int:
-        """The model's size multiple, from a worker's description at the configured size."""
-        return self.describe(sizes.as_shape(self.settings.size)).size_multiple
+        """The model's size multiple, asked of a worker (the driver never loads the model)."""
+        future = self.client.submit(
+            _size_multiple_on_worker, self.plugin_name, resources=self.resources, pure=False, retries=TASK_RETRIES,
+        )
+        return future.result()
 
     def run(
         self, writer: FeatureStoreWriter, records: Sequence[ImageRecord], batches: list[list[int]],

@@ -19,14 +19,7 @@ from tqdm.auto import tqdm
 
 from pipeline import sizes
 from pipeline.config import ExtractSettings
-from pipeline.data.folders import (
-    ClassInfo,
-    check_examples,
-    check_labels_complete,
-    file_sha256,
-    image_shape,
-    list_images,
-)
+from pipeline.data.folders import ClassInfo, check_examples, check_labels_complete, file_sha256, list_images
 from pipeline.extraction.runners import BatchRunner, batch_runner
 from pipeline.sizes import ImageShape
 from pipeline.store.locations import store_location
@@ -112,10 +105,9 @@ def extract_with_runner(
     # 1. The inputs: images (hashed, so a changed image is a changed store).
     records = list_images(images_dir)
     check_labels_complete(records, images_dir)
-    check_examples(records, classes)
+    originals = check_examples(records, classes)  # each image's own (H, W)
     with open_runner() as runner:
         # 2. The store, created from its full schema or reopened to resume.
-        originals = [image_shape(record) for record in records]  # (H, W) of each file
         shape, other_shapes = extraction_shape(originals, size, resize, runner.size_multiple())
         source = runner.describe(shape)
         schema = StoreSchema(

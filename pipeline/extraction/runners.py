@@ -43,7 +43,8 @@ class BatchRunner(Protocol):
 
 
 class InProcessBatches:
-    """Runs the batches one after the other in this process, on one loaded source, with the store writes of one batch overlapping the model's work on the next.
+    """Runs the batches one after the other in this process, on one loaded source, with the
+    store writes of one batch overlapping the model's work on the next.
 
     One writer thread writes a computed batch while the next one computes; at most two batches'
     outputs are held on the host (the one being written and the one waiting for it), so memory

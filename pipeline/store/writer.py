@@ -43,6 +43,7 @@ from pipeline.store.schema import (
 
 logger = logging.getLogger(__name__)
 
+
 def claims_folder(store: Path) -> Path:
     """Where writers of a local store hold their per-image locks: `.<store name>.claims/` beside
     it, so the store holds nothing but Zarr (plain zarr and xarray open it without a warning)."""
@@ -67,8 +68,8 @@ class ExtractionSummary:
     feature_dim: int
     seconds: float
     device: str
-    image_shape: tuple[int, int] = (0, 0)  # (H, W) of the store's images
-    images_of_other_shapes: int = 0  # images of another aspect ratio, resized to the store's all the same
+    image_shape: tuple[int, int]  # (H, W) of the store's images
+    images_of_other_shapes: int  # images of another aspect ratio, resized to the store's all the same
 
 
 class FeatureStoreWriter:
@@ -99,8 +100,8 @@ class FeatureStoreWriter:
 
         Yields the claimed indices, in order: not those another writer holds (unless `wait`,
         which waits for it to finish or die) and not those done by the time the claim is held.
-        A claim is an exclusive `flock` on `<index>` in `claims_folder(store)`, released when the block ends or
-        the process dies (the kernel drops it, so a killed writer never leaves an image locked).
+        A claim is an exclusive `flock` on `<index>` in `claims_folder(store)`, released when the
+        block ends or the process dies (the kernel drops it, so a killed writer never leaves an image locked).
         """
         if self.path is None:
             yield self.pending_among(indices)
