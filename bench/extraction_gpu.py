@@ -24,22 +24,19 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
-import time
 from pathlib import Path
 
 import torch
 from diffusers import UNet2DModel
 
 from bench.common import PAPER_LAYOUT, PAPER_SIZE, command_line, write_result
-from bench.extraction_gpu_rate import PrecomputedSource, _images, disk_megabytes_per_second, extraction_rate
-from bench.extraction_overhead import bare_forwards
+from bench.extraction_gpu_rate import PrecomputedSource, disk_megabytes_per_second, extraction_rate, generated_images
+from bench.extraction_overhead import bare_forwards, extract_seconds
 from pipeline.config import ExtractSettings
-from pipeline.extraction.extract import extract_features
 from pipeline.runtime.devices import pick_device
 from pipeline.sources.adm.convert import adm_unet_config
 from pipeline.sources.loading import load_source
 from pipeline.sources.tiny_unet import make_tiny_unet
-from pipeline.store.reader import FeatureStore
 
 BATCH_SIZES = (1, 4, 16)
 
@@ -52,19 +49,6 @@ def build_model(folder: Path, quick: bool) -> Path:
     return folder
 
 
-def extraction_seconds(checkpoint: Path, images: Path, store: Path, settings: ExtractSettings) -> float:
-    """One extraction into a fresh store, ending with its data on the disk."""
-    shutil.rmtree(store, ignore_errors=True)
-    os.sync()
-    started = time.perf_counter()
-    extract_features(checkpoint, images, store, settings, show_progress=False)
-    os.sync()
-    seconds = time.perf_counter() - started
-    assert FeatureStore(store).done_mask().all()
-    shutil.rmtree(store)
-    return seconds
-
-
 def run(quick: bool, scratch: Path, count: int = 48) -> dict:
     device = pick_device("auto")
     if device.type != "cuda" and not quick:
@@ -72,7 +56,7 @@ def run(quick: bool, scratch: Path, count: int = 48) -> dict:
     size, count = (32, 8) if quick else (PAPER_SIZE, count)
     settings = ExtractSettings(size=size, device=str(device), **({"blocks": [2, 3, 5]} if quick else {}))
     checkpoint = build_model(scratch / "gpu-check-model", quick)
-    images = _images(scratch / "gpu-check-images", count, size)
+    images = generated_images(scratch / "gpu-check-images", count, size)
     store = scratch / "gpu-check.zarr"
     rows = {}
     for batch_size in BATCH_SIZES:
@@ -82,7 +66,7 @@ def run(quick: bool, scratch: Path, count: int = 48) -> dict:
         bare_forwards(checkpoint, images, batched, truncated=True)  # warm-up: kernels chosen, weights loaded
         bare = bare_forwards(checkpoint, images, batched, truncated=True)
         bare_float32 = bare_forwards(checkpoint, images, batched, truncated=True, float32=True)
-        extraction = extraction_seconds(checkpoint, images, store, batched)
+        extraction = extract_seconds(checkpoint, images, store, batched, synced=True)
         rows[batch_size] = {
             "bare_float16_images_per_second": round(count / bare, 2),
             "bare_float32_images_per_second": round(count / bare_float32, 2),

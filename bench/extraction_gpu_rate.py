@@ -89,7 +89,7 @@ class SequentialBatches(InProcessBatches):
             yield len(batch), written
 
 
-def _images(folder: Path, count: int, size: int) -> Path:
+def generated_images(folder: Path, count: int, size: int) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     for index in range(count):
@@ -138,7 +138,7 @@ def run(quick: bool, scratch: Path) -> dict:
     torch.set_num_threads(1)
     size, taps, steps = (TINY_SIZE, TINY_TAP_SHAPES, TINY_STEPS) if quick else (PAPER_SIZE, PAPER_TAP_SHAPES, PAPER_STEPS)
     count, batch_size, repeats = (8, 4, 1) if quick else (32, 4, 3)
-    images = _images(scratch / "gpu-rate-images", count, size)
+    images = generated_images(scratch / "gpu-rate-images", count, size)
     store = scratch / "gpu-rate.zarr"
     per_image_megabytes = sum(shape.channels * shape.height * shape.width for shape in taps) * 2 * len(steps) / 1e6
     disk_megabytes = max(8, round(per_image_megabytes * count))

@@ -19,6 +19,7 @@ on cat_15 training images; without ../shared, a tiny UNet on generated images.
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import statistics
 import time
@@ -85,10 +86,17 @@ def bare_forwards(
     return time.perf_counter() - started
 
 
-def extract_seconds(checkpoint: Path, images_dir: Path, store: Path, settings: ExtractSettings) -> float:
+def extract_seconds(
+    checkpoint: Path, images_dir: Path, store: Path, settings: ExtractSettings, synced: bool = False
+) -> float:
+    """Seconds of one extraction into a fresh store; `synced`: until its data is on the disk."""
     shutil.rmtree(store, ignore_errors=True)
+    if synced:
+        os.sync()
     started = time.perf_counter()
     extract_features(checkpoint, images_dir, store, settings, show_progress=False)
+    if synced:
+        os.sync()
     seconds = time.perf_counter() - started
     assert FeatureStore(store).done_mask().all()
     return seconds
