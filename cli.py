@@ -12,7 +12,14 @@ from pathlib import Path
 
 import click
 
-from pipeline.config import EvaluateSettings, ExtractSettings, RefineSettings, TrainSettings
+from pipeline.config import (
+    EvaluateSettings,
+    ExtractSettings,
+    RefineSettings,
+    SegmenterSettings,
+    SynthesizeSettings,
+    TrainSettings,
+)
 from pipeline.data.folders import find_class_info, load_class_info
 from pipeline.sizes import describe as describe_size
 from pipeline.sizes import parse_size
@@ -150,7 +157,7 @@ def train(context: _Context, store, out, members, seed, learning_rate, batch_siz
 
 
 @main.command()
-@click.option("--ensemble", required=True, type=click.Path(path_type=Path), help="Folder of a trained ensemble.")
+@click.option("--ensemble", required=True, type=click.Path(path_type=Path), help="Folder of a trained ensemble, or of a segmenter (train-segmenter).")
 @click.option("--store", required=True, help="Feature store of the test images (a folder or a URL).")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder for masks, pictures and metrics.json.")
 @click.pass_obj
@@ -245,8 +252,9 @@ def refine(context: _Context, refiner, predictions, store, out, schedule, seed):
 
 
 @main.command()
-@click.option("--ensemble", required=True, type=click.Path(path_type=Path), help="Folder of a trained ensemble.")
-@click.option("--checkpoint", required=True, type=click.Path(path_type=Path), help="The checkpoint the ensemble's features came from.")
+@click.option("--ensemble", required=True, type=click.Path(path_type=Path),
+              help="Folder of a trained ensemble, or of a segmenter (train-segmenter: no checkpoint needed).")
+@click.option("--checkpoint", type=click.Path(path_type=Path), help="The checkpoint the ensemble's features came from.")
 @click.option("--images", required=True, type=click.Path(path_type=Path), help="Folder of PNG/JPEG images, any size.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder for masks, overlays and summary.json.")
 @click.option("--device", default="auto", show_default=True)
@@ -254,7 +262,7 @@ def refine(context: _Context, refiner, predictions, store, out, schedule, seed):
 @click.option("--prompt-embeds", type=click.Path(path_type=Path), help="Latent diffusion: the file the features were extracted with.")
 @click.pass_obj
 def predict(context: _Context, ensemble, checkpoint, images, out, device, pictures, prompt_embeds):
-    """Segment new images (no labels needed) with a trained ensemble."""
+    """Segment new images (no labels needed) with a trained ensemble or segmenter."""
     from pipeline.prediction import predict_folder
 
     def action():
@@ -263,6 +271,70 @@ def predict(context: _Context, ensemble, checkpoint, images, out, device, pictur
             prompt_embeds=prompt_embeds,
         )
         click.echo(f"predict: {summary.images} images segmented into {summary.out_dir} in {summary.seconds:.1f} s")
+
+    _run(context, action)
+
+
+@main.command()
+@click.option("--checkpoint", required=True, type=click.Path(path_type=Path), help="The diffusion model to sample from.")
+@click.option("--ensemble", type=click.Path(path_type=Path), help="The ensemble that labels the samples (trained on this checkpoint's features).")
+@click.option("--count", default=10000, show_default=True, help="Samples to draw (the official: 10,000).")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder for the labeled samples (completed if a run stopped).")
+@click.option("--sampler", type=click.Choice(["ddpm", "ddim"]), default="ddpm", show_default=True, help="ddpm: ancestral (the official); ddim: η = 0.")
+@click.option("--sampling-steps", default=1000, show_default=True, help="Denoising steps (the official: 1000).")
+@click.option("--filter-fraction", default=0.1, show_default=True, help="Share of the samples dropped by the uncertainty filter.")
+@click.option("--filter-lowest-fraction", default=0.003, show_default=True, help="Of which from the least uncertain end (the official 30 of 10,000).")
+@click.option("--batch-size", default=16, show_default=True, help="Samples per batch (memory follows it).")
+@click.option("--seed", default=0, show_default=True, help="Sample i draws its noise from generator (seed, i).")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--unlabeled", is_flag=True, help="Samples only, for a person to annotate (the official variant): no ensemble, no filter.")
+@click.option("--size", type=int, help="With --unlabeled: the samples' size (default: the model's).")
+@click.pass_obj
+def synthesize(context: _Context, checkpoint, ensemble, count, out, sampler, sampling_steps, filter_fraction,
+               filter_lowest_fraction, batch_size, seed, device, unlabeled, size):
+    """DatasetDDPM: sample images from the diffusion model, label them with the ensemble, drop the most uncertain."""
+    from pipeline.synthetic.synthesize import synthesize_dataset
+
+    def action():
+        if unlabeled == (ensemble is not None):
+            raise click.UsageError("give --ensemble to label the samples, or --unlabeled for samples only")
+        settings = SynthesizeSettings(
+            count=count, sampler=sampler, sampling_steps=sampling_steps, filter_fraction=filter_fraction,
+            filter_lowest_fraction=min(filter_lowest_fraction, filter_fraction), batch_size=batch_size, seed=seed,
+            device=device,
+        )
+        summary = synthesize_dataset(checkpoint, ensemble, out, settings, size, context.show_progress)
+        click.echo(f"synthesize: {summary.samples} samples ({summary.sampled_now} drawn now), {summary.kept} kept "
+                   f"in {summary.out_dir}")
+
+    _run(context, action)
+
+
+@main.command("train-segmenter")
+@click.option("--images", required=True, type=click.Path(path_type=Path), help="Labeled image folder (e.g. synthesize's output).")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder for the segmenter (a stopped run there resumes).")
+@click.option("--validation", type=click.Path(path_type=Path), help="Real labeled images: the epoch with the best mIoU on them is kept.")
+@click.option("--architecture", type=click.Choice(["unet", "basic-unet", "deeplabv3-resnet101"]), default="unet", show_default=True,
+              help="deeplabv3-resnet101: the paper's (needs torchvision and its ImageNet weights).")
+@click.option("--epochs", default=20, show_default=True)
+@click.option("--batch-size", default=8, show_default=True)
+@click.option("--learning-rate", default=0.001, show_default=True)
+@click.option("--image-size", type=int, help="Train at this size (default: the images' own).")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.pass_obj
+def train_segmenter(context: _Context, images, out, validation, architecture, epochs, batch_size, learning_rate,
+                    image_size, seed, device):
+    """Train a segmenter on labeled images (no diffusion model at test time); exported to ONNX too."""
+    from pipeline.heads.segmenter.training import train_segmenter as train
+
+    def action():
+        settings = SegmenterSettings(architecture=architecture, epochs=epochs, batch_size=batch_size,
+                                     learning_rate=learning_rate, image_size=image_size, seed=seed, device=device)
+        summary = train(images, out, settings, validation, context.show_progress)
+        score = "" if summary.validation_miou is None else f", validation mIoU {summary.validation_miou}"
+        click.echo(f"train-segmenter: epoch {summary.chosen_epoch + 1} kept{score}; saved to {summary.out_dir} "
+                   f"in {summary.seconds:.1f} s")
 
     _run(context, action)
 

@@ -21,6 +21,8 @@ Layout = Literal["native", "dense"]
 Codec = Literal["blosc-lz4", "zstd", "none"]
 Protocol = Literal["paper", "fast"]
 IoUDefinition = Literal["paper", "ignore_excluded"]
+SamplerName = Literal["ddpm", "ddim"]
+SegmenterArchitecture = Literal["unet", "basic-unet", "deeplabv3-resnet101"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -323,6 +325,78 @@ class SelectSettings:
             )
 
 
+@dataclasses.dataclass(frozen=True)
+class SynthesizeSettings:
+    """DatasetDDPM's synthetic dataset (pipeline/synthetic/): how many samples, how, which are kept.
+
+    Attributes:
+        count: samples drawn (the official script: 10,000; its released sets: 50,000).
+        sampler: "ddpm" (ancestral, the official sampler) or "ddim" (deterministic, η = 0).
+        sampling_steps: denoising steps (the official: 1000, every training step).
+        filter_fraction: share of the samples dropped by the uncertainty filter (the official 0.1).
+        filter_lowest_fraction: share dropped from the least uncertain end (the official 30 of
+            10,000: 0.003); the rest of `filter_fraction` from the most uncertain end.
+        batch_size: samples per batch (memory follows it, not `count`).
+        seed: seeds every sample's own generator (sample i: (seed, i)).
+        pictures: kept samples drawn in pictures/samples.png (0: none).
+        device, threads: where sampling runs, and torch's CPU threads (0: torch's default).
+    """
+
+    count: int = 10000
+    sampler: SamplerName = "ddpm"
+    sampling_steps: int = 1000
+    filter_fraction: float = 0.1
+    filter_lowest_fraction: float = 0.003
+    batch_size: int = 16
+    seed: int = 0
+    pictures: int = 8
+    device: str = "auto"
+    threads: int = 0
+
+    def __post_init__(self) -> None:
+        if self.count < 1:
+            raise ValueError(f"synthesize: count must be at least 1, got {self.count}")
+        if self.sampling_steps < 1 or self.batch_size < 1 or self.pictures < 0:
+            raise ValueError("synthesize: sampling_steps and batch_size must be positive, pictures >= 0")
+        if not 0 <= self.filter_fraction < 1 or not 0 <= self.filter_lowest_fraction <= self.filter_fraction:
+            raise ValueError(
+                "synthesize: need 0 <= filter_fraction < 1 and 0 <= filter_lowest_fraction <= filter_fraction, "
+                f"got {self.filter_fraction}, {self.filter_lowest_fraction}"
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class SegmenterSettings:
+    """The segmenter distilled from a synthetic dataset (pipeline/heads/segmenter/).
+
+    Attributes:
+        architecture: "unet" (MONAI's residual UNet, small: trains from scratch on a CPU),
+            "basic-unet" (MONAI's BasicUNet) or "deeplabv3-resnet101" (torchvision, ImageNet
+            backbone: the paper's; needs torchvision and its weights).
+        epochs: passes over the synthetic images (the official: 20).
+        batch_size: images per step (the official: 8; a short last batch is dropped, as there).
+        learning_rate: Adam's (the official: 0.001).
+        image_size: train and predict at this size (None: the images' own, which must agree).
+        seed: seeds the weights and the shuffling.
+        device, threads: where it trains, and torch's CPU threads (0: torch's default).
+    """
+
+    architecture: SegmenterArchitecture = "unet"
+    epochs: int = 20
+    batch_size: int = 8
+    learning_rate: float = 0.001
+    image_size: int | None = None
+    seed: int = 0
+    device: str = "auto"
+    threads: int = 0
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1 or self.learning_rate <= 0:
+            raise ValueError("segmenter: epochs, batch_size and learning_rate must be positive")
+        if self.image_size is not None:
+            sizes.check_size(self.image_size)
+
+
 FirstPrediction = Literal["out_of_fold", "in_fold"]
 
 
@@ -386,11 +460,13 @@ class Params:
     benchmark: BenchmarkSettings = dataclasses.field(default_factory=BenchmarkSettings)
     select: SelectSettings = dataclasses.field(default_factory=SelectSettings)
     refine: RefineSettings = dataclasses.field(default_factory=RefineSettings)
+    synthesize: SynthesizeSettings = dataclasses.field(default_factory=SynthesizeSettings)
+    segmenter: SegmenterSettings = dataclasses.field(default_factory=SegmenterSettings)
 
 
 _SECTIONS = {"demo": DemoSpec, "extract": ExtractSettings, "train": TrainSettings, "evaluate": EvaluateSettings,
              "baselines": BaselineSettings, "benchmark": BenchmarkSettings, "select": SelectSettings,
-             "refine": RefineSettings}
+             "refine": RefineSettings, "synthesize": SynthesizeSettings, "segmenter": SegmenterSettings}
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:

@@ -14,11 +14,12 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from pipeline.data.folders import list_images, load_image, resize_nearest
-from pipeline.evaluation.predict import predict_from_tables
+from pipeline.evaluation.predict import ImagePrediction, predict_from_tables
 from pipeline.heads.pixel_ensemble.ensemble import Ensemble, load_ensemble
+from pipeline.heads.segmenter.segmenter import Segmenter, is_segmenter_folder, load_segmenter
 from pipeline.pictures.figures import save_prediction_grid
 from pipeline.pictures.masks import class_palette, colour_mask, overlay, save_png, uncertainty_image
-from pipeline.runtime.devices import torch_threads
+from pipeline.runtime.devices import pick_device, torch_threads
 from pipeline.sources.loading import load_source_for
 from pipeline.store.schema import StoreMismatchError
 
@@ -51,7 +52,7 @@ def _resize_values(values: np.ndarray, width: int, height: int) -> np.ndarray:
 
 def predict_folder(
     ensemble_dir: str | Path,
-    checkpoint: str | Path,
+    checkpoint: str | Path | None,
     images_dir: str | Path,
     out_dir: str | Path,
     device: str = "auto",
@@ -67,43 +68,84 @@ def predict_folder(
 
     Images are processed one at a time, so memory does not grow with the folder (only the
     first ``pictures`` images are kept for the overview figure).
+
+    `ensemble_dir` may hold a segmenter (`train-segmenter`) instead: it needs no checkpoint, and
+    its uncertainty map is the entropy of its softmax.
     """
     started = time.perf_counter()
-    ensemble_dir, checkpoint, out_dir = Path(ensemble_dir), Path(checkpoint), Path(out_dir)
-    # 1. The ensemble, and the model that makes the features it was trained on.
-    ensemble = load_ensemble(ensemble_dir)
+    ensemble_dir, out_dir = Path(ensemble_dir), Path(out_dir)
+    # 1. The model: an ensemble with the diffusion model that makes its features, or a segmenter alone.
+    if is_segmenter_folder(ensemble_dir):
+        model = load_segmenter(ensemble_dir, pick_device(device))
+        predict_image = segmenter_predictor(model)
+    else:
+        if checkpoint is None:
+            raise ValueError(f"{ensemble_dir} holds an ensemble: give the --checkpoint its features came from")
+        model = load_ensemble(ensemble_dir)
+        predict_image = ensemble_predictor(model, load_checked_source(model, ensemble_dir, Path(checkpoint), device, prompt_embeds))
+    palette = class_palette(model.num_classes)
+    records = list_images(images_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # 2. Each image: prediction → outputs at the image's own size.
+    summaries, picture_rows = [], []
+    with torch_threads(threads):
+        for record in tqdm(records, desc="predict", unit="image", disable=not show_progress):
+            prediction = predict_image(record)
+            summary, picture_row = _write_outputs(record, prediction, model.class_names, palette, out_dir)
+            summaries.append(summary)
+            if len(picture_rows) < pictures:
+                picture_rows.append(picture_row)
+    if picture_rows:
+        save_prediction_grid(out_dir / "predictions.png", picture_rows, model.class_names, ignore_label=None)
+    (out_dir / "summary.json").write_text(
+        json.dumps({"model": str(ensemble_dir), "checkpoint": None if checkpoint is None else str(checkpoint),
+                    "images": summaries}, indent=1)
+    )
+    return PredictionSummary(out_dir, len(records), time.perf_counter() - started)
+
+
+def load_checked_source(ensemble: Ensemble, ensemble_dir: Path, checkpoint: Path, device: str, prompt_embeds=None):
+    """The feature source that makes the ensemble's features, refused unless it is the checkpoint
+    the ensemble was trained on."""
     features = ensemble.features
     if "noise_seed" not in features.source:
         raise ValueError(f"the ensemble in {ensemble_dir} was trained on {features.source.get('kind')} features, "
                          "not a diffusion model's; `predict` segments with diffusion features only")
     source = load_source_for(checkpoint, features, device, prompt_embeds)
     check_checkpoint_matches(ensemble, source.provenance()["checkpoint_sha256"], checkpoint, ensemble_dir)
+    return source
+
+
+def ensemble_predictor(ensemble: Ensemble, source):
+    """record → ImagePrediction: the source's features at the ensemble's steps and taps, then its votes."""
+    features = ensemble.features
     size = features.image_size
-    palette = class_palette(ensemble.num_classes)
-    records = list_images(images_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    # 2. Each image: features → votes → outputs at the image's own size.
-    summaries, picture_rows = [], []
-    with torch_threads(threads):
-        for record in tqdm(records, desc="predict", unit="image", disable=not show_progress):
-            model_input = torch.from_numpy(load_image(record, size))[None].to(source.device)  # (1, 3, H, W)
-            maps = source.feature_maps(model_input)  # tap → (1, T, C, h, w)
-            tables = [maps[tap][0, step].cpu() for step in range(len(features.steps)) for tap in features.taps]  # feature order
-            prediction = predict_from_tables(ensemble, tables, size)
-            summary, picture_row = _write_outputs(record, prediction, ensemble, palette, out_dir)
-            summaries.append(summary)
-            if len(picture_rows) < pictures:
-                picture_rows.append(picture_row)
-    if picture_rows:
-        save_prediction_grid(out_dir / "predictions.png", picture_rows, ensemble.class_names, ignore_label=None)
-    (out_dir / "summary.json").write_text(
-        json.dumps({"ensemble": str(ensemble_dir), "checkpoint": str(checkpoint), "images": summaries}, indent=1)
-    )
-    return PredictionSummary(out_dir, len(records), time.perf_counter() - started)
+
+    def predict_image(record) -> ImagePrediction:
+        model_input = torch.from_numpy(load_image(record, size))[None].to(source.device)  # (1, 3, H, W)
+        maps = source.feature_maps(model_input)  # tap → (1, T, C, h, w)
+        tables = [maps[tap][0, step].cpu() for step in range(len(features.steps)) for tap in features.taps]  # feature order
+        return predict_from_tables(ensemble, tables, size)
+
+    return predict_image
+
+
+def segmenter_predictor(segmenter: Segmenter):
+    """record → ImagePrediction from a segmenter: its argmax, and the entropy of its softmax as
+    the uncertainty map (one model: no members to disagree)."""
+
+    def predict_image(record) -> ImagePrediction:
+        model_input = torch.from_numpy(load_image(record, segmenter.image_size))[None]  # (1, 3, H, W)
+        device = next(segmenter.network.parameters()).device
+        probabilities = segmenter.probabilities(model_input.to(device))[0].cpu()  # (K, H, W)
+        entropy = -(probabilities * probabilities.clamp_min(1e-30).log()).sum(dim=0)  # (H, W)
+        return ImagePrediction(probabilities.argmax(dim=0).numpy(), entropy.numpy(), probabilities.numpy())
+
+    return predict_image
 
 
 def _write_outputs(
-    record, prediction, ensemble: Ensemble, palette: np.ndarray, out_dir: Path
+    record, prediction: ImagePrediction, class_names: list[str], palette: np.ndarray, out_dir: Path
 ) -> tuple[dict, dict]:
     """Writes one image's outputs; returns its summary and its row of the overview figure."""
     with Image.open(record.image_path) as image:
@@ -115,14 +157,14 @@ def _write_outputs(
     save_png(out_dir / f"{record.name}_mask.png", colour_mask(labels, palette, ignore_label=None))
     save_png(out_dir / f"{record.name}_overlay.png", overlay(original, labels, palette, ignore_label=None))
     save_png(out_dir / f"{record.name}_uncertainty.png", uncertainty_image(disagreement))
-    counts = np.bincount(labels.ravel(), minlength=ensemble.num_classes)
+    counts = np.bincount(labels.ravel(), minlength=len(class_names))
     summary = {
         "name": record.name,
         "width": width,
         "height": height,
         "uncertainty": round(prediction.uncertainty, 6),
         "class_fractions": {
-            name: round(count / labels.size, 6) for name, count in zip(ensemble.class_names, counts) if count
+            name: round(count / labels.size, 6) for name, count in zip(class_names, counts) if count
         },
     }
     picture_row = {"image": original, "prediction": labels, "uncertainty": disagreement, "title": record.name}

@@ -14,6 +14,8 @@ def main() -> None:
     parser.add_argument("--ddpm-refined", help="metrics.json of the DDPM features' predictions after refinement")
     parser.add_argument("--random", required=True, help="metrics.json of the random-weights UNet")
     parser.add_argument("--pixels", required=True, help="metrics.json of the raw pixels")
+    parser.add_argument("--synthetic", help="metrics.json of the segmenter trained on synthetic samples (DatasetDDPM)")
+    parser.add_argument("--synthetic-speed", help="its speed against extract + ensemble (synthetic_speed's JSON)")
     parser.add_argument("--out", required=True)
     parser.add_argument("--chart", required=True)
     parser.add_argument("--per-class", help="where to write every class's IoU by feature source")
@@ -25,8 +27,11 @@ def main() -> None:
     if arguments.ddpm_paper_taps:
         paths["ddpm_paper_taps"] = Path(arguments.ddpm_paper_taps)
     paths |= {"random": Path(arguments.random), "pixels": Path(arguments.pixels)}
+    if arguments.synthetic:
+        paths["synthetic"] = Path(arguments.synthetic)
     per_class = output_path(arguments.per_class) if arguments.per_class else None
-    summary = write_comparison(paths, output_path(arguments.out), output_path(arguments.chart), per_class)
+    speed = Path(arguments.synthetic_speed) if arguments.synthetic_speed else None
+    summary = write_comparison(paths, output_path(arguments.out), output_path(arguments.chart), per_class, speed)
     print("compare: " + ", ".join(f"{key} {value}" for key, value in summary.items()))
 
 

@@ -294,3 +294,40 @@ def test_train_on_a_subset_of_the_stores_steps_and_taps(workspace, trained, tmp_
     assert features["steps"] == [150] and features["taps"] == ["up_blocks.1.upsamplers.0", "up_blocks.4.resnets.0"]
     result = invoke("evaluate", "--ensemble", tmp_path / "subset", "--store", workspace / "test.zarr", "--out", tmp_path / "r")
     assert result.exit_code == 0, result.output
+
+
+def test_synthesize_train_segmenter_evaluate_and_predict_without_a_checkpoint(workspace, trained, tmp_path):
+    """DatasetDDPM through the CLI: samples labeled by the ensemble → a segmenter → evaluate and predict."""
+    synthetic, segmenter = tmp_path / "synthetic", tmp_path / "segmenter"
+    result = invoke("synthesize", "--checkpoint", workspace / "unet", "--ensemble", workspace / "ensemble", "--count", 10,
+                    "--sampler", "ddim", "--sampling-steps", 3, "--batch-size", 5, "--out", synthetic)
+    assert result.exit_code == 0, result.output
+    assert "10 samples (10 drawn now), 9 kept" in result.output
+    result = invoke("train-segmenter", "--images", synthetic, "--validation", workspace / "data" / "train", "--out", segmenter,
+                    "--epochs", 2, "--batch-size", 4)
+    assert result.exit_code == 0, result.output
+    assert (segmenter / "model.onnx").is_file() and (segmenter / "segmenter.json").is_file()
+    result = invoke("evaluate", "--ensemble", segmenter, "--store", workspace / "test.zarr", "--out", tmp_path / "results")
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "results" / "metrics.json").read_text())
+    assert metrics["images"] == 3 and set(metrics["per_class_iou"]) == set(CLASSES["names"])
+    assert metrics["mean_uncertainty"] is None and (tmp_path / "results" / "masks" / "img_000.png").is_file()
+    result = invoke("predict", "--ensemble", segmenter, "--images", workspace / "data" / "test", "--out", tmp_path / "predicted")
+    assert result.exit_code == 0, result.output
+    assert np.load(tmp_path / "predicted" / "img_000.npy").shape == (32, 32)
+    assert json.loads((tmp_path / "predicted" / "summary.json").read_text())["checkpoint"] is None
+
+
+def test_synthesize_refusals_are_one_clear_message(workspace, trained, tmp_path):
+    result = invoke("synthesize", "--checkpoint", workspace / "unet", "--count", 0, "--ensemble", workspace / "ensemble",
+                    "--out", tmp_path / "out")
+    assert result.exit_code == 1 and "count must be at least 1" in result.output and not (tmp_path / "out").exists()
+    result = invoke("synthesize", "--checkpoint", workspace / "unet", "--out", tmp_path / "out")
+    assert result.exit_code == 2 and "--unlabeled" in result.output
+    write_image_folder(tmp_path / "unlabeled", count=8, labeled=False)
+    (tmp_path / "unlabeled" / "classes.json").write_text(json.dumps(CLASSES))
+    result = invoke("train-segmenter", "--images", tmp_path / "unlabeled", "--out", tmp_path / "segmenter")
+    assert result.exit_code == 1 and "have no label map" in result.output and not (tmp_path / "segmenter").exists()
+    result = invoke("predict", "--ensemble", workspace / "ensemble", "--images", workspace / "data" / "test",
+                    "--out", tmp_path / "predicted")
+    assert result.exit_code == 1 and "give the --checkpoint" in result.output

@@ -14,6 +14,7 @@ FEATURE_SOURCES = {
     "ddpm_paper_taps": ("miou_paper_taps", "DDPM features, the paper's taps"),
     "random": ("miou_random_weights", "same UNet, random weights"),
     "pixels": ("miou_pixels", "raw pixels (neighbourhood)"),
+    "synthetic": ("miou_synthetic", "segmenter trained on DDPM samples"),
 }
 
 
@@ -21,7 +22,7 @@ def compare_feature_sources(miou_by_source: dict[str, float]) -> dict:
     """The demo's headline metrics: each source's mIoU and the DDPM features' margins (points).
 
     Args:
-        miou_by_source: "ddpm", "ddpm_refined", "ddpm_paper_taps", "random", "pixels" → mIoU in [0, 1].
+        miou_by_source: "ddpm", "ddpm_refined", "ddpm_paper_taps", "random", "pixels", "synthetic" → mIoU in [0, 1].
     """
     unknown = sorted(set(miou_by_source) - set(FEATURE_SOURCES))
     if unknown:
@@ -44,9 +45,11 @@ def per_class_by_source(per_class_by_source_name: dict[str, dict[str, float | No
     return {name: {source: per_class.get(name) for source, per_class in per_class_by_source_name.items()} for name in classes}
 
 
-def write_comparison(metrics_paths: dict[str, Path], out_json: Path, out_chart: Path, out_per_class: Path | None = None) -> dict:
+def write_comparison(metrics_paths: dict[str, Path], out_json: Path, out_chart: Path, out_per_class: Path | None = None,
+                     synthetic_speed: Path | None = None) -> dict:
     """Reads each source's `metrics.json`; writes the headline JSON, a bar chart of the sources'
-    mIoU and, when `out_per_class` is given, every class's IoU by source."""
+    mIoU and, when `out_per_class` is given, every class's IoU by source. `synthetic_speed`: the
+    JSON of `pipeline.synthetic.speed.measure_speedup`, whose `synthetic_speedup` joins the summary."""
     miou_by_source, per_class = {}, {}
     for source, path in metrics_paths.items():
         try:
@@ -55,6 +58,11 @@ def write_comparison(metrics_paths: dict[str, Path], out_json: Path, out_chart: 
         except (OSError, ValueError, KeyError) as error:
             raise ValueError(f"cannot read the mIoU of {source!r} from {path}: {error}") from None
     summary = compare_feature_sources(miou_by_source)
+    if synthetic_speed is not None:
+        try:
+            summary["synthetic_speedup"] = json.loads(Path(synthetic_speed).read_text())["synthetic_speedup"]
+        except (OSError, ValueError, KeyError) as error:
+            raise ValueError(f"cannot read the synthetic_speedup from {synthetic_speed}: {error}") from None
     known = [iou for iou in per_class.get("ddpm", {}).values() if iou is not None]
     if known:  # the class the DDPM features segment worst: a mean can hide a lost small part
         summary["lowest_class_iou"] = min(known)
@@ -63,5 +71,5 @@ def write_comparison(metrics_paths: dict[str, Path], out_json: Path, out_chart: 
         Path(out_per_class).write_text(json.dumps(per_class_by_source(per_class), indent=1))
     chart = {FEATURE_SOURCES[source][1]: miou for source, miou in miou_by_source.items()}
     # No mean line: a mean of the three sources' mIoU means nothing.
-    save_per_class_iou_chart(out_chart, chart, "demo test mIoU by features (same ensemble, same labels)", mean_line=False)
+    save_per_class_iou_chart(out_chart, chart, "demo test mIoU by features and method (same labels)", mean_line=False)
     return summary

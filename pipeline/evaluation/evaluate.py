@@ -18,9 +18,10 @@ import logging
 from pathlib import Path
 
 from pipeline.config import EvaluateSettings
-from pipeline.evaluation.predict import predict_store
+from pipeline.evaluation.predict import predict_store, predict_store_with_segmenter
 from pipeline.evaluation.report import write_masks_and_pictures, write_per_class_chart
 from pipeline.evaluation.scoring import score_predictions
+from pipeline.heads.segmenter.segmenter import is_segmenter_folder
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +37,9 @@ def evaluate_on_store(
 ) -> dict:
     """Predicts every image of a store, scores the labeled ones, writes masks and pictures.
 
+    `ensemble_dir` may also hold a segmenter (`train-segmenter`): it predicts from the store's
+    images instead of its features.
+
     Writes into `out_dir`: `predictions.zarr` (the stored predictions), `metrics.json`,
     `masks/<name>.npy` (predicted labels), `masks/<name>.png` (overlay), `predictions.png`
     (a grid of the first images) and `per_class_iou.png`.
@@ -45,9 +49,15 @@ def evaluate_on_store(
         (by class name, under `settings.iou`), pixel_accuracy, mean_uncertainty, images.
     """
     out_dir = Path(out_dir)
-    predictions = predict_store(
-        ensemble_dir, store_path, out_dir / PREDICTIONS_FOLDER, settings.pixels_per_batch, settings.threads, show_progress
-    )
+    if is_segmenter_folder(ensemble_dir):
+        predictions = predict_store_with_segmenter(
+            ensemble_dir, store_path, out_dir / PREDICTIONS_FOLDER, settings.threads, show_progress
+        )
+    else:
+        predictions = predict_store(
+            ensemble_dir, store_path, out_dir / PREDICTIONS_FOLDER, settings.pixels_per_batch, settings.threads,
+            show_progress,
+        )
     metrics = score_predictions(predictions, store_path, settings.iou, out_dir / "metrics.json", show_progress)
     write_masks_and_pictures(predictions, store_path, out_dir, settings.pictures, show_progress)
     write_per_class_chart(metrics, out_dir)

@@ -20,6 +20,7 @@ from pipeline.evaluation.metrics import top_decile_mean
 from pipeline.evaluation.predictions import Predictions, create_predictions
 from pipeline.heads.pixel_ensemble.ensemble import Ensemble, load_ensemble
 from pipeline.heads.pixel_ensemble.inference import member_logits_from_tables, votes_and_disagreement
+from pipeline.heads.segmenter.segmenter import load_segmenter
 from pipeline.runtime.atomic import replaced_folder
 from pipeline.runtime.devices import torch_threads
 from pipeline.sizes import as_shape
@@ -173,4 +174,42 @@ def predict_store(
         for position, index in enumerate(tqdm(indices, desc="predict", unit="image", disable=not show_progress)):
             prediction = predict_image(ensemble, store, index, pixels_per_batch)
             writer.write(position, prediction.mean_probabilities, prediction.labels, prediction.disagreement)
+    return Predictions(predictions_dir)
+
+
+def predict_store_with_segmenter(
+    segmenter_dir: str | Path,
+    store_path: str | Path,
+    predictions_dir: str | Path,
+    threads: int = 0,
+    show_progress: bool = True,
+) -> Predictions:
+    """`predict_store` for a segmenter (`pipeline.heads.segmenter`): it reads the store's images,
+    not its features, so any store of the test images serves. The predictions hold its softmax
+    and argmax labels (no ensemble: no disagreement).
+
+    Raises:
+        ValueError: the store's images have other classes than the segmenter was trained on
+            (checked by name where the store records them).
+    """
+    segmenter_dir = Path(segmenter_dir)
+    segmenter = load_segmenter(segmenter_dir)
+    store = FeatureStore(store_path)
+    recorded = store.schema.classes
+    if recorded is not None and list(recorded["names"]) != segmenter.class_names:
+        raise ValueError(
+            f"the segmenter in {segmenter_dir} knows the classes {segmenter.class_names}, but {store_path} "
+            f"holds images labeled with {list(recorded['names'])}"
+        )
+    indices = [int(index) for index in np.flatnonzero(store.done_mask())]
+    provenance = {"segmenter": str(segmenter_dir), "store": str(store.path), "labels": "argmax of the segmenter's softmax"}
+    with replaced_folder(Path(predictions_dir)) as staging, torch_threads(threads):
+        writer = create_predictions(
+            staging, [store.image_names[index] for index in indices], segmenter.class_names, segmenter.ignore_label,
+            store.image_shape, has_uncertainty=False, provenance=provenance,
+        )
+        for position, index in enumerate(tqdm(indices, desc="predict", unit="image", disable=not show_progress)):
+            image = store.image(index).astype(np.float32).transpose(2, 0, 1) / 127.5 - 1.0  # (H, W, 3) uint8 -> (3, H, W)
+            probabilities = segmenter.probabilities(torch.from_numpy(image)[None])[0].numpy()  # (K, H, W)
+            writer.write(position, probabilities, probabilities.argmax(axis=0), None)
     return Predictions(predictions_dir)

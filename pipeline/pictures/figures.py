@@ -185,6 +185,37 @@ def save_training_curves(
     logger.info("saved training curves of %d members to %s", len(losses_per_member), path)
 
 
+def save_segmenter_curve(path: Path | str, history: list[dict], chosen_epoch: int) -> None:
+    """Saves the segmenter's training loss per epoch and, when it was validated, its validation
+    mIoU on a second axis, with the chosen epoch marked.
+
+    Args:
+        path: Where to write the PNG.
+        history: per epoch, ``epoch``, ``loss`` and optionally ``validation_miou``.
+        chosen_epoch: the epoch whose weights were kept.
+    """
+    if not history:
+        raise ValueError("no epochs to draw")
+    figure = Figure(figsize=(6.5, 4.0), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots()
+    epochs = [entry["epoch"] + 1 for entry in history]  # drawn from 1
+    axes.plot(epochs, [entry["loss"] for entry in history], color="tab:blue", label="training loss")
+    axes.set_xlabel("epoch")
+    axes.set_ylabel("mean cross-entropy", color="tab:blue")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.grid(alpha=0.3)
+    if "validation_miou" in history[0]:
+        validation = axes.twinx()
+        validation.plot(epochs, [entry["validation_miou"] for entry in history], color="tab:orange",
+                        label="validation mIoU")
+        validation.set_ylabel("validation mIoU (real labeled images)", color="tab:orange")
+        validation.plot(chosen_epoch + 1, history[chosen_epoch]["validation_miou"], "o", color="tab:red")
+    axes.axvline(chosen_epoch + 1, color="tab:red", linestyle="--", linewidth=1)
+    axes.set_title(f"segmenter training (kept: epoch {chosen_epoch + 1})")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100)
+
 def _check_row(row_index: int, row: dict) -> None:
     """Checks that a grid row's arrays share the image's height and width."""
     image = row.get("image")
