@@ -37,6 +37,7 @@ BENCHMARKS = [
     "refine_speed",  # 19: mask-prior refinement vs the ensemble's prediction
     "dvc_overhead",  # 6: DVC bookkeeping of stores
     "pretrain_speed",  # DDPM pretraining step, float32 vs bfloat16
+    "segmenter_speed",  # 27: the distilled segmenter vs extract + ensemble per test image
 ]
 
 

@@ -23,6 +23,7 @@ from bench import (
     pretrain_speed,
     refine_speed,
     sampling_throughput,
+    segmenter_speed,
     storage_codecs,
     training_speed,
 )
@@ -33,7 +34,7 @@ from bench.report import summary_table
 @pytest.mark.parametrize(
     "module",
     [storage_codecs, extraction_overhead, extraction_gpu_rate, extraction_gpu, latent_extraction, training_speed, fast_protocol_classes, inference_speed,
-     refine_speed, sampling_throughput, pretrain_speed],
+     refine_speed, sampling_throughput, pretrain_speed, segmenter_speed],
     ids=lambda module: module.__name__,
 )
 def test_quick_benchmark_writes_a_result_the_summary_can_read(tmp_path, module):
