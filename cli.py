@@ -472,9 +472,17 @@ def pretrain(context: _Context, images, out, steps, batch_size, image_size, chan
 @click.option("--layout", type=click.Choice(["native", "dense"]), default="native", show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, mps…")
 @click.option("--threads", default=1, show_default=True, help="torch CPU threads for training and evaluation (0: torch's default).")
+@click.option("--variant", type=click.Choice(["method", "datasetddpm"]), default="method", show_default=True,
+              help="datasetddpm: per seed also the paper's DatasetDDPM (samples labeled by the seed's ensemble → a segmenter), the official recipe below.")
+@click.option("--synthetic-count", default=10000, show_default=True, help="DatasetDDPM: samples per seed.")
+@click.option("--sampler", type=click.Choice(["ddpm", "ddim"]), default="ddpm", show_default=True, help="DatasetDDPM: the sampler.")
+@click.option("--sampling-steps", default=1000, show_default=True, help="DatasetDDPM: denoising steps.")
+@click.option("--segmenter", "segmenter_architecture", type=click.Choice(["unet", "basic-unet", "deeplabv3-resnet101"]),
+              default="deeplabv3-resnet101", show_default=True, help="DatasetDDPM: the segmenter.")
 @click.pass_obj
 def benchmark(context: _Context, preset, data, checkpoint, out, seeds, protocol, iou, classes, train_images, test_images,
-              size, steps, blocks, feature_preset, members, max_epochs, batch_size, layout, device, threads):
+              size, steps, blocks, feature_preset, members, max_epochs, batch_size, layout, device, threads, variant,
+              synthetic_count, sampler, sampling_steps, segmenter_architecture):
     """Run a benchmark end to end (extract train+test once, train and evaluate per seed) and write report.json/.md."""
     from pipeline.benchmark import choose_preset, run_benchmark, summary_line
     from pipeline.data.presets import load_feature_preset
@@ -498,9 +506,15 @@ def benchmark(context: _Context, preset, data, checkpoint, out, seeds, protocol,
         train_settings = TrainSettings(protocol=protocol, members=members, max_epochs=max_epochs, device=device, threads=threads)
         evaluate_settings = EvaluateSettings(iou=iou, threads=threads)
         run_dir = out or Path("runs") / "benchmarks" / chosen.name
+        datasetddpm = None
+        if variant == "datasetddpm":
+            datasetddpm = (
+                SynthesizeSettings(count=synthetic_count, sampler=sampler, sampling_steps=sampling_steps, device=device),
+                SegmenterSettings(architecture=segmenter_architecture, device=device, threads=threads),
+            )
         report = run_benchmark(
             chosen, data, checkpoint, run_dir, extract_settings, train_settings, evaluate_settings, _int_list(seeds),
-            overrides, context.show_progress,
+            overrides, context.show_progress, datasetddpm,
         )
         click.echo(f"{summary_line(report)}; report in {run_dir / 'report.md'}")
 

@@ -5,6 +5,8 @@ Output folder layout (`out_dir`):
     images/{train,test}/   links to the protocol's images (the first N of each sorted split)
     stores/{train,test}.zarr   feature stores (resumed when a run is interrupted)
     seed_<k>/ensemble/, seed_<k>/evaluation/   per-seed ensemble, masks, pictures, metrics.json
+    seed_<k>/synthetic/, seed_<k>/segmenter/, seed_<k>/segmenter-evaluation/   with DatasetDDPM:
+        the samples the seed's ensemble labeled, the segmenter trained on them, its test scores
     report.json, report.md
 """
 
@@ -25,7 +27,7 @@ import numpy as np
 import torch
 
 from pipeline import sizes
-from pipeline.config import EvaluateSettings, ExtractSettings, TrainSettings
+from pipeline.config import EvaluateSettings, ExtractSettings, SegmenterSettings, SynthesizeSettings, TrainSettings
 from pipeline.data.folders import (
     ImageRecord,
     check_examples,
@@ -38,7 +40,9 @@ from pipeline.data.presets import Preset, load_preset, preset_for_dataset
 from pipeline.evaluation.evaluate import evaluate_on_store
 from pipeline.extraction.extract import extract_features
 from pipeline.heads.pixel_ensemble.training import train_on_store
+from pipeline.heads.segmenter.training import train_segmenter
 from pipeline.store.reader import FeatureStore
+from pipeline.synthetic.synthesize import synthesize_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -144,13 +148,15 @@ def run_benchmark(
     seeds: list[int],
     overrides: dict | None = None,
     show_progress: bool = True,
+    datasetddpm: tuple[SynthesizeSettings, SegmenterSettings] | None = None,
 ) -> dict:
     """Runs one preset end to end and writes `report.json` and `report.md` into `out_dir`.
 
     The preset sets the classes, the image counts, the model size, steps and blocks; `extract`
     gives the rest of extraction (layout, batch size, device, noise seed); `train` the protocol,
     whose seed is replaced by each of `seeds` in turn. `overrides` (what was changed from the
-    preset file) is recorded in the report.
+    preset file) is recorded in the report. `datasetddpm`: per seed, also the paper's DatasetDDPM
+    (`datasetddpm_run`), its seed replaced by the run's.
 
     Returns:
         The report (also written as JSON).
@@ -189,18 +195,58 @@ def run_benchmark(
             "epochs_per_member": training.epochs_per_member, "train_seconds": round(training.seconds, 1),
             "evaluate_seconds": round(time.perf_counter() - evaluation_started, 1),
         })
+        if datasetddpm is not None:
+            runs[-1]["datasetddpm"] = datasetddpm_run(
+                checkpoint, seed_dir, out_dir / "images" / "train", stores["test"], *datasetddpm, evaluate, seed, show_progress
+            )
         logger.info("seed %d: mIoU %s", seed, metrics["miou"])
     memory["total"] = peak_memory_megabytes()
     seconds["train"] = [run["train_seconds"] for run in runs]
     seconds["evaluate"] = [run["evaluate_seconds"] for run in runs]
     seconds["total"] = round(time.perf_counter() - started, 1)
     report = _report(preset, data_root, checkpoint, extract, train, evaluate, records, stores, runs, seconds, memory)
+    if datasetddpm is not None:
+        report["datasetddpm"] = _datasetddpm_report(preset, runs, *datasetddpm)
     report["preset_overrides"] = overrides or {}
     report["images_extracted_in_this_run"] = extracted
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "report.json").write_text(json.dumps(report, indent=1))
     (out_dir / "report.md").write_text(format_report(report))
     return report
+
+
+def datasetddpm_run(
+    checkpoint: Path, seed_dir: Path, labeled_images: Path, test_store: Path, synthesize: SynthesizeSettings,
+    segmenter: SegmenterSettings, evaluate: EvaluateSettings, seed: int, show_progress: bool,
+) -> dict:
+    """DatasetDDPM for one seed: samples labeled by the seed's ensemble, a segmenter trained on them
+    (its best epoch on the real labeled training images), scored on the test store's images."""
+    started = time.perf_counter()
+    synthesis = synthesize_dataset(checkpoint, seed_dir / "ensemble", seed_dir / "synthetic",
+                                   dataclasses.replace(synthesize, seed=seed), show_progress=show_progress)
+    synthesized = time.perf_counter()
+    training = train_segmenter(seed_dir / "synthetic", seed_dir / "segmenter", dataclasses.replace(segmenter, seed=seed),
+                               labeled_images, show_progress)
+    metrics = evaluate_on_store(seed_dir / "segmenter", test_store, seed_dir / "segmenter-evaluation", evaluate, show_progress)
+    return {"metrics": metrics, "samples": synthesis.samples, "kept": synthesis.kept, "chosen_epoch": training.chosen_epoch,
+            "synthesize_seconds": round(synthesized - started, 1), "segmenter_seconds": round(training.seconds, 1)}
+
+
+def _datasetddpm_report(preset: Preset, runs: list[dict], synthesize: SynthesizeSettings, segmenter: SegmenterSettings) -> dict:
+    miou = summarise_seeds([run["datasetddpm"]["metrics"]["miou"] for run in runs])
+    class_names = list(runs[0]["datasetddpm"]["metrics"]["per_class_iou"])
+    return {
+        "miou_percent": miou,
+        "paper_miou_percent": {"mean": preset.paper_datasetddpm_miou, "std": preset.paper_datasetddpm_miou_std},
+        "per_class_iou_percent": {
+            name: summarise_seeds([run["datasetddpm"]["metrics"]["per_class_iou"][name] for run in runs])["mean"]
+            for name in class_names
+        },
+        "synthesize_settings": dataclasses.asdict(synthesize) | {"seed": "per run"},
+        "segmenter_settings": dataclasses.asdict(segmenter) | {"seed": "per run"},
+        "runs": [{key: value for key, value in run["datasetddpm"].items() if key != "metrics"} | {"seed": run["seed"]}
+                 for run in runs],
+    }
 
 
 def _report(preset, data_root, checkpoint, extract, train, evaluate, records, stores, runs, seconds, memory) -> dict:
@@ -284,6 +330,14 @@ def format_report(report: dict) -> str:
     ]
     if paper:
         lines.append(f"| paper (checkpoint {report['paper_checkpoint'] or 'n/a'}) | {paper} |")
+    if "datasetddpm" in report:
+        synthetic = report["datasetddpm"]
+        lines.append(f"| DatasetDDPM: {synthetic['segmenter_settings']['architecture']} trained on "
+                     f"{synthetic['runs'][0]['kept']} of {synthetic['runs'][0]['samples']} labeled samples "
+                     f"| {plus_minus(synthetic['miou_percent']) or 'n/a'} |")
+        paper_synthetic = plus_minus(synthetic["paper_miou_percent"])
+        if paper_synthetic:
+            lines.append(f"| paper's DatasetDDPM | {paper_synthetic} |")
     lines += [
         "",
         f"Checkpoint: `{report['checkpoint']}` (sha256 {report['checkpoint_sha256'][:12]}…); "

@@ -22,6 +22,7 @@ Codec = Literal["blosc-lz4", "zstd", "none"]
 Protocol = Literal["paper", "fast"]
 IoUDefinition = Literal["paper", "ignore_excluded"]
 SamplerName = Literal["ddpm", "ddim"]
+BenchmarkVariant = Literal["method", "datasetddpm"]
 SegmenterArchitecture = Literal["unet", "basic-unet", "deeplabv3-resnet101"]
 
 
@@ -228,12 +229,15 @@ class BenchmarkSettings:
         seeds: one training run per seed; the report gives mean ± std over them.
         train_images: use this many training images instead of the preset's (None: the preset's).
         test_images: the same for test images.
+        variant: "method" (the ensemble on the diffusion features) or "datasetddpm" (also, per
+            seed, the `synthesize` and `segmenter` sections' DatasetDDPM, scored on the same test set).
     """
 
     dataset: str = "ffhq_34"
     seeds: list[int] = dataclasses.field(default_factory=lambda: [0])
     train_images: int | None = None
     test_images: int | None = None
+    variant: BenchmarkVariant = "method"
 
     def __post_init__(self) -> None:
         if not self.seeds:
@@ -377,7 +381,9 @@ class SegmenterSettings:
         batch_size: images per step (the official: 8; a short last batch is dropped, as there).
         learning_rate: Adam's (the official: 0.001).
         image_size: train and predict at this size (None: the images' own, which must agree).
-        seed: seeds the weights and the shuffling.
+        flips: mirror a random half of each batch left-right (the official recipe has no
+            augmentation; only for classes without a left and a right, e.g. not "left eye").
+        seed: seeds the weights, the shuffling and the flips.
         device, threads: where it trains, and torch's CPU threads (0: torch's default).
     """
 
@@ -386,6 +392,7 @@ class SegmenterSettings:
     batch_size: int = 8
     learning_rate: float = 0.001
     image_size: int | None = None
+    flips: bool = False
     seed: int = 0
     device: str = "auto"
     threads: int = 0

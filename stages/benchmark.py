@@ -23,9 +23,10 @@ def main() -> None:
         settings.dataset, arguments.data, train_images=settings.train_images, test_images=settings.test_images
     )
     checkpoint = Path(arguments.checkpoints) / preset.checkpoint
+    datasetddpm = (params.synthesize, params.segmenter) if settings.variant == "datasetddpm" else None
     report = run_benchmark(
         preset, arguments.data, checkpoint, arguments.out, params.extract, params.train, params.evaluate,
-        settings.seeds, overrides,
+        settings.seeds, overrides, datasetddpm=datasetddpm,
     )
     print(summary_line(report))
 

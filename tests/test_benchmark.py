@@ -195,3 +195,25 @@ def test_the_dvc_stage_reads_its_params_file(dataset, tmp_path, monkeypatch):
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert report["seeds"] == [3] and report["images"] == {"train": 2, "test": 2}
     assert report["preset_overrides"] == {"test_images": 2} and report["train_settings"]["members"] == 1
+
+
+def test_the_datasetddpm_variant_adds_a_segmenter_per_seed_to_the_report(dataset, tmp_path):
+    result = CliRunner().invoke(main, [
+        "--quiet", "benchmark", "--data", str(dataset / "data"), "--checkpoint", str(dataset / "unet"), "--out", str(tmp_path),
+        "--size", "32", "--steps", "50,150", "--blocks", "5,8,12", "--members", "2", "--max-epochs", "2", "--seeds", "0",
+        "--device", "cpu", "--variant", "datasetddpm", "--synthetic-count", "10", "--sampler", "ddim", "--sampling-steps", "2",
+        "--segmenter", "unet",
+    ], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "report.json").read_text())
+    synthetic = report["datasetddpm"]
+    assert 0 <= synthetic["miou_percent"]["mean"] <= 100 and set(synthetic["per_class_iou_percent"]) == set(CLASSES["names"])
+    assert synthetic["runs"][0]["samples"] == 10 and synthetic["runs"][0]["kept"] == 9
+    assert synthetic["segmenter_settings"]["architecture"] == "unet" and synthetic["paper_miou_percent"]["mean"] is None
+    assert (tmp_path / "seed_0" / "segmenter" / "model.onnx").is_file()
+    assert "DatasetDDPM: unet trained on 9 of 10 labeled samples" in (tmp_path / "report.md").read_text()
+
+
+def test_the_paper_presets_carry_the_datasetddpm_row():
+    assert [load_preset(name).paper_datasetddpm_miou for name in ("bedroom_28", "ffhq_34", "cat_15", "horse_21")] == [
+        47.9, 56.0, 47.6, 60.8]

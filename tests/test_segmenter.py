@@ -130,3 +130,15 @@ def test_bad_folders_are_refused_before_anything_is_written(folders, tmp_path):
     with pytest.raises(ValueError, match="has the classes"):
         train_segmenter(folders / "train", tmp_path / "out", SETTINGS, other, show_progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_flips_mirror_images_and_labels_together():
+    from pipeline.heads.segmenter.training import _flip_half
+
+    images = torch.arange(2 * 3 * 2 * 4, dtype=torch.float32).reshape(2, 3, 2, 4)
+    labels = images[:, 0].long()
+    flipped, flipped_labels = _flip_half(images, labels, torch.Generator().manual_seed(0))
+    for index in range(2):
+        mirrored = torch.equal(flipped[index], images[index].flip(-1))
+        assert mirrored or torch.equal(flipped[index], images[index])
+        assert torch.equal(flipped_labels[index], flipped[index, 0].long())

@@ -39,6 +39,9 @@ class Preset:
         checkpoint_url: where that checkpoint is published ("" when none).
         paper_miou: the paper's mIoU in percent (None for a user's dataset).
         paper_miou_std: its standard deviation over runs, in percent.
+        paper_datasetddpm_miou: the paper's DatasetDDPM row (a segmenter trained on labeled DDPM
+            samples), in percent (None where the paper has none).
+        paper_datasetddpm_miou_std: its standard deviation, in percent.
     """
 
     name: str
@@ -55,6 +58,8 @@ class Preset:
     checkpoint_url: str = ""
     paper_miou: float | None = None
     paper_miou_std: float | None = None
+    paper_datasetddpm_miou: float | None = None
+    paper_datasetddpm_miou_std: float | None = None
 
     def __post_init__(self) -> None:
         if len(self.class_names) != self.num_classes:

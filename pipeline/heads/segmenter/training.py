@@ -108,7 +108,10 @@ def train_segmenter(
             )
             network.train()
             losses = []
+            flips = torch.Generator().manual_seed(settings.seed * 100_003 + epoch + 50_000)
             for images, labels in loader:  # (B, 3, H, W), (B, H, W)
+                if settings.flips:
+                    images, labels = _flip_half(images, labels, flips)
                 logits = network(images.to(device))
                 loss = F.cross_entropy(logits, labels.to(device), ignore_index=ignore)
                 optimizer.zero_grad(set_to_none=True)
@@ -125,6 +128,15 @@ def train_segmenter(
                         f", validation mIoU {entry['validation_miou']:.4f}" if validation is not None else "")
     # 3. The best epoch.
     return _finish(out_dir, run, history, settings, classes, size, device, started)
+
+
+def _flip_half(images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mirrors a random half of a batch left-right, images (B, 3, H, W) and labels (B, H, W) alike."""
+    chosen = torch.rand(len(images), generator=generator) < 0.5  # (B,)
+    images, labels = images.clone(), labels.clone()
+    images[chosen] = images[chosen].flip(-1)
+    labels[chosen] = labels[chosen].flip(-1)
+    return images, labels
 
 
 def _training_data(images_dir, settings: SegmenterSettings) -> tuple[list, ClassInfo, int | list[int]]:
