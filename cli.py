@@ -316,21 +316,24 @@ def synthesize(context: _Context, checkpoint, ensemble, count, out, sampler, sam
 @click.option("--validation", type=click.Path(path_type=Path), help="Real labeled images: the epoch with the best mIoU on them is kept.")
 @click.option("--architecture", type=click.Choice(["unet", "basic-unet", "deeplabv3-resnet101"]), default="unet", show_default=True,
               help="deeplabv3-resnet101: the paper's (needs torchvision and its ImageNet weights).")
+@click.option("--width", default=16, show_default=True, help="The UNets' first-level channels (each level doubles them).")
 @click.option("--epochs", default=20, show_default=True)
 @click.option("--batch-size", default=8, show_default=True)
 @click.option("--learning-rate", default=0.001, show_default=True)
 @click.option("--image-size", type=int, help="Train at this size (default: the images' own).")
+@click.option("--flips", is_flag=True, help="Mirror half of each batch left-right (not for classes with a left and a right).")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @click.pass_obj
-def train_segmenter(context: _Context, images, out, validation, architecture, epochs, batch_size, learning_rate,
-                    image_size, seed, device):
+def train_segmenter(context: _Context, images, out, validation, architecture, width, epochs, batch_size, learning_rate,
+                    image_size, flips, seed, device):
     """Train a segmenter on labeled images (no diffusion model at test time); exported to ONNX too."""
     from pipeline.heads.segmenter.training import train_segmenter as train
 
     def action():
-        settings = SegmenterSettings(architecture=architecture, epochs=epochs, batch_size=batch_size,
-                                     learning_rate=learning_rate, image_size=image_size, seed=seed, device=device)
+        settings = SegmenterSettings(architecture=architecture, width=width, epochs=epochs, batch_size=batch_size,
+                                     learning_rate=learning_rate, image_size=image_size, flips=flips, seed=seed,
+                                     device=device)
         summary = train(images, out, settings, validation, context.show_progress)
         score = "" if summary.validation_miou is None else f", validation mIoU {summary.validation_miou}"
         click.echo(f"train-segmenter: epoch {summary.chosen_epoch + 1} kept{score}; saved to {summary.out_dir} "

@@ -7,9 +7,11 @@ sampling seed, one synthetic set of the largest count is drawn once (no filter);
 are its first samples, and each filter is applied to those samples' recorded uncertainties, as
 `synthesize` does. A segmenter (params.yaml's `segmenter`, its seed = the sampling seed) trains on
 each variant, keeps its best epoch on the 20 labeled faces, and is scored on 64 validation faces
-of another seed, beside the ensemble itself on the same faces. Results go to
-bench/results/demo_synthetic_validation.json, written after every variant. The synthetic sets
-stay in --scratch, so a stopped run resumes them.
+of another seed, beside the ensemble itself on the same faces. `--segmenter key=value,…`
+changes params.yaml's segmenter settings (e.g. flips=true,width=32,epochs=40). Results go to
+bench/results/demo_synthetic_validation.json after every variant, beside earlier ones (a variant
+measured again replaces its entry). The synthetic sets stay in --scratch, so a stopped run
+resumes them.
 
     python -m bench.demo_synthetic_validation [--runs ddpm:25:1000:0,ddim:10:500:0] [--counts 250,500,1000]
 """
@@ -66,6 +68,17 @@ def _segmenter_scores(segmenter_dir: Path, validation_images: Path) -> dict:
             "per_class_iou": {name: round(float(value), 4) for name, value in zip(classes.names, per_class)}}
 
 
+def _overrides(text: str) -> dict:
+    """"flips=true,width=32" → {"flips": True, "width": 32}."""
+    values = {}
+    for item in filter(None, text.split(",")):
+        key, value = item.split("=")
+        values[key.strip()] = {"true": True, "false": False}.get(value.strip().lower(), None)
+        if values[key.strip()] is None:
+            values[key.strip()] = float(value) if "." in value else int(value)
+    return values
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", default=str(PROJECT_ROOT / "data" / "checkpoints" / "demo_ddpm"))
@@ -75,14 +88,17 @@ def main() -> None:
     parser.add_argument("--counts", default="250,500,1000", help="set sizes to train on (at most a run's count)")
     parser.add_argument("--filters", default="0,0.1,0.2", help="filter fractions")
     parser.add_argument("--filter-at", default="500", help="the count at which every filter is tried (others: params.yaml's)")
+    parser.add_argument("--segmenter", default="", help="segmenter settings to change, key=value,… (true/false, numbers)")
     parser.add_argument("--scratch", default=str(PROJECT_ROOT / "runs" / "synthetic-validation"))
     parser.add_argument("--validation-images", type=int, default=64)
     parser.add_argument("--out", default=str(PROJECT_ROOT / "bench" / "results" / "demo_synthetic_validation.json"))
     arguments = parser.parse_args()
     params = load_params(PROJECT_ROOT / "params.yaml")
     out = Path(arguments.out)
-    results = {"checkpoint": arguments.checkpoint, "ensemble": arguments.ensemble, "segmenter": dataclasses.asdict(params.segmenter),
-               "validation_images": arguments.validation_images, "variants": []}
+    segmenter_settings = dataclasses.replace(params.segmenter, **_overrides(arguments.segmenter))
+    earlier = json.loads(out.read_text())["variants"] if out.is_file() else []
+    results = {"checkpoint": arguments.checkpoint, "ensemble": arguments.ensemble,
+               "validation_images": arguments.validation_images, "variants": earlier}
     scratch = Path(arguments.scratch)
     scratch.mkdir(parents=True, exist_ok=True)
     # The labeled faces (best epoch) and validation faces of another seed; the ensemble on the latter.

@@ -377,6 +377,7 @@ class SegmenterSettings:
         architecture: "unet" (MONAI's residual UNet, small: trains from scratch on a CPU),
             "basic-unet" (MONAI's BasicUNet) or "deeplabv3-resnet101" (torchvision, ImageNet
             backbone: the paper's; needs torchvision and its weights).
+        width: the UNets' first-level channels (each level doubles them); DeepLab ignores it.
         epochs: passes over the synthetic images (the official: 20).
         batch_size: images per step (the official: 8; a short last batch is dropped, as there).
         learning_rate: Adam's (the official: 0.001).
@@ -388,6 +389,7 @@ class SegmenterSettings:
     """
 
     architecture: SegmenterArchitecture = "unet"
+    width: int = 16
     epochs: int = 20
     batch_size: int = 8
     learning_rate: float = 0.001
@@ -398,8 +400,8 @@ class SegmenterSettings:
     threads: int = 0
 
     def __post_init__(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1 or self.learning_rate <= 0:
-            raise ValueError("segmenter: epochs, batch_size and learning_rate must be positive")
+        if self.epochs < 1 or self.batch_size < 1 or self.learning_rate <= 0 or self.width < 1:
+            raise ValueError("segmenter: width, epochs, batch_size and learning_rate must be positive")
         if self.image_size is not None:
             sizes.check_size(self.image_size)
 

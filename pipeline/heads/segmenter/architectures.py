@@ -1,8 +1,8 @@
 """The segmentation networks a segmenter can be, from well-kept libraries (no hand-written network).
 
-- "unet": MONAI's residual UNet (channels 16-32-64-128, two residual units per level): small
-  enough to train from scratch on a CPU (the demo's segmenter).
-- "basic-unet": MONAI's BasicUNet (a plain two-convolution UNet, 16-16-32-64-128 channels).
+- "unet": MONAI's residual UNet (channels w-2w-4w-8w, w = `width`, 16 by default; two residual
+  units per level): small enough to train from scratch on a CPU (the demo's segmenter).
+- "basic-unet": MONAI's BasicUNet (a plain two-convolution UNet, w-w-2w-4w-8w channels).
 - "deeplabv3-resnet101": torchvision's DeepLabV3 with a ResNet-101 backbone pretrained on
   ImageNet, the official DatasetDDPM segmenter; needs torchvision (matching the installed torch)
   and its ImageNet weights (downloaded once into torch's hub cache).
@@ -39,7 +39,7 @@ class SegmenterNetwork(torch.nn.Module):
         return output["out"] if self.returns_dict else output  # (B, K, H, W)
 
 
-def build_network(architecture: str, num_classes: int, pretrained: bool = True) -> SegmenterNetwork:
+def build_network(architecture: str, num_classes: int, pretrained: bool = True, width: int = 16) -> SegmenterNetwork:
     """A freshly initialised network (torch's global generator: seed it first for repeatable weights).
 
     Args:
@@ -47,6 +47,7 @@ def build_network(architecture: str, num_classes: int, pretrained: bool = True) 
         num_classes: K, the output channels.
         pretrained: deeplabv3-resnet101 only: start from the ImageNet backbone (False: random,
             e.g. to load saved weights into it).
+        width: the UNets' first level's channels (each level doubles them); not DeepLab's.
 
     Raises:
         ValueError: an unknown architecture, or deeplabv3-resnet101 without torchvision or its weights.
@@ -54,13 +55,13 @@ def build_network(architecture: str, num_classes: int, pretrained: bool = True) 
     if architecture == "unet":
         from monai.networks.nets import UNet
 
-        network = UNet(spatial_dims=2, in_channels=3, out_channels=num_classes, channels=(16, 32, 64, 128),
+        network = UNet(spatial_dims=2, in_channels=3, out_channels=num_classes, channels=(width, 2 * width, 4 * width, 8 * width),
                        strides=(2, 2, 2), num_res_units=2)
         return SegmenterNetwork(network, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), returns_dict=False)  # the identity
     if architecture == "basic-unet":
         from monai.networks.nets import BasicUNet
 
-        network = BasicUNet(spatial_dims=2, in_channels=3, out_channels=num_classes, features=(16, 16, 32, 64, 128, 16))
+        network = BasicUNet(spatial_dims=2, in_channels=3, out_channels=num_classes, features=(width, width, 2 * width, 4 * width, 8 * width, width))
         return SegmenterNetwork(network, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), returns_dict=False)
     if architecture == "deeplabv3-resnet101":
         return SegmenterNetwork(_deeplabv3_resnet101(num_classes, pretrained), IMAGENET_MEAN, IMAGENET_STD, returns_dict=True)

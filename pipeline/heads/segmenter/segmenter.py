@@ -91,7 +91,8 @@ def load_segmenter(segmenter_dir: str | Path, device: torch.device | str = "cpu"
     if not config_path.is_file() or not weights_path.is_file():
         raise FileNotFoundError(f"no trained segmenter in {segmenter_dir} (expected {SEGMENTER_CONFIG} and {SEGMENTER_WEIGHTS})")
     config = json.loads(config_path.read_text())
-    network = build_network(config["architecture"], len(config["class_names"]), pretrained=False)
+    width = config.get("settings", {}).get("width", 16)
+    network = build_network(config["architecture"], len(config["class_names"]), pretrained=False, width=width)
     try:
         network.load_state_dict(load_file(weights_path))
     except RuntimeError as error:

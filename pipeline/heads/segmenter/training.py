@@ -89,7 +89,7 @@ def train_segmenter(
     validation = _validation_data(validation_dir, classes, size) if validation_dir is not None else None
     device = pick_device(settings.device)
     torch.manual_seed(settings.seed)
-    network = build_network(settings.architecture, classes.num_classes).to(device)
+    network = build_network(settings.architecture, classes.num_classes, width=settings.width).to(device)
     optimizer = torch.optim.Adam(network.parameters(), lr=settings.learning_rate)
     run = {"settings": dataclasses.asdict(settings), "images": str(images_dir), "image_count": len(train_records),
            "validation": None if validation_dir is None else str(validation_dir)}
@@ -234,7 +234,7 @@ def _best_epoch(history: list[dict]) -> int:
 
 def _finish(out_dir: Path, run: dict, history, settings, classes: ClassInfo, size, device, started) -> SegmenterSummary:
     chosen = _best_epoch(history)
-    network = build_network(settings.architecture, classes.num_classes, pretrained=False)
+    network = build_network(settings.architecture, classes.num_classes, pretrained=False, width=settings.width)
     network.load_state_dict(torch.load(out_dir / PROGRESS_FOLDER / "best.pt", map_location="cpu"))
     network.eval()
     chosen_entry = history[chosen]
