@@ -137,3 +137,35 @@ def write_learnable_store(path, count=4, size=16, seed=0, round_side=6, signal=4
         writer.write_image(index, np.zeros((size, size, 3), np.uint8), labels, as_feature_maps(activations))
         all_labels.append(labels)
     return all_labels
+
+
+FEWSHOT_SIZE = 16  # pixels (UNet2DModel) or latent side (UNet2DConditionModel) of the few-shot tests
+FEWSHOT_TEXT = torch.randn(1, 5, 32, generator=torch.Generator().manual_seed(7))  # (1, L, D) stand-in prompt embedding
+
+
+def tiny_attention_unet():
+    """A pixel-space UNet2DModel: two levels, attention in the second, the middle block and the
+    first up level (4 self-attention layers); the same weights at every call."""
+    from diffusers import UNet2DModel
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return UNet2DModel(
+            sample_size=FEWSHOT_SIZE, in_channels=3, out_channels=3, block_out_channels=(32, 64), layers_per_block=1,
+            down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+            attention_head_dim=16,
+        )
+
+
+def tiny_text_conditioned_unet():
+    """Stable Diffusion's UNet structure, tiny: 4 transformer blocks, each with attn1 (self) and
+    attn2 (cross, to FEWSHOT_TEXT); the same weights at every call."""
+    from diffusers import UNet2DConditionModel
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return UNet2DConditionModel(
+            sample_size=FEWSHOT_SIZE, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            cross_attention_dim=32, attention_head_dim=4,
+        )

@@ -6,6 +6,7 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel, UNet2DModel
 
+from conftest import FEWSHOT_SIZE, FEWSHOT_TEXT, tiny_attention_unet, tiny_text_conditioned_unet
 from pipeline.fewshot.kv_fusion import (
     FusionMode,
     KeyValueBank,
@@ -14,30 +15,15 @@ from pipeline.fewshot.kv_fusion import (
     self_attention_layers,
 )
 
-SIZE = 16  # pixels (UNet2DModel) or latent side (UNet2DConditionModel)
-TEXT = torch.randn(1, 5, 32, generator=torch.Generator().manual_seed(7))  # (1, L, D) stand-in prompt embedding
+SIZE, TEXT = FEWSHOT_SIZE, FEWSHOT_TEXT
 
 
-def tiny_pixel_unet() -> UNet2DModel:
-    """Two levels, attention in the second level, the middle block and the first up level: 4 self-attention layers."""
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        return UNet2DModel(
-            sample_size=SIZE, in_channels=3, out_channels=3, block_out_channels=(32, 64), layers_per_block=1,
-            down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-            attention_head_dim=16,
-        ).eval()
+def tiny_pixel_unet():
+    return tiny_attention_unet().eval()
 
 
-def tiny_latent_unet() -> UNet2DConditionModel:
-    """Stable Diffusion's structure, tiny: 4 transformer blocks, each with attn1 (self) and attn2 (cross)."""
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        return UNet2DConditionModel(
-            sample_size=SIZE, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            cross_attention_dim=32, attention_head_dim=4,
-        ).eval()
+def tiny_latent_unet():
+    return tiny_text_conditioned_unet().eval()
 
 
 @pytest.fixture(scope="module", params=["pixel", "latent"])

@@ -3,8 +3,9 @@ of the two passes, gradients, a few training steps, and decoding."""
 
 import pytest
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel, UNet2DModel
+from diffusers import AutoencoderKL
 
+from conftest import FEWSHOT_SIZE, FEWSHOT_TEXT, tiny_attention_unet, tiny_text_conditioned_unet
 from pipeline.fewshot.kv_fusion import FusionMode, KeyValueBank, KeyValueFusionProcessor, key_value_fusion
 from pipeline.fewshot.masks import (
     decode_latents,
@@ -16,28 +17,8 @@ from pipeline.fewshot.masks import (
 )
 from pipeline.fewshot.model import FewShotUNet, swapped_input_stem, training_loss
 
-SIZE = 16
-TEXT = torch.randn(1, 5, 32, generator=torch.Generator().manual_seed(7))  # (1, L, D) stand-in empty-prompt embedding
-
-
-def tiny_pixel_unet() -> UNet2DModel:
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        return UNet2DModel(
-            sample_size=SIZE, in_channels=3, out_channels=3, block_out_channels=(32, 64), layers_per_block=1,
-            down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-            attention_head_dim=16,
-        )
-
-
-def tiny_latent_unet() -> UNet2DConditionModel:
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        return UNet2DConditionModel(
-            sample_size=SIZE, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            cross_attention_dim=32, attention_head_dim=4,
-        )
+SIZE, TEXT = FEWSHOT_SIZE, FEWSHOT_TEXT
+tiny_pixel_unet, tiny_latent_unet = tiny_attention_unet, tiny_text_conditioned_unet
 
 
 @pytest.fixture(params=["pixel", "latent"])
