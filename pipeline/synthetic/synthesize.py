@@ -296,6 +296,6 @@ def _draw_overview(out_dir: Path, names, uncertainties: np.ndarray, kept: np.nda
         with Image.open(folder / f"{name}.png") as image:
             rgb = np.asarray(image.convert("RGB"))
         rows.append({"image": rgb, "prediction": np.load(folder / f"{name}.npy").astype(np.int64),
-                     "title": f"{name} ({'kept' if keep else 'dropped'}, u={uncertainties[index]:.3f})"})
+                     "title": f"#{index} {'kept' if keep else 'dropped'}\nu = {uncertainties[index]:.2f}"})
     (out_dir / "pictures").mkdir(exist_ok=True)
     save_prediction_grid(out_dir / "pictures" / "samples.png", rows, ensemble.class_names, ignore_label=None)
