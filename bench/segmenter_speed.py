@@ -2,8 +2,8 @@
 
 - paper shape: the paper's ADM-256 (random weights: cost needs no information) read at blocks
   5, 6, 7, 8, 12 at steps 50/150/250, with a 10-member ensemble on the 8448 features (34
-  classes, the paper's (256, 128) members), against the segmenter (MONAI UNet, 34 classes) at
-  256²; both predict the same generated images, interleaved image by image, after one untimed
+  classes, the paper's (256, 128) members), against the segmenter (params.yaml's: MONAI UNet
+  of its width, 34 classes) at 256²; both predict the same generated images, interleaved image by image, after one untimed
   image (`pipeline.synthetic.speed.seconds_per_image`);
 - demo size: the committed demo DDPM with the headline ensemble and the demo's segmenter
   (data/models/segmenter-synthetic, from `dvc repro`) on the demo's test faces; skipped when
@@ -23,6 +23,7 @@ import torch
 
 from bench.common import PAPER_CLASSES, PAPER_LAYOUT, PAPER_SIZE, PAPER_STEPS, PROJECT_ROOT, command_line, write_result
 from bench.extraction_gpu_rate import generated_images
+from pipeline.config import load_params
 from pipeline.data.folders import list_images
 from pipeline.heads.pixel_ensemble.ensemble import Ensemble, make_pixel_classifier, paper_hidden_widths
 from pipeline.heads.segmenter.architectures import build_network
@@ -57,13 +58,15 @@ def paper_shape(scratch: Path, quick: bool, images: int) -> dict:
     features = FeatureDescription(source=source.provenance(), steps=PAPER_STEPS, taps=source.taps, image_size=size,
                                   feature_dim=feature_dim)
     ensemble = Ensemble(members, feature_dim, [f"class_{k}" for k in range(PAPER_CLASSES)], 255, features, [])
-    network = build_network("unet", PAPER_CLASSES).eval()
+    width = load_params(PROJECT_ROOT / "params.yaml").segmenter.width
+    network = build_network("unet", PAPER_CLASSES, width=width).eval()
     segmenter = Segmenter(network, "unet", ensemble.class_names, 255, size, {})
     records = list_images(generated_images(scratch / "segmenter-speed-images", images + 1, size))
     with torch_threads(1):
         seconds = seconds_per_image({"features_and_ensemble": ensemble_predictor(ensemble, source),
                                      "segmenter": segmenter_predictor(segmenter)}, records)
-    return {"size": size, "feature_dim": feature_dim, "classes": PAPER_CLASSES, "members": 10, "images": images,
+    return {"size": size, "feature_dim": feature_dim, "classes": PAPER_CLASSES, "members": 10, "segmenter_width": width,
+            "images": images,
             "threads": 1, "seconds_per_image": {name: round(value, 4) for name, value in seconds.items()},
             "speedup": round(seconds["features_and_ensemble"] / seconds["segmenter"], 1)}
 

@@ -122,18 +122,7 @@ def synthesize_dataset(
             generators = [torch.Generator().manual_seed(sample_seed(settings.seed, index)) for index in batch]
             images = sample_images(space, settings.sampler, settings.sampling_steps, generators)  # (B, 3, H, W)
             labels, uncertainties = _label(ensemble, source, images) if ensemble is not None else (None, None)
-            try:
-                for position, index in enumerate(batch):
-                    _write_sample(out_dir, progress, index, images[position].cpu().numpy(),
-                                  None if labels is None else labels[position],
-                                  None if uncertainties is None else uncertainties[position])
-            except OSError as error:
-                if error.errno != errno.ENOSPC:
-                    raise
-                raise OSError(
-                    errno.ENOSPC, f"the disk is full writing sample {sample_name(index)} into {out_dir}: the finished "
-                    "samples are kept; free space and run the same command again to complete it"
-                ) from None
+            _write_batch(out_dir, progress, batch, images.cpu().numpy(), labels, uncertainties)
             bar.update(len(batch))
     # 3. The filter and the manifest.
     kept = _filter_and_place(out_dir, progress, settings, record, ensemble)
@@ -225,6 +214,21 @@ def _prepare_folder(out_dir: Path, record: dict, ensemble: Ensemble | None, repl
     with replaced_file(settings_path) as staging:
         staging.write_text(json.dumps(record, indent=1))
     return progress
+
+
+def _write_batch(out_dir: Path, progress: Path, batch: list[int], images: np.ndarray, labels, uncertainties) -> None:
+    """Writes a batch's samples (images float32 (B, 3, H, W)); a full disk becomes one message."""
+    for position, index in enumerate(batch):
+        try:
+            _write_sample(out_dir, progress, index, images[position], None if labels is None else labels[position],
+                          None if uncertainties is None else uncertainties[position])
+        except OSError as error:
+            if error.errno != errno.ENOSPC:
+                raise
+            raise OSError(
+                errno.ENOSPC, f"the disk is full writing sample {sample_name(index)} into {out_dir}: the finished "
+                "samples are kept; free space and run the same command again to complete it"
+            ) from None
 
 
 def _write_sample(out_dir: Path, progress: Path, index: int, image: np.ndarray, labels, uncertainty) -> None:
