@@ -406,6 +406,52 @@ class SegmenterSettings:
             sizes.check_size(self.image_size)
 
 
+@dataclasses.dataclass(frozen=True)
+class FewShotSettings:
+    """DiffewS, in-context few-shot segmentation (pipeline/fewshot/): its episodes, training and decoding.
+
+    Attributes:
+        folds, fold: classes split into `folds` folds (COCO-20i: 4, fold f's novel classes every
+            folds-th from f); training sees the other folds' classes only, evaluation this fold's.
+        shots: supports per evaluation episode (1 or 5 in the paper).
+        max_training_shots: each training step draws 1..this many supports (the official: 1..N).
+        episodes: evaluation episodes (the official: 1,000 per fold, seed 0).
+        steps, batch_size: training steps of `batch_size` episodes.
+        learning_rate, weight_decay, grad_clip: AdamW with linear decay to 0, gradients clipped
+            to this norm (the official: 1e-5, 0.01, 1.0 for Stable Diffusion).
+        threshold: foreground where the decoded map exceeds this fraction of its maximum (0.25).
+        image_size: episodes at this size (None: the model's own).
+        min_pixels: an image holds a class from this many pixels at `image_size` on.
+        seed: seeds the training episodes; evaluation episodes use `seed` too (the official: 0).
+        device, threads: where it runs, torch's CPU threads (0: torch's default).
+    """
+
+    folds: int = 4
+    fold: int = 0
+    shots: int = 1
+    max_training_shots: int = 1
+    episodes: int = 1000
+    steps: int = 1000
+    batch_size: int = 4
+    learning_rate: float = 1e-5
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    threshold: float = 0.25
+    image_size: int | None = None
+    min_pixels: int = 1
+    seed: int = 0
+    device: str = "auto"
+    threads: int = 0
+
+    def __post_init__(self) -> None:
+        if self.folds < 1 or not 0 <= self.fold < self.folds:
+            raise ValueError(f"fewshot: need 0 <= fold < folds, got fold {self.fold} of {self.folds}")
+        if min(self.shots, self.max_training_shots, self.episodes, self.steps, self.batch_size, self.min_pixels) < 1:
+            raise ValueError("fewshot: shots, max_training_shots, episodes, steps, batch_size and min_pixels must be >= 1")
+        if self.learning_rate <= 0 or self.weight_decay < 0 or self.grad_clip <= 0 or not 0 < self.threshold < 1:
+            raise ValueError("fewshot: need learning_rate > 0, weight_decay >= 0, grad_clip > 0, 0 < threshold < 1")
+
+
 FirstPrediction = Literal["out_of_fold", "in_fold"]
 
 
@@ -471,11 +517,13 @@ class Params:
     refine: RefineSettings = dataclasses.field(default_factory=RefineSettings)
     synthesize: SynthesizeSettings = dataclasses.field(default_factory=SynthesizeSettings)
     segmenter: SegmenterSettings = dataclasses.field(default_factory=SegmenterSettings)
+    fewshot: FewShotSettings = dataclasses.field(default_factory=FewShotSettings)
 
 
 _SECTIONS = {"demo": DemoSpec, "extract": ExtractSettings, "train": TrainSettings, "evaluate": EvaluateSettings,
              "baselines": BaselineSettings, "benchmark": BenchmarkSettings, "select": SelectSettings,
-             "refine": RefineSettings, "synthesize": SynthesizeSettings, "segmenter": SegmenterSettings}
+             "refine": RefineSettings, "synthesize": SynthesizeSettings, "segmenter": SegmenterSettings,
+             "fewshot": FewShotSettings}
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:
