@@ -16,6 +16,7 @@ from pipeline.config import (
     EvaluateSettings,
     ExtractSettings,
     RefineSettings,
+    FewShotSettings,
     SegmenterSettings,
     SynthesizeSettings,
     TrainSettings,
@@ -338,6 +339,72 @@ def train_segmenter(context: _Context, images, out, validation, architecture, wi
         score = "" if summary.validation_miou is None else f", validation mIoU {summary.validation_miou}"
         click.echo(f"train-segmenter: epoch {summary.chosen_epoch + 1} kept{score}; saved to {summary.out_dir} "
                    f"in {summary.seconds:.1f} s")
+
+    _run(context, action)
+
+
+def _fewshot_options(function):
+    """The episode options `fewshot-train` and `fewshot-evaluate` share."""
+    options = [
+        click.option("--folds", default=4, show_default=True, help="Classes split into this many folds (COCO-20i: 4)."),
+        click.option("--fold", default=0, show_default=True, help="This fold's classes are the novel ones; training never sees them."),
+        click.option("--image-size", type=int, help="Episodes at this size (default: the model's)."),
+        click.option("--seed", default=0, show_default=True, help="Seeds the episodes."),
+        click.option("--device", default="auto", show_default=True),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
+@main.command("fewshot-train")
+@click.option("--checkpoint", required=True, type=click.Path(path_type=Path), help="A pixel-space UNet or a latent-diffusion folder.")
+@click.option("--images", required=True, type=click.Path(path_type=Path), help="Labeled image folder (classes.json beside or above).")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder for the few-shot model (a stopped run there resumes).")
+@_fewshot_options
+@click.option("--steps", default=1000, show_default=True, help="Training steps.")
+@click.option("--batch-size", default=4, show_default=True, help="Episodes per step.")
+@click.option("--max-shots", default=1, show_default=True, help="Each step draws 1..this many supports.")
+@click.option("--learning-rate", default=1e-5, show_default=True, help="AdamW's, decayed linearly to 0.")
+@click.option("--prompt-embeds", type=click.Path(path_type=Path), help="Latent diffusion: the empty prompt's embedding, for folders without a text encoder.")
+@click.pass_obj
+def fewshot_train(context: _Context, checkpoint, images, out, folds, fold, image_size, seed, device, steps, batch_size,
+                  max_shots, learning_rate, prompt_embeds):
+    """DiffewS: fine-tune the diffusion UNet to segment what a support mask shows (KV fusion), on the base classes."""
+    from pipeline.fewshot.training import train_fewshot
+
+    def action():
+        settings = FewShotSettings(folds=folds, fold=fold, image_size=image_size, seed=seed, device=device, steps=steps,
+                                   batch_size=batch_size, max_training_shots=max_shots, learning_rate=learning_rate)
+        summary = train_fewshot(checkpoint, images, out, settings, context.show_progress, prompt_embeds=prompt_embeds)
+        click.echo(f"fewshot-train: {summary.steps} steps, final loss {summary.final_loss:.4f}; saved to "
+                   f"{summary.out_dir} in {summary.seconds:.1f} s")
+
+    _run(context, action)
+
+
+@main.command("fewshot-evaluate")
+@click.option("--model", required=True, type=click.Path(path_type=Path), help="Folder of a model from fewshot-train.")
+@click.option("--images", required=True, type=click.Path(path_type=Path), help="Labeled image folder to draw episodes from.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder for metrics.json and episodes.png.")
+@_fewshot_options
+@click.option("--shots", default=1, show_default=True, help="Supports per episode.")
+@click.option("--episodes", default=1000, show_default=True, help="Episodes (the official: 1,000 per fold).")
+@click.option("--threshold", default=0.25, show_default=True, help="Foreground above this fraction of the map's maximum.")
+@click.option("--classes", "class_set", type=click.Choice(["test", "train"]), default="test", show_default=True,
+              help="The fold's novel classes, or its base classes (what training saw).")
+@click.pass_obj
+def fewshot_evaluate(context: _Context, model, images, out, folds, fold, image_size, seed, device, shots, episodes,
+                     threshold, class_set):
+    """DiffewS: score a few-shot model on seeded episodes (per-class IoU over episodes, mIoU, FB-IoU)."""
+    from pipeline.fewshot.evaluation import evaluate_fewshot
+
+    def action():
+        settings = FewShotSettings(folds=folds, fold=fold, image_size=image_size, seed=seed, device=device, shots=shots,
+                                   episodes=episodes, threshold=threshold)
+        metrics = evaluate_fewshot(model, images, out, settings, context.show_progress, classes=class_set)
+        click.echo(f"fewshot-evaluate: {episodes} episodes of {shots} shot(s), mIoU {metrics['miou']:.4f}, "
+                   f"FB-IoU {metrics['fb_iou']:.4f}; written to {out}")
 
     _run(context, action)
 

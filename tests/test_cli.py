@@ -331,3 +331,19 @@ def test_synthesize_refusals_are_one_clear_message(workspace, trained, tmp_path)
     result = invoke("predict", "--ensemble", workspace / "ensemble", "--images", workspace / "data" / "test",
                     "--out", tmp_path / "predicted")
     assert result.exit_code == 1 and "give the --checkpoint" in result.output
+
+
+def test_fewshot_train_and_evaluate_through_the_cli(workspace, tmp_path):
+    """DiffewS through the CLI: 2 folds of {disc, square}; training sees the square, evaluation the disc."""
+    result = invoke("fewshot-train", "--checkpoint", workspace / "unet", "--images", workspace / "data" / "train",
+                    "--out", tmp_path / "model", "--folds", 2, "--steps", 2, "--batch-size", 2, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert "fewshot-train: 2 steps" in result.output and (tmp_path / "model" / "model.safetensors").is_file()
+    result = invoke("fewshot-evaluate", "--model", tmp_path / "model", "--images", workspace / "data" / "test",
+                    "--out", tmp_path / "scores", "--folds", 2, "--episodes", 3, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "scores" / "metrics.json").read_text())
+    assert set(metrics["per_class_iou"]) == {"disc"} and 0.0 <= metrics["miou"] <= 1.0
+    result = invoke("fewshot-evaluate", "--model", tmp_path / "model", "--images", workspace / "data" / "test",
+                    "--out", tmp_path / "other", "--folds", 2, "--fold", 1, "--episodes", 3, "--device", "cpu")
+    assert result.exit_code == 1 and "fold" in result.output
