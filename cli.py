@@ -15,8 +15,8 @@ import click
 from pipeline.config import (
     EvaluateSettings,
     ExtractSettings,
-    RefineSettings,
     FewShotSettings,
+    RefineSettings,
     SegmenterSettings,
     SynthesizeSettings,
     TrainSettings,
