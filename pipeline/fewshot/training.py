@@ -54,6 +54,7 @@ from pipeline.fewshot.masks import decode_latents, decode_masks, encode_latents,
 from pipeline.fewshot.model import FewShotUNet, training_loss
 from pipeline.runtime.atomic import replaced_file
 from pipeline.runtime.devices import pick_device, torch_threads
+from pipeline.runtime.resume import load_run_state
 from pipeline.sizes import as_shape
 from pipeline.sources.checkpoints import diffusers_weights_file, load_backbone, plain_config
 from pipeline.sources.latent import is_latent_diffusion_folder, load_latent_diffusion
@@ -363,30 +364,11 @@ def run_identity(backbone: FewShotBackbone, data: EpisodeData, settings: FewShot
     }
 
 
-def _differences(saved: dict, wanted: dict, prefix: str = "") -> list[str]:
-    """'key: saved → wanted' for every leaf that differs."""
-    lines = []
-    for key in sorted(set(saved) | set(wanted)):
-        old, new = saved.get(key), wanted.get(key)
-        if isinstance(old, dict) and isinstance(new, dict):
-            lines += _differences(old, new, f"{prefix}{key}.")
-        elif old != new:
-            shown = [f"{len(value)} images" if key == "images" else value for value in (old, new)]
-            lines.append(f"{prefix}{key}: {shown[0]!r} → {shown[1]!r}")
-    return lines
-
-
 def _resume(out_dir: Path, run: dict, model: FewShotUNet, optimizer, scheduler) -> list[float]:
     """The losses of the steps a stopped run finished (their state loaded), or []."""
-    path = out_dir / PROGRESS_FOLDER / STATE_FILE
-    if not path.is_file():
+    state = load_run_state(out_dir / PROGRESS_FOLDER / STATE_FILE, run, "a few-shot training")
+    if state is None:
         return []
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    if state["run"] != run:
-        raise FileExistsError(
-            f"{out_dir} holds a few-shot training with other settings or data ({'; '.join(_differences(state['run'], run))}); "
-            f"give another output folder, or delete {path.parent} to start over"
-        )
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])

@@ -32,6 +32,7 @@ from pipeline.heads.segmenter.segmenter import SEGMENTER_ONNX, Segmenter, save_s
 from pipeline.pictures.figures import save_segmenter_curve
 from pipeline.runtime.atomic import replaced_file
 from pipeline.runtime.devices import pick_device, torch_threads
+from pipeline.runtime.resume import load_run_state
 from pipeline.sizes import as_shape
 
 logger = logging.getLogger(__name__)
@@ -198,15 +199,9 @@ def _validate(network, validation, classes: ClassInfo, device) -> dict:
 
 def _resume(out_dir: Path, run: dict, network, optimizer) -> list[dict]:
     """The epochs a stopped run finished (their state loaded into network and optimizer), or []."""
-    path = out_dir / PROGRESS_FOLDER / "last.pt"
-    if not path.is_file():
+    state = load_run_state(out_dir / PROGRESS_FOLDER / "last.pt", run, "a segmenter training")
+    if state is None:
         return []
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    if state["run"] != run:
-        raise FileExistsError(
-            f"{out_dir} holds a segmenter training with other settings or data; give another --out, or delete "
-            f"{path.parent} to start over"
-        )
     network.load_state_dict(state["network"])
     optimizer.load_state_dict(state["optimizer"])
     logger.info("resuming the segmenter's training after epoch %d", len(state["history"]) - 1)
