@@ -290,9 +290,10 @@ def predict(context: _Context, ensemble, checkpoint, images, out, device, pictur
 @click.option("--device", default="auto", show_default=True)
 @click.option("--unlabeled", is_flag=True, help="Samples only, for a person to annotate (the official variant): no ensemble, no filter.")
 @click.option("--size", type=int, help="With --unlabeled: the samples' size (default: the model's).")
+@click.option("--prompt-embeds", type=click.Path(path_type=Path), help="Latent diffusion: the file the features were extracted with.")
 @click.pass_obj
 def synthesize(context: _Context, checkpoint, ensemble, count, out, sampler, sampling_steps, filter_fraction,
-               filter_lowest_fraction, batch_size, seed, device, unlabeled, size):
+               filter_lowest_fraction, batch_size, seed, device, unlabeled, size, prompt_embeds):
     """DatasetDDPM: sample images from the diffusion model, label them with the ensemble, drop the most uncertain."""
     from pipeline.synthetic.synthesize import synthesize_dataset
 
@@ -304,7 +305,8 @@ def synthesize(context: _Context, checkpoint, ensemble, count, out, sampler, sam
             filter_lowest_fraction=min(filter_lowest_fraction, filter_fraction), batch_size=batch_size, seed=seed,
             device=device,
         )
-        summary = synthesize_dataset(checkpoint, ensemble, out, settings, size, context.show_progress)
+        summary = synthesize_dataset(checkpoint, ensemble, out, settings, size, context.show_progress,
+                                     prompt_embeds=prompt_embeds)
         click.echo(f"synthesize: {summary.samples} samples ({summary.sampled_now} drawn now), {summary.kept} kept "
                    f"in {summary.out_dir}")
 

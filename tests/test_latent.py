@@ -149,6 +149,12 @@ def test_extract_inspect_train_evaluate_through_the_cli(latent_workspace):
     invoke("predict", "--ensemble", root / "ensemble", "--checkpoint", root / "sd", "--images", root / "data" / "test",
            "--out", root / "predicted", "--prompt-embeds", root / "embeds.safetensors")
     assert (root / "predicted" / "img_000.npy").is_file()
+    # DatasetDDPM on a latent model: latents sampled with the prompt, decoded, labeled by the ensemble.
+    invoke("synthesize", "--checkpoint", root / "sd", "--ensemble", root / "ensemble", "--count", 2, "--sampler", "ddim",
+           "--sampling-steps", 2, "--filter-fraction", 0, "--out", root / "synthetic", "--device", "cpu",
+           "--prompt-embeds", root / "embeds.safetensors")
+    samples = list_images(root / "synthetic")
+    assert len(samples) == 2 and np.load(samples[0].label_path).shape == (64, 64)
 
 
 def _test_images(workspace):

@@ -84,6 +84,7 @@ def synthesize_dataset(
     show_progress: bool = True,
     code_sha256: str | None = None,
     replace_mismatched: bool = False,
+    prompt_embeds: str | Path | None = None,
 ) -> SynthesisSummary:
     """Samples `settings.count` images, labels and filters them into `out_dir` (see the module docstring).
 
@@ -98,6 +99,8 @@ def synthesize_dataset(
         code_sha256: recorded with the settings, so that a folder made by other code is not resumed.
         replace_mismatched: delete a synthesis folder made with other settings and start over
             (the DVC stage); otherwise it is refused.
+        prompt_embeds: latent diffusion: the file the ensemble's features were extracted with
+            (for a folder without a text encoder), as `predict` takes it.
 
     Raises:
         ValueError: a bad setting, or an ensemble that cannot label this checkpoint's samples.
@@ -107,7 +110,7 @@ def synthesize_dataset(
     """
     out_dir = Path(out_dir)
     # 1. The model, the ensemble and the size; refused before anything is written.
-    ensemble, source = _load_models(checkpoint, ensemble_dir, settings.device)
+    ensemble, source = _load_models(checkpoint, ensemble_dir, settings.device, prompt_embeds)
     size = ensemble.features.image_size if ensemble is not None else image_size or _native_size(source)
     space = sample_space_of(source, size)
     record = _settings_record(source, ensemble_dir, settings, size) | {"code_sha256": code_sha256}
@@ -129,14 +132,14 @@ def synthesize_dataset(
     return SynthesisSummary(out_dir, settings.count, int(kept.sum()), sum(map(len, pending)))
 
 
-def _load_models(checkpoint, ensemble_dir, device: str):
+def _load_models(checkpoint, ensemble_dir, device: str, prompt_embeds):
     """The labeling ensemble (or None) and the feature source of the checkpoint (its taps, if labeled)."""
     if ensemble_dir is None:
         if is_latent_diffusion_folder(checkpoint):
-            return None, load_latent_source(checkpoint, [], [0], 0, device)
+            return None, load_latent_source(checkpoint, [], [0], 0, device, prompt_embeds=prompt_embeds)
         return None, load_unet_source(checkpoint, [], [0], 0, device)
     ensemble = load_ensemble(ensemble_dir)
-    return ensemble, load_checked_source(ensemble, Path(ensemble_dir), Path(checkpoint), device)
+    return ensemble, load_checked_source(ensemble, Path(ensemble_dir), Path(checkpoint), device, prompt_embeds)
 
 
 def _native_size(source) -> int:
