@@ -2,7 +2,6 @@
 the most uncertain dropped (params.yaml's `synthesize`)."""
 
 import argparse
-import dataclasses
 import logging
 import time
 
@@ -27,7 +26,7 @@ def main() -> None:
                                  code_sha256=loaded_code_sha256(), replace_mismatched=True)
     print(
         f"synthesize: {summary.samples} samples ({summary.sampled_now} drawn now), {summary.kept} kept, "
-        f"{dataclasses.asdict(settings)['sampler']} with {settings.sampling_steps} steps; written to {arguments.out} "
+        f"{settings.sampler} with {settings.sampling_steps} steps; written to {arguments.out} "
         f"({size_on_disk(arguments.out)}) in {time.perf_counter() - started:.1f} s"
     )
 

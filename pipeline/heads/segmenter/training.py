@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from tqdm.auto import tqdm
 
 from pipeline.config import SegmenterSettings
@@ -154,7 +155,7 @@ def _training_data(images_dir, settings: SegmenterSettings) -> tuple[list, Class
     if settings.image_size is not None:
         size = settings.image_size
     else:
-        height, width = load_example(records[0], _own_size(records[0]))[0].shape[1:]
+        height, width = _own_size(records[0])  # the others are resized to it, as load_example does
         size = height if height == width else [height, width]
     multiple = SIZE_MULTIPLES[settings.architecture]
     if any(side % multiple for side in as_shape(size)):
@@ -164,8 +165,7 @@ def _training_data(images_dir, settings: SegmenterSettings) -> tuple[list, Class
 
 
 def _own_size(record) -> tuple[int, int]:
-    from PIL import Image
-
+    """An image's (H, W), from its header alone."""
     with Image.open(record.image_path) as image:
         return image.size[::-1]
 
