@@ -369,15 +369,20 @@ def _fewshot_options(function):
 @click.option("--max-shots", default=1, show_default=True, help="Each step draws 1..this many supports.")
 @click.option("--learning-rate", default=1e-5, show_default=True, help="AdamW's, decayed linearly to 0.")
 @click.option("--prompt-embeds", type=click.Path(path_type=Path), help="Latent diffusion: the empty prompt's embedding, for folders without a text encoder.")
+@click.option("--fine-attention", type=int, multiple=True, help="Pixel UNets: add KV-fused self-attention to the blocks at this side (repeatable, e.g. 16 and 8).")
+@click.option("--trainable", type=click.Choice(["all", "attention"]), default="all", show_default=True,
+              help="all: the whole UNet (the paper); attention: self-attention, support stem and output head only.")
+@click.option("--random-init", is_flag=True, help="Fine-tune a randomly initialised copy of the UNet (the baseline of pretraining).")
 @click.pass_obj
 def fewshot_train(context: _Context, checkpoint, images, out, folds, fold, image_size, seed, device, steps, batch_size,
-                  max_shots, learning_rate, prompt_embeds):
+                  max_shots, learning_rate, prompt_embeds, fine_attention, trainable, random_init):
     """DiffewS: fine-tune the diffusion UNet to segment what a support mask shows (KV fusion), on the base classes."""
     from pipeline.fewshot.training import train_fewshot
 
     def action():
         settings = FewShotSettings(folds=folds, fold=fold, image_size=image_size, seed=seed, device=device, steps=steps,
-                                   batch_size=batch_size, max_training_shots=max_shots, learning_rate=learning_rate)
+                                   batch_size=batch_size, max_training_shots=max_shots, learning_rate=learning_rate,
+                                   fine_attention=list(fine_attention), trainable=trainable, random_init=random_init)
         summary = train_fewshot(checkpoint, images, out, settings, context.show_progress, prompt_embeds=prompt_embeds)
         click.echo(f"fewshot-train: {summary.steps} steps, final loss {summary.final_loss:.4f}; saved to "
                    f"{summary.out_dir} in {summary.seconds:.1f} s")
@@ -406,6 +411,37 @@ def fewshot_evaluate(context: _Context, model, images, out, folds, fold, image_s
                                    episodes=episodes, threshold=threshold)
         metrics = evaluate_fewshot(model, images, out, settings, context.show_progress, classes=class_set)
         click.echo(f"fewshot-evaluate: {episodes} episodes of {shots} shot(s), mIoU {metrics['miou']:.4f}, "
+                   f"FB-IoU {metrics['fb_iou']:.4f}; written to {out}")
+
+    _run(context, action)
+
+
+@main.command("fewshot-baseline")
+@click.option("--baseline", type=click.Choice(["prototype", "ensemble"]), required=True,
+              help="prototype: cosine to the supports' foreground and background means; ensemble: the paper's MLPs trained on the supports.")
+@click.option("--checkpoint", required=True, type=click.Path(path_type=Path), help="The diffusion UNet whose frozen features the baseline reads.")
+@click.option("--images", required=True, type=click.Path(path_type=Path), help="Labeled image folder to draw episodes from.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder for metrics.json and episodes.png.")
+@_fewshot_options
+@click.option("--shots", default=1, show_default=True, help="Supports per episode.")
+@click.option("--episodes", default=1000, show_default=True, help="Episodes (the same as fewshot-evaluate's with the same seed).")
+@click.option("--feature-steps", default="25,50", show_default=True, help="Comma-separated diffusion steps of the features.")
+@click.option("--feature-blocks", default="decoder", show_default=True, help="Comma-separated blocks (numbers, names, or decoder).")
+@click.option("--members", default=10, show_default=True, help="ensemble: MLPs per episode.")
+@click.option("--classes", "class_set", type=click.Choice(["test", "train"]), default="test", show_default=True)
+@click.pass_obj
+def fewshot_baseline(context: _Context, baseline, checkpoint, images, out, folds, fold, image_size, seed, device, shots,
+                     episodes, feature_steps, feature_blocks, members, class_set):
+    """Score a few-shot baseline on frozen diffusion features, on the episodes fewshot-evaluate draws."""
+    from pipeline.fewshot.evaluation import evaluate_fewshot_baseline
+
+    def action():
+        blocks = [int(block) if block.strip().isdigit() else block.strip() for block in feature_blocks.split(",")]
+        settings = FewShotSettings(folds=folds, fold=fold, image_size=image_size, seed=seed, device=device, shots=shots,
+                                   episodes=episodes, baseline_steps=[int(step) for step in feature_steps.split(",")],
+                                   baseline_blocks=blocks, baseline_members=members)
+        metrics = evaluate_fewshot_baseline(baseline, checkpoint, images, out, settings, context.show_progress, class_set)
+        click.echo(f"fewshot-baseline {baseline}: {episodes} episodes of {shots} shot(s), mIoU {metrics['miou']:.4f}, "
                    f"FB-IoU {metrics['fb_iou']:.4f}; written to {out}")
 
     _run(context, action)

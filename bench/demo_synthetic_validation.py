@@ -41,6 +41,15 @@ from pipeline.heads.segmenter.training import train_segmenter
 from pipeline.synthetic.filtering import kept_samples
 from pipeline.synthetic.synthesize import sample_name, synthesize_dataset
 
+SEGMENTER_KEYS = ("architecture", "width", "epochs", "batch_size", "learning_rate", "flips")
+
+
+def _variant_key(entry: dict) -> tuple:
+    """What makes two variants the same measurement (older entries lack the later settings)."""
+    segmenter = entry.get("segmenter", {})
+    return (entry["sampler"], entry["sampling_steps"], entry["count"], entry["filter_fraction"], entry["seed"],
+            *(segmenter.get(key, False) for key in SEGMENTER_KEYS))
+
 
 def _variant_folder(synthetic: Path, out: Path, count: int, filter_fraction: float, lowest_fraction: float) -> int:
     """A labeled folder of the first `count` samples the filter keeps (hard links); returns how many."""
@@ -131,9 +140,9 @@ def main() -> None:
             for folder in (name, f"{name}-segmenter"):
                 shutil.rmtree(scratch / folder, ignore_errors=True)
             kept = _variant_folder(synthetic, scratch / name, size, fraction, params.synthesize.filter_lowest_fraction)
-            segmenter_settings = dataclasses.replace(params.segmenter, seed=int(seed))
+            variant_settings = dataclasses.replace(segmenter_settings, seed=int(seed))
             started = time.perf_counter()
-            summary = train_segmenter(scratch / name, scratch / f"{name}-segmenter", segmenter_settings, labeled,
+            summary = train_segmenter(scratch / name, scratch / f"{name}-segmenter", variant_settings, labeled,
                                       show_progress=False)
             scores = _segmenter_scores(scratch / f"{name}-segmenter", validation)
             entry = {"sampler": sampler, "sampling_steps": int(steps), "count": size, "filter_fraction": fraction,
@@ -141,7 +150,9 @@ def main() -> None:
                      "per_class_iou": scores["per_class_iou"], "chosen_epoch": summary.chosen_epoch,
                      "labeled_faces_miou": summary.validation_miou,
                      "synthesis_seconds_for_largest_count": round(sampling_seconds, 1),
-                     "segmenter_seconds": round(time.perf_counter() - started, 1)}
+                     "segmenter_seconds": round(time.perf_counter() - started, 1),
+                     "segmenter": {key: getattr(variant_settings, key) for key in SEGMENTER_KEYS}}
+            results["variants"] = [earlier for earlier in results["variants"] if _variant_key(earlier) != _variant_key(entry)]
             results["variants"].append(entry)
             print(json.dumps({k: entry[k] for k in ("sampler", "sampling_steps", "count", "filter_fraction", "seed",
                                                     "validation_miou", "segmenter_seconds")}), flush=True)

@@ -423,6 +423,16 @@ class FewShotSettings:
         image_size: episodes at this size (None: the model's own).
         min_pixels: an image holds a class from this many pixels at `image_size` on.
         seed: seeds the training episodes; evaluation episodes use `seed` too (the official: 0).
+        random_init: fine-tune a randomly initialised copy of the checkpoint's UNet instead (the
+            baseline that shows what the pretraining brings).
+        fine_attention: pixel-space UNets: add zero-initialised self-attention (KV-fused too) to
+            the blocks working at these sides (e.g. [16, 8] for the demo's 32×32 UNet, which
+            attends only at 4×4 and 2×2); [] adds none (the paper's SD attends at every level).
+        trainable: "all" (the paper: the whole UNet) or "attention" (self-attention layers, the
+            support stem and the output head; the pretrained convolutions frozen).
+        baseline_steps, baseline_blocks: the frozen features the baselines (prototype matching,
+            the MLP ensemble on the supports) read.
+        baseline_members: MLPs of the ensemble baseline (fast protocol, per episode).
         device, threads: where it runs, torch's CPU threads (0: torch's default).
     """
 
@@ -440,6 +450,12 @@ class FewShotSettings:
     image_size: int | None = None
     min_pixels: int = 1
     seed: int = 0
+    random_init: bool = False
+    fine_attention: list[int] = dataclasses.field(default_factory=list)
+    trainable: Literal["all", "attention"] = "all"
+    baseline_steps: list[int] = dataclasses.field(default_factory=lambda: [25, 50])
+    baseline_blocks: list[int | str] = dataclasses.field(default_factory=lambda: ["decoder"])
+    baseline_members: int = 10
     device: str = "auto"
     threads: int = 0
 

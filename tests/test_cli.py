@@ -347,3 +347,19 @@ def test_fewshot_train_and_evaluate_through_the_cli(workspace, tmp_path):
     result = invoke("fewshot-evaluate", "--model", tmp_path / "model", "--images", workspace / "data" / "test",
                     "--out", tmp_path / "other", "--folds", 2, "--fold", 1, "--episodes", 3, "--device", "cpu")
     assert result.exit_code == 1 and "fold" in result.output
+    result = invoke("fewshot-train", "--checkpoint", workspace / "unet", "--images", workspace / "data" / "train",
+                    "--out", tmp_path / "random", "--folds", 2, "--steps", 1, "--batch-size", 2, "--device", "cpu",
+                    "--random-init", "--trainable", "attention")
+    assert result.exit_code == 0, result.output
+    record = json.loads((tmp_path / "random" / "fewshot.json").read_text())["settings"]
+    assert record["random_init"] and record["trainable"] == "attention"
+
+
+def test_fewshot_baselines_through_the_cli(workspace, tmp_path):
+    for baseline in ("prototype", "ensemble"):
+        result = invoke("fewshot-baseline", "--baseline", baseline, "--checkpoint", workspace / "unet", "--images",
+                        workspace / "data" / "test", "--out", tmp_path / baseline, "--folds", 2, "--episodes", 3,
+                        "--feature-steps", "50", "--feature-blocks", "0,1", "--members", 2, "--device", "cpu")
+        assert result.exit_code == 0, result.output
+        metrics = json.loads((tmp_path / baseline / "metrics.json").read_text())
+        assert metrics["baseline"] == baseline and set(metrics["per_class_iou"]) == {"disc"} and metrics["episodes"] == 3

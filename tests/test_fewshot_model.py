@@ -180,3 +180,46 @@ def test_latents_are_the_vae_mean_or_a_seeded_sample_and_decode_to_pixels():
     torch.testing.assert_close(encode_latents(vae, maps, generator=torch.Generator().manual_seed(3)), sample)
     assert not torch.allclose(sample, mean)
     assert decode_latents(vae, mean).shape == (2, 3, SIZE, SIZE)
+
+
+def test_fine_attention_starts_as_the_identity_and_is_kv_fused():
+    from pipeline.fewshot.kv_fusion import self_attention_layers
+    from pipeline.fewshot.model import add_fine_attention
+
+    generator = torch.Generator().manual_seed(3)
+    query = torch.randn(2, 3, 16, 16, generator=generator)
+    supports = torch.randn(2, 1, 3, 16, 16, generator=generator)
+    maps = torch.randn(2, 1, 3, 16, 16, generator=generator)
+    unet = tiny_attention_unet()
+    before = len(self_attention_layers(unet))
+    with torch.no_grad():
+        expected = FewShotUNet(unet)(query, supports, maps)
+        added = add_fine_attention(unet, [16], sample_size=16)
+        assert added == ["down_blocks.0.resnets.0.attention", "up_blocks.1.resnets.0.attention",
+                         "up_blocks.1.resnets.1.attention"]
+        assert len(self_attention_layers(unet)) == before + 3  # KV fusion reaches them
+        model = FewShotUNet(unet)
+        torch.testing.assert_close(model(query, supports, maps), expected, rtol=0, atol=1e-5)
+        for name in added:  # once trained, the new layers change the output
+            torch.nn.init.normal_(unet.get_submodule(name).to_out[0].weight, std=0.1, generator=generator)
+        assert not torch.allclose(model(query, supports, maps), expected, atol=1e-3)
+    with pytest.raises(ValueError, match=r"no block of this UNet works at \[4\]"):
+        add_fine_attention(tiny_attention_unet(), [4], sample_size=16)
+    with pytest.raises(ValueError, match="pixel-space UNet2DModel"):
+        add_fine_attention(tiny_text_conditioned_unet(), [16], sample_size=16)
+
+
+def test_attention_only_training_freezes_the_convolutions():
+    from pipeline.fewshot.model import freeze_except
+
+    model = FewShotUNet(tiny_attention_unet())
+    freeze_except(model, "attention")
+    trained = {name for name, parameter in model.named_parameters() if parameter.requires_grad}
+    assert trained and all(".attentions." in name or name.startswith(("conv_in_ref", "unet.conv_out", "unet.conv_norm_out"))
+                           for name in trained)
+    assert any(".attentions." in name for name in trained) and "conv_in_ref.weight" in trained
+    assert not model.unet.conv_in.weight.requires_grad and not model.unet.down_blocks[0].resnets[0].conv1.weight.requires_grad
+    freeze_except(model, "all")
+    assert all(parameter.requires_grad for parameter in model.parameters())
+    with pytest.raises(ValueError, match="trainable must be one of"):
+        freeze_except(model, "decoder")

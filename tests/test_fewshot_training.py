@@ -166,3 +166,29 @@ def test_a_folder_without_classes_and_a_class_no_image_holds_are_refused(workspa
         train_fewshot(checkpoint, tmp_path / "absent", tmp_path / "model", dataclasses.replace(SETTINGS, fold=1),
                       show_progress=False)
     assert not (tmp_path / "model").exists()
+
+
+def test_fine_attention_and_attention_only_training_reload_and_keep_the_convolutions(workspace, tmp_path):
+    root = workspace[0]
+    settings = dataclasses.replace(SETTINGS, steps=3, fine_attention=[16], trainable="attention")
+    train_fewshot(root / "unet", root / "images", tmp_path / "model", settings, show_progress=False)
+    weights = safetensors.torch.load_file(tmp_path / "model" / "model.safetensors")
+    assert "unet.up_blocks.1.resnets.0.attention.to_q.weight" in weights
+    assert torch.equal(weights["unet.down_blocks.0.resnets.0.resnet.conv1.weight"],
+                       tiny_attention_unet().down_blocks[0].resnets[0].conv1.weight)  # frozen
+    assert not torch.equal(weights["unet.up_blocks.1.resnets.0.attention.to_out.0.weight"],
+                           torch.zeros_like(weights["unet.up_blocks.1.resnets.0.attention.to_out.0.weight"]))
+    metrics = evaluate_fewshot(tmp_path / "model", root / "images", tmp_path / "eval", settings, show_progress=False)
+    assert metrics["episodes"] == 4
+
+
+def test_random_init_fine_tunes_fresh_weights_of_the_same_network(workspace, tmp_path):
+    root = workspace[0]
+    settings = dataclasses.replace(SETTINGS, steps=1, learning_rate=1e-12, random_init=True, seed=1)  # tiny_attention_unet is seed 0
+    train_fewshot(root / "unet", root / "images", tmp_path / "model", settings, show_progress=False)
+    weights = safetensors.torch.load_file(tmp_path / "model" / "model.safetensors")
+    pretrained = tiny_attention_unet().state_dict()
+    assert {f"unet.{name}" for name in pretrained} <= weights.keys()
+    name = "down_blocks.0.resnets.0.conv1.weight"
+    assert weights[f"unet.{name}"].shape == pretrained[name].shape
+    assert not torch.allclose(weights[f"unet.{name}"], pretrained[name], atol=1e-3)

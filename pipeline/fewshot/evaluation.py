@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -24,11 +25,13 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
-from pipeline.config import FewShotSettings
+from pipeline.config import FewShotSettings, TrainSettings
+from pipeline.fewshot.baselines import FeatureCache, baseline_predictor
 from pipeline.fewshot.episodes import Episode, EpisodeInputs, load_episode, make_episodes
 from pipeline.fewshot.metrics import FewShotScores
 from pipeline.fewshot.training import (
     ClassChoice,
+    EpisodeData,
     FewShotModel,
     episode_data,
     load_fewshot_model,
@@ -84,31 +87,80 @@ def evaluate_fewshot(
         raise ValueError(f"{images_dir} has the classes {data.classes.names}, the model was trained on "
                          f"{record['classes']['names']}")
     # 2. The episodes, scored one at a time.
+    device = pick_device(settings.device)
+    _to_device(loaded, device)  # outside inference mode: the parameters stay ordinary tensors
+
+    def predict(number: int, episode: Episode, inputs: EpisodeInputs) -> torch.Tensor:
+        with torch.inference_mode():
+            return predict_episode(loaded, inputs, settings.threshold, device)
+
+    # 3. The outputs.
+    return score_episodes(predict, data, settings, out_dir, {"model": str(Path(model_dir).resolve())}, classes,
+                          show_progress, started)
+
+
+def score_episodes(
+    predict: Callable[[int, Episode, EpisodeInputs], torch.Tensor],
+    data: EpisodeData,
+    settings: FewShotSettings,
+    out_dir: str | Path,
+    provenance: dict,
+    classes: ClassChoice = "test",
+    show_progress: bool = True,
+    started: float | None = None,
+) -> dict:
+    """Draws the run's episodes, scores `predict`'s masks of them and writes the outputs (steps 2-4
+    of the module docstring); shared by DiffewS and the baselines, so they meet the same episodes.
+
+    Args:
+        predict: (episode number, episode, its inputs) → predicted query mask, bool (H, W).
+        provenance: what made the predictions, recorded in metrics.json (e.g. {"model": …}).
+    """
+    started = time.perf_counter() if started is None else started
     episodes = make_episodes(data.index, data.episode_classes, settings.shots, count=settings.episodes,
                              seed=settings.seed, names=data.classes.names)
     scores = FewShotScores(data.episode_classes, data.classes.names)
-    device = pick_device(settings.device)
     pictured = []
     bar = tqdm(episodes, desc="fewshot-evaluate", unit="episode", disable=not show_progress)
-    _to_device(loaded, device)  # outside inference mode: the parameters stay ordinary tensors
-    with torch_threads(settings.threads), torch.inference_mode(), bar:
+    with torch_threads(settings.threads), bar:
         for number, episode in enumerate(bar):
             inputs = load_episode(episode, data.records, data.classes, data.size)
-            predicted = predict_episode(loaded, inputs, settings.threshold, device)  # bool (H, W)
+            predicted = predict(number, episode, inputs).cpu()  # bool (H, W)
             scores.update(episode.class_index, predicted, inputs.query_mask, inputs.query_scored)
             if number < PICTURED_EPISODES:
                 pictured.append((episode, inputs, predicted))
     seconds = time.perf_counter() - started
-    # 3. The outputs.
     metrics = scores.summary() | {
         "classes": classes, "folds": settings.folds, "fold": settings.fold, "shots": settings.shots,
         "threshold": settings.threshold, "seed": settings.seed, "image_size": data.size,
-        "seconds_per_episode": seconds / len(episodes), "model": str(Path(model_dir).resolve()),
+        "seconds_per_episode": seconds / len(episodes), **provenance,
     }
     _write_outputs(Path(out_dir), metrics, pictured, data.classes.names)
     logger.info("few-shot %s classes, fold %d, %d-shot: mIoU %.4f, FB-IoU %.4f over %d episodes",
                 classes, settings.fold, settings.shots, metrics["miou"], metrics["fb_iou"], len(episodes))
     return metrics
+
+
+def evaluate_fewshot_baseline(
+    baseline: str,
+    checkpoint: str | Path,
+    images_dir: str | Path,
+    out_dir: str | Path,
+    settings: FewShotSettings,
+    show_progress: bool = True,
+    classes: ClassChoice = "test",
+) -> dict:
+    """Scores a baseline (`fewshot.baselines`: "prototype" or "ensemble") on the episodes
+    `evaluate_fewshot` draws with the same settings, from the checkpoint's frozen features at
+    `settings.baseline_steps` and `settings.baseline_blocks`. Returns metrics.json's content."""
+    started = time.perf_counter()
+    cache = FeatureCache(checkpoint, settings.baseline_steps, settings.baseline_blocks, settings.seed, settings.device)
+    size = settings.image_size if settings.image_size is not None else cache.source.unet.config.sample_size
+    data = episode_data(images_dir, settings, size, classes, settings.shots)
+    predict = baseline_predictor(baseline, cache, TrainSettings(members=settings.baseline_members, device="cpu"))
+    provenance = {"baseline": baseline, "checkpoint": str(Path(checkpoint).resolve()),
+                  "feature_steps": list(settings.baseline_steps), "feature_blocks": list(settings.baseline_blocks)}
+    return score_episodes(predict, data, settings, out_dir, provenance, classes, show_progress, started)
 
 
 def predict_episode(loaded: FewShotModel, inputs: EpisodeInputs, threshold: float, device: torch.device) -> torch.Tensor:

@@ -18,15 +18,87 @@ paper: no text, no guidance), given to both passes.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
+from diffusers.models.attention_processor import Attention
 
 from pipeline.fewshot.kv_fusion import FusionMode, KeyValueBank, key_value_fusion
 
 TIMESTEP = 1
+ATTENTION_HEAD_CHANNELS = 32  # channels per head of the added attention layers
+TRAINABLE_PARTS = ("all", "attention")
+
+
+class ResnetThenAttention(torch.nn.Module):
+    """A UNet block's resnet followed by a self-attention layer (residual), called as the resnet is."""
+
+    def __init__(self, resnet: torch.nn.Module, attention: Attention):
+        super().__init__()
+        self.resnet, self.attention = resnet, attention
+
+    def forward(self, hidden_states: torch.Tensor, temb: torch.Tensor | None = None, *args, **kwargs) -> torch.Tensor:
+        return self.attention(self.resnet(hidden_states, temb, *args, **kwargs))
+
+
+def add_fine_attention(unet: torch.nn.Module, resolutions: Sequence[int], sample_size: int) -> list[str]:
+    """Adds a self-attention layer after every resnet of the down and up blocks of a pixel-space
+    `UNet2DModel` that work at one of `resolutions` (their input side, in model-input pixels at
+    `sample_size`). Each is zero-initialised at its output, so the UNet computes what it did; KV
+    fusion then reaches these finer token grids too. A UNet that attends only at coarse levels
+    (the demo's at 4×4 and 2×2 of 32×32: 8-pixel cells) cannot otherwise tell small parts apart.
+
+    Returns:
+        The module paths of the new attention layers.
+
+    Raises:
+        ValueError: not a UNet2DModel, or a resolution no block works at.
+    """
+    if isinstance(unet, UNet2DConditionModel) or not hasattr(unet, "down_blocks"):
+        raise ValueError("fine_attention is for pixel-space UNet2DModel backbones (Stable Diffusion attends at every level)")
+    added, found = [], set()
+    blocks = [(f"down_blocks.{i}", block, sample_size // 2**i) for i, block in enumerate(unet.down_blocks)]
+    levels = len(unet.down_blocks)
+    blocks += [(f"up_blocks.{i}", block, sample_size // 2 ** (levels - 1 - i)) for i, block in enumerate(unet.up_blocks)]
+    for path, block, side in blocks:
+        if side not in resolutions:
+            continue
+        found.add(side)
+        if getattr(block, "attentions", None):  # it attends already
+            continue
+        for index, resnet in enumerate(block.resnets):
+            channels = resnet.out_channels
+            attention = Attention(
+                channels, heads=max(1, channels // ATTENTION_HEAD_CHANNELS), dim_head=ATTENTION_HEAD_CHANNELS,
+                norm_num_groups=min(32, channels), residual_connection=True, bias=True, upcast_softmax=True,
+                _from_deprecated_attn_block=True, eps=1e-5,
+            )
+            torch.nn.init.zeros_(attention.to_out[0].weight)
+            torch.nn.init.zeros_(attention.to_out[0].bias)
+            block.resnets[index] = ResnetThenAttention(resnet, attention)
+            added.append(f"{path}.resnets.{index}.attention")
+    missing = sorted(set(resolutions) - found)
+    if missing:
+        raise ValueError(f"no block of this UNet works at {missing} (its levels: {sorted({side for _, _, side in blocks})})")
+    return added
+
+
+def freeze_except(model: torch.nn.Module, trainable: str) -> None:
+    """"all": every weight trains (the paper). "attention": only the self-attention layers, the
+    support stem and the output head (`conv_norm_out`, `conv_out`) train; the pretrained
+    convolutions stay as they are, the way few-shot segmenters keep a frozen backbone so that its
+    features still describe classes it was never fine-tuned on."""
+    if trainable not in TRAINABLE_PARTS:
+        raise ValueError(f"trainable must be one of {TRAINABLE_PARTS}, got {trainable!r}")
+    if trainable == "all":
+        model.requires_grad_(True)
+        return
+    model.requires_grad_(False)
+    for name, module in model.named_modules():
+        if isinstance(module, Attention) or name.endswith(("conv_in_ref", "conv_norm_out", "conv_out")):
+            module.requires_grad_(True)
 
 
 def support_stem(conv_in: torch.nn.Conv2d) -> torch.nn.Conv2d:

@@ -51,7 +51,7 @@ from pipeline.fewshot.episodes import (
     make_episodes,
 )
 from pipeline.fewshot.masks import decode_latents, decode_masks, encode_latents, masks_to_maps
-from pipeline.fewshot.model import FewShotUNet, training_loss
+from pipeline.fewshot.model import FewShotUNet, add_fine_attention, freeze_except, training_loss
 from pipeline.runtime.atomic import replaced_file
 from pipeline.runtime.devices import pick_device, torch_threads
 from pipeline.runtime.resume import load_run_state
@@ -303,10 +303,15 @@ def train_fewshot(
     size = episode_size(backbone, settings.image_size)
     data = episode_data(images_dir, settings, size, "train", settings.max_training_shots)
     device = pick_device(settings.device)
-    model = FewShotUNet(backbone.unet).to(device).train()
+    unet = random_copy(backbone.unet, settings.seed) if settings.random_init else backbone.unet
+    if settings.fine_attention:
+        add_fine_attention(unet, settings.fine_attention, model_side(size, backbone.pixels_per_input))
+    model = FewShotUNet(unet).to(device).train()
+    freeze_except(model, settings.trainable)
     vae = backbone.vae.to(device) if backbone.vae is not None else None
     text = backbone.prompt_embeds.to(device) if backbone.prompt_embeds is not None else None
-    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay)
+    trained = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    optimizer = torch.optim.AdamW(trained, lr=settings.learning_rate, weight_decay=settings.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda done: 1 - done / settings.steps)
     run = run_identity(backbone, data, settings)
     losses = _resume(out_dir, run, model, optimizer, scheduler)
@@ -319,7 +324,7 @@ def train_fewshot(
             loss = training_loss(prediction, inputs.target)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
+            torch.nn.utils.clip_grad_norm_(trained, settings.grad_clip)
             optimizer.step()
             scheduler.step()
             losses.append(float(loss.item()))
@@ -331,6 +336,18 @@ def train_fewshot(
     _write_outputs(out_dir, model, backbone, data, settings, losses)
     logger.info("few-shot training done: %d steps, final loss %.4f, %s", len(losses), losses[-1], out_dir)
     return FewShotTrainingSummary(out_dir, len(losses), losses[-1], time.perf_counter() - started)
+
+
+def random_copy(unet: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """The same UNet with diffusers' fresh random weights (seeded, the global random state untouched)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return type(unet).from_config(unet.config)
+
+
+def model_side(size: int | Sequence[int], pixels_per_input: int) -> int:
+    """The model input's side (the first, for H×W) at an episode size in image pixels."""
+    return as_shape(size)[0] // pixels_per_input
 
 
 def training_inputs(
@@ -469,8 +486,12 @@ def load_fewshot_model(folder: str | Path) -> FewShotModel:
     record = json.loads((folder / RECORD_FILE).read_text())
     backbone = record["backbone"]
     unet_class = UNet2DConditionModel if backbone["kind"] == LATENT else UNet2DModel
+    fine_attention = record["settings"].get("fine_attention") or []
     with torch.device("meta"):  # no random initialisation: every weight comes from the file
-        model = FewShotUNet(unet_class.from_config(backbone["unet_config"]), record["max_support_tokens"], record["timestep"])
+        unet = unet_class.from_config(backbone["unet_config"])
+        if fine_attention:
+            add_fine_attention(unet, fine_attention, model_side(record["image_size"], 1))
+        model = FewShotUNet(unet, record["max_support_tokens"], record["timestep"])
     # Cloned: tensors at arbitrary file offsets can round differently in some CPU kernels.
     weights = {name: tensor.clone() for name, tensor in safetensors.torch.load_file(folder / MODEL_FILE).items()}
     try:
