@@ -192,3 +192,22 @@ def test_refuses_a_non_empty_folder(tmp_path):
 def test_spec_rejects_bad_values(settings, message):
     with pytest.raises(ValueError, match=message):
         DemoSpec(**settings)
+
+
+def test_faces_without_parts_are_the_same_faces_with_those_parts_left_out(tmp_path):
+    from pipeline.data.demo import EAR, MOUTH, SKIN, make_face, stream_rng, write_faces
+
+    image, labels = make_face(stream_rng(0, "train", 3), 32)
+    omitted_image, omitted = make_face(stream_rng(0, "train", 3), 32, omit=(EAR, MOUTH))
+    assert (labels == EAR).any() and (labels == MOUTH).any()
+    assert not np.isin(omitted, [EAR, MOUTH]).any()
+    unchanged = ~np.isin(labels, [EAR, MOUTH])
+    np.testing.assert_array_equal(omitted[unchanged], labels[unchanged])
+    assert (omitted[labels == MOUTH] == SKIN).all()  # the mouth sits on the skin
+    write_faces(tmp_path / "faces", 3, 32, seed=0, omit=(EAR,))
+    classes = json.loads((tmp_path / "faces" / "classes.json").read_text())
+    assert classes["omitted"] == ["ear"] and len(classes["names"]) == 8
+    stored = np.load(tmp_path / "faces" / "face_0002.npy")
+    assert stored.shape == (32, 32) and not (stored == EAR).any()
+    with pytest.raises(FileExistsError):
+        write_faces(tmp_path / "faces", 3, 32, seed=0)

@@ -223,3 +223,14 @@ def test_attention_only_training_freezes_the_convolutions():
     assert all(parameter.requires_grad for parameter in model.parameters())
     with pytest.raises(ValueError, match="trainable must be one of"):
         freeze_except(model, "decoder")
+
+
+def test_a_support_bank_recorded_once_segments_each_query_as_the_full_forward_does(model):
+    channels, text = model.unet.config.in_channels, text_for(model)
+    queries, supports, maps = episode(channels, queries=3, shots=2, seed=5)
+    supports, maps = supports[:1], maps[:1]  # one support set for every query
+    with torch.no_grad():
+        bank = model.support_bank(supports, maps, text)
+        for query in queries:
+            torch.testing.assert_close(model.segment(query[None], bank, text), model(query[None], supports, maps, text),
+                                       rtol=0, atol=1e-6)

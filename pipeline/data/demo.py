@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,12 +77,15 @@ class _Face:
     hairline: float  # y of the fringe's lower edge, face units
 
 
-def make_face(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
+def make_face(rng: np.random.Generator, size: int, omit: Collection[int] = ()) -> tuple[np.ndarray, np.ndarray]:
     """Draws one face on a gradient background.
 
     Args:
         rng: The image's random generator (all choices come from it).
         size: Side of the image in pixels (at least 16).
+        omit: Parts (class indices) not drawn: what lies under them shows. Every other choice
+            is the same as without (a face without ears is the same face, ears left out): the
+            few-shot demo trains on faces without its novel parts (`write_faces`).
 
     Returns:
         ``(image, labels)``: image (size, size, 3) uint8 RGB; labels (size, size) uint8 class
@@ -96,7 +100,8 @@ def make_face(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarr
 
     classes = np.full((fine, fine), BACKGROUND, dtype=np.uint8)
     for label, region in _face_regions(face, x, y):
-        classes[region] = label
+        if label not in omit:
+            classes[region] = label
 
     background = _gradient_background(rng, fine)  # (fine, fine, 3)
     colours = _part_colours(rng, background[fine // 2, fine // 2])  # (classes, 3)
@@ -145,6 +150,27 @@ def write_demo_dataset(spec: DemoSpec, out_dir: Path) -> None:
         "test": spec.test_images,
         "names": list(CLASS_NAMES),
     }
+    (out_dir / "classes.json").write_text(json.dumps(classes, indent=1) + "\n")
+
+
+def write_faces(out_dir: Path, count: int, size: int, seed: int, omit: Collection[int] = ()) -> None:
+    """Writes `count` labeled faces (`face_NNNN.png` + `.npy`) and `classes.json` into `out_dir`,
+    from the stream (seed, "train"), without the `omit` parts: the few-shot demo's training
+    faces, where the novel parts appear in no image (its evaluation faces hold them).
+
+    Raises:
+        FileExistsError: `out_dir` exists and is not empty.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise FileExistsError(f"faces folder is not empty: {out_dir}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for index in tqdm(range(count), desc="faces", unit="face", disable=count < 500):
+        image, labels = make_face(stream_rng(seed, "train", index), size, omit)
+        Image.fromarray(image).save(out_dir / f"face_{index:04d}.png")
+        np.save(out_dir / f"face_{index:04d}.npy", labels)
+    classes = {"num_classes": len(CLASS_NAMES), "ignore_label": IGNORE_LABEL, "names": list(CLASS_NAMES),
+               "omitted": [CLASS_NAMES[label] for label in sorted(omit)]}
     (out_dir / "classes.json").write_text(json.dumps(classes, indent=1) + "\n")
 
 

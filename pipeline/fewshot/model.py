@@ -177,17 +177,37 @@ class FewShotUNet(torch.nn.Module):
             (B, C_out, H, W), the predicted mask map.
         """
         self._check_inputs(query, support_images, support_masks, encoder_hidden_states)
+        bank = self.support_bank(support_images, support_masks, encoder_hidden_states, generator)
+        return self.segment(query, bank, encoder_hidden_states)
+
+    def support_bank(
+        self,
+        support_images: torch.Tensor,
+        support_masks: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> KeyValueBank:
+        """The support pass alone: every self-attention layer's keys and values of the supports
+        (B, N, C, H, W) with their mask maps, kept (with their autograd history) for `segment`.
+        A bank of one query's supports (B = 1) serves any number of queries in turn, so a
+        support set is encoded once (`bench.demo_fewshot` times it)."""
         batch, shots = support_images.shape[:2]
         supports = torch.cat([support_images, support_masks], dim=2).flatten(0, 1)  # (B·N, 2C, H, W), query-major
-        query_text = support_text = None
+        support_text = None
         if encoder_hidden_states is not None:
-            query_text = encoder_hidden_states.expand(batch, -1, -1)  # (B, L, D)
-            support_text = query_text.repeat_interleave(shots, dim=0)  # (B·N, L, D)
+            support_text = encoder_hidden_states.expand(batch, -1, -1).repeat_interleave(shots, dim=0)  # (B·N, L, D)
         bank = KeyValueBank(self.max_support_tokens, generator)
         with key_value_fusion(self.unet, bank):
             bank.mode = FusionMode.RECORD
             with swapped_input_stem(self.unet, self.conv_in_ref):
                 self._denoise(supports, support_text)  # only the recorded keys and values are used
+        return bank
+
+    def segment(self, query: torch.Tensor, bank: KeyValueBank, encoder_hidden_states: torch.Tensor | None = None) -> torch.Tensor:
+        """The query pass: (B, C, H, W) → the predicted mask map, attending to `bank`'s supports
+        (B queries for a bank of B support sets)."""
+        query_text = None if encoder_hidden_states is None else encoder_hidden_states.expand(len(query), -1, -1)
+        with key_value_fusion(self.unet, bank):
             bank.mode = FusionMode.FUSE
             return self._denoise(query, query_text)
 
