@@ -197,8 +197,8 @@ def test_spec_rejects_bad_values(settings, message):
 def test_faces_without_parts_are_the_same_faces_with_those_parts_left_out(tmp_path):
     from pipeline.data.demo import EAR, MOUTH, SKIN, make_face, stream_rng, write_faces
 
-    image, labels = make_face(stream_rng(0, "train", 3), 32)
-    omitted_image, omitted = make_face(stream_rng(0, "train", 3), 32, omit=(EAR, MOUTH))
+    _, labels = make_face(stream_rng(0, "train", 3), 32)
+    _, omitted = make_face(stream_rng(0, "train", 3), 32, omit=(EAR, MOUTH))
     assert (labels == EAR).any() and (labels == MOUTH).any()
     assert not np.isin(omitted, [EAR, MOUTH]).any()
     unchanged = ~np.isin(labels, [EAR, MOUTH])

@@ -142,3 +142,23 @@ def test_flips_mirror_images_and_labels_together():
         mirrored = torch.equal(flipped[index], images[index].flip(-1))
         assert mirrored or torch.equal(flipped[index], images[index])
         assert torch.equal(flipped_labels[index], flipped[index, 0].long())
+
+
+def test_the_committed_demo_segmenter_is_the_recipe_params_yaml_gives():
+    """`dvc repro` evaluates data/checkpoints/demo_segmenter without remaking it: params.yaml's
+    synthesize and segmenter sections must be the recipe it was made with."""
+    from conftest import PROJECT_ROOT
+    from pipeline.config import load_params
+    from pipeline.data.demo import CLASS_NAMES
+
+    folder = PROJECT_ROOT / "data" / "checkpoints" / "demo_segmenter"
+    recipe = json.loads((folder / "recipe.json").read_text())
+    params = load_params(PROJECT_ROOT / "params.yaml")
+    for section in ("synthesize", "segmenter"):
+        wanted = {key: value for key, value in getattr(params, section).__dict__.items()
+                  if key not in ("device", "threads", "pictures")}
+        assert {key: recipe[section][key] for key in wanted} == wanted, section
+    segmenter = load_segmenter(folder)
+    assert segmenter.class_names == list(CLASS_NAMES) and segmenter.image_size == 32
+    assert segmenter.record["chosen_epoch"] == recipe["chosen_epoch"]
+    assert recipe["kept"] == round(recipe["synthesize"]["count"] * (1 - recipe["synthesize"]["filter_fraction"]))
