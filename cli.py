@@ -345,11 +345,17 @@ def train_segmenter(context: _Context, images, out, validation, architecture, wi
     _run(context, action)
 
 
+def _names(listed: str | None) -> list[str] | None:
+    """"ear, mouth" → ["ear", "mouth"]; None stays None."""
+    return None if listed is None else [name.strip() for name in listed.split(",") if name.strip()]
+
+
 def _fewshot_options(function):
     """The episode options `fewshot-train` and `fewshot-evaluate` share."""
     options = [
         click.option("--folds", default=4, show_default=True, help="Classes split into this many folds (COCO-20i: 4)."),
         click.option("--fold", default=0, show_default=True, help="This fold's classes are the novel ones; training never sees them."),
+        click.option("--novel-classes", help="Comma-separated names: the novel classes, a split of your own instead of --folds/--fold."),
         click.option("--image-size", type=int, help="Episodes at this size (default: the model's)."),
         click.option("--seed", default=0, show_default=True, help="Seeds the episodes."),
         click.option("--device", default="auto", show_default=True),
@@ -374,13 +380,14 @@ def _fewshot_options(function):
               help="all: the whole UNet (the paper); attention: self-attention, support stem and output head only.")
 @click.option("--random-init", is_flag=True, help="Fine-tune a randomly initialised copy of the UNet (the baseline of pretraining).")
 @click.pass_obj
-def fewshot_train(context: _Context, checkpoint, images, out, folds, fold, image_size, seed, device, steps, batch_size,
-                  max_shots, learning_rate, prompt_embeds, fine_attention, trainable, random_init):
+def fewshot_train(context: _Context, checkpoint, images, out, folds, fold, novel_classes, image_size, seed, device, steps,
+                  batch_size, max_shots, learning_rate, prompt_embeds, fine_attention, trainable, random_init):
     """DiffewS: fine-tune the diffusion UNet to segment what a support mask shows (KV fusion), on the base classes."""
     from pipeline.fewshot.training import train_fewshot
 
     def action():
-        settings = FewShotSettings(folds=folds, fold=fold, image_size=image_size, seed=seed, device=device, steps=steps,
+        settings = FewShotSettings(folds=folds, fold=fold, novel_classes=_names(novel_classes), image_size=image_size,
+                                   seed=seed, device=device, steps=steps,
                                    batch_size=batch_size, max_training_shots=max_shots, learning_rate=learning_rate,
                                    fine_attention=list(fine_attention), trainable=trainable, random_init=random_init)
         summary = train_fewshot(checkpoint, images, out, settings, context.show_progress, prompt_embeds=prompt_embeds)
@@ -401,14 +408,14 @@ def fewshot_train(context: _Context, checkpoint, images, out, folds, fold, image
 @click.option("--classes", "class_set", type=click.Choice(["test", "train"]), default="test", show_default=True,
               help="The fold's novel classes, or its base classes (what training saw).")
 @click.pass_obj
-def fewshot_evaluate(context: _Context, model, images, out, folds, fold, image_size, seed, device, shots, episodes,
-                     threshold, class_set):
+def fewshot_evaluate(context: _Context, model, images, out, folds, fold, novel_classes, image_size, seed, device, shots,
+                     episodes, threshold, class_set):
     """DiffewS: score a few-shot model on seeded episodes (per-class IoU over episodes, mIoU, FB-IoU)."""
     from pipeline.fewshot.evaluation import evaluate_fewshot
 
     def action():
-        settings = FewShotSettings(folds=folds, fold=fold, image_size=image_size, seed=seed, device=device, shots=shots,
-                                   episodes=episodes, threshold=threshold)
+        settings = FewShotSettings(folds=folds, fold=fold, novel_classes=_names(novel_classes), image_size=image_size,
+                                   seed=seed, device=device, shots=shots, episodes=episodes, threshold=threshold)
         metrics = evaluate_fewshot(model, images, out, settings, context.show_progress, classes=class_set)
         click.echo(f"fewshot-evaluate: {episodes} episodes of {shots} shot(s), mIoU {metrics['miou']:.4f}, "
                    f"FB-IoU {metrics['fb_iou']:.4f}; written to {out}")
@@ -430,15 +437,15 @@ def fewshot_evaluate(context: _Context, model, images, out, folds, fold, image_s
 @click.option("--members", default=10, show_default=True, help="ensemble: MLPs per episode.")
 @click.option("--classes", "class_set", type=click.Choice(["test", "train"]), default="test", show_default=True)
 @click.pass_obj
-def fewshot_baseline(context: _Context, baseline, checkpoint, images, out, folds, fold, image_size, seed, device, shots,
-                     episodes, feature_steps, feature_blocks, members, class_set):
+def fewshot_baseline(context: _Context, baseline, checkpoint, images, out, folds, fold, novel_classes, image_size, seed,
+                     device, shots, episodes, feature_steps, feature_blocks, members, class_set):
     """Score a few-shot baseline on frozen diffusion features, on the episodes fewshot-evaluate draws."""
     from pipeline.fewshot.evaluation import evaluate_fewshot_baseline
 
     def action():
         blocks = [int(block) if block.strip().isdigit() else block.strip() for block in feature_blocks.split(",")]
-        settings = FewShotSettings(folds=folds, fold=fold, image_size=image_size, seed=seed, device=device, shots=shots,
-                                   episodes=episodes, baseline_steps=[int(step) for step in feature_steps.split(",")],
+        settings = FewShotSettings(folds=folds, fold=fold, novel_classes=_names(novel_classes), image_size=image_size,
+                                   seed=seed, device=device, shots=shots, episodes=episodes, baseline_steps=[int(step) for step in feature_steps.split(",")],
                                    baseline_blocks=blocks, baseline_members=members)
         metrics = evaluate_fewshot_baseline(baseline, checkpoint, images, out, settings, context.show_progress, class_set)
         click.echo(f"fewshot-baseline {baseline}: {episodes} episodes of {shots} shot(s), mIoU {metrics['miou']:.4f}, "

@@ -423,6 +423,9 @@ class FewShotSettings:
         image_size: episodes at this size (None: the model's own).
         min_pixels: an image holds a class from this many pixels at `image_size` on.
         seed: seeds the training episodes; evaluation episodes use `seed` too (the official: 0).
+        novel_classes: the novel (test) classes by name, a split of your own (e.g. LVIS-92i's, or
+            training data with extra base classes the evaluation images lack) instead of fold
+            `fold` of `folds`; every other class but the background is a base class.
         random_init: fine-tune a randomly initialised copy of the checkpoint's UNet instead (the
             baseline that shows what the pretraining brings).
         fine_attention: pixel-space UNets: add zero-initialised self-attention (KV-fused too) to
@@ -450,6 +453,7 @@ class FewShotSettings:
     image_size: int | None = None
     min_pixels: int = 1
     seed: int = 0
+    novel_classes: list[str] | None = None
     random_init: bool = False
     fine_attention: list[int] = dataclasses.field(default_factory=list)
     trainable: Literal["all", "attention"] = "all"

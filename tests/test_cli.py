@@ -353,6 +353,11 @@ def test_fewshot_train_and_evaluate_through_the_cli(workspace, tmp_path):
     assert result.exit_code == 0, result.output
     record = json.loads((tmp_path / "random" / "fewshot.json").read_text())["settings"]
     assert record["random_init"] and record["trainable"] == "attention"
+    result = invoke("fewshot-train", "--checkpoint", workspace / "unet", "--images", workspace / "data" / "train",
+                    "--out", tmp_path / "named", "--novel-classes", "disc", "--steps", 1, "--batch-size", 2,
+                    "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "named" / "fewshot.json").read_text())["fold"]["test_classes"] == ["disc"]
 
 
 def test_fewshot_baselines_through_the_cli(workspace, tmp_path):

@@ -211,3 +211,19 @@ def test_faces_without_parts_are_the_same_faces_with_those_parts_left_out(tmp_pa
     assert stored.shape == (32, 32) and not (stored == EAR).any()
     with pytest.raises(FileExistsError):
         write_faces(tmp_path / "faces", 3, 32, seed=0)
+
+
+def test_stickers_add_many_part_like_classes_and_leave_the_face_as_it_was(tmp_path):
+    from pipeline.data.demo import CLASS_NAMES, make_face, stream_rng, write_faces
+
+    _, plain = make_face(stream_rng(0, "train", 5), 32)
+    image, labels = make_face(stream_rng(0, "train", 5), 32, sticker_classes=24)
+    stickers = labels >= len(CLASS_NAMES)
+    assert stickers.any() and labels.max() < len(CLASS_NAMES) + 24 and labels.dtype == np.uint8
+    np.testing.assert_array_equal(labels[~stickers], plain[~stickers])  # drawn over the face, nothing else moves
+    assert 6 <= stickers.sum() <= 3 * 45  # 1 to 3 stickers of radius 2 to 3.5 pixels
+    with pytest.raises(ValueError, match="sticker_classes must be in"):
+        make_face(stream_rng(0, "train", 5), 32, sticker_classes=300)
+    write_faces(tmp_path / "faces", 2, 32, seed=0, sticker_classes=3)
+    names = json.loads((tmp_path / "faces" / "classes.json").read_text())["names"]
+    assert names[len(CLASS_NAMES):] == ["sticker_0", "sticker_1", "sticker_2"]

@@ -83,6 +83,17 @@ def test_folds_of_the_seven_face_parts():
     assert dataset_fold(ClassInfo(NAMES, ignore_label=0), 4, 0, background=None).test_classes == (1, 5)
 
 
+def test_a_split_by_name_tests_those_classes_and_trains_on_every_other():
+    from pipeline.fewshot.episodes import named_fold
+
+    fold = named_fold(CLASSES, ["mouth", "ear"])
+    assert fold.test_classes == (3, 7) and fold.train_classes == (1, 2, 4, 5, 6)
+    with pytest.raises(ValueError, match=r"novel classes \['tail'\] are not among"):
+        named_fold(CLASSES, ["ear", "tail"])
+    with pytest.raises(ValueError, match="cannot be a novel class"):
+        named_fold(CLASSES, ["background"])
+
+
 def test_folds_refuse_bad_folds():
     for folds, fold in ((4, 4), (4, -1), (0, 0)):
         with pytest.raises(ValueError, match=f"fold must be in .*got fold {fold} of {folds}"):

@@ -192,3 +192,16 @@ def test_random_init_fine_tunes_fresh_weights_of_the_same_network(workspace, tmp
     name = "down_blocks.0.resnets.0.conv1.weight"
     assert weights[f"unet.{name}"].shape == pretrained[name].shape
     assert not torch.allclose(weights[f"unet.{name}"], pretrained[name], atol=1e-3)
+
+
+def test_a_split_by_name_trains_on_the_rest_and_is_evaluated_on_those_names_only(workspace, tmp_path):
+    root = workspace[0]
+    settings = dataclasses.replace(SETTINGS, steps=2, novel_classes=["disc"])
+    train_fewshot(root / "unet", root / "images", tmp_path / "model", settings, show_progress=False)
+    record = json.loads((tmp_path / "model" / "fewshot.json").read_text())["fold"]
+    assert record["test_classes"] == ["disc"] and record["train_classes"] == ["square"]
+    metrics = evaluate_fewshot(tmp_path / "model", root / "images", tmp_path / "eval", settings, show_progress=False)
+    assert list(metrics["per_class_iou"]) == ["disc"]
+    with pytest.raises(ValueError, match=r"trained with the novel classes \['disc'\], not \['square'\]"):
+        evaluate_fewshot(tmp_path / "model", root / "images", tmp_path / "other",
+                         dataclasses.replace(settings, novel_classes=["square"]), show_progress=False)

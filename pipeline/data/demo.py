@@ -77,7 +77,9 @@ class _Face:
     hairline: float  # y of the fringe's lower edge, face units
 
 
-def make_face(rng: np.random.Generator, size: int, omit: Collection[int] = ()) -> tuple[np.ndarray, np.ndarray]:
+def make_face(
+    rng: np.random.Generator, size: int, omit: Collection[int] = (), sticker_classes: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
     """Draws one face on a gradient background.
 
     Args:
@@ -86,6 +88,9 @@ def make_face(rng: np.random.Generator, size: int, omit: Collection[int] = ()) -
         omit: Parts (class indices) not drawn: what lies under them shows. Every other choice
             is the same as without (a face without ears is the same face, ears left out): the
             few-shot demo trains on faces without its novel parts (`write_faces`).
+        sticker_classes: S > 0 adds 1 to 3 stickers to the face, small shapes of S kinds (class
+            ``len(CLASS_NAMES) + k``: each kind one star-shaped outline, drawn at a random place,
+            turn and size, in a random colour): many part-like base classes for few-shot training.
 
     Returns:
         ``(image, labels)``: image (size, size, 3) uint8 RGB; labels (size, size) uint8 class
@@ -106,6 +111,12 @@ def make_face(rng: np.random.Generator, size: int, omit: Collection[int] = ()) -
     background = _gradient_background(rng, fine)  # (fine, fine, 3)
     colours = _part_colours(rng, background[fine // 2, fine // 2])  # (classes, 3)
     canvas = np.where((classes == BACKGROUND)[..., None], background, colours[classes])
+    if not 0 <= sticker_classes < IGNORE_LABEL - len(CLASS_NAMES):
+        raise ValueError(f"sticker_classes must be in 0..{IGNORE_LABEL - len(CLASS_NAMES) - 1}, got {sticker_classes}")
+    if sticker_classes:
+        for kind, region in _stickers(rng, sticker_classes, columns, rows, size):
+            classes[region] = len(CLASS_NAMES) + kind
+            canvas[region] = _visible_colour(rng, canvas[region].mean(axis=0))
     # Average each SUPERSAMPLING² block: (fine, fine, 3) → (size, S, size, S, 3) → (size, size, 3).
     canvas = canvas.reshape(size, _SUPERSAMPLING, size, _SUPERSAMPLING, 3).mean(axis=(1, 3))
     canvas += rng.normal(0.0, _NOISE_STD, size=canvas.shape)
@@ -153,7 +164,8 @@ def write_demo_dataset(spec: DemoSpec, out_dir: Path) -> None:
     (out_dir / "classes.json").write_text(json.dumps(classes, indent=1) + "\n")
 
 
-def write_faces(out_dir: Path, count: int, size: int, seed: int, omit: Collection[int] = ()) -> None:
+def write_faces(out_dir: Path, count: int, size: int, seed: int, omit: Collection[int] = (),
+                sticker_classes: int = 0) -> None:
     """Writes `count` labeled faces (`face_NNNN.png` + `.npy`) and `classes.json` into `out_dir`,
     from the stream (seed, "train"), without the `omit` parts: the few-shot demo's training
     faces, where the novel parts appear in no image (its evaluation faces hold them).
@@ -166,10 +178,11 @@ def write_faces(out_dir: Path, count: int, size: int, seed: int, omit: Collectio
         raise FileExistsError(f"faces folder is not empty: {out_dir}")
     out_dir.mkdir(parents=True, exist_ok=True)
     for index in tqdm(range(count), desc="faces", unit="face", disable=count < 500):
-        image, labels = make_face(stream_rng(seed, "train", index), size, omit)
+        image, labels = make_face(stream_rng(seed, "train", index), size, omit, sticker_classes)
         Image.fromarray(image).save(out_dir / f"face_{index:04d}.png")
         np.save(out_dir / f"face_{index:04d}.npy", labels)
-    classes = {"num_classes": len(CLASS_NAMES), "ignore_label": IGNORE_LABEL, "names": list(CLASS_NAMES),
+    names = list(CLASS_NAMES) + [f"sticker_{kind}" for kind in range(sticker_classes)]
+    classes = {"num_classes": len(names), "ignore_label": IGNORE_LABEL, "names": names,
                "omitted": [CLASS_NAMES[label] for label in sorted(omit)]}
     (out_dir / "classes.json").write_text(json.dumps(classes, indent=1) + "\n")
 
@@ -231,6 +244,27 @@ def _face_regions(face: _Face, x: np.ndarray, y: np.ndarray) -> list[tuple[int, 
         (MOUTH, _ellipse(x, y, turn, 0.55 * h, 0.34, 0.12)),
     ]
     return regions
+
+
+def _stickers(rng: np.random.Generator, kinds: int, columns: np.ndarray, rows: np.ndarray,
+              size: int) -> list[tuple[int, np.ndarray]]:
+    """1 to 3 stickers as (kind, boolean mask on the fine grid). Kind k's outline is fixed (from
+    its own generator): radius 1 + a·cos(m·θ + φ) with m in 0..4 lobes, an aspect ratio; each
+    sticker places it anywhere with its own turn and a radius of 2 to 3.5 output pixels."""
+    stickers = []
+    for _ in range(int(rng.integers(1, 4))):
+        kind = int(rng.integers(kinds))
+        shape = np.random.default_rng([kind, 7])
+        lobes, depth = int(shape.integers(0, 5)), shape.uniform(0.2, 0.5)
+        phase, aspect = shape.uniform(0, 2 * np.pi), shape.uniform(0.5, 1.0)
+        radius, turn = rng.uniform(2.0, 3.5), rng.uniform(0, 2 * np.pi)
+        centre = rng.uniform(radius, size - radius, size=2)
+        dx, dy = (columns - centre[0]) / radius, (rows - centre[1]) / radius
+        u = np.cos(turn) * dx + np.sin(turn) * dy
+        v = (-np.sin(turn) * dx + np.cos(turn) * dy) / aspect
+        outline = 1.0 + (depth * np.cos(lobes * np.arctan2(v, u) + phase) if lobes else 0.0)
+        stickers.append((kind, np.hypot(u, v) <= outline / (1.0 + depth)))
+    return stickers
 
 
 def _nose(x: np.ndarray, y: np.ndarray, h: float) -> np.ndarray:

@@ -133,6 +133,24 @@ def dataset_fold(
     return fold_classes(classes.num_classes, folds, fold, ignore=ignore, layout=layout)
 
 
+def named_fold(classes: ClassInfo, novel: Sequence[str], background: int | None = BACKGROUND) -> ClassFold:
+    """A split by name: `novel` are the test classes, every other class but the background and
+    the ignore label a training class (recorded as fold 0 of 1).
+
+    Raises:
+        ValueError: a name that is not a class of `classes`, or the background.
+    """
+    unknown = [name for name in novel if name not in classes.names]
+    if unknown:
+        raise ValueError(f"novel classes {unknown} are not among the classes {classes.names}")
+    test = sorted(classes.names.index(name) for name in novel)
+    if background in test:
+        raise ValueError(f"the background ({classes.names[background]}) cannot be a novel class")
+    ignore = {classes.ignore_label, background}
+    train = [label for label in range(classes.num_classes) if label not in ignore and label not in test]
+    return ClassFold(0, 1, tuple(test), tuple(train))
+
+
 @dataclasses.dataclass(frozen=True)
 class Episode:
     """One few-shot task: segment `class_index` in the query, given it in the supports.

@@ -73,8 +73,9 @@ def evaluate_fewshot(
         run's fold, classes, shots, threshold, seed, image size, seconds per episode.
 
     Raises:
-        ValueError: another fold or other class names than the model's, a class that fewer than
-            shots + 1 images hold.
+        ValueError: another fold than the model's, novel classes it was trained on (by name: the
+            folder may have other classes than the training's), a class that fewer than shots + 1
+            images hold.
     """
     started = time.perf_counter()
     # 1. The model and the data, checked against each other.
@@ -83,9 +84,11 @@ def evaluate_fewshot(
     _check_fold(record, settings, model_dir)
     size = settings.image_size if settings.image_size is not None else record["image_size"]
     data = episode_data(images_dir, settings, size, classes, settings.shots)
-    if list(data.classes.names) != record["classes"]["names"]:
-        raise ValueError(f"{images_dir} has the classes {data.classes.names}, the model was trained on "
-                         f"{record['classes']['names']}")
+    trained = set(record["fold"]["train_classes"])
+    asked = [data.classes.names[label] for label in data.episode_classes]
+    if classes == "test" and trained & set(asked):
+        raise ValueError(f"the model in {model_dir} was trained on {sorted(trained & set(asked))}, which "
+                         f"{images_dir} would score as novel classes")
     # 2. The episodes, scored one at a time.
     device = pick_device(settings.device)
     _to_device(loaded, device)  # outside inference mode: the parameters stay ordinary tensors
@@ -171,7 +174,12 @@ def predict_episode(loaded: FewShotModel, inputs: EpisodeInputs, threshold: floa
 
 
 def _check_fold(record: dict, settings: FewShotSettings, model_dir) -> None:
-    """Evaluating another fold than the training's would score classes the model was trained on."""
+    """Evaluating another split than the training's would score classes the model was trained on."""
+    if settings.novel_classes:
+        if sorted(settings.novel_classes) != sorted(record["fold"]["test_classes"]):
+            raise ValueError(f"{model_dir} was trained with the novel classes {record['fold']['test_classes']}, "
+                             f"not {settings.novel_classes}")
+        return
     trained = (record["fold"]["folds"], record["fold"]["fold"])
     if trained != (settings.folds, settings.fold):
         raise ValueError(

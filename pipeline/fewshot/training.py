@@ -46,6 +46,7 @@ from pipeline.fewshot.episodes import (
     EpisodeInputs,
     check_episode_pools,
     dataset_fold,
+    named_fold,
     index_classes,
     load_episode,
     make_episodes,
@@ -227,7 +228,10 @@ def episode_data(
         raise ValueError(f"{images_dir}: no classes.json beside the images or above them; it names the classes")
     if which not in ("train", "test"):
         raise ValueError(f"classes must be 'train' or 'test', got {which!r}")
-    fold = dataset_fold(classes, settings.folds, settings.fold)
+    if settings.novel_classes:
+        fold = named_fold(classes, settings.novel_classes)
+    else:
+        fold = dataset_fold(classes, settings.folds, settings.fold)
     chosen = fold.train_classes if which == "train" else fold.test_classes
     if not chosen:
         raise ValueError(f"fold {settings.fold} of {settings.folds} has no {which} classes (all classes: {fold.test_classes})")
