@@ -217,7 +217,7 @@ def test_stickers_add_many_part_like_classes_and_leave_the_face_as_it_was(tmp_pa
     from pipeline.data.demo import CLASS_NAMES, make_face, stream_rng, write_faces
 
     _, plain = make_face(stream_rng(0, "train", 5), 32)
-    image, labels = make_face(stream_rng(0, "train", 5), 32, sticker_classes=24)
+    _, labels = make_face(stream_rng(0, "train", 5), 32, sticker_classes=24)
     stickers = labels >= len(CLASS_NAMES)
     assert stickers.any() and labels.max() < len(CLASS_NAMES) + 24 and labels.dtype == np.uint8
     np.testing.assert_array_equal(labels[~stickers], plain[~stickers])  # drawn over the face, nothing else moves

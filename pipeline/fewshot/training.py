@@ -46,10 +46,10 @@ from pipeline.fewshot.episodes import (
     EpisodeInputs,
     check_episode_pools,
     dataset_fold,
-    named_fold,
     index_classes,
     load_episode,
     make_episodes,
+    named_fold,
 )
 from pipeline.fewshot.masks import decode_latents, decode_masks, encode_latents, masks_to_maps
 from pipeline.fewshot.model import FewShotUNet, add_fine_attention, freeze_except, training_loss
