@@ -351,18 +351,41 @@ def _names(listed: str | None) -> list[str] | None:
 
 
 def _fewshot_options(function):
-    """The episode options `fewshot-train` and `fewshot-evaluate` share."""
+    """The episode options the few-shot commands share."""
     options = [
-        click.option("--folds", default=4, show_default=True, help="Classes split into this many folds (COCO-20i: 4)."),
+        click.option("--preset", help="A few-shot benchmark's protocol (presets/fewshot: coco_20i, pascal_5i, lvis_92i): "
+                     "its folds, layout, size, seed and episodes, unless given here; the images' classes.json is checked."),
+        click.option("--folds", type=int, help="Classes split into this many folds (default 4, as COCO-20i)."),
         click.option("--fold", default=0, show_default=True, help="This fold's classes are the novel ones; training never sees them."),
         click.option("--novel-classes", help="Comma-separated names: the novel classes, a split of your own instead of --folds/--fold."),
         click.option("--image-size", type=int, help="Episodes at this size (default: the model's)."),
-        click.option("--seed", default=0, show_default=True, help="Seeds the episodes."),
+        click.option("--seed", type=int, help="Seeds the episodes (default 0)."),
         click.option("--device", default="auto", show_default=True),
     ]
     for option in reversed(options):
         function = option(function)
     return function
+
+
+def _fewshot_settings(images: Path, episode_options: dict, **values) -> FewShotSettings:
+    """A few-shot command's settings: its options, over a preset's protocol when one is named (its
+    classes.json checked against the preset), over the defaults."""
+    options = dict(episode_options)
+    preset_name, novel = options.pop("preset"), _names(options.pop("novel_classes"))
+    chosen = {key: value for key, value in {**options, **values}.items() if value is not None}
+    if preset_name is not None:
+        from pipeline.data.folders import find_class_info
+        from pipeline.data.presets import load_fewshot_preset
+
+        preset = load_fewshot_preset(preset_name)
+        classes = find_class_info(images)
+        if classes is None:
+            raise ValueError(f"{images}: no classes.json beside the images or above them; it names the classes")
+        preset.check_dataset(classes, images)
+        protocol = {"folds": preset.folds, "fold_layout": preset.fold_layout, "image_size": preset.image_size,
+                    "seed": preset.seed, "episodes": preset.episodes}
+        chosen = {**protocol, **chosen}
+    return FewShotSettings(novel_classes=novel, **chosen)
 
 
 @main.command("fewshot-train")
@@ -380,16 +403,15 @@ def _fewshot_options(function):
               help="all: the whole UNet (the paper); attention: self-attention, support stem and output head only.")
 @click.option("--random-init", is_flag=True, help="Fine-tune a randomly initialised copy of the UNet (the baseline of pretraining).")
 @click.pass_obj
-def fewshot_train(context: _Context, checkpoint, images, out, folds, fold, novel_classes, image_size, seed, device, steps,
-                  batch_size, max_shots, learning_rate, prompt_embeds, fine_attention, trainable, random_init):
+def fewshot_train(context: _Context, checkpoint, images, out, steps, batch_size, max_shots, learning_rate, prompt_embeds,
+                  fine_attention, trainable, random_init, **episode_options):
     """DiffewS: fine-tune the diffusion UNet to segment what a support mask shows (KV fusion), on the base classes."""
     from pipeline.fewshot.training import train_fewshot
 
     def action():
-        settings = FewShotSettings(folds=folds, fold=fold, novel_classes=_names(novel_classes), image_size=image_size,
-                                   seed=seed, device=device, steps=steps,
-                                   batch_size=batch_size, max_training_shots=max_shots, learning_rate=learning_rate,
-                                   fine_attention=list(fine_attention), trainable=trainable, random_init=random_init)
+        settings = _fewshot_settings(images, episode_options, steps=steps, batch_size=batch_size,
+                                     max_training_shots=max_shots, learning_rate=learning_rate,
+                                     fine_attention=list(fine_attention), trainable=trainable, random_init=random_init)
         summary = train_fewshot(checkpoint, images, out, settings, context.show_progress, prompt_embeds=prompt_embeds)
         click.echo(f"fewshot-train: {summary.steps} steps, final loss {summary.final_loss:.4f}; saved to "
                    f"{summary.out_dir} in {summary.seconds:.1f} s")
@@ -403,21 +425,19 @@ def fewshot_train(context: _Context, checkpoint, images, out, folds, fold, novel
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder for metrics.json and episodes.png.")
 @_fewshot_options
 @click.option("--shots", default=1, show_default=True, help="Supports per episode.")
-@click.option("--episodes", default=1000, show_default=True, help="Episodes (the official: 1,000 per fold).")
+@click.option("--episodes", type=int, help="Episodes (default: the preset's, else 1,000 per fold, the official).")
 @click.option("--threshold", default=0.25, show_default=True, help="Foreground above this fraction of the map's maximum.")
 @click.option("--classes", "class_set", type=click.Choice(["test", "train"]), default="test", show_default=True,
               help="The fold's novel classes, or its base classes (what training saw).")
 @click.pass_obj
-def fewshot_evaluate(context: _Context, model, images, out, folds, fold, novel_classes, image_size, seed, device, shots,
-                     episodes, threshold, class_set):
+def fewshot_evaluate(context: _Context, model, images, out, shots, episodes, threshold, class_set, **episode_options):
     """DiffewS: score a few-shot model on seeded episodes (per-class IoU over episodes, mIoU, FB-IoU)."""
     from pipeline.fewshot.evaluation import evaluate_fewshot
 
     def action():
-        settings = FewShotSettings(folds=folds, fold=fold, novel_classes=_names(novel_classes), image_size=image_size,
-                                   seed=seed, device=device, shots=shots, episodes=episodes, threshold=threshold)
+        settings = _fewshot_settings(images, episode_options, shots=shots, episodes=episodes, threshold=threshold)
         metrics = evaluate_fewshot(model, images, out, settings, context.show_progress, classes=class_set)
-        click.echo(f"fewshot-evaluate: {episodes} episodes of {shots} shot(s), mIoU {metrics['miou']:.4f}, "
+        click.echo(f"fewshot-evaluate: {settings.episodes} episodes of {shots} shot(s), mIoU {metrics['miou']:.4f}, "
                    f"FB-IoU {metrics['fb_iou']:.4f}; written to {out}")
 
     _run(context, action)
@@ -431,24 +451,24 @@ def fewshot_evaluate(context: _Context, model, images, out, folds, fold, novel_c
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder for metrics.json and episodes.png.")
 @_fewshot_options
 @click.option("--shots", default=1, show_default=True, help="Supports per episode.")
-@click.option("--episodes", default=1000, show_default=True, help="Episodes (the same as fewshot-evaluate's with the same seed).")
+@click.option("--episodes", type=int, help="Episodes (the same as fewshot-evaluate's with the same options).")
 @click.option("--feature-steps", default="25,50", show_default=True, help="Comma-separated diffusion steps of the features.")
 @click.option("--feature-blocks", default="decoder", show_default=True, help="Comma-separated blocks (numbers, names, or decoder).")
 @click.option("--members", default=10, show_default=True, help="ensemble: MLPs per episode.")
 @click.option("--classes", "class_set", type=click.Choice(["test", "train"]), default="test", show_default=True)
 @click.pass_obj
-def fewshot_baseline(context: _Context, baseline, checkpoint, images, out, folds, fold, novel_classes, image_size, seed,
-                     device, shots, episodes, feature_steps, feature_blocks, members, class_set):
+def fewshot_baseline(context: _Context, baseline, checkpoint, images, out, shots, episodes, feature_steps, feature_blocks,
+                     members, class_set, **episode_options):
     """Score a few-shot baseline on frozen diffusion features, on the episodes fewshot-evaluate draws."""
     from pipeline.fewshot.evaluation import evaluate_fewshot_baseline
 
     def action():
         blocks = [int(block) if block.strip().isdigit() else block.strip() for block in feature_blocks.split(",")]
-        settings = FewShotSettings(folds=folds, fold=fold, novel_classes=_names(novel_classes), image_size=image_size,
-                                   seed=seed, device=device, shots=shots, episodes=episodes, baseline_steps=[int(step) for step in feature_steps.split(",")],
-                                   baseline_blocks=blocks, baseline_members=members)
+        settings = _fewshot_settings(images, episode_options, shots=shots, episodes=episodes,
+                                     baseline_steps=[int(step) for step in feature_steps.split(",")],
+                                     baseline_blocks=blocks, baseline_members=members)
         metrics = evaluate_fewshot_baseline(baseline, checkpoint, images, out, settings, context.show_progress, class_set)
-        click.echo(f"fewshot-baseline {baseline}: {episodes} episodes of {shots} shot(s), mIoU {metrics['miou']:.4f}, "
+        click.echo(f"fewshot-baseline {baseline}: {settings.episodes} episodes of {shots} shot(s), mIoU {metrics['miou']:.4f}, "
                    f"FB-IoU {metrics['fb_iou']:.4f}; written to {out}")
 
     _run(context, action)

@@ -252,6 +252,10 @@ def _type_matches(value: Any, expected: Any) -> bool:
     if origin is list:
         (item_type,) = typing.get_args(expected)
         return isinstance(value, list) and all(_type_matches(item, item_type) for item in value)
+    if origin is dict:
+        key_type, value_type = typing.get_args(expected)
+        return isinstance(value, dict) and all(
+            _type_matches(key, key_type) and _type_matches(item, value_type) for key, item in value.items())
     if origin in (typing.Union, types.UnionType):
         return any(_type_matches(value, option) for option in typing.get_args(expected))
     if expected is type(None):
@@ -423,6 +427,8 @@ class FewShotSettings:
         image_size: episodes at this size (None: the model's own).
         min_pixels: an image holds a class from this many pixels at `image_size` on.
         seed: seeds the training episodes; evaluation episodes use `seed` too (the official: 0).
+        fold_layout: "interleaved" (COCO-20i, LVIS-92i: fold f tests every folds-th class from
+            f) or "blocks" (PASCAL-5i: contiguous blocks).
         novel_classes: the novel (test) classes by name, a split of your own (e.g. LVIS-92i's, or
             training data with extra base classes the evaluation images lack) instead of fold
             `fold` of `folds`; every other class but the background is a base class.
@@ -453,6 +459,7 @@ class FewShotSettings:
     image_size: int | None = None
     min_pixels: int = 1
     seed: int = 0
+    fold_layout: Literal["interleaved", "blocks"] = "interleaved"
     novel_classes: list[str] | None = None
     random_init: bool = False
     fine_attention: list[int] = dataclasses.field(default_factory=list)

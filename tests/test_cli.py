@@ -360,6 +360,21 @@ def test_fewshot_train_and_evaluate_through_the_cli(workspace, tmp_path):
     assert json.loads((tmp_path / "named" / "fewshot.json").read_text())["fold"]["test_classes"] == ["disc"]
 
 
+def test_a_fewshot_preset_sets_the_protocol_and_checks_the_classes(workspace, tmp_path):
+    preset = tmp_path / "two_folds.yaml"
+    preset.write_text("name: two_folds\nfolds: 2\nfold_layout: blocks\nepisodes: 2\nimage_size: 16\n"
+                      "ignore_label: 255\nnum_classes: 3\n")
+    result = invoke("fewshot-baseline", "--baseline", "prototype", "--checkpoint", workspace / "unet", "--images",
+                    workspace / "data" / "test", "--out", tmp_path / "scores", "--preset", preset,
+                    "--feature-steps", "50", "--feature-blocks", "0", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "scores" / "metrics.json").read_text())
+    assert (metrics["episodes"], metrics["folds"], metrics["image_size"]) == (2, 2, 16)
+    result = invoke("fewshot-baseline", "--baseline", "prototype", "--checkpoint", workspace / "unet", "--images",
+                    workspace / "data" / "test", "--out", tmp_path / "coco", "--preset", "coco_20i", "--device", "cpu")
+    assert result.exit_code == 1 and "but coco_20i has 81" in result.output and not (tmp_path / "coco").exists()
+
+
 def test_fewshot_baselines_through_the_cli(workspace, tmp_path):
     for baseline in ("prototype", "ensemble"):
         result = invoke("fewshot-baseline", "--baseline", baseline, "--checkpoint", workspace / "unet", "--images",

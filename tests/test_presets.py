@@ -76,3 +76,20 @@ def test_the_feature_presets_load_and_unknown_ones_are_named():
     assert (dift.image_size, dift.steps, dift.blocks, dift.noise_draws) == (768, [261], ["up_blocks.1"], 8)
     with pytest.raises(FileNotFoundError, match="sd21-dift"):
         load_feature_preset("sd99")
+
+
+def test_the_few_shot_presets_hold_the_published_protocols():
+    from pipeline.data.folders import ClassInfo
+    from pipeline.data.presets import fewshot_preset_names, load_fewshot_preset
+
+    assert fewshot_preset_names() == ["coco_20i", "lvis_92i", "pascal_5i"]
+    protocols = {name: load_fewshot_preset(name) for name in fewshot_preset_names()}
+    assert [(p.folds, p.fold_layout, p.episodes, p.num_classes, p.image_size) for p in protocols.values()] == [
+        (4, "interleaved", 1000, 81, 512), (10, "interleaved", 2300, 921, 512), (4, "blocks", 1000, 21, 512)]
+    assert protocols["coco_20i"].paper == {"in_context_1shot": 71.3, "in_context_5shot": 72.2,
+                                           "strict_1shot": 51.2, "strict_5shot": 56.0}
+    protocols["pascal_5i"].check_dataset(ClassInfo([f"c{k}" for k in range(21)], 255), "voc")
+    with pytest.raises(ValueError, match="has 3 classes and ignore label 255, but coco_20i has 81 and 255"):
+        protocols["coco_20i"].check_dataset(ClassInfo(["a", "b", "c"], 255), "mine")
+    with pytest.raises(FileNotFoundError, match="known: \\['coco_20i'"):
+        load_fewshot_preset("coco")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Literal
 
 import yaml
 
@@ -185,3 +186,58 @@ def preset_for_dataset(classes: ClassInfo, name: str, document: dict | None = No
         train_images=int(document.get("train", 0)),
         test_images=int(document.get("test", 0)),
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class FewShotPreset:
+    """A few-shot benchmark's protocol (`presets/fewshot/<name>.yaml`): how its classes split into
+    folds and how many episodes a fold is scored on. The class names come from the dataset's own
+    classes.json (80 to 920 of them), which must have `num_classes` names and this ignore label.
+
+    Attributes:
+        name: e.g. "coco_20i".
+        folds, fold_layout: the split ("interleaved": fold f tests every folds-th class from f,
+            COCO-20i and LVIS-92i; "blocks": contiguous blocks, PASCAL-5i).
+        episodes: episodes per fold (the official: 1,000; LVIS-92i 2,300), seed: their seed.
+        image_size: the episode size (DiffewS: 512).
+        ignore_label, num_classes: what the dataset's classes.json must say.
+        paper: DiffewS's published mIoU in percent (mean over folds), by setting.
+    """
+
+    name: str
+    folds: int
+    fold_layout: Literal["interleaved", "blocks"]
+    episodes: int
+    image_size: int
+    ignore_label: int
+    num_classes: int
+    description: str = ""
+    seed: int = 0
+    paper: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    def check_dataset(self, classes: ClassInfo, where: str | Path) -> None:
+        """Raises ValueError when a dataset's classes.json is not this benchmark's."""
+        if classes.num_classes != self.num_classes or classes.ignore_label != self.ignore_label:
+            raise ValueError(
+                f"{where}: classes.json has {classes.num_classes} classes and ignore label {classes.ignore_label}, "
+                f"but {self.name} has {self.num_classes} and {self.ignore_label}"
+            )
+
+
+def fewshot_preset_names() -> list[str]:
+    """Names of the few-shot presets shipped in `presets/fewshot/`, sorted."""
+    return sorted(path.stem for path in (PRESETS_DIR / "fewshot").glob("*.yaml"))
+
+
+def load_fewshot_preset(name_or_path: str | Path) -> FewShotPreset:
+    """Reads a few-shot preset by name (`presets/fewshot/<name>.yaml`) or from a YAML file path.
+
+    Raises:
+        FileNotFoundError: naming the known few-shot presets when the name is unknown.
+        ValueError: naming the file and key on unknown keys or wrong types.
+    """
+    candidate = Path(name_or_path)
+    path = candidate if candidate.suffix in (".yaml", ".yml") else PRESETS_DIR / "fewshot" / f"{name_or_path}.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"no few-shot preset {str(name_or_path)!r} ({path} not found); known: {fewshot_preset_names()}")
+    return _read_settings_file(FewShotPreset, path)

@@ -28,11 +28,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from pipeline.config import TrainSettings
+from pipeline.config import ExtractSettings, TrainSettings
 from pipeline.fewshot.episodes import Episode, EpisodeInputs
 from pipeline.heads.pixel_ensemble.inference import votes_and_disagreement
 from pipeline.heads.pixel_ensemble.members import train_fused
-from pipeline.sources.diffusion_unet import load_unet_source
+from pipeline.sources.loading import load_source
 
 BASELINES = ("prototype", "ensemble")
 
@@ -46,7 +46,9 @@ class FeatureCache:
 
     def __init__(self, checkpoint: str | Path, steps: Sequence[int], blocks: Sequence[int | str], seed: int,
                  device: str):
-        self.source = load_unet_source(checkpoint, list(blocks), list(steps), seed, device)
+        # Any checkpoint `extract` reads: a pixel UNet, or a latent-diffusion folder (empty prompt).
+        self.source = load_source(checkpoint, ExtractSettings(steps=list(steps), blocks=list(blocks), seed=seed,
+                                                              device=device))
         self._features: dict[str, torch.Tensor] = {}
 
     def features(self, name: str, image: torch.Tensor) -> torch.Tensor:

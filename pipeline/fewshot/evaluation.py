@@ -40,6 +40,7 @@ from pipeline.fewshot.training import (
 )
 from pipeline.runtime.atomic import replaced_file
 from pipeline.runtime.devices import pick_device, torch_threads
+from pipeline.sources.loading import native_image_size
 
 logger = logging.getLogger(__name__)
 
@@ -158,7 +159,7 @@ def evaluate_fewshot_baseline(
     `settings.baseline_steps` and `settings.baseline_blocks`. Returns metrics.json's content."""
     started = time.perf_counter()
     cache = FeatureCache(checkpoint, settings.baseline_steps, settings.baseline_blocks, settings.seed, settings.device)
-    size = settings.image_size if settings.image_size is not None else cache.source.unet.config.sample_size
+    size = settings.image_size if settings.image_size is not None else native_image_size(cache.source)
     data = episode_data(images_dir, settings, size, classes, settings.shots)
     predict = baseline_predictor(baseline, cache, TrainSettings(members=settings.baseline_members, device="cpu"))
     provenance = {"baseline": baseline, "checkpoint": str(Path(checkpoint).resolve()),

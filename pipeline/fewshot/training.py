@@ -231,7 +231,7 @@ def episode_data(
     if settings.novel_classes:
         fold = named_fold(classes, settings.novel_classes)
     else:
-        fold = dataset_fold(classes, settings.folds, settings.fold)
+        fold = dataset_fold(classes, settings.folds, settings.fold, layout=settings.fold_layout)
     chosen = fold.train_classes if which == "train" else fold.test_classes
     if not chosen:
         raise ValueError(f"fold {settings.fold} of {settings.folds} has no {which} classes (all classes: {fold.test_classes})")

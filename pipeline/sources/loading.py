@@ -75,3 +75,13 @@ def probe_source(checkpoint: str | Path, size: int | None = None) -> tuple[UNetS
         return source, size or model.unet.config.sample_size * downsampling
     source = load_unet_source(checkpoint, [], [0], 0, "cpu")
     return source, size or source.unet.config.sample_size
+
+
+def native_image_size(source: FeatureSource) -> int:
+    """The image side a source's model was trained at: its UNet's sample size, times the VAE's
+    downsampling factor for a latent-diffusion source."""
+    side = source.unet.config.sample_size
+    side = side if isinstance(side, int) else side[0]
+    if hasattr(source, "vae"):
+        side *= 2 ** (len(source.vae.config.block_out_channels) - 1)
+    return side

@@ -51,6 +51,7 @@ from pipeline.runtime.atomic import replaced_file
 from pipeline.runtime.devices import torch_threads
 from pipeline.sources.diffusion_unet import load_unet_source
 from pipeline.sources.latent import is_latent_diffusion_folder, load_latent_source
+from pipeline.sources.loading import native_image_size
 from pipeline.synthetic.filtering import kept_samples
 from pipeline.synthetic.sampling import sample_images, sample_seed, sample_space_of
 
@@ -111,7 +112,7 @@ def synthesize_dataset(
     out_dir = Path(out_dir)
     # 1. The model, the ensemble and the size; refused before anything is written.
     ensemble, source = _load_models(checkpoint, ensemble_dir, settings.device, prompt_embeds)
-    size = ensemble.features.image_size if ensemble is not None else image_size or _native_size(source)
+    size = ensemble.features.image_size if ensemble is not None else image_size or native_image_size(source)
     space = sample_space_of(source, size)
     record = _settings_record(source, ensemble_dir, settings, size) | {"code_sha256": code_sha256}
     progress = _prepare_folder(out_dir, record, ensemble, replace_mismatched)
@@ -140,15 +141,6 @@ def _load_models(checkpoint, ensemble_dir, device: str, prompt_embeds):
         return None, load_unet_source(checkpoint, [], [0], 0, device)
     ensemble = load_ensemble(ensemble_dir)
     return ensemble, load_checked_source(ensemble, Path(ensemble_dir), Path(checkpoint), device, prompt_embeds)
-
-
-def _native_size(source) -> int:
-    """The image size the model was trained at."""
-    size = source.unet.config.sample_size
-    size = size if isinstance(size, int) else size[0]
-    if hasattr(source, "vae"):
-        size *= 2 ** (len(source.vae.config.block_out_channels) - 1)
-    return size
 
 
 def _batches(count: int, batch_size: int) -> Iterator[list[int]]:
