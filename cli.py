@@ -184,15 +184,21 @@ def evaluate(context: _Context, ensemble, store, out):
 @click.option("--pixels-per-image", default=500, show_default=True, help="Labeled pixels sampled from each image.")
 @click.option("--min-gain", default=0.2, show_default=True, help="Stop adding when validation mIoU rises by no more points than this.")
 @click.option("--max-features", type=int, help="Never choose more features per pixel than this.")
+@click.option("--steps", help="Comma-separated: choose among these of the store's steps only (default: all).")
+@click.option("--blocks", help="Comma-separated: choose among these of the store's taps only (names or block numbers; default: all).")
 @click.pass_obj
-def select(context: _Context, store, out, classes, folds, pixels_per_image, min_gain, max_features):
+def select(context: _Context, store, out, classes, folds, pixels_per_image, min_gain, max_features, steps, blocks):
     """Choose steps and taps of a store from its labeled images alone (k-fold cross-validation of a cheap probe)."""
     from pipeline.config import SelectSettings
-    from pipeline.heads.selection import select_into_folder
+    from pipeline.heads.selection import select_into_folder, select_memory_bytes
 
     def action():
         settings = SelectSettings(folds=folds, pixels_per_image=pixels_per_image, min_gain_points=min_gain,
-                                  max_features=max_features)
+                                  max_features=max_features, steps=_int_list(steps) if steps else None,
+                                  blocks=_tap_list(blocks) if blocks else None)
+        cost = select_memory_bytes(store, settings)
+        click.echo(f"select: {cost['candidates']} candidates, {cost['features_per_pixel']} features per pixel, up to "
+                   f"{cost['pixels']} pixels: up to {cost['bytes'] / 1e9:.2f} GB of memory", err=True)
         class_info = load_class_info(classes) if classes else None
         chosen = select_into_folder(store, out, settings, class_info, context.show_progress)
         click.echo(
@@ -463,10 +469,9 @@ def fewshot_baseline(context: _Context, baseline, checkpoint, images, out, shots
     from pipeline.fewshot.evaluation import evaluate_fewshot_baseline
 
     def action():
-        blocks = [int(block) if block.strip().isdigit() else block.strip() for block in feature_blocks.split(",")]
         settings = _fewshot_settings(images, episode_options, shots=shots, episodes=episodes,
-                                     baseline_steps=[int(step) for step in feature_steps.split(",")],
-                                     baseline_blocks=blocks, baseline_members=members)
+                                     baseline_steps=_int_list(feature_steps), baseline_blocks=_tap_list(feature_blocks),
+                                     baseline_members=members)
         metrics = evaluate_fewshot_baseline(baseline, checkpoint, images, out, settings, context.show_progress, class_set)
         click.echo(f"fewshot-baseline {baseline}: {settings.episodes} episodes of {shots} shot(s), mIoU {metrics['miou']:.4f}, "
                    f"FB-IoU {metrics['fb_iou']:.4f}; written to {out}")

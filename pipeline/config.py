@@ -317,6 +317,8 @@ class SelectSettings:
             this many points.
         max_features: never choose more features per pixel (None: no limit).
         seed: seeds the pixel sample and the folds.
+        steps, blocks: the candidates: these of the store's steps and taps (names or block
+            numbers) only; None: all it holds.
     """
 
     folds: int = 5
@@ -324,6 +326,8 @@ class SelectSettings:
     min_gain_points: float = 0.2
     max_features: int | None = None
     seed: int = 0
+    steps: list[int] | None = None
+    blocks: list[int | str] | None = None
 
     def __post_init__(self) -> None:
         if self.folds < 2 or self.pixels_per_image < 1 or self.min_gain_points < 0:

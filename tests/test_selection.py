@@ -26,6 +26,21 @@ def test_the_tap_that_holds_the_labels_is_chosen(tmp_path):
     assert selection.per_class_best_tap["square"] == "decoder.12"
 
 
+def test_candidates_restrict_the_choice_and_score_each_as_the_full_run_does(tmp_path):
+    write_learnable_store(tmp_path / "train.zarr", count=4, seed=0, noise=0.5)
+    full = select_steps_and_taps(tmp_path / "train.zarr", CLASSES, 255, folds=4, pixels_per_image=200,
+                                 show_progress=False)
+    without = select_steps_and_taps(tmp_path / "train.zarr", CLASSES, 255, folds=4, pixels_per_image=200,
+                                    show_progress=False, candidate_steps=[50], candidate_blocks=[5, 8])
+    assert set(without.single) == {"t50 decoder.5", "t50 decoder.8"} and without.steps == [50]
+    assert set(without.taps) <= {"decoder.5", "decoder.8"}
+    for name, miou in without.single.items():  # the same probe on the same pixels: the same scores
+        assert miou == pytest.approx(full.single[name], abs=1e-9)
+    restricted = select_steps_and_taps(tmp_path / "train.zarr", CLASSES, 255, folds=4, pixels_per_image=200,
+                                       show_progress=False, candidate_blocks=["decoder.12"])
+    assert restricted.taps == ["decoder.12"] and restricted.validation_miou == pytest.approx(full.validation_miou, abs=0.01)
+
+
 def test_one_labeled_image_is_not_enough(tmp_path):
     write_learnable_store(tmp_path / "one.zarr", count=1)
     with pytest.raises(ValueError, match="at least 2 labeled images"):
@@ -40,8 +55,9 @@ def test_select_writes_a_selection_that_train_reads(tmp_path):
         assert result.exit_code == 0, result.output
         return result
 
-    invoke("select", "--store", tmp_path / "train.zarr", "--out", tmp_path / "selection", "--folds", 2,
-           "--pixels-per-image", 100)
+    result = invoke("select", "--store", tmp_path / "train.zarr", "--out", tmp_path / "selection", "--folds", 2,
+                    "--pixels-per-image", 100)
+    assert "features per pixel" in result.output and "GB of memory" in result.output
     steps, taps = read_selection(tmp_path / "selection" / "selection.json")
     assert taps == ["decoder.12"] and Image.open(tmp_path / "selection" / "selection.png").size[0] > 200
     invoke("train", "--store", tmp_path / "train.zarr", "--out", tmp_path / "ensemble", "--members", 1,

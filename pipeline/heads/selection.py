@@ -44,6 +44,7 @@ def select_into_folder(
     selection = select_steps_and_taps(
         store_path, classes.names, classes.ignore_label, settings.folds, settings.pixels_per_image,
         settings.min_gain_points / 100, settings.max_features, settings.seed, show_progress,
+        settings.steps, settings.blocks,
     )
     out_dir.mkdir(parents=True, exist_ok=True)
     write_selection(selection, out_dir / "selection.json")
@@ -62,16 +63,23 @@ def select_steps_and_taps(
     max_features: int | None = None,
     seed: int = 0,
     show_progress: bool = True,
+    candidate_steps: Sequence[int] | None = None,
+    candidate_blocks: Sequence[int | str] | None = None,
 ) -> Selection:
     """Chooses steps and taps of a store by cross-validating a ridge classifier over its labeled images.
 
     Args:
         min_gain: in mIoU (0.002 = 0.2 points).
+        candidate_steps, candidate_blocks: choose among these of the store's steps and taps only
+            (None: all); only their features are read and kept.
 
     Raises:
         ValueError: fewer than two labeled images (nothing to validate on).
     """
     store = FeatureStore(store_path, cache_megabytes=0)
+    schema = store.schema
+    candidates = select_features(schema, candidate_steps, candidate_blocks)
+    candidate_steps, candidate_taps = candidates.steps, [shape.name for shape in candidates.tap_shapes]
     num_classes = len(class_names)
     pixels = select_labeled_pixels(store, num_classes, ignore_label, class_names=class_names)
     images = np.unique(pixels.image_index)
@@ -84,34 +92,36 @@ def select_steps_and_taps(
     ])
     image_of, labels = pixels.image_index[chosen], pixels.label[chosen].astype(np.int64)
     features = np.concatenate([
-        store.pixel_features(int(image), pixels.y[chosen[image_of == image]], pixels.x[chosen[image_of == image]])
+        store.pixel_features(int(image), pixels.y[chosen[image_of == image]],
+                             pixels.x[chosen[image_of == image]])[:, candidates.columns]
         for image in images
-    ])  # (P, D) float32, in the order of `chosen`: image by image
+    ])  # (P, D_candidates) float32, in the order of `chosen`: image by image
     fold_of_image = {int(image): position % min(folds, len(images)) for position, image in enumerate(rng.permutation(images))}
     fold = np.array([fold_of_image[int(image)] for image in image_of])
-    schema = store.schema
 
     probe = RidgeProbe(features, labels, fold, num_classes, ignore_label)
-    steps_of_store = schema.steps or [None]
+    steps_of_store = candidate_steps or [None]
     for step in steps_of_store:
-        for tap in schema.taps:
-            probe.add_group((step, tap), select_features(schema, None if step is None else [step], [tap]).columns)
+        for tap in candidate_taps:
+            # The group's store columns, as positions among the candidates' (both in store order).
+            columns = select_features(schema, None if step is None else [step], [tap]).columns
+            probe.add_group((step, tap), np.searchsorted(candidates.columns, columns))
 
     def score(steps: list[int], taps: list[str]) -> tuple[float, np.ndarray]:
         return probe.score([(step, tap) for step in (steps or [None]) for tap in taps])
 
-    candidates = [(step, tap) for step in steps_of_store for tap in schema.taps]
+    singles = [(step, tap) for step in steps_of_store for tap in candidate_taps]
     single, per_class = {}, {}
-    for step, tap in tqdm(candidates, desc="select: single", unit="candidate", disable=not show_progress):
+    for step, tap in tqdm(singles, desc="select: single", unit="candidate", disable=not show_progress):
         miou, class_iou = score([] if step is None else [step], [tap])
         single[_name(step, tap)], per_class[tap] = miou, np.fmax(per_class.get(tap, class_iou), class_iou)
-    best_step, best_tap = max(candidates, key=lambda candidate: single[_name(*candidate)])
+    best_step, best_tap = max(singles, key=lambda candidate: single[_name(*candidate)])
     steps, taps = ([] if best_step is None else [best_step]), [best_tap]
     current = single[_name(best_step, best_tap)]
     order = [{"added": _name(best_step, best_tap), "miou": round(current, 4)}]
     while True:
-        options = [(steps + [step], taps, f"step {step}") for step in schema.steps if step not in steps]
-        options += [(steps, taps + [tap], f"tap {tap}") for tap in schema.taps if tap not in taps]
+        options = [(steps + [step], taps, f"step {step}") for step in candidate_steps if step not in steps]
+        options += [(steps, taps + [tap], f"tap {tap}") for tap in candidate_taps if tap not in taps]
         options = [option for option in options if max_features is None
                    or select_features(schema, option[0] or None, option[1]).feature_dim <= max_features]
         if not options:
@@ -132,6 +142,19 @@ def select_steps_and_taps(
     return Selection(in_store_order.steps, in_store_order.taps, round(current, 4),
                      {name: round(value, 4) for name, value in single.items()}, order, class_best, int(fold.max()) + 1,
                      pixels_per_image)
+
+
+def select_memory_bytes(store_path: str | Path, settings: SelectSettings) -> dict:
+    """What `select` will hold at most, said before it starts: the sampled pixels' candidate
+    features (float32 read, float64 in the probe) and the probe's Gram rows if every group is
+    used (8·(folds + 1)·D² bytes). Returns pixels, features per pixel, candidates and bytes."""
+    store = FeatureStore(store_path, cache_megabytes=0)
+    candidates = select_features(store.schema, settings.steps, settings.blocks)
+    pixels = len(store.schema.image_names) * settings.pixels_per_image  # at most: labeled images × the sample
+    dimensions = len(candidates.columns)
+    return {"pixels": pixels, "features_per_pixel": dimensions,
+            "candidates": max(1, len(candidates.steps)) * len(candidates.tap_shapes),
+            "bytes": 12 * pixels * dimensions + 8 * (settings.folds + 1) * dimensions ** 2}
 
 
 def _name(step: int | None, tap: str) -> str:
