@@ -10,7 +10,10 @@ Variants (`--variants`, comma-separated; default all):
 - `fine-attention`: the same, only the self-attention layers, the support stem and the output
   head trained (1e-3), the pretrained convolutions frozen;
 - `fine-all-omitted`: `fine-all` on training faces drawn without the novel parts at all
-  (`write_faces(omit=…)`), so that training never shows them, even as background.
+  (`write_faces(omit=…)`), so that training never shows them, even as background;
+- `stickers`, `stickers-omitted`: `fine-all` and `fine-all-omitted` on faces that also carry 1 to 3
+  stickers of 24 kinds (`write_faces(sticker_classes=24)`): 29 base classes instead of 5 (the
+  split given by name, as the training faces have classes the validation faces lack).
 
 Training runs in --scratch and resumes; results go to
 bench/results/demo_fewshot_validation.json (a variant measured again replaces its entry).
@@ -35,10 +38,15 @@ from pipeline.fewshot.training import train_fewshot
 
 TRAINING_FACES = 2000
 TRAINING_SEED = 2000  # a stream no demo split uses
+STICKER_CLASSES = 24
+FINE_ALL = {"fine_attention": [16, 8], "trainable": "all", "learning_rate": 2e-4}
+# name → (settings, novel parts omitted from the training faces, stickers on them)
 VARIANTS = {
-    "fine-all": ({"fine_attention": [16, 8], "trainable": "all", "learning_rate": 2e-4}, False),
-    "fine-attention": ({"fine_attention": [16, 8], "trainable": "attention", "learning_rate": 1e-3}, False),
-    "fine-all-omitted": ({"fine_attention": [16, 8], "trainable": "all", "learning_rate": 2e-4}, True),
+    "fine-all": (FINE_ALL, False, False),
+    "fine-attention": ({"fine_attention": [16, 8], "trainable": "attention", "learning_rate": 1e-3}, False, False),
+    "fine-all-omitted": (FINE_ALL, True, False),
+    "stickers": (FINE_ALL, False, True),
+    "stickers-omitted": (FINE_ALL, True, True),
 }
 
 
@@ -67,21 +75,29 @@ def main() -> None:
     if not validation.is_dir():
         spec = DemoSpec(size=32, pool_images=0, train_images=0, test_images=64, seed=VALIDATION_SEED_OFFSET)
         write_demo_dataset(spec, scratch / "validation")
-    novel = dataset_fold(find_class_info(validation), 4, arguments.fold).test_classes
-    faces = {False: scratch / "faces", True: scratch / f"faces-without-fold-{arguments.fold}"}
-    for omitted, folder in faces.items():
-        if not folder.is_dir():
-            write_faces(folder, TRAINING_FACES, 32, TRAINING_SEED, omit=novel if omitted else ())
+    classes = find_class_info(validation)
+    novel = dataset_fold(classes, 4, arguments.fold).test_classes
+    novel_names = [classes.names[label] for label in novel]
+    faces = {}
+    for omitted in (False, True):
+        for stickers in (False, True):
+            folder = scratch / ("faces" + (f"-without-fold-{arguments.fold}" if omitted else "")
+                                + ("-stickers" if stickers else ""))
+            if not folder.is_dir():
+                write_faces(folder, TRAINING_FACES, 32, TRAINING_SEED, omit=novel if omitted else (),
+                            sticker_classes=STICKER_CLASSES if stickers else 0)
+            faces[omitted, stickers] = folder
     prototype = evaluate_fewshot_baseline("prototype", arguments.checkpoint, validation, scratch / "prototype",
                                           base, show_progress=False)
     results["prototype"] = {"fold": arguments.fold, "episodes": arguments.episodes, **_scores(prototype)}
     for name in arguments.variants.split(","):
-        overrides, omitted = VARIANTS[name]
-        settings = dataclasses.replace(base, **overrides)
+        overrides, omitted, stickers = VARIANTS[name]
+        settings = dataclasses.replace(base, **overrides, novel_classes=novel_names if stickers else None)
         model = scratch / f"{name}-fold{arguments.fold}"
         started = time.perf_counter()
-        summary = train_fewshot(arguments.checkpoint, faces[omitted], model, settings, show_progress=False)
+        summary = train_fewshot(arguments.checkpoint, faces[omitted, stickers], model, settings, show_progress=False)
         entry = {"variant": name, "fold": arguments.fold, "settings": overrides, "novel_parts_omitted": omitted,
+                 "sticker_classes": STICKER_CLASSES if stickers else 0,
                  "steps": settings.steps, "batch_size": settings.batch_size, "final_loss": round(summary.final_loss, 5),
                  "training_seconds_this_run": round(time.perf_counter() - started)}
         for classes in ("test", "train"):

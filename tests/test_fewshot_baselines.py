@@ -57,3 +57,18 @@ def test_baselines_are_scored_on_the_episodes_diffewS_is(tmp_path):
     ensemble = evaluate_fewshot_baseline("ensemble", tmp_path / "unet", tmp_path / "images", tmp_path / "ensemble",
                                          settings, show_progress=False)
     assert ensemble["episodes"] == 5 and ensemble["baseline"] == "ensemble"
+
+
+def test_the_feature_cache_keeps_the_most_recent_images_within_its_budget(tmp_path):
+    from pipeline.fewshot.baselines import FeatureCache
+
+    tiny_attention_unet().save_pretrained(tmp_path / "unet")
+    cache = FeatureCache(tmp_path / "unet", [50], [0], seed=0, device="cpu")
+    image = torch.zeros(3, 16, 16)
+    first = cache.features("a", image)
+    cache.budget_bytes = 2 * first.nbytes
+    assert cache.features("a", image) is first  # cached
+    cache.features("b", image)
+    cache.features("a", image)  # a is now the most recent
+    cache.features("c", image)  # over budget: b, the least recent, goes
+    assert list(cache._features) == ["a", "c"]

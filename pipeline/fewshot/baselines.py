@@ -15,13 +15,15 @@ concatenated) and learn nothing before the episode:
 The third baseline of the issue, DiffewS fine-tuned from random weights, is `train_fewshot` on a
 randomly initialised copy of the checkpoint (`FewShotSettings.random_init`).
 
-Features are computed once per image (at the episode size) and kept for the run: the demo's
-test faces are 64 images.
+Features are computed once per image (at the episode size) and kept while they fit a memory
+budget (least recently used first out): the demo's 64 test faces all stay, while a 512² image of
+Stable Diffusion's features can take a gigabyte.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -38,24 +40,31 @@ BASELINES = ("prototype", "ensemble")
 
 
 class FeatureCache:
-    """The frozen model's per-pixel features of episode images, computed once per image name.
+    """The frozen model's per-pixel features of episode images, computed once per image name
+    and kept within `budget_bytes` (the least recently used dropped first).
 
     Each tap's map is upsampled bilinearly to the image size and L2-normalised per pixel; the
     taps are concatenated: float32 (D, H, W).
     """
 
     def __init__(self, checkpoint: str | Path, steps: Sequence[int], blocks: Sequence[int | str], seed: int,
-                 device: str):
+                 device: str, budget_bytes: int = 2 << 30):
         # Any checkpoint `extract` reads: a pixel UNet, or a latent-diffusion folder (empty prompt).
         self.source = load_source(checkpoint, ExtractSettings(steps=list(steps), blocks=list(blocks), seed=seed,
                                                               device=device))
-        self._features: dict[str, torch.Tensor] = {}
+        self.budget_bytes = budget_bytes
+        self._features: OrderedDict[str, torch.Tensor] = OrderedDict()
 
     def features(self, name: str, image: torch.Tensor) -> torch.Tensor:
         """Image float32 (3, H, W) in [-1, 1] → features float32 (D, H, W) (cached by `name`)."""
-        if name not in self._features:
-            self._features[name] = self._compute(image)
-        return self._features[name]
+        if name in self._features:
+            self._features.move_to_end(name)
+            return self._features[name]
+        features = self._compute(image)
+        self._features[name] = features
+        while sum(kept.nbytes for kept in self._features.values()) > self.budget_bytes and len(self._features) > 1:
+            self._features.popitem(last=False)
+        return features
 
     @torch.inference_mode()
     def _compute(self, image: torch.Tensor) -> torch.Tensor:
