@@ -67,7 +67,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(PROJECT_ROOT / "bench" / "results" / "demo_fewshot_validation.json"))
     arguments = parser.parse_args()
     scratch, out = Path(arguments.scratch), Path(arguments.out)
-    results = json.loads(out.read_text()) if out.is_file() else {"variants": []}
+    results = json.loads(out.read_text()) if out.is_file() else {"prototype": {}, "variants": []}
     base = FewShotSettings(folds=4, fold=arguments.fold, steps=arguments.steps, batch_size=arguments.batch_size,
                            episodes=arguments.episodes, device="cpu", threads=1)
     # Validation faces of another seed; training faces with every part, and without the novel ones.
@@ -89,7 +89,7 @@ def main() -> None:
             faces[omitted, stickers] = folder
     prototype = evaluate_fewshot_baseline("prototype", arguments.checkpoint, validation, scratch / "prototype",
                                           base, show_progress=False)
-    results["prototype"] = {"fold": arguments.fold, "episodes": arguments.episodes, **_scores(prototype)}
+    results["prototype"][str(arguments.fold)] = {"episodes": arguments.episodes, **_scores(prototype)}
     for name in arguments.variants.split(","):
         overrides, omitted, stickers = VARIANTS[name]
         settings = dataclasses.replace(base, **overrides, novel_classes=novel_names if stickers else None)

@@ -205,3 +205,17 @@ def test_a_split_by_name_trains_on_the_rest_and_is_evaluated_on_those_names_only
     with pytest.raises(ValueError, match=r"trained with the novel classes \['disc'\], not \['square'\]"):
         evaluate_fewshot(tmp_path / "model", root / "images", tmp_path / "other",
                          dataclasses.replace(settings, novel_classes=["square"]), show_progress=False)
+
+
+def test_a_run_saved_before_a_setting_existed_resumes_with_that_setting_at_its_default(workspace, tmp_path):
+    root = workspace[0]
+    settings = dataclasses.replace(SETTINGS, steps=2, batch_size=1)
+    train_fewshot(root / "unet", root / "images", tmp_path / "model", settings, show_progress=False)
+    path = tmp_path / "model" / ".training" / "state.pt"
+    state = torch.load(path, weights_only=False)
+    del state["run"]["settings"]["fold_layout"]  # as saved before fold_layout was added
+    torch.save(state, path)
+    assert train_fewshot(root / "unet", root / "images", tmp_path / "model", settings, show_progress=False).steps == 2
+    with pytest.raises(FileExistsError, match="fold_layout: 'interleaved' → 'blocks'"):
+        train_fewshot(root / "unet", root / "images", tmp_path / "model",
+                      dataclasses.replace(settings, fold_layout="blocks"), show_progress=False)

@@ -387,7 +387,7 @@ def run_identity(backbone: FewShotBackbone, data: EpisodeData, settings: FewShot
 
 def _resume(out_dir: Path, run: dict, model: FewShotUNet, optimizer, scheduler) -> list[float]:
     """The losses of the steps a stopped run finished (their state loaded), or []."""
-    state = load_run_state(out_dir / PROGRESS_FOLDER / STATE_FILE, run, "a few-shot training")
+    state = load_run_state(out_dir / PROGRESS_FOLDER / STATE_FILE, run, "a few-shot training", _with_new_settings)
     if state is None:
         return []
     model.load_state_dict(state["model"])
@@ -395,6 +395,13 @@ def _resume(out_dir: Path, run: dict, model: FewShotUNet, optimizer, scheduler) 
     scheduler.load_state_dict(state["scheduler"])
     logger.info("resuming the few-shot training after step %d of %d", len(state["losses"]), run["settings"]["steps"])
     return list(state["losses"])
+
+
+def _with_new_settings(saved: dict) -> dict:
+    """A run record saved before some settings existed, with those at their defaults (a default
+    trains what the run trained before the setting was added)."""
+    defaults = {key: value for key, value in dataclasses.asdict(FewShotSettings()).items() if key not in NOT_TRAINING}
+    return {**saved, "settings": {**defaults, **saved["settings"]}}
 
 
 def _save_state(out_dir: Path, run: dict, model: FewShotUNet, optimizer, scheduler, losses: list[float]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -21,7 +22,7 @@ def run_differences(saved: dict, wanted: dict, prefix: str = "") -> list[str]:
     return lines
 
 
-def load_run_state(path: Path, run: dict, what: str) -> dict | None:
+def load_run_state(path: Path, run: dict, what: str, upgrade: Callable[[dict], dict] | None = None) -> dict | None:
     """The state a stopped run saved at `path` (a `torch.save`d dict whose "run" is its record),
     or None when there is none.
 
@@ -29,6 +30,8 @@ def load_run_state(path: Path, run: dict, what: str) -> dict | None:
         path: the state file.
         run: this run's record (settings, data): the saved one must equal it.
         what: what trains, for the message ("a segmenter training").
+        upgrade: applied to the saved record before the comparison (e.g. settings added since
+            it was saved, at their defaults, which train what the saved run trained).
 
     Raises:
         FileExistsError: the saved run had another record; the message lists the differences.
@@ -36,6 +39,8 @@ def load_run_state(path: Path, run: dict, what: str) -> dict | None:
     if not path.is_file():
         return None
     state = torch.load(path, map_location="cpu", weights_only=False)
+    if upgrade is not None:
+        state["run"] = upgrade(state["run"])
     if state["run"] != run:
         raise FileExistsError(
             f"{path.parent.parent} holds {what} with other settings or data "
