@@ -13,7 +13,8 @@ Variants (`--variants`, comma-separated; default all):
   (`write_faces(omit=…)`), so that training never shows them, even as background;
 - `stickers`, `stickers-omitted`: `fine-all` and `fine-all-omitted` on faces that also carry 1 to 3
   stickers of 24 kinds (`write_faces(sticker_classes=24)`): 29 base classes instead of 5 (the
-  split given by name, as the training faces have classes the validation faces lack).
+  split given by name, as the training faces have classes the validation faces lack);
+- `stickers-omitted-random-init`: the same from random weights (baseline c).
 
 Training runs in --scratch and resumes; results go to
 bench/results/demo_fewshot_validation.json (a variant measured again replaces its entry).
@@ -47,6 +48,7 @@ VARIANTS = {
     "fine-all-omitted": (FINE_ALL, True, False),
     "stickers": (FINE_ALL, False, True),
     "stickers-omitted": (FINE_ALL, True, True),
+    "stickers-omitted-random-init": ({**FINE_ALL, "random_init": True}, True, True),
 }
 
 
