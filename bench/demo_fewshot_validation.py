@@ -14,7 +14,9 @@ Variants (`--variants`, comma-separated; default all):
 - `stickers`, `stickers-omitted`: `fine-all` and `fine-all-omitted` on faces that also carry 1 to 3
   stickers of 24 kinds (`write_faces(sticker_classes=24)`): 29 base classes instead of 5 (the
   split given by name, as the training faces have classes the validation faces lack);
-- `stickers-omitted-random-init`: the same from random weights (baseline c).
+- `stickers-omitted-random-init`: the same from random weights (baseline c);
+- `large-stickers-omitted`: `stickers-omitted` with stickers of radius 2 to 9 pixels instead of
+  2 to 3.5, so that training also shows region-sized classes (the novel skin and hair are).
 
 Training runs in --scratch and resumes; results go to
 bench/results/demo_fewshot_validation.json (a variant measured again replaces its entry).
@@ -41,20 +43,26 @@ TRAINING_FACES = 2000
 TRAINING_SEED = 2000  # a stream no demo split uses
 STICKER_CLASSES = 24
 FINE_ALL = {"fine_attention": [16, 8], "trainable": "all", "learning_rate": 2e-4}
-# name → (settings, novel parts omitted from the training faces, stickers on them)
+SMALL, LARGE = (2.0, 3.5), (2.0, 9.0)  # sticker radius ranges, pixels
+# name → (settings, novel parts omitted from the training faces, sticker radius range or None)
 VARIANTS = {
-    "fine-all": (FINE_ALL, False, False),
-    "fine-attention": ({"fine_attention": [16, 8], "trainable": "attention", "learning_rate": 1e-3}, False, False),
-    "fine-all-omitted": (FINE_ALL, True, False),
-    "stickers": (FINE_ALL, False, True),
-    "stickers-omitted": (FINE_ALL, True, True),
-    "stickers-omitted-random-init": ({**FINE_ALL, "random_init": True}, True, True),
+    "fine-all": (FINE_ALL, False, None),
+    "fine-attention": ({"fine_attention": [16, 8], "trainable": "attention", "learning_rate": 1e-3}, False, None),
+    "fine-all-omitted": (FINE_ALL, True, None),
+    "stickers": (FINE_ALL, False, SMALL),
+    "stickers-omitted": (FINE_ALL, True, SMALL),
+    "stickers-omitted-random-init": ({**FINE_ALL, "random_init": True}, True, SMALL),
+    "large-stickers-omitted": (FINE_ALL, True, LARGE),
 }
 
 
 def _scores(metrics: dict) -> dict:
     return {"miou": round(metrics["miou"], 4),
             "per_class_iou": {name: round(value, 3) for name, value in metrics["per_class_iou"].items()}}
+
+
+def _read(out: Path) -> dict:
+    return json.loads(out.read_text()) if out.is_file() else {"prototype": {}, "variants": []}
 
 
 def main() -> None:
@@ -69,7 +77,6 @@ def main() -> None:
     parser.add_argument("--out", default=str(PROJECT_ROOT / "bench" / "results" / "demo_fewshot_validation.json"))
     arguments = parser.parse_args()
     scratch, out = Path(arguments.scratch), Path(arguments.out)
-    results = json.loads(out.read_text()) if out.is_file() else {"prototype": {}, "variants": []}
     base = FewShotSettings(folds=4, fold=arguments.fold, steps=arguments.steps, batch_size=arguments.batch_size,
                            episodes=arguments.episodes, device="cpu", threads=1)
     # Validation faces of another seed; training faces with every part, and without the novel ones.
@@ -80,32 +87,35 @@ def main() -> None:
     classes = find_class_info(validation)
     novel = dataset_fold(classes, 4, arguments.fold).test_classes
     novel_names = [classes.names[label] for label in novel]
+    names = arguments.variants.split(",")
     faces = {}
-    for omitted in (False, True):
-        for stickers in (False, True):
-            folder = scratch / ("faces" + (f"-without-fold-{arguments.fold}" if omitted else "")
-                                + ("-stickers" if stickers else ""))
-            if not folder.is_dir():
-                write_faces(folder, TRAINING_FACES, 32, TRAINING_SEED, omit=novel if omitted else (),
-                            sticker_classes=STICKER_CLASSES if stickers else 0)
-            faces[omitted, stickers] = folder
+    for omitted, stickers in {VARIANTS[name][1:] for name in names}:
+        folder = scratch / ("faces" + (f"-without-fold-{arguments.fold}" if omitted else "")
+                            + ("-stickers" if stickers else "") + ("-large" if stickers == LARGE else ""))
+        if not folder.is_dir():
+            write_faces(folder, TRAINING_FACES, 32, TRAINING_SEED, omit=novel if omitted else (),
+                        sticker_classes=STICKER_CLASSES if stickers else 0, sticker_radius=stickers or SMALL)
+        faces[omitted, stickers] = folder
     prototype = evaluate_fewshot_baseline("prototype", arguments.checkpoint, validation, scratch / "prototype",
                                           base, show_progress=False)
+    results = _read(out)
     results["prototype"][str(arguments.fold)] = {"episodes": arguments.episodes, **_scores(prototype)}
-    for name in arguments.variants.split(","):
+    out.write_text(json.dumps(results, indent=1) + "\n")
+    for name in names:
         overrides, omitted, stickers = VARIANTS[name]
         settings = dataclasses.replace(base, **overrides, novel_classes=novel_names if stickers else None)
         model = scratch / f"{name}-fold{arguments.fold}"
         started = time.perf_counter()
         summary = train_fewshot(arguments.checkpoint, faces[omitted, stickers], model, settings, show_progress=False)
         entry = {"variant": name, "fold": arguments.fold, "settings": overrides, "novel_parts_omitted": omitted,
-                 "sticker_classes": STICKER_CLASSES if stickers else 0,
+                 "sticker_classes": STICKER_CLASSES if stickers else 0, "sticker_radius": stickers,
                  "steps": settings.steps, "batch_size": settings.batch_size, "final_loss": round(summary.final_loss, 5),
                  "training_seconds_this_run": round(time.perf_counter() - started)}
         for classes in ("test", "train"):
             metrics = evaluate_fewshot(model, validation, model / f"validation-{classes}", settings, show_progress=False,
                                        classes=classes)
             entry["novel" if classes == "test" else "base"] = _scores(metrics)
+        results = _read(out)  # again: another fold's run may have written meanwhile
         results["variants"] = [earlier for earlier in results["variants"]
                                if (earlier["variant"], earlier["fold"]) != (name, arguments.fold)] + [entry]
         print(json.dumps(entry), flush=True)

@@ -224,6 +224,10 @@ def test_stickers_add_many_part_like_classes_and_leave_the_face_as_it_was(tmp_pa
     assert 6 <= stickers.sum() <= 3 * 45  # 1 to 3 stickers of radius 2 to 3.5 pixels
     with pytest.raises(ValueError, match="sticker_classes must be in"):
         make_face(stream_rng(0, "train", 5), 32, sticker_classes=300)
+    _, large = make_face(stream_rng(0, "train", 5), 32, sticker_classes=24, sticker_radius=(8.0, 9.0))
+    assert (large >= len(CLASS_NAMES)).sum() > 3 * stickers.sum()  # radius 8 to 9 against 2 to 3.5
+    with pytest.raises(ValueError, match="sticker_radius must be"):
+        make_face(stream_rng(0, "train", 5), 32, sticker_classes=24, sticker_radius=(4.0, 2.0))
     write_faces(tmp_path / "faces", 2, 32, seed=0, sticker_classes=3)
     names = json.loads((tmp_path / "faces" / "classes.json").read_text())["names"]
     assert names[len(CLASS_NAMES):] == ["sticker_0", "sticker_1", "sticker_2"]

@@ -78,7 +78,11 @@ class _Face:
 
 
 def make_face(
-    rng: np.random.Generator, size: int, omit: Collection[int] = (), sticker_classes: int = 0
+    rng: np.random.Generator,
+    size: int,
+    omit: Collection[int] = (),
+    sticker_classes: int = 0,
+    sticker_radius: tuple[float, float] = (2.0, 3.5),
 ) -> tuple[np.ndarray, np.ndarray]:
     """Draws one face on a gradient background.
 
@@ -91,6 +95,8 @@ def make_face(
         sticker_classes: S > 0 adds 1 to 3 stickers to the face, small shapes of S kinds (class
             ``len(CLASS_NAMES) + k``: each kind one star-shaped outline, drawn at a random place,
             turn and size, in a random colour): many part-like base classes for few-shot training.
+        sticker_radius: a sticker's radius in output pixels is drawn uniformly from this range
+            (the default: small part-like shapes; e.g. (2, 9) on 32² also covers hair-sized ones).
 
     Returns:
         ``(image, labels)``: image (size, size, 3) uint8 RGB; labels (size, size) uint8 class
@@ -114,7 +120,9 @@ def make_face(
     if not 0 <= sticker_classes < IGNORE_LABEL - len(CLASS_NAMES):
         raise ValueError(f"sticker_classes must be in 0..{IGNORE_LABEL - len(CLASS_NAMES) - 1}, got {sticker_classes}")
     if sticker_classes:
-        for kind, region in _stickers(rng, sticker_classes, columns, rows, size):
+        if not 0 < sticker_radius[0] <= sticker_radius[1] < size / 2:
+            raise ValueError(f"sticker_radius must be 0 < low ≤ high < {size / 2}, got {sticker_radius}")
+        for kind, region in _stickers(rng, sticker_classes, columns, rows, size, sticker_radius):
             classes[region] = len(CLASS_NAMES) + kind
             canvas[region] = _visible_colour(rng, canvas[region].mean(axis=0))
     # Average each SUPERSAMPLING² block: (fine, fine, 3) → (size, S, size, S, 3) → (size, size, 3).
@@ -165,7 +173,7 @@ def write_demo_dataset(spec: DemoSpec, out_dir: Path) -> None:
 
 
 def write_faces(out_dir: Path, count: int, size: int, seed: int, omit: Collection[int] = (),
-                sticker_classes: int = 0) -> None:
+                sticker_classes: int = 0, sticker_radius: tuple[float, float] = (2.0, 3.5)) -> None:
     """Writes `count` labeled faces (`face_NNNN.png` + `.npy`) and `classes.json` into `out_dir`,
     from the stream (seed, "train"), without the `omit` parts: the few-shot demo's training
     faces, where the novel parts appear in no image (its evaluation faces hold them).
@@ -178,7 +186,7 @@ def write_faces(out_dir: Path, count: int, size: int, seed: int, omit: Collectio
         raise FileExistsError(f"faces folder is not empty: {out_dir}")
     out_dir.mkdir(parents=True, exist_ok=True)
     for index in tqdm(range(count), desc="faces", unit="face", disable=count < 500):
-        image, labels = make_face(stream_rng(seed, "train", index), size, omit, sticker_classes)
+        image, labels = make_face(stream_rng(seed, "train", index), size, omit, sticker_classes, sticker_radius)
         Image.fromarray(image).save(out_dir / f"face_{index:04d}.png")
         np.save(out_dir / f"face_{index:04d}.npy", labels)
     names = list(CLASS_NAMES) + [f"sticker_{kind}" for kind in range(sticker_classes)]
@@ -247,17 +255,18 @@ def _face_regions(face: _Face, x: np.ndarray, y: np.ndarray) -> list[tuple[int, 
 
 
 def _stickers(rng: np.random.Generator, kinds: int, columns: np.ndarray, rows: np.ndarray,
-              size: int) -> list[tuple[int, np.ndarray]]:
+              size: int, radius_range: tuple[float, float]) -> list[tuple[int, np.ndarray]]:
     """1 to 3 stickers as (kind, boolean mask on the fine grid). Kind k's outline is fixed (from
     its own generator): radius 1 + a·cos(m·θ + φ) with m in 0..4 lobes, an aspect ratio; each
-    sticker places it anywhere with its own turn and a radius of 2 to 3.5 output pixels."""
+    sticker places it anywhere with its own turn and a radius drawn from `radius_range` (output
+    pixels)."""
     stickers = []
     for _ in range(int(rng.integers(1, 4))):
         kind = int(rng.integers(kinds))
         shape = np.random.default_rng([kind, 7])
         lobes, depth = int(shape.integers(0, 5)), shape.uniform(0.2, 0.5)
         phase, aspect = shape.uniform(0, 2 * np.pi), shape.uniform(0.5, 1.0)
-        radius, turn = rng.uniform(2.0, 3.5), rng.uniform(0, 2 * np.pi)
+        radius, turn = rng.uniform(*radius_range), rng.uniform(0, 2 * np.pi)
         centre = rng.uniform(radius, size - radius, size=2)
         dx, dy = (columns - centre[0]) / radius, (rows - centre[1]) / radius
         u = np.cos(turn) * dx + np.sin(turn) * dy
