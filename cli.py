@@ -461,17 +461,18 @@ def fewshot_evaluate(context: _Context, model, images, out, shots, episodes, thr
 @click.option("--feature-steps", default="25,50", show_default=True, help="Comma-separated diffusion steps of the features.")
 @click.option("--feature-blocks", default="decoder", show_default=True, help="Comma-separated blocks (numbers, names, or decoder).")
 @click.option("--members", default=10, show_default=True, help="ensemble: MLPs per episode.")
+@click.option("--training-steps", default=400, show_default=True, help="ensemble: training steps per episode (256 pixels each).")
 @click.option("--classes", "class_set", type=click.Choice(["test", "train"]), default="test", show_default=True)
 @click.pass_obj
 def fewshot_baseline(context: _Context, baseline, checkpoint, images, out, shots, episodes, feature_steps, feature_blocks,
-                     members, class_set, **episode_options):
+                     members, training_steps, class_set, **episode_options):
     """Score a few-shot baseline on frozen diffusion features, on the episodes fewshot-evaluate draws."""
     from pipeline.fewshot.evaluation import evaluate_fewshot_baseline
 
     def action():
         settings = _fewshot_settings(images, episode_options, shots=shots, episodes=episodes,
                                      baseline_steps=_int_list(feature_steps), baseline_blocks=_tap_list(feature_blocks),
-                                     baseline_members=members)
+                                     baseline_members=members, baseline_training_steps=training_steps)
         metrics = evaluate_fewshot_baseline(baseline, checkpoint, images, out, settings, context.show_progress, class_set)
         click.echo(f"fewshot-baseline {baseline}: {settings.episodes} episodes of {shots} shot(s), mIoU {metrics['miou']:.4f}, "
                    f"FB-IoU {metrics['fb_iou']:.4f}; written to {out}")

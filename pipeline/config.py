@@ -436,6 +436,9 @@ class FewShotSettings:
         novel_classes: the novel (test) classes by name, a split of your own (e.g. LVIS-92i's, or
             training data with extra base classes the evaluation images lack) instead of fold
             `fold` of `folds`; every other class but the background is a base class.
+        class_weights: training episodes draw a base class with probability in proportion to
+            its weight here, by name (1 where unlisted): e.g. as many episodes of a few real
+            classes as of many synthetic ones. Evaluation draws uniformly, as the protocol does.
         random_init: fine-tune a randomly initialised copy of the checkpoint's UNet instead (the
             baseline that shows what the pretraining brings).
         fine_attention: pixel-space UNets: add zero-initialised self-attention (KV-fused too) to
@@ -445,7 +448,8 @@ class FewShotSettings:
             support stem and the output head; the pretrained convolutions frozen).
         baseline_steps, baseline_blocks: the frozen features the baselines (prototype matching,
             the MLP ensemble on the supports) read.
-        baseline_members: MLPs of the ensemble baseline (fast protocol, per episode).
+        baseline_members, baseline_training_steps: MLPs of the ensemble baseline and their
+            training steps per episode (fast protocol: all members at once, 256 pixels a step).
         device, threads: where it runs, torch's CPU threads (0: torch's default).
     """
 
@@ -465,22 +469,28 @@ class FewShotSettings:
     seed: int = 0
     fold_layout: Literal["interleaved", "blocks"] = "interleaved"
     novel_classes: list[str] | None = None
+    class_weights: dict[str, float] = dataclasses.field(default_factory=dict)
     random_init: bool = False
     fine_attention: list[int] = dataclasses.field(default_factory=list)
     trainable: Literal["all", "attention"] = "all"
     baseline_steps: list[int] = dataclasses.field(default_factory=lambda: [25, 50])
     baseline_blocks: list[int | str] = dataclasses.field(default_factory=lambda: ["decoder"])
     baseline_members: int = 10
+    baseline_training_steps: int = 400
     device: str = "auto"
     threads: int = 0
 
     def __post_init__(self) -> None:
         if self.folds < 1 or not 0 <= self.fold < self.folds:
             raise ValueError(f"fewshot: need 0 <= fold < folds, got fold {self.fold} of {self.folds}")
-        if min(self.shots, self.max_training_shots, self.episodes, self.steps, self.batch_size, self.min_pixels) < 1:
-            raise ValueError("fewshot: shots, max_training_shots, episodes, steps, batch_size and min_pixels must be >= 1")
+        if min(self.shots, self.max_training_shots, self.episodes, self.steps, self.batch_size, self.min_pixels,
+               self.baseline_members, self.baseline_training_steps) < 1:
+            raise ValueError("fewshot: shots, max_training_shots, episodes, steps, batch_size, min_pixels, "
+                             "baseline_members and baseline_training_steps must be >= 1")
         if self.learning_rate <= 0 or self.weight_decay < 0 or self.grad_clip <= 0 or not 0 < self.threshold < 1:
             raise ValueError("fewshot: need learning_rate > 0, weight_decay >= 0, grad_clip > 0, 0 < threshold < 1")
+        if any(not weight > 0 for weight in self.class_weights.values()):
+            raise ValueError(f"fewshot: class_weights must be positive, got {self.class_weights}")
 
 
 FirstPrediction = Literal["out_of_fold", "in_fold"]

@@ -16,6 +16,7 @@ def main() -> None:
     parser.add_argument("--pixels", required=True, help="metrics.json of the raw pixels")
     parser.add_argument("--synthetic", help="metrics.json of the segmenter trained on synthetic samples (DatasetDDPM)")
     parser.add_argument("--synthetic-speed", help="its speed against extract + ensemble (synthetic_speed's JSON)")
+    parser.add_argument("--fewshot", help="the few-shot benchmark's metrics.json (its headline numbers join)")
     parser.add_argument("--out", required=True)
     parser.add_argument("--chart", required=True)
     parser.add_argument("--per-class", help="where to write every class's IoU by feature source")
@@ -31,7 +32,9 @@ def main() -> None:
         paths["synthetic"] = Path(arguments.synthetic)
     per_class = output_path(arguments.per_class) if arguments.per_class else None
     speed = Path(arguments.synthetic_speed) if arguments.synthetic_speed else None
-    summary = write_comparison(paths, output_path(arguments.out), output_path(arguments.chart), per_class, speed)
+    fewshot = Path(arguments.fewshot) if arguments.fewshot else None
+    summary = write_comparison(paths, output_path(arguments.out), output_path(arguments.chart), per_class, speed,
+                               fewshot)
     print("compare: " + ", ".join(f"{key} {value}" for key, value in summary.items()))
 
 

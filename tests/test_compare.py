@@ -34,3 +34,17 @@ def test_write_comparison_reads_metrics_files(tmp_path):
     paths["pixels"].write_text("{}")
     with pytest.raises(ValueError, match="pixels"):
         write_comparison(paths, tmp_path / "metrics.json", tmp_path / "chart.png")
+
+
+def test_the_few_shot_benchmarks_headline_numbers_join_the_summary(tmp_path):
+    paths = {"ddpm": tmp_path / "ddpm.json", "random": tmp_path / "random.json"}
+    for path in paths.values():
+        path.write_text(json.dumps({"miou": 0.5, "per_class_iou": {"eye": 0.5}}))
+    fewshot = tmp_path / "fewshot.json"
+    fewshot.write_text(json.dumps({"metrics": {"fewshot_miou_1shot": 0.3, "fewshot_margin_over_prototype": 6.0},
+                                   "methods": {}}))
+    summary = write_comparison(paths, tmp_path / "metrics.json", tmp_path / "chart.png", fewshot=fewshot)
+    assert summary["fewshot_miou_1shot"] == 0.3 and summary["fewshot_margin_over_prototype"] == 6.0
+    fewshot.write_text("{}")
+    with pytest.raises(ValueError, match="few-shot metrics"):
+        write_comparison(paths, tmp_path / "metrics.json", tmp_path / "chart.png", fewshot=fewshot)

@@ -130,6 +130,17 @@ def test_every_episode_holds_its_class_in_distinct_images(records):
     assert {episode.query for episode in episodes if episode.class_index == 1} == {f"img_{i:02d}" for i in (0, 2, 4, 6, 8)}
 
 
+def test_class_weights_favour_a_class_and_bad_weights_are_refused(records):
+    weighted = make_episodes(records, (1, 5), shots=1, count=400, seed=0, class_weights=[3.0, 1.0])
+    share = np.mean([episode.class_index == 1 for episode in weighted])
+    assert 0.68 < share < 0.82  # 3 : 1
+    uniform = make_episodes(records, (1, 5), shots=1, count=400, seed=0)
+    assert 0.4 < np.mean([episode.class_index == 1 for episode in uniform]) < 0.6
+    for weights in ([1.0], [1.0, 0.0], [1.0, -2.0]):
+        with pytest.raises(ValueError, match="class_weights must be 2 positive numbers"):
+            make_episodes(records, (1, 5), shots=1, count=4, class_weights=weights)
+
+
 def test_class_index_counts_pixels_at_a_size(tmp_path, records):
     index = index_classes(records, (1, 3, 5))
     assert index.images[3] == ("img_00", "img_01") and len(index.images[5]) == 6

@@ -207,6 +207,16 @@ def test_a_split_by_name_trains_on_the_rest_and_is_evaluated_on_those_names_only
                          dataclasses.replace(settings, novel_classes=["square"]), show_progress=False)
 
 
+def test_class_weights_must_name_training_classes(workspace, tmp_path):
+    root = workspace[0]
+    settings = dataclasses.replace(SETTINGS, steps=1, class_weights={"disc": 2.0})  # disc is fold 0's novel class
+    with pytest.raises(ValueError, match=r"class_weights name \['disc'\], which are not training classes"):
+        train_fewshot(root / "unet", root / "images", tmp_path / "model", settings, show_progress=False)
+    assert not (tmp_path / "model").exists()
+    weighted = dataclasses.replace(SETTINGS, steps=1, class_weights={"square": 2.0})
+    assert train_fewshot(root / "unet", root / "images", tmp_path / "model", weighted, show_progress=False).steps == 1
+
+
 def test_a_run_saved_before_a_setting_existed_resumes_with_that_setting_at_its_default(workspace, tmp_path):
     root = workspace[0]
     settings = dataclasses.replace(SETTINGS, steps=2, batch_size=1)

@@ -46,10 +46,11 @@ def per_class_by_source(per_class_by_source_name: dict[str, dict[str, float | No
 
 
 def write_comparison(metrics_paths: dict[str, Path], out_json: Path, out_chart: Path, out_per_class: Path | None = None,
-                     synthetic_speed: Path | None = None) -> dict:
+                     synthetic_speed: Path | None = None, fewshot: Path | None = None) -> dict:
     """Reads each source's `metrics.json`; writes the headline JSON, a bar chart of the sources'
     mIoU and, when `out_per_class` is given, every class's IoU by source. `synthetic_speed`: the
-    JSON of `pipeline.synthetic.speed.measure_speedup`, whose `synthetic_speedup` joins the summary."""
+    JSON of `pipeline.synthetic.speed.measure_speedup`, whose `synthetic_speedup` joins the summary;
+    `fewshot`: the few-shot benchmark's metrics.json, whose "metrics" (fewshot_*) join it."""
     miou_by_source, per_class = {}, {}
     for source, path in metrics_paths.items():
         try:
@@ -63,6 +64,11 @@ def write_comparison(metrics_paths: dict[str, Path], out_json: Path, out_chart: 
             summary["synthetic_speedup"] = json.loads(Path(synthetic_speed).read_text())["synthetic_speedup"]
         except (OSError, ValueError, KeyError) as error:
             raise ValueError(f"cannot read the synthetic_speedup from {synthetic_speed}: {error}") from None
+    if fewshot is not None:
+        try:
+            summary |= json.loads(Path(fewshot).read_text())["metrics"]
+        except (OSError, ValueError, KeyError) as error:
+            raise ValueError(f"cannot read the few-shot metrics from {fewshot}: {error}") from None
     known = [iou for iou in per_class.get("ddpm", {}).values() if iou is not None]
     if known:  # the class the DDPM features segment worst: a mean can hide a lost small part
         summary["lowest_class_iou"] = min(known)

@@ -250,12 +250,13 @@ def make_episodes(
     count: int = EPISODES_PER_FOLD,
     seed: int = EPISODE_SEED,
     names: Sequence[str] | None = None,
+    class_weights: Sequence[float] | None = None,
 ) -> list[Episode]:
     """Draws `count` episodes of a fold (see the module docstring).
 
-    Per episode, from one `numpy.random.default_rng(seed)`: a class uniformly among `classes`,
-    a query uniformly among the images holding it, and `shots` distinct supports uniformly
-    among the others holding it.
+    Per episode, from one `numpy.random.default_rng(seed)`: a class uniformly among `classes`
+    (or in proportion to `class_weights`), a query uniformly among the images holding it, and
+    `shots` distinct supports uniformly among the others holding it.
 
     Args:
         records_or_index: the images (`list_images`; indexed here with at least 1 pixel per
@@ -266,13 +267,16 @@ def make_episodes(
         count: episodes, ≥ 1 (the official 1,000).
         seed: the generator's seed (the official 0).
         names: the dataset's class names (`ClassInfo.names`), to name classes in errors.
+        class_weights: one positive weight per class (training may favour some kinds of class);
+            None: uniform, the protocol.
 
     Returns:
         The episodes, in drawing order.
 
     Raises:
-        ValueError: shots or count below 1, no class, a repeated class, or a class that fewer
-            than shots + 1 images hold (naming it and how many do).
+        ValueError: shots or count below 1, no class, a repeated class, a class that fewer
+            than shots + 1 images hold (naming it and how many do), or weights that are not one
+            positive number per class.
     """
     if shots < 1:
         raise ValueError(f"shots must be at least 1, got {shots}")
@@ -283,8 +287,14 @@ def make_episodes(
         raise ValueError(f"classes must be one or more distinct label indices, got {list(classes)}")
     index = records_or_index if isinstance(records_or_index, ClassIndex) else index_classes(records_or_index, classes)
     check_episode_pools(index, classes, shots, names)
+    probabilities = None
+    if class_weights is not None:
+        weights = np.asarray(class_weights, dtype=np.float64)
+        if weights.shape != (len(classes),) or not np.all(weights > 0):
+            raise ValueError(f"class_weights must be {len(classes)} positive numbers, got {list(class_weights)}")
+        probabilities = weights / weights.sum()
     generator = np.random.default_rng(seed)
-    return [draw_episode(generator, classes, index, shots) for _ in range(count)]
+    return [draw_episode(generator, classes, index, shots, probabilities) for _ in range(count)]
 
 
 def check_episode_pools(index: ClassIndex, classes: Sequence[int], shots: int, names: Sequence[str] | None) -> None:
@@ -312,12 +322,17 @@ def check_episode_pools(index: ClassIndex, classes: Sequence[int], shots: int, n
         )
 
 
-def draw_episode(generator: np.random.Generator, classes: Sequence[int], index: ClassIndex, shots: int) -> Episode:
-    """One episode: a class, a query holding it, `shots` other distinct images holding it.
+def draw_episode(generator: np.random.Generator, classes: Sequence[int], index: ClassIndex, shots: int,
+                 probabilities: np.ndarray | None = None) -> Episode:
+    """One episode: a class (uniformly, or with these probabilities), a query holding it, `shots`
+    other distinct images holding it.
 
     Uses exactly the generator's next draws, so episodes drawn in turn are reproducible.
     """
-    class_index = classes[int(generator.integers(len(classes)))]
+    if probabilities is None:  # the protocol's draw, kept as it was so that its episodes stay the same
+        class_index = classes[int(generator.integers(len(classes)))]
+    else:
+        class_index = classes[int(generator.choice(len(classes), p=probabilities))]
     pool = index.images[class_index]
     query_position = int(generator.integers(len(pool)))
     # Distinct positions among the len(pool) - 1 other images, stepped past the query's own.

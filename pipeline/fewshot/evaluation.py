@@ -161,7 +161,9 @@ def evaluate_fewshot_baseline(
     cache = FeatureCache(checkpoint, settings.baseline_steps, settings.baseline_blocks, settings.seed, settings.device)
     size = settings.image_size if settings.image_size is not None else native_image_size(cache.source)
     data = episode_data(images_dir, settings, size, classes, settings.shots)
-    predict = baseline_predictor(baseline, cache, TrainSettings(members=settings.baseline_members, device="cpu"))
+    ensemble = TrainSettings(members=settings.baseline_members, fast_min_steps=settings.baseline_training_steps,
+                             fast_epochs=1e-6, device="cpu")  # a fixed budget of steps, whatever the shots
+    predict = baseline_predictor(baseline, cache, ensemble)
     provenance = {"baseline": baseline, "checkpoint": str(Path(checkpoint).resolve()),
                   "feature_steps": list(settings.baseline_steps), "feature_blocks": list(settings.baseline_blocks)}
     return score_episodes(predict, data, settings, out_dir, provenance, classes, show_progress, started)

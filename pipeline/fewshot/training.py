@@ -306,6 +306,10 @@ def train_fewshot(
     backbone = load_fewshot_backbone(checkpoint, prompt_embeds)
     size = episode_size(backbone, settings.image_size)
     data = episode_data(images_dir, settings, size, "train", settings.max_training_shots)
+    trained_names = {data.classes.names[label] for label in data.episode_classes}
+    if set(settings.class_weights) - trained_names:
+        raise ValueError(f"class_weights name {sorted(set(settings.class_weights) - trained_names)}, which are not "
+                         f"training classes of {images_dir} (those are {sorted(trained_names)})")
     device = pick_device(settings.device)
     unet = random_copy(backbone.unet, settings.seed) if settings.random_init else backbone.unet
     if settings.fine_attention:
@@ -361,8 +365,10 @@ def training_inputs(
     classes, latent samples, all from draws seeded by (seed, step) alone."""
     draws = np.random.default_rng((settings.seed, step))
     shots = int(draws.integers(1, settings.max_training_shots + 1))
+    weights = ([settings.class_weights.get(data.classes.names[label], 1.0) for label in data.episode_classes]
+               if settings.class_weights else None)
     episodes = make_episodes(data.index, data.episode_classes, shots, count=settings.batch_size,
-                             seed=int(draws.integers(2**32)), names=data.classes.names)
+                             seed=int(draws.integers(2**32)), names=data.classes.names, class_weights=weights)
     loaded = [load_episode(episode, data.records, data.classes, data.size) for episode in episodes]
     latent_generator = torch.Generator().manual_seed(int(draws.integers(2**32)))
     return model_inputs(loaded, vae, device, latent_generator)
@@ -503,8 +509,10 @@ def load_fewshot_model(folder: str | Path) -> FewShotModel:
         if fine_attention:
             add_fine_attention(unet, fine_attention, model_side(record["image_size"], 1))
         model = FewShotUNet(unet, record["max_support_tokens"], record["timestep"])
-    # Cloned: tensors at arbitrary file offsets can round differently in some CPU kernels.
-    weights = {name: tensor.clone() for name, tensor in safetensors.torch.load_file(folder / MODEL_FILE).items()}
+    # Copied: tensors at arbitrary file offsets can round differently in some CPU kernels; and
+    # float32, as training wrote them (a committed demo model is stored in float16 to halve it).
+    weights = {name: tensor.to(torch.float32, copy=True) if tensor.is_floating_point() else tensor.clone()
+               for name, tensor in safetensors.torch.load_file(folder / MODEL_FILE).items()}
     try:
         model.load_state_dict(weights, strict=True, assign=True)
     except RuntimeError as error:
