@@ -449,6 +449,58 @@ def fewshot_evaluate(context: _Context, model, images, out, shots, episodes, thr
     _run(context, action)
 
 
+@main.command("fewshot-predict")
+@click.option("--model", required=True, type=click.Path(path_type=Path), help="Folder of a model from fewshot-train.")
+@click.option("--support", "support_images", required=True, multiple=True, type=click.Path(path_type=Path),
+              help="A support image (repeat for more shots).")
+@click.option("--support-mask", "support_masks", required=True, multiple=True, type=click.Path(path_type=Path),
+              help="Its mask (PNG or .npy of the image's size, the class where not 0), in the same order as --support.")
+@click.option("--images", required=True, type=click.Path(path_type=Path), help="Folder of PNG/JPEG images to segment.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder for masks, overlays, summary.json, predictions.png.")
+@click.option("--threshold", default=0.25, show_default=True, help="Foreground above this fraction of an image's maximum.")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--pictures", default=6, show_default=True, help="Images in predictions.png.")
+@click.pass_obj
+def fewshot_predict(context: _Context, model, support_images, support_masks, images, out, threshold, device, pictures):
+    """Segment new images as the class the support masks mark (a class the model never trained on)."""
+    from pipeline.fewshot.prediction import predict_fewshot_folder
+
+    def action():
+        if len(support_images) != len(support_masks):
+            raise click.UsageError(f"give one --support-mask per --support: {len(support_images)} images, "
+                                   f"{len(support_masks)} masks")
+        summary = predict_fewshot_folder(model, list(zip(support_images, support_masks)), images, out, threshold,
+                                         device, show_progress=context.show_progress, pictures=pictures)
+        click.echo(f"fewshot-predict: {summary.images} images segmented from {len(support_images)} support(s) into "
+                   f"{summary.out_dir} ({1000 * summary.seconds_per_query:.0f} ms a query, the supports encoded once)")
+
+    _run(context, action)
+
+
+@main.command("fewshot-benchmark")
+@click.option("--models", required=True, type=click.Path(path_type=Path),
+              help="Folder of fold models: pretrained/fold-F (and random-init/fold-F) from fewshot-train.")
+@click.option("--checkpoint", required=True, type=click.Path(path_type=Path), help="The diffusion model the baselines read.")
+@click.option("--images", required=True, type=click.Path(path_type=Path), help="Labeled image folder holding every fold's novel classes.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder for metrics.json, fewshot.png and the runs.")
+@click.option("--shots", default="1,5", show_default=True, help="Comma-separated support counts of the DiffewS models.")
+@click.option("--episodes", default=1000, show_default=True, help="Episodes per fold and method (the same for each).")
+@click.option("--ensemble-steps", default=400, show_default=True, help="Training steps per episode of the MLP ensemble baseline.")
+@click.option("--device", default="auto", show_default=True)
+@click.pass_obj
+def fewshot_benchmark(context: _Context, models, checkpoint, images, out, shots, episodes, ensemble_steps, device):
+    """Score every fold's few-shot model beside the baselines on the same episodes (mean over folds)."""
+    from pipeline.fewshot.benchmark import benchmark_fewshot
+
+    def action():
+        settings = FewShotSettings(episodes=episodes, baseline_training_steps=ensemble_steps, device=device)
+        summary = benchmark_fewshot(models, checkpoint, images, out, settings, _int_list(shots), context.show_progress)
+        numbers = ", ".join(f"{key} {value}" for key, value in summary["metrics"].items())
+        click.echo(f"fewshot-benchmark: {len(summary["folds"])} fold(s), {episodes} episodes each: {numbers}; written to {out}")
+
+    _run(context, action)
+
+
 @main.command("fewshot-baseline")
 @click.option("--baseline", type=click.Choice(["prototype", "ensemble"]), required=True,
               help="prototype: cosine to the supports' foreground and background means; ensemble: the paper's MLPs trained on the supports.")

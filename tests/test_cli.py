@@ -360,6 +360,33 @@ def test_fewshot_train_and_evaluate_through_the_cli(workspace, tmp_path):
     assert json.loads((tmp_path / "named" / "fewshot.json").read_text())["fold"]["test_classes"] == ["disc"]
 
 
+def test_fewshot_predict_segments_a_folder_from_supports_through_the_cli(workspace, tmp_path):
+    result = invoke("fewshot-train", "--checkpoint", workspace / "unet", "--images", workspace / "data" / "train",
+                    "--out", tmp_path / "model", "--folds", 2, "--steps", 1, "--batch-size", 1, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    support = sorted((workspace / "data" / "train").glob("*.png"))[0]
+    result = invoke("fewshot-predict", "--model", tmp_path / "model", "--support", support,
+                    "--support-mask", support.with_suffix(".npy"), "--images", workspace / "data" / "test",
+                    "--out", tmp_path / "predicted", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert "segmented from 1 support(s)" in result.output and "ms a query" in result.output
+    assert (tmp_path / "predicted" / "summary.json").is_file() and list((tmp_path / "predicted").glob("*_overlay.png"))
+    models = tmp_path / "models" / "pretrained"
+    models.mkdir(parents=True)
+    (tmp_path / "model").rename(models / "fold-0")
+    result = invoke("fewshot-benchmark", "--models", tmp_path / "models", "--checkpoint", workspace / "unet",
+                    "--images", workspace / "data" / "test", "--out", tmp_path / "benchmark", "--shots", "1",
+                    "--episodes", 2, "--ensemble-steps", 2, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert "fewshot-benchmark: 1 fold(s), 2 episodes each: fewshot_miou_1shot" in result.output
+    assert (tmp_path / "benchmark" / "fewshot.png").is_file()
+    result = invoke("fewshot-predict", "--model", models / "fold-0", "--support", support, "--support", support,
+                    "--support-mask", support.with_suffix(".npy"), "--images", workspace / "data" / "test",
+                    "--out", tmp_path / "refused")
+    assert result.exit_code != 0 and "one --support-mask per --support" in result.output
+    assert not (tmp_path / "refused").exists()
+
+
 def test_a_fewshot_preset_sets_the_protocol_and_checks_the_classes(workspace, tmp_path):
     preset = tmp_path / "two_folds.yaml"
     preset.write_text("name: two_folds\nfolds: 2\nfold_layout: blocks\nepisodes: 2\nimage_size: 16\n"
