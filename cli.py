@@ -496,7 +496,7 @@ def fewshot_benchmark(context: _Context, models, checkpoint, images, out, shots,
         settings = FewShotSettings(episodes=episodes, baseline_training_steps=ensemble_steps, device=device)
         summary = benchmark_fewshot(models, checkpoint, images, out, settings, _int_list(shots), context.show_progress)
         numbers = ", ".join(f"{key} {value}" for key, value in summary["metrics"].items())
-        click.echo(f"fewshot-benchmark: {len(summary["folds"])} fold(s), {episodes} episodes each: {numbers}; written to {out}")
+        click.echo(f"fewshot-benchmark: {len(summary['folds'])} fold(s), {episodes} episodes each: {numbers}; written to {out}")
 
     _run(context, action)
 

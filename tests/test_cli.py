@@ -364,7 +364,7 @@ def test_fewshot_predict_segments_a_folder_from_supports_through_the_cli(workspa
     result = invoke("fewshot-train", "--checkpoint", workspace / "unet", "--images", workspace / "data" / "train",
                     "--out", tmp_path / "model", "--folds", 2, "--steps", 1, "--batch-size", 1, "--device", "cpu")
     assert result.exit_code == 0, result.output
-    support = sorted((workspace / "data" / "train").glob("*.png"))[0]
+    support = min((workspace / "data" / "train").glob("*.png"))
     result = invoke("fewshot-predict", "--model", tmp_path / "model", "--support", support,
                     "--support-mask", support.with_suffix(".npy"), "--images", workspace / "data" / "test",
                     "--out", tmp_path / "predicted", "--device", "cpu")
