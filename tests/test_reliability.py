@@ -124,20 +124,19 @@ def assert_same_as_uninterrupted(store_path: Path, reference: FeatureStore) -> N
 
 # --- 1. kill and resume -------------------------------------------------------------------------
 
-# Stops the process with half of image 2's block 8 chunk in zarr's temporary file, as a kill
-# during that chunk write leaves it (zarr writes `<chunk>.<uuid>.partial`, then renames it).
+# Stops the process with half of image 2's block 8 chunk in its temporary file, as a kill during
+# that chunk write leaves it (the writer writes `<chunk>.<uuid>.partial`, then renames it).
 HALF_WRITTEN_CHUNK = """
-import zarr.storage._local as local
+import pipeline.store.writer as writer
 from pipeline.runtime.pause_points import pause_point
-write_chunk = local._put
-def write_half_then_pause(path, value, exclusive=False):
+write_chunk_file = writer.write_chunk_file
+def write_half_then_pause(path, payload, trailer, buffers):
     if path.as_posix().endswith("/taps/up_blocks.2.upsamplers.0/c/2/0/0/0/0"):  # block 8 of the tiny UNet
-        data = bytes(value.as_buffer_like())
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.with_suffix(".0123456789abcdef.partial").write_bytes(data[: len(data) // 2])
+        path.with_name(path.name + ".0123456789abcdef.partial").write_bytes(payload.tobytes()[: payload.size // 2])
         pause_point("chunk-half-written", 2)
-    return write_chunk(path, value, exclusive)
-local._put = write_half_then_pause
+    return write_chunk_file(path, payload, trailer, buffers)
+writer.write_chunk_file = write_half_then_pause
 """
 
 # (pause point, launcher prelude, images done after the kill); each run resumes the one before.
@@ -348,18 +347,18 @@ def test_two_extracts_on_one_store_share_its_images_and_readers_see_only_whole_o
 def test_a_full_disk_stops_extract_clearly_keeps_the_finished_images_and_a_rerun_completes(
     workspace, reference_store, tmp_path, monkeypatch
 ):
-    import zarr.storage._local as local
+    from pipeline.store import writer
 
     store_path = tmp_path / "store.zarr"
-    write_chunk = local._put
+    write_chunk_file = writer.write_chunk_file
 
-    def disk_full_from_image_2(path, value, exclusive=False):
+    def disk_full_from_image_2(path, payload, trailer, buffers):
         parts = path.relative_to(store_path).parts if path.is_relative_to(store_path) else ()
         if len(parts) >= 3 and parts[1] == "c" and parts[2] == "2":
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
-        return write_chunk(path, value, exclusive)
+        return write_chunk_file(path, payload, trailer, buffers)
 
-    monkeypatch.setattr(local, "_put", disk_full_from_image_2)
+    monkeypatch.setattr(writer, "write_chunk_file", disk_full_from_image_2)
     result = CliRunner().invoke(main, ["--quiet", *extract_arguments(workspace, store_path)])
     assert result.exit_code == 1
     assert "disk full" in result.output and str(store_path) in result.output

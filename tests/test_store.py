@@ -1,5 +1,9 @@
 import dataclasses
+import errno
+import hashlib
+import os
 import pickle
+import shutil
 
 import dask.array
 import numpy as np
@@ -8,6 +12,7 @@ import torch
 
 from conftest import STEPS, as_feature_maps, synthetic_activations, synthetic_schema, write_synthetic_store
 from pipeline.store.bilinear import upsample_and_concatenate
+from pipeline.store.layouts import store_arrays
 from pipeline.store.reader import FeatureStore
 from pipeline.store.schema import DamagedImageError, IncompleteImageError, StoreMismatchError, StoreSchema
 from pipeline.store.writer import open_store_for_writing
@@ -191,13 +196,131 @@ def test_a_corrupted_chunk_fails_loudly_and_is_named_by_verify(tmp_path, layout)
     assert store.verify_image(0) and store.verify_image(2)
 
 
-def test_verify_catches_a_rewrite_that_bypassed_the_writer(tmp_path):
+@pytest.mark.parametrize("array_name", ["taps/decoder.8", "labels", "images"])
+def test_verify_catches_a_rewrite_that_bypassed_the_writer(tmp_path, array_name):
     write_synthetic_store(tmp_path / "store.zarr", "native", _labels(2))
     import zarr
 
-    labels = zarr.open_group(tmp_path / "store.zarr", mode="r+")["labels"]
-    labels[0, 0, 0] = (labels[0, 0, 0] + 1) % 3  # a valid chunk with other content
-    assert FeatureStore(tmp_path / "store.zarr").damaged_images() == ["image_00"]
+    array = zarr.open_group(tmp_path / "store.zarr", mode="r+")[array_name]
+    region = array[0]
+    region.flat[0] = (region.flat[0] + 1) % 3  # one value changed
+    array[0] = region  # by zarr: a valid chunk, with a CRC32C of its own, and other content
+    store = FeatureStore(tmp_path / "store.zarr")
+    assert store.image(0) is not None  # every read passes
+    assert store.damaged_images() == ["image_00"]
+
+
+def test_verify_catches_a_chunk_of_another_image_copied_in(tmp_path):
+    write_synthetic_store(tmp_path / "store.zarr", "native", _labels(2))
+    (theirs,), (mine,) = (_chunk_files(tmp_path / "store.zarr", "taps/decoder.8", index) for index in (1, 0))
+    mine.write_bytes(theirs.read_bytes())  # a whole, valid chunk: its CRC32C checks on every read
+    store = FeatureStore(tmp_path / "store.zarr")
+    assert store.pixel_features(0, np.arange(16), np.arange(16)).shape == (16, 24)
+    assert store.damaged_images() == ["image_00"]
+
+
+def test_the_checksum_is_sha256_of_the_chunks_crc32c_trailers(tmp_path):
+    """Store format 5: each chunk file ends in the CRC32C of what precedes it (Zarr's crc32c codec),
+    and an image's checksum is sha256 of those 4-byte trailers, feature arrays, labels, image."""
+    import google_crc32c
+
+    write_synthetic_store(tmp_path / "store.zarr", "native", _labels(2))
+    store = FeatureStore(tmp_path / "store.zarr")
+    assert store.format == 5
+    for index in range(2):
+        files = [file for name in ("taps/decoder.5", "taps/decoder.8", "taps/decoder.12", "labels", "images")
+                 for file in _chunk_files(tmp_path / "store.zarr", name, index)]
+        contents = [file.read_bytes() for file in files]
+        assert all(google_crc32c.value(data[:-4]).to_bytes(4, "little") == data[-4:] for data in contents)
+        expected = hashlib.sha256(b"".join(data[-4:] for data in contents)).digest()
+        assert bytes(store.group["checksums"][index]) == expected
+
+
+def _write_store(path, layout, count, codec, size=16):
+    """A complete store like `write_synthetic_store`'s, with the chosen codec."""
+    writer = open_store_for_writing(path, synthetic_schema(layout, count, size), codec=codec)
+    for index, label_map in enumerate(_labels(count, size)):
+        image = np.full((size, size, 3), index, dtype=np.uint8)
+        writer.write_image(index, image, label_map, as_feature_maps(synthetic_activations(index)))
+    return writer
+
+
+def _files(root):
+    return {path.relative_to(root): path.read_bytes() for path in root.rglob("*") if path.is_file()}
+
+
+@pytest.mark.parametrize(
+    ("layout", "codec", "size"),
+    [("native", "blosc-lz4", 16), ("native", "zstd", 16), ("native", "none", 16), ("dense", "blosc-lz4", 48)],
+)
+def test_chunks_are_byte_for_byte_what_zarr_writes(tmp_path, layout, codec, size):
+    """The writer encodes and writes its chunk files itself; each is the file zarr writes for the
+    same values (at 48² the dense tiles at the edges are padded with the fill value, as zarr pads)."""
+    import zarr
+
+    _write_store(tmp_path / "ours.zarr", layout, 2, codec, size)
+    shutil.copytree(tmp_path / "ours.zarr", tmp_path / "zarr.zarr")
+    group = zarr.open_group(tmp_path / "zarr.zarr", mode="r+")
+    for name in store_arrays(synthetic_schema(layout, 2, size)):
+        array = group[name].with_config({"write_empty_chunks": True})
+        for file in (tmp_path / "zarr.zarr" / name / "c").iterdir():
+            shutil.rmtree(file) if file.is_dir() else file.unlink()
+        array[:] = FeatureStore(tmp_path / "ours.zarr").group[name][:]  # every chunk written again, by zarr
+    assert _files(tmp_path / "ours.zarr") == _files(tmp_path / "zarr.zarr")
+
+
+def test_chunks_are_written_through_the_page_cache_where_direct_io_is_refused(tmp_path, monkeypatch):
+    from pipeline.store import chunks
+
+    _write_store(tmp_path / "direct.zarr", "native", 2, "blosc-lz4")
+    open_file, refused = os.open, []
+
+    def refuse_direct_io(path, flags, *arguments, **options):
+        if flags & getattr(os, "O_DIRECT", 0):
+            refused.append(path)
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL), str(path))
+        return open_file(path, flags, *arguments, **options)
+
+    monkeypatch.setattr(chunks.os, "open", refuse_direct_io)
+    _write_store(tmp_path / "buffered.zarr", "native", 2, "blosc-lz4")
+    assert len(refused) == (2 * 7 if hasattr(os, "O_DIRECT") else 0)  # 3 taps, labels, image, checksum, done
+    assert _files(tmp_path / "buffered.zarr") == _files(tmp_path / "direct.zarr")
+    assert FeatureStore(tmp_path / "buffered.zarr").damaged_images() == []
+    assert not list((tmp_path / "buffered.zarr").rglob("*.partial"))
+
+
+def test_staging_buffers_are_page_aligned_and_reused():
+    from pipeline.store.chunks import ALIGNMENT, AlignedBuffers
+
+    buffers = AlignedBuffers()
+    with buffers.holding(10_000) as first, buffers.holding(100) as second:  # held at once: two buffers
+        assert first.ctypes.data % ALIGNMENT == 0 and first.size == 3 * ALIGNMENT and second.size == ALIGNMENT
+    with buffers.holding(5_000) as again:
+        assert again is first  # the other one is too small
+    with buffers.holding(100) as again:
+        assert again is second  # the smallest that fits
+
+
+def test_a_store_of_format_4_is_read_verified_and_resumed_with_its_own_checksums(tmp_path):
+    """Stores written before format 5 record sha256 of each image's values: they are read and
+    verified as such, and resuming one writes its remaining images' checksums the same way."""
+    import zarr
+
+    schema, labels = synthetic_schema("native", 2), _labels(2)
+    open_store_for_writing(tmp_path / "store.zarr", schema)
+    group = zarr.open_group(tmp_path / "store.zarr", mode="r+")
+    group.attrs["segcache"] = {**group.attrs["segcache"], "format": 4}
+    writer = open_store_for_writing(tmp_path / "store.zarr", schema)
+    assert writer.format == 4
+    for index in range(2):
+        maps, image = as_feature_maps(synthetic_activations(index)), np.full((16, 16, 3), index, dtype=np.uint8)
+        writer.write_image(index, image, labels[index], maps)
+        values = [*(tap.to(torch.float16).numpy() for tap in maps.values()), labels[index].astype(np.int16), image]
+        assert bytes(group["checksums"][index]) == hashlib.sha256(b"".join(part.tobytes() for part in values)).digest()
+    store = FeatureStore(tmp_path / "store.zarr")
+    assert store.format == 4 and store.damaged_images() == []
+    group["labels"][1, 0, 0] = (group["labels"][1, 0, 0] + 1) % 3
+    assert FeatureStore(tmp_path / "store.zarr").damaged_images() == ["image_01"]
 
 
 def test_every_chunk_carries_a_crc(tmp_path):

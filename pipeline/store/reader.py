@@ -19,6 +19,7 @@ import zarr.codecs
 from zarr.core.sync import sync
 
 from pipeline.data.folders import ClassInfo
+from pipeline.store.chunks import crc_digest, read_trailers
 from pipeline.store.layouts import NATIVE, layout_named, store_arrays
 from pipeline.store.locations import Location, holds_zarr_group, location_bytes, open_zarr_group, store_location
 from pipeline.store.schema import (
@@ -31,7 +32,7 @@ from pipeline.store.schema import (
     IncompleteImageError,
     StoreFormatError,
     StoreSchema,
-    image_digest,
+    regions_sha256,
     select_features,
     tap_array,
 )
@@ -252,14 +253,24 @@ class FeatureStore:
         return list(self._layout.feature_arrays(self.schema))
 
     def verify_image(self, index: int) -> bool:
-        """Whether an image's stored bytes still match the checksum recorded when it was written."""
+        """Whether an image's stored bytes still match the checksum recorded when it was written.
+
+        Every chunk of the image is read and decoded (each checks its own CRC32C, and a missing
+        one is damage), then the recorded checksum is compared with the one the stored chunks
+        make: in format 5 from their CRC32C trailers, so a chunk rewritten whole, with a valid
+        CRC32C of its own, is caught as well; in format 4 from the decoded values.
+        """
         self.check_done(index)
+        names = [*self._feature_array_names(), "labels", "images"]
         try:
-            regions = [self.read_region(name, index) for name in [*self._feature_array_names(), "labels", "images"]]
+            regions = [self.read_region(name, index) for name in names]
             recorded = self.read_region("checksums", index)
         except DamagedImageError:
             return False
-        return bool(np.array_equal(image_digest(regions), recorded))
+        if self.format == 4:
+            return bool(np.array_equal(regions_sha256(regions), recorded))
+        trailers = [trailer for name in names for trailer in read_trailers(self.group[name], index)]
+        return None not in trailers and bool(np.array_equal(crc_digest(trailers), recorded))
 
     def damaged_images(self) -> list[str]:
         """Names of the finished images whose bytes no longer match their checksums."""

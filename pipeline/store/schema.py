@@ -13,8 +13,11 @@ import zarr.codecs
 from pipeline.sizes import ImageShape, as_shape
 from pipeline.sources.base import ALL_DECODER_BLOCKS, TapShape, steps_per_tap
 
-FORMAT_VERSION = 4  # 4: named taps (`taps/<name>`) and a tagged source provenance
-READABLE_FORMATS = (4,)  # 3 (`block_<b>` arrays, one checkpoint hash) and older: re-extract
+# 5: an image's checksum is sha256 of its chunks' CRC32Cs (`chunks.crc_digest`); 4: sha256 of its
+# values (`regions_sha256`), still read, verified and resumed; 4 brought named taps (`taps/<name>`)
+# and a tagged source provenance.
+FORMAT_VERSION = 5
+READABLE_FORMATS = (4, 5)  # 3 (`block_<b>` arrays, one checkpoint hash) and older: re-extract
 TAPS_GROUP = "taps"
 
 
@@ -221,8 +224,10 @@ def chunk_codecs(codec: str) -> list:
     return [*compressors, zarr.codecs.Crc32cCodec()]
 
 
-def image_digest(regions: Sequence[np.ndarray]) -> np.ndarray:
-    """sha256 of an image's stored regions (features, labels, image) in a fixed order, uint8 (32,)."""
+def regions_sha256(regions: Sequence[np.ndarray]) -> np.ndarray:
+    """An image's checksum in store format 4: sha256 of its regions' values (features, labels,
+    image) in a fixed order, uint8 (32,). Format 5 hashes the chunks' CRC32Cs instead
+    (`chunks.crc_digest`): the same protection without a second pass over 50 MB per image."""
     digest = hashlib.sha256()
     for region in regions:
         digest.update(memoryview(np.ascontiguousarray(region)).cast("B"))  # the bytes, not a copy

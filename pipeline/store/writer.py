@@ -19,8 +19,11 @@ import numpy as np
 import torch
 import zarr
 import zarr.codecs
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.sync import sync
 
 from pipeline.runtime.pause_points import pause_point
+from pipeline.store.chunks import AlignedBuffers, ChunkEncoder, crc_digest, image_chunks, write_chunk_file
 from pipeline.store.layouts import dimension_names, layout_named, store_arrays
 from pipeline.store.locations import (
     Location,
@@ -37,7 +40,7 @@ from pipeline.store.schema import (
     StoreMismatchError,
     StoreSchema,
     chunk_codecs,
-    image_digest,
+    regions_sha256,
     schema_differences,
 )
 
@@ -87,7 +90,11 @@ class FeatureStoreWriter:
         self.group = group
         self.schema = schema
         self.location = location
-        self.path = location if isinstance(location, Path) else None  # claims and leftovers
+        self.path = location if isinstance(location, Path) else None  # claims, leftovers, direct chunk files
+        # A store of format 4 is resumed as it began: its checksums are sha256 of the regions.
+        self.format = group.attrs["segcache"]["format"]
+        self._encoders = {name: ChunkEncoder(group[name]) for name in store_arrays(schema)}
+        self._buffers = AlignedBuffers()  # direct I/O's staging buffers, reused from image to image
 
     def pending_images(self) -> list[int]:
         """Indices of images not yet completely written."""
@@ -151,50 +158,47 @@ class FeatureStoreWriter:
             labels: int (H, W), or None when the image has no label map.
             feature_maps: tap name → float (T, C, h, w), T maps in step order (`FeatureSource`).
         """
-        features = dict(self._feature_regions(feature_maps))
+        features = dict(self._feature_regions(feature_maps))  # in the layout's order of arrays, as readers hash them
         labels_region = np.full(self.schema.image_shape, NO_LABELS, np.int16) if labels is None else labels.astype(np.int16)
         others = {"labels": labels_region, "images": np.asarray(image, dtype=np.uint8)}
         pause_point("write-image-begin", index)
         self._remove_partial_chunks(index)
-        # The arrays' chunks are encoded and written side by side, and hashed meanwhile: zarr's
-        # codecs, its file writes and sha256 release the GIL, so each takes a core of its own.
-        with concurrent.futures.ThreadPoolExecutor(max_workers=len(features) + 1) as pool:
-            digest = pool.submit(image_digest, [*features.values(), *others.values()])
-            _all_done(pool, self._write_region, index, features)
+        # Each array's chunks are encoded and written in a thread of their own: compression,
+        # CRC32C, copies and file writes release the GIL, so they share the cores and keep
+        # several writes in flight on the disk.
+        with concurrent.futures.ThreadPoolExecutor(max_workers=len(features) + len(others)) as pool:
+            format_4_checksum = pool.submit(regions_sha256, [*features.values(), *others.values()]) if self.format == 4 else None
+            trailers = _all_done(pool, self._write_chunks, index, features)
             pause_point("write-image-features-written", index)
-            _all_done(pool, self._write_region, index, others)
-            checksum = digest.result()
-        self._start_writeback(index, [*features, *others])
+            trailers.update(_all_done(pool, self._write_chunks, index, others))
+        if format_4_checksum is None:
+            checksum = crc_digest([trailer for name in [*features, *others] for trailer in trailers[name]])
+        else:
+            checksum = format_4_checksum.result()
         # The checksum and the done mark come last: a killed write leaves the image pending.
-        self.group["checksums"][index] = checksum
-        self.group["done"][index] = 1
+        self._write_chunks("checksums", index, checksum)
+        self._write_chunks("done", index, np.ones((), dtype=np.uint8))
         pause_point("write-image-done", index)
 
-    def _write_region(self, name: str, index: int, region: np.ndarray) -> None:
-        """The region as the array's whole chunk of this image: given with the chunk's own shape
-        (1, …), zarr encodes it as it is, without first copying it into a fresh chunk. Every chunk
-        is written, even one equal to the fill value: a missing chunk is damage."""
-        self.group[name].with_config({"write_empty_chunks": True})[index : index + 1] = region[None]  # (1, …)
-
-    def _start_writeback(self, index: int, names: Sequence[str]) -> None:
-        """Asks the kernel to start writing this image's chunk files to the disk now, so the disk
-        works while the next image is encoded instead of all at once at the end (Linux: the
-        POSIX_FADV_DONTNEED advice starts the write-back of a file's dirty pages without waiting
-        for it). Nothing changes in what is written; elsewhere (a URL, macOS) this does nothing."""
-        if self.path is None or not hasattr(os, "posix_fadvise"):
-            return
-        for name in names:
-            for chunk in (self.path / name / "c" / str(index)).rglob("*"):
-                if chunk.is_file():
-                    descriptor = os.open(chunk, os.O_RDONLY)
-                    try:
-                        os.posix_fadvise(descriptor, 0, 0, os.POSIX_FADV_DONTNEED)
-                    finally:
-                        os.close(descriptor)
+    def _write_chunks(self, name: str, index: int, region: np.ndarray) -> list[bytes]:
+        """Writes every chunk of image `index` in array `name`, even one that holds only the fill
+        value (a missing chunk is damage); returns their CRC32C trailers, in `chunk_keys` order."""
+        encoder = self._encoders[name]
+        trailers = []
+        for key, chunk in image_chunks(encoder.array, index, region):
+            payload, trailer = encoder.encode(chunk)
+            if self.path is not None:
+                write_chunk_file(self.path / key, payload, trailer, self._buffers)
+            else:  # a URL: each object is whole or absent; copying to append the trailer costs little beside the network
+                encoded = default_buffer_prototype().buffer.from_bytes(payload.tobytes() + trailer)
+                sync(encoder.array.store.set(key, encoded))
+            trailers.append(trailer)
+        return trailers
 
     def _remove_partial_chunks(self, index: int) -> None:
         """Deletes what a writer killed during one of this image's chunk writes left behind:
-        zarr's temporary `<chunk>.<uuid>.partial` files (the chunk itself is old or absent)."""
+        temporary `<chunk>.<uuid>.partial` files (`write_chunk_file`'s, or zarr's from older
+        writers; the chunk itself is old or absent)."""
         if self.path is None:
             return
         for name in store_arrays(self.schema):
@@ -210,13 +214,13 @@ class FeatureStoreWriter:
         yield from layout_named(self.schema.layout).regions(self.schema, feature_maps)
 
 
-def _all_done(pool: concurrent.futures.Executor, write, index: int, regions: Mapping[str, np.ndarray]) -> None:
+def _all_done(pool: concurrent.futures.Executor, write, index: int, regions: Mapping[str, np.ndarray]) -> dict:
     """Runs `write(name, index, region)` for every region in `pool`; waits for all of them (a
-    failed write raises once the others have ended, so none is left writing behind the caller)."""
-    futures = [pool.submit(write, name, index, region) for name, region in regions.items()]
-    concurrent.futures.wait(futures)
-    for future in futures:
-        future.result()
+    failed write raises once the others have ended, so none is left writing behind the caller).
+    Returns name → what its write returned."""
+    futures = {name: pool.submit(write, name, index, region) for name, region in regions.items()}
+    concurrent.futures.wait(futures.values())
+    return {name: future.result() for name, future in futures.items()}
 
 
 def open_store_for_writing(
