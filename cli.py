@@ -373,6 +373,20 @@ def _fewshot_options(function):
     return function
 
 
+def _class_weights(pairs: tuple[str, ...]) -> dict[str, float]:
+    """("eye=2", "nose=0.5") → {"eye": 2.0, "nose": 0.5}."""
+    weights = {}
+    for pair in pairs:
+        name, separator, value = pair.rpartition("=")
+        try:
+            weights[name] = float(value)
+        except ValueError:
+            separator = ""
+        if not separator or not name:
+            raise click.BadParameter(f"expected NAME=WEIGHT, got {pair!r}", param_hint="--class-weight")
+    return weights
+
+
 def _fewshot_settings(images: Path, episode_options: dict, **values) -> FewShotSettings:
     """A few-shot command's settings: its options, over a preset's protocol when one is named (its
     classes.json checked against the preset), over the defaults."""
@@ -408,16 +422,19 @@ def _fewshot_settings(images: Path, episode_options: dict, **values) -> FewShotS
 @click.option("--trainable", type=click.Choice(["all", "attention"]), default="all", show_default=True,
               help="all: the whole UNet (the paper); attention: self-attention, support stem and output head only.")
 @click.option("--random-init", is_flag=True, help="Fine-tune a randomly initialised copy of the UNet (the baseline of pretraining).")
+@click.option("--class-weight", "class_weights", multiple=True, metavar="NAME=WEIGHT",
+              help="Draw training episodes of this base class in proportion to WEIGHT (others 1; repeatable).")
 @click.pass_obj
 def fewshot_train(context: _Context, checkpoint, images, out, steps, batch_size, max_shots, learning_rate, prompt_embeds,
-                  fine_attention, trainable, random_init, **episode_options):
+                  fine_attention, trainable, random_init, class_weights, **episode_options):
     """DiffewS: fine-tune the diffusion UNet to segment what a support mask shows (KV fusion), on the base classes."""
     from pipeline.fewshot.training import train_fewshot
 
     def action():
         settings = _fewshot_settings(images, episode_options, steps=steps, batch_size=batch_size,
                                      max_training_shots=max_shots, learning_rate=learning_rate,
-                                     fine_attention=list(fine_attention), trainable=trainable, random_init=random_init)
+                                     fine_attention=list(fine_attention), trainable=trainable, random_init=random_init,
+                                     class_weights=_class_weights(class_weights))
         summary = train_fewshot(checkpoint, images, out, settings, context.show_progress, prompt_embeds=prompt_embeds)
         click.echo(f"fewshot-train: {summary.steps} steps, final loss {summary.final_loss:.4f}; saved to "
                    f"{summary.out_dir} in {summary.seconds:.1f} s")

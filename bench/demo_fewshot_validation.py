@@ -19,6 +19,7 @@ Variants (`--variants`, comma-separated; default all):
 - `balanced-stickers-omitted`, `balanced-large-stickers-omitted`: half the training episodes ask
   for a face part, half for a sticker (uniform over the classes, 24 sticker kinds drown the 3 to
   6 base parts: in `stickers-omitted` even the base parts reached only 0.14-0.31 on validation);
+- `stickers-omitted-long`: `stickers-omitted` for 3,000 steps instead of 1,500;
 - any of them with `-random-init` appended: the same from random weights (baseline c).
 
 Training runs in --scratch and resumes; results go to
@@ -57,6 +58,7 @@ VARIANTS = {
     "large-stickers-omitted": (FINE_ALL, True, LARGE),
     "balanced-stickers-omitted": ({**FINE_ALL, "balanced": True}, True, SMALL),
     "balanced-large-stickers-omitted": ({**FINE_ALL, "balanced": True}, True, LARGE),
+    "stickers-omitted-long": ({**FINE_ALL, "steps": 3000}, True, SMALL),
 }
 RANDOM_INIT = "-random-init"  # any variant with this suffix: the same from random weights (baseline c)
 

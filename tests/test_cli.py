@@ -358,6 +358,14 @@ def test_fewshot_train_and_evaluate_through_the_cli(workspace, tmp_path):
                     "--device", "cpu")
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "named" / "fewshot.json").read_text())["fold"]["test_classes"] == ["disc"]
+    result = invoke("fewshot-train", "--checkpoint", workspace / "unet", "--images", workspace / "data" / "train",
+                    "--out", tmp_path / "weighted", "--folds", 2, "--steps", 1, "--batch-size", 1, "--device", "cpu",
+                    "--class-weight", "square=3")
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "weighted" / "fewshot.json").read_text())["settings"]["class_weights"] == {"square": 3.0}
+    result = invoke("fewshot-train", "--checkpoint", workspace / "unet", "--images", workspace / "data" / "train",
+                    "--out", tmp_path / "bad", "--class-weight", "square")
+    assert result.exit_code != 0 and "expected NAME=WEIGHT" in result.output
 
 
 def test_fewshot_predict_segments_a_folder_from_supports_through_the_cli(workspace, tmp_path):
