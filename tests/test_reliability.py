@@ -125,7 +125,7 @@ def assert_same_as_uninterrupted(store_path: Path, reference: FeatureStore) -> N
 # --- 1. kill and resume -------------------------------------------------------------------------
 
 # Stops the process with half of image 2's block 8 chunk in its temporary file, as a kill during
-# that chunk write leaves it (the writer writes `<chunk>.<uuid>.partial`, then renames it).
+# that chunk write leaves it (the writer writes `<chunk>.partial`, then renames it).
 HALF_WRITTEN_CHUNK = """
 import pipeline.store.writer as writer
 from pipeline.runtime.pause_points import pause_point
@@ -133,7 +133,7 @@ write_chunk_file = writer.write_chunk_file
 def write_half_then_pause(path, payload, trailer, buffers):
     if path.as_posix().endswith("/taps/up_blocks.2.upsamplers.0/c/2/0/0/0/0"):  # block 8 of the tiny UNet
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.with_name(path.name + ".0123456789abcdef.partial").write_bytes(payload.tobytes()[: payload.size // 2])
+        path.with_name(path.name + ".partial").write_bytes(payload.tobytes()[: payload.size // 2])
         pause_point("chunk-half-written", 2)
     return write_chunk_file(path, payload, trailer, buffers)
 writer.write_chunk_file = write_half_then_pause

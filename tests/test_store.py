@@ -1,7 +1,5 @@
 import dataclasses
-import errno
 import hashlib
-import os
 import pickle
 import shutil
 
@@ -273,20 +271,34 @@ def test_chunks_are_written_through_the_page_cache_where_direct_io_is_refused(tm
     from pipeline.store import chunks
 
     _write_store(tmp_path / "direct.zarr", "native", 2, "blosc-lz4")
-    open_file, refused = os.open, []
+    refused = []
 
-    def refuse_direct_io(path, flags, *arguments, **options):
-        if flags & getattr(os, "O_DIRECT", 0):
-            refused.append(path)
-            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL), str(path))
-        return open_file(path, flags, *arguments, **options)
+    def refuse_direct_io(descriptor):
+        refused.append(descriptor)
+        return False
 
-    monkeypatch.setattr(chunks.os, "open", refuse_direct_io)
+    monkeypatch.setattr(chunks, "_direct_io_taken", refuse_direct_io)
     _write_store(tmp_path / "buffered.zarr", "native", 2, "blosc-lz4")
-    assert len(refused) == (2 * 7 if hasattr(os, "O_DIRECT") else 0)  # 3 taps, labels, image, checksum, done
+    assert len(refused) == 2 * 7  # per image: 3 taps, labels, image, checksum, done mark
     assert _files(tmp_path / "buffered.zarr") == _files(tmp_path / "direct.zarr")
     assert FeatureStore(tmp_path / "buffered.zarr").damaged_images() == []
-    assert not list((tmp_path / "buffered.zarr").rglob("*.partial"))
+
+
+def test_a_chunk_being_written_by_another_writer_is_refused_and_a_leftover_is_removed_on_resume(tmp_path):
+    from pipeline.store.chunks import partial_path
+
+    schema = synthetic_schema("native", 1)
+    writer = open_store_for_writing(tmp_path / "store.zarr", schema)
+    leftover = partial_path(tmp_path / "store.zarr" / "taps/decoder.8/c/0/0/0/0/0")
+    leftover.parent.mkdir(parents=True)
+    leftover.write_bytes(b"half a chunk")  # another writer's, or a killed one's
+    maps = as_feature_maps(synthetic_activations(0))
+    with pytest.raises(FileExistsError):
+        writer._write_chunks("taps/decoder.8", 0, maps["decoder.8"].to(torch.float16).numpy())
+    assert leftover.read_bytes() == b"half a chunk"  # not this writer's to delete
+    writer.write_image(0, np.zeros((16, 16, 3), np.uint8), None, maps)  # holding the image: leftovers go first
+    assert not list((tmp_path / "store.zarr").rglob("*.partial"))
+    assert FeatureStore(tmp_path / "store.zarr").damaged_images() == []
 
 
 def test_staging_buffers_are_page_aligned_and_reused():

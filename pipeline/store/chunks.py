@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import hashlib
 import itertools
 import mmap
 import os
 import threading
-import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -165,35 +165,45 @@ def _rounded_up(size: int) -> int:
     return -(-size // ALIGNMENT) * ALIGNMENT
 
 
-def write_chunk_file(path: Path, payload: np.ndarray, trailer: bytes, buffers: AlignedBuffers) -> None:
-    """Writes payload + trailer to `path`, whole or not at all.
+def partial_path(path: Path) -> Path:
+    """Where a chunk file is written before it is renamed into place: `<chunk>.partial` beside it.
 
-    The bytes go to `<name>.<uuid>.partial` beside it (the name zarr's own writes use, which
-    resuming a store removes after a kill), which is then renamed over `path`. Direct I/O where
-    the filesystem takes it; elsewhere (tmpfs on older kernels, macOS) through the page cache.
+    One name per chunk, so that the writer of an image (who holds its claim) removes what a
+    killed writer left by name, without listing a folder that holds a file per image, and a
+    second writer of the same chunk at once fails (`FileExistsError`) instead of mixing bytes.
+    """
+    return path.with_name(f"{path.name}.partial")
+
+
+def write_chunk_file(path: Path, payload: np.ndarray, trailer: bytes, buffers: AlignedBuffers) -> None:
+    """Writes payload + trailer to `path`, whole or not at all: into `partial_path(path)`, which is
+    then renamed over it. With direct I/O where the filesystem takes it; elsewhere (tmpfs on older
+    kernels, macOS) through the page cache.
+
+    Raises:
+        FileExistsError: another writer is writing this chunk (or was killed doing it and its
+            leftover was not removed first).
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f"{path.name}.{uuid.uuid4().hex}.partial")
+    partial = partial_path(path)
+    descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
-        if not _write_direct(partial, payload, trailer, buffers):
-            _write_buffered(partial, payload, trailer)
+        try:
+            if not _write_direct(descriptor, payload, trailer, buffers):
+                _write_buffered(descriptor, payload, trailer)
+        finally:
+            os.close(descriptor)
         os.replace(partial, path)
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
 
 
-def _write_direct(path: Path, payload: np.ndarray, trailer: bytes, buffers: AlignedBuffers) -> bool:
-    """Writes the file with O_DIRECT from an aligned copy, zero-padded to a whole block, then cuts
-    it to its length. False, with nothing or a partial file left, where direct I/O is refused."""
-    if not hasattr(os, "O_DIRECT"):
+def _write_direct(descriptor: int, payload: np.ndarray, trailer: bytes, buffers: AlignedBuffers) -> bool:
+    """Writes the file with O_DIRECT from an aligned copy, zero-padded to whole blocks, then cuts
+    it to its length. False, with the file empty again, where direct I/O is refused."""
+    if not _direct_io_taken(descriptor):
         return False
-    try:
-        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_DIRECT, 0o666)
-    except OSError as error:
-        if error.errno == errno.EINVAL:
-            return False
-        raise
     size = payload.size + TRAILER_BYTES
     try:
         with buffers.holding(size) as buffer:
@@ -206,22 +216,33 @@ def _write_direct(path: Path, payload: np.ndarray, trailer: bytes, buffers: Alig
     except OSError as error:
         if error.errno != errno.EINVAL:  # a full disk and other errors are the caller's
             raise
+    # A filesystem that wants larger blocks than ALIGNMENT: start again, through the page cache.
+    fcntl.fcntl(descriptor, fcntl.F_SETFL, fcntl.fcntl(descriptor, fcntl.F_GETFL) & ~os.O_DIRECT)
+    os.ftruncate(descriptor, 0)
+    os.lseek(descriptor, 0, os.SEEK_SET)
+    return False
+
+
+def _direct_io_taken(descriptor: int) -> bool:
+    """Switches the open file to direct I/O (Linux); False where the platform or the filesystem refuses."""
+    if not hasattr(os, "O_DIRECT"):
         return False
-    finally:
-        os.close(descriptor)
+    try:
+        fcntl.fcntl(descriptor, fcntl.F_SETFL, fcntl.fcntl(descriptor, fcntl.F_GETFL) | os.O_DIRECT)
+    except OSError as error:
+        if error.errno == errno.EINVAL:
+            return False
+        raise
+    return True
 
 
-def _write_buffered(path: Path, payload: np.ndarray, trailer: bytes) -> None:
+def _write_buffered(descriptor: int, payload: np.ndarray, trailer: bytes) -> None:
     """Writes the file through the page cache, and asks the kernel to start writing it to the disk
     now (Linux), so the disk works while the next image is encoded instead of all at the end."""
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
-    try:
-        _write_all(descriptor, payload)
-        _write_all(descriptor, np.frombuffer(trailer, dtype=np.uint8))
-        if hasattr(os, "posix_fadvise"):
-            os.posix_fadvise(descriptor, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(descriptor)
+    _write_all(descriptor, payload)
+    _write_all(descriptor, np.frombuffer(trailer, dtype=np.uint8))
+    if hasattr(os, "posix_fadvise"):
+        os.posix_fadvise(descriptor, 0, 0, os.POSIX_FADV_DONTNEED)
 
 
 def _write_all(descriptor: int, data: np.ndarray) -> None:

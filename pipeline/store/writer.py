@@ -23,7 +23,15 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
 from pipeline.runtime.pause_points import pause_point
-from pipeline.store.chunks import AlignedBuffers, ChunkEncoder, crc_digest, image_chunks, write_chunk_file
+from pipeline.store.chunks import (
+    AlignedBuffers,
+    ChunkEncoder,
+    chunk_keys,
+    crc_digest,
+    image_chunks,
+    partial_path,
+    write_chunk_file,
+)
 from pipeline.store.layouts import dimension_names, layout_named, store_arrays
 from pipeline.store.locations import (
     Location,
@@ -196,15 +204,14 @@ class FeatureStoreWriter:
         return trailers
 
     def _remove_partial_chunks(self, index: int) -> None:
-        """Deletes what a writer killed during one of this image's chunk writes left behind:
-        temporary `<chunk>.<uuid>.partial` files (`write_chunk_file`'s, or zarr's from older
-        writers; the chunk itself is old or absent)."""
+        """Deletes what a writer killed during one of this image's chunk writes left behind: the
+        chunks' `partial_path` files (the chunk itself is old or absent). By name, so it costs
+        the same at the millionth image as at the first."""
         if self.path is None:
             return
-        for name in store_arrays(self.schema):
-            chunks = self.path / name / "c"
-            for leftover in [*chunks.glob(f"{index}.*.partial"), *(chunks / str(index)).rglob("*.partial")]:
-                leftover.unlink(missing_ok=True)
+        for encoder in self._encoders.values():
+            for key in chunk_keys(encoder.array, index):
+                partial_path(self.path / key).unlink(missing_ok=True)
 
     def _feature_regions(self, feature_maps: Mapping[str, torch.Tensor]):
         """(array name, float16 region) pairs of one image's features."""
