@@ -58,7 +58,8 @@ def main() -> None:
             entry = measured[name, fold]
             runs[f"{folder}/fold-{fold}"] = {
                 "novel_classes": record["fold"]["test_classes"], "steps": record["steps"],
-                "final_loss": round(record["final_loss"], 5), "training_seconds": entry["training_seconds_this_run"],
+                "final_loss": round(record["final_loss"], 5),
+                "training_seconds": entry.get("training_seconds", entry["training_seconds_this_run"]),
                 "validation_novel_miou": entry["novel"]["miou"], "validation_base_miou": entry["base"]["miou"]}
     settings, omitted, stickers = variant(arguments.variant)
     recipe = {

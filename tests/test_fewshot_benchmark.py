@@ -10,9 +10,12 @@ import pytest
 import safetensors.torch
 import torch
 
-from conftest import tiny_attention_unet, write_image_folder
+from conftest import PROJECT_ROOT, tiny_attention_unet, write_image_folder
 from pipeline.config import FewShotSettings
+from pipeline.data.demo import CLASS_NAMES
+from pipeline.data.folders import ClassInfo
 from pipeline.fewshot.benchmark import benchmark_fewshot, find_fold_models, summarise
+from pipeline.fewshot.episodes import dataset_fold
 from pipeline.fewshot.training import load_fewshot_model, train_fewshot
 
 NAMES = ["background", "disc", "square"]
@@ -99,3 +102,23 @@ def test_a_model_stored_in_float16_reloads_as_float32(models, tmp_path):
     assert all(parameter.dtype == torch.float32 for parameter in loaded.parameters())
     for (name, parameter), reference in zip(loaded.named_parameters(), original.parameters()):
         torch.testing.assert_close(parameter, reference, atol=2e-3, rtol=1e-3, msg=name)
+
+
+def test_the_committed_demo_models_hold_one_fold_each_and_load():
+    """data/checkpoints/demo_fewshot: the models `dvc repro` scores (stage fewshot), one per fold of
+    the demo's 7 face parts, each trained without its fold's parts, with its random-init twin."""
+    models_dir = PROJECT_ROOT / "data" / "checkpoints" / "demo_fewshot"
+    folds = find_fold_models(models_dir)
+    assert sorted(folds) == [0, 1, 2, 3] and all(set(models) == {"pretrained", "random-init"} for models in folds.values())
+    classes = ClassInfo(list(CLASS_NAMES), 255)
+    recipe = json.loads((models_dir / "recipe.json").read_text())
+    for fold, models in folds.items():
+        novel = [CLASS_NAMES[label] for label in dataset_fold(classes, 4, fold).test_classes]
+        for kind, folder in models.items():
+            record = json.loads((folder / "fewshot.json").read_text())
+            assert record["fold"]["test_classes"] == novel
+            assert not set(novel) & set(record["fold"]["train_classes"])  # never trained on its novel parts
+            assert record["settings"]["random_init"] == (kind == "random-init")
+            assert record["steps"] == recipe["settings"]["steps"]
+    loaded = load_fewshot_model(folds[2]["pretrained"])
+    assert all(parameter.dtype == torch.float32 for parameter in loaded.model.parameters())
