@@ -10,7 +10,11 @@ writes, checksums and done marks. Measured in one run, on this machine's disk:
 - the writer: extraction with a source that takes no time, per codec (native layout), and the
   same without the overlap of compute and writes (one batch after the other, as before);
 - extraction with a simulated model of 0.1 s per image (the paper's ADM on a GPU does the three
-  forwards of a 256² image in about that), against the slower of the model and the writer.
+  forwards of a 256² image in about that), against the slower of the model and the writer;
+- the writer's CPU seconds per image by part, each part alone in this thread: compression and
+  CRC32C per codec, the aligned copy and direct write of the chunk files, the whole
+  `write_image`, and, for comparison, what the writer before store format 5 also spent: a
+  sha256 over the values, and the kernel's copy of every byte into new page-cache pages.
 
 Every timing ends with `os.sync()`: the data is on the disk, not in the page cache. Each measure
 is the median of 3 interleaved repeats (a shared VM's disk varies by 2× within minutes), and the
@@ -48,6 +52,9 @@ from pipeline.extraction.compute import describe_source, extract_batch
 from pipeline.extraction.extract import extract_with_runner
 from pipeline.extraction.runners import InProcessBatches
 from pipeline.sources.base import TapShape
+from pipeline.store.chunks import AlignedBuffers, ChunkEncoder, image_chunks, write_chunk_file
+from pipeline.store.schema import StoreSchema, regions_sha256, tap_array
+from pipeline.store.writer import open_store_for_writing
 
 MODEL_SECONDS_PER_IMAGE = 0.1
 CODECS = ("blosc-lz4", "zstd", "none")
@@ -129,6 +136,58 @@ def extraction_rate(images: Path, store: Path, source: PrecomputedSource, size: 
             "cpu_seconds_per_image": cpu_seconds / summary.images_written, "compression_ratio": megabytes / on_disk}
 
 
+def writer_cpu_by_part(size: int, taps: list[TapShape], steps: list[int], scratch: Path, images: int) -> dict:
+    """CPU seconds per image of each part of writing one native image, every part alone in this
+    thread (medians over `images` images, each into new files as in a real store)."""
+    source = PrecomputedSource(taps, steps, 0.0)
+    maps = {name: tensor[0] for name, tensor in source.feature_maps(torch.zeros(1)).items()}  # tap → (T, C, h, w)
+    schema = StoreSchema(layout="native", image_size=size, steps=list(steps), tap_shapes=list(taps),
+                         source=source.provenance(), image_names=[str(index) for index in range(images)],
+                         image_sha256=["0" * 64] * images)
+    image, labels = np.zeros((size, size, 3), np.uint8), np.zeros((size, size), np.int16)
+    writers = {codec: open_store_for_writing(scratch / f"parts-{codec}.zarr", schema, codec) for codec in CODECS}
+    regions = {tap_array(name): maps[name].numpy() for name in schema.taps}  # array → (T, C, h, w) float16
+    buffers, measured = AlignedBuffers(), {}
+
+    def timed(part: str, work, *arguments) -> None:
+        started = time.process_time()
+        work(*arguments)
+        measured.setdefault(part, []).append(time.process_time() - started)
+
+    def feature_chunks(writer, index: int) -> list[tuple[ChunkEncoder, str, np.ndarray]]:
+        encoders = [ChunkEncoder(writer.group[name]) for name in regions]
+        return [(encoder, key, chunk) for encoder, (name, region) in zip(encoders, regions.items())
+                for key, chunk in image_chunks(encoder.array, index, region)]
+
+    def write_files(writer, index: int, direct: bool) -> None:
+        """The features' chunk files, in a tree of their own (new folders, as in a store)."""
+        for encoder, key, chunk in feature_chunks(writer, index):
+            payload, trailer = encoder.encode(chunk)
+            if direct:
+                write_chunk_file(scratch / "direct" / key, payload, trailer, buffers)
+            else:  # as zarr's path did: new files through the page cache (here without the trailer's copy)
+                path = scratch / "page-cache" / key
+                path.parent.mkdir(parents=True, exist_ok=True)
+                with open(path, "wb") as file:
+                    file.write(memoryview(payload))
+
+    def encode(chunks) -> None:
+        for encoder, _, chunk in chunks:
+            encoder.encode(chunk)
+
+    for index in range(images):
+        for codec, writer in writers.items():
+            timed(f"encode features: {codec}, CRC32C", encode, feature_chunks(writer, index))
+        timed("write features: encode (none), folders, aligned copy, direct write, rename", write_files, writers["none"], index, True)
+        for codec, writer in writers.items():
+            timed(f"whole write_image: {codec}", writer.write_image, index, image, labels, maps)
+        timed("before format 5: sha256 of the values", regions_sha256, list(regions.values()))
+        timed("before format 5: encode (none), folders, page-cache write into new files", write_files, writers["none"], index, False)
+    for path in [scratch / "direct", scratch / "page-cache", *(writer.path for writer in writers.values())]:
+        shutil.rmtree(path, ignore_errors=True)
+    return {part: round(float(np.median(values[1:] or values)), 4) for part, values in measured.items()}
+
+
 def _median_of(runs: list[dict]) -> dict:
     """Each measure's median over the repeats, rounded."""
     return {key: round(float(np.median([run[key] for run in runs])), 3) for key in runs[0]}
@@ -176,6 +235,11 @@ def run(quick: bool, scratch: Path) -> dict:
         # CPU seconds per image × the disk's images per second: the cores the writer needs to keep up with this disk
         "cores_to_keep_up_with_the_disk": round(
             writer[CODECS[0]]["cpu_seconds_per_image"] * disk / per_image_megabytes, 2),
+        "writer_fraction_of_disk_by_codec": {
+            codec: round(writer[codec]["megabytes_per_second"] / disk, 3) for codec in CODECS},
+        "cores_to_keep_up_with_the_disk_by_codec": {
+            codec: round(writer[codec]["cpu_seconds_per_image"] * disk / per_image_megabytes, 2) for codec in CODECS},
+        "writer_cpu_seconds_per_image_by_part": writer_cpu_by_part(size, taps, steps, scratch, 3 if quick else 12),
         "cpu_count": os.cpu_count(),
         # every extraction of the run in one process: at most two batches of features on the host
         "peak_rss_gigabytes": round(peak_rss_bytes() / 2**30, 2),

@@ -37,9 +37,14 @@ def _extraction(result: dict) -> list[str]:
 
 def _gpu_rate(result: dict) -> list[str]:
     writer, model = result["writer"]["blosc-lz4"], result["extraction_with_simulated_model"]
+    others = "; ".join(
+        f"{codec} {row['megabytes_per_second']:.0f} MB/s, {row['cpu_seconds_per_image']:.3f} CPU-s/image"
+        for codec, row in result["writer"].items() if codec != "blosc-lz4"
+    )
     return [
         f"| 20 store writer at GPU rates ({result['shape']}) | {writer['megabytes_per_second']:.0f} MB/s "
-        f"({writer['images_per_second']:.1f} img/s, blosc-lz4): {100 * result['writer_fraction_of_disk']:.0f} % of the disk; "
+        f"({writer['images_per_second']:.1f} img/s, blosc-lz4, {writer['cpu_seconds_per_image']:.3f} CPU-s/image): "
+        f"{100 * result['writer_fraction_of_disk']:.0f} % of the disk ({others}); "
         f"with a 0.1 s/image model {model['images_per_second']:.1f} img/s, {100 * result['extraction_fraction_of_bound']:.0f} % "
         f"of the slower of model and writer | disk {result['disk_megabytes_per_second_direct_io']:.0f} MB/s (direct I/O) "
         f"| ≥ 80 % of the disk; ≥ 90 % of the bound | {_holds(result['targets'])} |"
