@@ -14,11 +14,12 @@ from conftest import PROJECT_ROOT
 from pipeline.store.reader import FeatureStore
 
 SMALL_SETTINGS = {
-    "demo": {"pool_images": 4, "train_images": 4, "test_images": 3},
+    "demo": {"pool_images": 4, "train_images": 4, "test_images": 6},  # 6: 5-shot episodes need 6 faces
     "extract": {"steps": [50, 150], "batch_size": 4},
     "train": {"members": 2, "max_epochs": 5, "steps": [50, 150]},
     "evaluate": {"pictures": 2},
     "refine": {"folds": 2, "iterations": 20},
+    "fewshot": {"episodes": 2, "baseline_members": 2, "baseline_training_steps": 5},
 }
 
 
@@ -53,12 +54,12 @@ def test_repro_runs_everything_then_nothing_then_only_training(project):
     for source in ("ddpm", "ddpm-paper-taps", "random", "pixels"):
         assert f"Running stage 'evaluate@{source}'" in first
         metrics = json.loads((project / "data" / "results" / source / "metrics.json").read_text())
-        assert 0.0 <= metrics["miou"] <= 1.0 and metrics["images"] == 3
+        assert 0.0 <= metrics["miou"] <= 1.0 and metrics["images"] == 6
     for source in ("ddpm", "random", "pixels"):
         assert (project / "data" / "stores" / f"{source}-train.zarr" / "zarr.json").is_file()
     for stage in ("demo_data", "random_model", "extract@ddpm-train", "extract@random-test", "extract_pixels@test",
                   "select", "train_selected", "train@ddpm-paper-taps", "train@random", "train@pixels", "refine_train",
-                  "refine", "evaluate@synthetic", "synthetic_speed", "compare"):
+                  "refine", "evaluate@synthetic", "synthetic_speed", "fewshot", "compare"):
         assert f"Running stage '{stage}'" in first
     # The headline ensemble trains on the selection, the paper-taps one on train.steps × train.blocks.
     features = {name: json.loads((project / "data" / "models" / f"ensemble-{name}" / "ensemble.json").read_text())["features"]
@@ -68,11 +69,13 @@ def test_repro_runs_everything_then_nothing_then_only_training(project):
     assert features["ddpm-paper-taps"]["steps"] == [50, 150] and len(features["ddpm-paper-taps"]["taps"]) == 5
     comparison = json.loads((project / "data" / "metrics.json").read_text())
     assert set(comparison) >= {"miou", "miou_refined", "refinement_gain", "miou_paper_taps", "miou_random_weights",
-                               "miou_pixels", "margin_over_paper_taps", "miou_synthetic", "synthetic_speedup"}
+                               "miou_pixels", "margin_over_paper_taps", "miou_synthetic", "synthetic_speedup",
+                               "fewshot_miou_1shot", "fewshot_miou_5shot", "fewshot_prototype_miou_1shot",
+                               "fewshot_ensemble_miou_1shot", "fewshot_random_init_miou_1shot"}
     per_class = json.loads((project / "data" / "per_class_iou.json").read_text())
     assert all("synthetic" in sources for sources in per_class.values())
     refined = json.loads((project / "data" / "results" / "ddpm-refined" / "metrics.json").read_text())
-    assert refined["miou"] == comparison["miou_refined"] and refined["images"] == 3
+    assert refined["miou"] == comparison["miou_refined"] and refined["images"] == 6
     shown = run(project, "metrics", "show")
     assert "miou_paper_taps" in shown and "miou_random_weights" in shown and "miou_pixels" in shown
 
@@ -84,7 +87,8 @@ def test_repro_runs_everything_then_nothing_then_only_training(project):
     (project / "params.yaml").write_text(yaml.safe_dump(params))
     third = run(project, "repro")
     assert "Running stage 'train@ddpm-paper-taps'" in third and "Running stage 'evaluate@ddpm-paper-taps'" in third
-    for untouched in ("extract", "random_model", "select", "train_selected", "evaluate@ddpm'", "refine", "evaluate@synthetic"):
+    for untouched in ("extract", "random_model", "select", "train_selected", "evaluate@ddpm'", "refine", "evaluate@synthetic",
+                      "fewshot"):
         assert f"Running stage '{untouched}" not in third
 
     # DVC knows a store by its zarr.json (not every chunk): a deleted store is rebuilt, the same
