@@ -36,6 +36,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from pipeline.config import FewShotSettings
+from pipeline.fewshot.baselines import FeatureCache
 from pipeline.fewshot.evaluation import evaluate_fewshot, evaluate_fewshot_baseline
 from pipeline.fewshot.training import RECORD_FILE
 from pipeline.runtime.atomic import replaced_file
@@ -109,6 +110,8 @@ def benchmark_fewshot(
     """
     out_dir = Path(out_dir)
     folds = find_fold_models(models_dir)
+    # One cache of the frozen features for every fold's baselines: the folds share the images.
+    cache = FeatureCache(checkpoint, settings.baseline_steps, settings.baseline_blocks, settings.seed, settings.device)
     runs: dict[int, dict[str, dict]] = {}
     for fold, models in folds.items():
         novel = novel_classes(models[PRETRAINED])
@@ -124,7 +127,7 @@ def benchmark_fewshot(
                 dataclasses.replace(one_shot, shots=count), show_progress)
         for baseline in ("prototype", "ensemble"):
             runs[fold][f"{baseline}_1shot"] = evaluate_fewshot_baseline(
-                baseline, checkpoint, images_dir, fold_dir / f"{baseline}-1shot", one_shot, show_progress)
+                baseline, checkpoint, images_dir, fold_dir / f"{baseline}-1shot", one_shot, show_progress, cache=cache)
         if RANDOM_INIT in models:
             runs[fold]["random_init_1shot"] = evaluate_fewshot(
                 models[RANDOM_INIT], images_dir, fold_dir / "random-init-1shot", one_shot, show_progress)

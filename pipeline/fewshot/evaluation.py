@@ -153,12 +153,15 @@ def evaluate_fewshot_baseline(
     settings: FewShotSettings,
     show_progress: bool = True,
     classes: ClassChoice = "test",
+    cache: FeatureCache | None = None,
 ) -> dict:
     """Scores a baseline (`fewshot.baselines`: "prototype" or "ensemble") on the episodes
     `evaluate_fewshot` draws with the same settings, from the checkpoint's frozen features at
-    `settings.baseline_steps` and `settings.baseline_blocks`. Returns metrics.json's content."""
+    `settings.baseline_steps` and `settings.baseline_blocks` (`cache`: a FeatureCache of those
+    already made, shared between runs on the same images). Returns metrics.json's content."""
     started = time.perf_counter()
-    cache = FeatureCache(checkpoint, settings.baseline_steps, settings.baseline_blocks, settings.seed, settings.device)
+    if cache is None:
+        cache = FeatureCache(checkpoint, settings.baseline_steps, settings.baseline_blocks, settings.seed, settings.device)
     size = settings.image_size if settings.image_size is not None else native_image_size(cache.source)
     data = episode_data(images_dir, settings, size, classes, settings.shots)
     ensemble = TrainSettings(members=settings.baseline_members, fast_min_steps=settings.baseline_training_steps,
