@@ -89,9 +89,12 @@ def main(click_context: click.Context, verbose: bool, quiet: bool) -> None:
 @click.option("--noise-draws", default=1, show_default=True, help="Average the features over this many noise draws (seed + k).")
 @click.option("--prompt", default="", help="Latent diffusion: the prompt, encoded by the folder's text encoder.")
 @click.option("--prompt-embeds", type=click.Path(path_type=Path), help="Latent diffusion: a (1, L, D) .safetensors/.npy in place of --prompt.")
+@click.option("--coco", type=click.Path(path_type=Path),
+              help="COCO JSON (e.g. exported by a labeling tool): its masks are the labels of the images it lists; "
+                   "finished images with new labels are relabeled, their features kept.")
 @click.pass_obj
 def extract(context: _Context, checkpoint, images, store, steps, blocks, seed, size, resize, layout, batch_size, device,
-            codec, classes, scheduler, noise_draws, prompt, prompt_embeds):
+            codec, classes, scheduler, noise_draws, prompt, prompt_embeds, coco):
     """Extract pixel features of a folder of images into a store (resumes unfinished work)."""
     from pipeline.extraction.extract import extract_features
 
@@ -102,7 +105,8 @@ def extract(context: _Context, checkpoint, images, store, steps, blocks, seed, s
             noise_draws=noise_draws, prompt=prompt, prompt_embeds=None if prompt_embeds is None else str(prompt_embeds),
         )
         class_info = load_class_info(classes) if classes else find_class_info(images)
-        summary = extract_features(checkpoint, images, store, settings, class_info, show_progress=context.show_progress)
+        summary = extract_features(checkpoint, images, store, settings, class_info, show_progress=context.show_progress,
+                                   coco=coco)
         other_shapes = (f"; {summary.images_of_other_shapes} images of another aspect ratio were resized to it"
                         if summary.images_of_other_shapes else "")
         click.echo(
@@ -186,19 +190,29 @@ def evaluate(context: _Context, ensemble, store, out):
 @click.option("--max-features", type=int, help="Never choose more features per pixel than this.")
 @click.option("--steps", help="Comma-separated: choose among these of the store's steps only (default: all).")
 @click.option("--blocks", help="Comma-separated: choose among these of the store's taps only (names or block numbers; default: all).")
+@click.option("--memory-gigabytes", default=4.0, show_default=True,
+              help="The exact probe where it fits in this much memory, else one on each (step, tap)'s principal components.")
+@click.option("--components", default=32, show_default=True, help="Principal components per (step, tap) in that reduced probe.")
 @click.pass_obj
-def select(context: _Context, store, out, classes, folds, pixels_per_image, min_gain, max_features, steps, blocks):
+def select(context: _Context, store, out, classes, folds, pixels_per_image, min_gain, max_features, steps, blocks,
+           memory_gigabytes, components):
     """Choose steps and taps of a store from its labeled images alone (k-fold cross-validation of a cheap probe)."""
     from pipeline.config import SelectSettings
-    from pipeline.heads.selection import select_into_folder, select_memory_bytes
+    from pipeline.heads.selection import select_cost, select_into_folder
 
     def action():
         settings = SelectSettings(folds=folds, pixels_per_image=pixels_per_image, min_gain_points=min_gain,
                                   max_features=max_features, steps=_int_list(steps) if steps else None,
-                                  blocks=_tap_list(blocks) if blocks else None)
-        cost = select_memory_bytes(store, settings)
+                                  blocks=_tap_list(blocks) if blocks else None, memory_gigabytes=memory_gigabytes,
+                                  components=components)
+        cost = select_cost(store, settings)
+        probe = ("the exact probe" if cost["probe"] == "exact" else
+                 f"a probe on {cost['probe_features']} principal components (the exact one would not fit in "
+                 f"{memory_gigabytes:g} GB)")
         click.echo(f"select: {cost['candidates']} candidates, {cost['features_per_pixel']} features per pixel, up to "
-                   f"{cost['pixels']} pixels: up to {cost['bytes'] / 1e9:.2f} GB of memory", err=True)
+                   f"{cost['pixels']} pixels, {probe}: up to {cost['bytes'] / 1e9:.2f} GB of memory, about "
+                   + (f"{cost['seconds']:.0f} s" if cost["seconds"] < 120 else f"{cost['seconds'] / 60:.0f} min")
+                   + " to read and fit before the greedy search", err=True)
         class_info = load_class_info(classes) if classes else None
         chosen = select_into_folder(store, out, settings, class_info, context.show_progress)
         click.echo(
@@ -267,15 +281,18 @@ def refine(context: _Context, refiner, predictions, store, out, schedule, seed):
 @click.option("--device", default="auto", show_default=True)
 @click.option("--pictures", default=6, show_default=True, help="Images in the overview figure predictions.png.")
 @click.option("--prompt-embeds", type=click.Path(path_type=Path), help="Latent diffusion: the file the features were extracted with.")
+@click.option("--format", "formats", type=click.Choice(["png", "coco"]), multiple=True,
+              help="Also write pre-annotations for labeling tools: png, an index PNG per image (<name>_labels.png); "
+                   "coco, annotations.json with RLE masks (extract --coco reads it back). Repeatable.")
 @click.pass_obj
-def predict(context: _Context, ensemble, checkpoint, images, out, device, pictures, prompt_embeds):
+def predict(context: _Context, ensemble, checkpoint, images, out, device, pictures, prompt_embeds, formats):
     """Segment new images (no labels needed) with a trained ensemble or segmenter."""
     from pipeline.prediction import predict_folder
 
     def action():
         summary = predict_folder(
             ensemble, checkpoint, images, out, device=device, show_progress=context.show_progress, pictures=pictures,
-            prompt_embeds=prompt_embeds,
+            prompt_embeds=prompt_embeds, formats=formats,
         )
         click.echo(f"predict: {summary.images} images segmented into {summary.out_dir} in {summary.seconds:.1f} s")
 

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,8 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from pipeline.data.folders import list_images, load_image, resize_nearest
+from pipeline.data.coco import DEFAULT_IGNORE_LABEL, CocoBuilder, write_coco
+from pipeline.data.folders import ClassInfo, list_images, load_image, resize_nearest
 from pipeline.evaluation.predict import ImagePrediction, predict_from_tables
 from pipeline.heads.pixel_ensemble.ensemble import Ensemble, load_ensemble
 from pipeline.heads.segmenter.segmenter import Segmenter, is_segmenter_folder, load_segmenter
@@ -24,6 +26,7 @@ from pipeline.sources.loading import load_source_for
 from pipeline.store.schema import StoreMismatchError
 
 logger = logging.getLogger(__name__)
+COCO_FILE = "annotations.json"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,11 +63,16 @@ def predict_folder(
     show_progress: bool = True,
     pictures: int = 6,
     prompt_embeds: str | Path | None = None,
+    formats: Sequence[str] = (),
 ) -> PredictionSummary:
     """Segments every image of a folder and writes, per image: `<name>.npy` (labels at the
     image's own size), `<name>_mask.png`, `<name>_overlay.png`, `<name>_uncertainty.png`; and
     `summary.json` (per image: size, uncertainty score, class fractions), and `predictions.png`
     (image | prediction | uncertainty, with a class legend) for the first ``pictures`` images.
+    `formats`, for labeling tools to import as pre-annotations: "png", an index PNG per image
+    (`<name>_labels.png`, pixel value = class index; 16-bit past 256 classes); "coco",
+    `annotations.json` with every image's masks as RLEs (`pipeline.data.coco`, which `extract
+    --coco` reads back once a person has corrected them).
 
     Images are processed one at a time, so memory does not grow with the folder (only the
     first ``pictures`` images are kept for the overview figure).
@@ -88,13 +96,20 @@ def predict_folder(
     out_dir.mkdir(parents=True, exist_ok=True)
     # 2. Each image: prediction → outputs at the image's own size.
     summaries, picture_rows = [], []
+    coco = CocoBuilder(ClassInfo(model.class_names, DEFAULT_IGNORE_LABEL)) if "coco" in formats else None
     with torch_threads(threads):
         for record in tqdm(records, desc="predict", unit="image", disable=not show_progress):
             prediction = predict_image(record)
             summary, picture_row = _write_outputs(record, prediction, model.class_names, palette, out_dir)
+            if "png" in formats:
+                save_index_png(out_dir / f"{record.name}_labels.png", picture_row["prediction"])
+            if coco is not None:
+                coco.add(record.image_path.name, picture_row["prediction"])
             summaries.append(summary)
             if len(picture_rows) < pictures:
                 picture_rows.append(picture_row)
+    if coco is not None:
+        write_coco(out_dir / COCO_FILE, coco.coco)
     if picture_rows:
         save_prediction_grid(out_dir / "predictions.png", picture_rows, model.class_names, ignore_label=None)
     (out_dir / "summary.json").write_text(
@@ -142,6 +157,14 @@ def segmenter_predictor(segmenter: Segmenter):
         return ImagePrediction(probabilities.argmax(dim=0).numpy(), entropy.numpy(), probabilities.numpy())
 
     return predict_image
+
+
+def save_index_png(path: Path, labels: np.ndarray) -> None:
+    """A label map as an index PNG, the pixel value the class index (8-bit, or 16-bit past 255)."""
+    if labels.max(initial=0) <= 255:
+        Image.fromarray(labels.astype(np.uint8)).save(path)  # mode L
+    else:
+        Image.fromarray(labels.astype(np.uint16)).save(path)  # mode I;16
 
 
 def _write_outputs(

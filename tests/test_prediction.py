@@ -71,3 +71,43 @@ def test_predict_command(trained, tmp_path):
     arguments[5] = trained / "other_unet"
     result = CliRunner().invoke(main, [str(argument) for argument in arguments])
     assert result.exit_code == 1 and "use the checkpoint the ensemble was trained with" in result.output
+
+
+def test_pre_annotations_close_the_labeling_loop(trained, tmp_path):
+    """predict --format png --format coco → a person corrects a mask → extract --coco relabels the
+    store's finished image, its features kept and its checksum renewed."""
+    from pipeline.data.coco import label_maps_to_coco, read_coco
+    from pipeline.data.folders import resize_nearest
+    from pipeline.store.reader import FeatureStore
+
+    runner = CliRunner()
+    result = runner.invoke(main, [str(argument) for argument in [
+        "--quiet", "predict", "--ensemble", trained / "ensemble", "--checkpoint", trained / "unet", "--images",
+        trained / "new", "--out", tmp_path / "out", "--device", "cpu", "--format", "png", "--format", "coco"]])
+    assert result.exit_code == 0, result.output
+    predicted = np.load(tmp_path / "out" / "wide.npy")
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "out" / "wide_labels.png")), predicted)
+    coco = read_coco(tmp_path / "out" / "annotations.json")
+    assert {image["file_name"] for image in coco["images"]} == {"wide.png", "grey large.jpg"}
+
+    settings = ExtractSettings(steps=[50], blocks=[5, 8, 12], size=32, device="cpu")
+    extract_features(trained / "unet", trained / "new", tmp_path / "new.zarr", settings, show_progress=False,
+                     coco=tmp_path / "out" / "annotations.json")
+    store = FeatureStore(tmp_path / "new.zarr")
+    wide = store.schema.image_names.index("wide")
+    assert store.class_info().names == ["background", "disc", "square"]
+    assert np.array_equal(store.labels(wide), resize_nearest(predicted, (32, 32)))
+    features_before = store.image_features(wide)
+
+    corrected = predicted.copy()
+    corrected[:, :10] = 2  # a person paints the left edge `square`
+    grey = np.load(tmp_path / "out" / "grey large.npy")
+    (tmp_path / "corrected.json").write_text(json.dumps(
+        label_maps_to_coco([("wide.png", corrected), ("grey large.jpg", grey)], store.class_info())))
+    summary = extract_features(trained / "unet", trained / "new", tmp_path / "new.zarr", settings,
+                               show_progress=False, coco=tmp_path / "corrected.json")
+    store = FeatureStore(tmp_path / "new.zarr")
+    assert summary.images_written == 0  # nothing computed again
+    assert np.array_equal(store.labels(wide), resize_nearest(corrected, (32, 32)))
+    assert np.array_equal(store.image_features(wide), features_before)
+    assert store.damaged_images() == []  # the new checksum covers the new labels

@@ -208,6 +208,32 @@ def test_verify_catches_a_rewrite_that_bypassed_the_writer(tmp_path, array_name)
     assert store.damaged_images() == ["image_00"]
 
 
+@pytest.mark.parametrize("layout", ["native", "dense"])
+def test_new_labels_keep_the_features_and_renew_the_checksum(tmp_path, layout):
+    schema, _ = write_synthetic_store(tmp_path / "store.zarr", layout, _labels(2))
+    features = FeatureStore(tmp_path / "store.zarr").image_features(1)
+    writer = open_store_for_writing(tmp_path / "store.zarr", schema)
+    corrected = np.full((16, 16), 2)
+    assert writer.replace_labels(1, corrected) and writer.pending_images() == []
+    store = FeatureStore(tmp_path / "store.zarr")
+    assert np.array_equal(store.labels(1), corrected) and np.array_equal(store.image_features(1), features)
+    assert store.damaged_images() == []
+    assert writer.replace_labels(0, None) and FeatureStore(tmp_path / "store.zarr").labels(0) is None
+
+
+def test_new_labels_never_bless_a_damaged_image(tmp_path):
+    schema, _ = write_synthetic_store(tmp_path / "store.zarr", "native", _labels(2))
+    import zarr
+
+    array = zarr.open_group(tmp_path / "store.zarr", mode="r+")["taps/decoder.8"]
+    region = array[1]
+    region.flat[0] += 1
+    array[1] = region  # rewritten by zarr, bypassing the writer
+    writer = open_store_for_writing(tmp_path / "store.zarr", schema)
+    assert not writer.replace_labels(1, np.zeros((16, 16), np.int64))
+    assert writer.pending_images() == [1]  # extracted again, not relabeled
+
+
 def test_verify_catches_a_chunk_of_another_image_copied_in(tmp_path):
     write_synthetic_store(tmp_path / "store.zarr", "native", _labels(2))
     (theirs,), (mine,) = (_chunk_files(tmp_path / "store.zarr", "taps/decoder.8", index) for index in (1, 0))

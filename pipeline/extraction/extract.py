@@ -15,15 +15,25 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
 
+import numpy as np
 from tqdm.auto import tqdm
 
 from pipeline import sizes
 from pipeline.config import ExtractSettings
-from pipeline.data.folders import ClassInfo, check_examples, check_labels_complete, file_sha256, list_images
+from pipeline.data.coco import coco_class_info, read_coco, records_with_coco_labels
+from pipeline.data.folders import (
+    ClassInfo,
+    ImageRecord,
+    check_examples,
+    check_labels_complete,
+    file_sha256,
+    list_images,
+    load_label_map,
+)
 from pipeline.extraction.runners import BatchRunner, batch_runner
 from pipeline.sizes import ImageShape
 from pipeline.store.locations import store_location
-from pipeline.store.schema import StoreSchema
+from pipeline.store.schema import NO_LABELS, StoreSchema
 from pipeline.store.writer import ExtractionSummary, FeatureStoreWriter, open_store_for_writing
 
 logger = logging.getLogger(__name__)
@@ -61,6 +71,7 @@ def extract_features(
     replace_mismatched: bool = False,
     show_progress: bool = True,
     code_sha256: str | None = None,
+    coco: str | Path | None = None,
 ) -> ExtractionSummary:
     """Extracts every image's features of a folder into a store, resuming unfinished work.
 
@@ -76,10 +87,14 @@ def extract_features(
         replace_mismatched: replace a store that holds other features instead of refusing.
         show_progress: show a progress bar.
         code_sha256: recorded in the schema: a store written by other code is another store.
+        coco: a COCO JSON file whose masks are the label maps of the images it lists
+            (`pipeline.data.coco`; classes matched by name; without `classes`, its categories).
+            A finished image whose label map changed is relabeled, its features kept.
     """
     return extract_with_runner(
         lambda: batch_runner(checkpoint, settings), images_dir, store_path, settings.size, settings.layout,
         settings.codec, settings.batch_size, classes, replace_mismatched, show_progress, code_sha256, settings.resize,
+        coco,
     )
 
 
@@ -96,45 +111,42 @@ def extract_with_runner(
     show_progress: bool = True,
     code_sha256: str | None = None,
     resize: str | None = None,
+    coco: str | Path | None = None,
 ) -> ExtractionSummary:
     """Extracts a folder into a store through any runner (any feature source): `extract_features`
     for diffusion UNets, `pixels.extract_pixel_features` for the raw-pixel baseline. The runner is
     opened (the model loaded) only once the images are listed and checked."""
     started = time.perf_counter()
     store_path = store_location(store_path)
-    # 1. The inputs: images (hashed, so a changed image is a changed store).
+    # 1. The inputs: images (hashed, so a changed image is a changed store) and their labels
+    # (same-stem .npy maps, or masks in a COCO file).
     records = list_images(images_dir)
-    check_labels_complete(records, images_dir)
-    originals = check_examples(records, classes)  # each image's own (H, W)
-    with open_runner() as runner:
-        # 2. The store, created from its full schema or reopened to resume.
-        shape, other_shapes = extraction_shape(originals, size, resize, runner.size_multiple())
-        source = runner.describe(shape)
-        schema = StoreSchema(
-            layout=layout,
-            image_size=sizes.recorded_size(shape),
-            steps=source.steps,
-            tap_shapes=source.tap_shapes,
-            source=source.provenance,
-            image_names=[record.name for record in records],
-            image_sha256=[file_sha256(record.image_path) for record in records],
-            classes=None if classes is None else {"names": classes.names, "ignore_label": classes.ignore_label},
-            code_sha256=code_sha256,
-            original_sizes=None if set(originals) == {shape} else [list(original) for original in originals],
-        )
-        with _disk_full_explained(store_path, None):
-            writer = open_store_for_writing(store_path, schema, codec, replace_mismatched)
-        pending = writer.pending_images()
-        if len(pending) < len(records):
-            logger.info("%s: %d of %d images already done", store_path, len(records) - len(pending), len(records))
-        # 3. Batches of pending images through the source, each image written as soon as it is done.
-        batches = [pending[start : start + batch_size] for start in range(0, len(pending), batch_size)]
-        written = 0
-        with tqdm(total=len(pending), unit="image", desc="extract", disable=not show_progress) as progress, \
-                _disk_full_explained(store_path, writer):
-            for covered, written_now in runner.run(writer, records, batches, classes):
-                progress.update(covered)
-                written += written_now
+    if coco is not None and classes is None:
+        classes = coco_class_info(read_coco(coco))
+    labeled = records_with_coco_labels(records, coco, classes) if coco is not None else contextlib.nullcontext(records)
+    with labeled as records:
+        check_labels_complete(records, images_dir)
+        originals = check_examples(records, classes)  # each image's own (H, W)
+        with open_runner() as runner:
+            # 2. The store, created from its full schema or reopened to resume.
+            shape, other_shapes = extraction_shape(originals, size, resize, runner.size_multiple())
+            source = runner.describe(shape)
+            schema = StoreSchema(
+                layout=layout,
+                image_size=sizes.recorded_size(shape),
+                steps=source.steps,
+                tap_shapes=source.tap_shapes,
+                source=source.provenance,
+                image_names=[record.name for record in records],
+                image_sha256=[file_sha256(record.image_path) for record in records],
+                classes=None if classes is None else {"names": classes.names, "ignore_label": classes.ignore_label},
+                code_sha256=code_sha256,
+                original_sizes=None if set(originals) == {shape} else [list(original) for original in originals],
+            )
+            with _disk_full_explained(store_path, None):
+                writer = open_store_for_writing(store_path, schema, codec, replace_mismatched)
+                relabel_finished_images(writer, records, shape)
+            written = _write_pending(writer, runner, records, classes, batch_size, store_path, show_progress)
     return ExtractionSummary(
         store_path=store_path,
         images_total=len(records),
@@ -145,6 +157,45 @@ def extract_with_runner(
         image_shape=shape,
         images_of_other_shapes=other_shapes,
     )
+
+
+def _write_pending(writer: FeatureStoreWriter, runner: BatchRunner, records: list[ImageRecord],
+                   classes: ClassInfo | None, batch_size: int, store_path, show_progress: bool) -> int:
+    """Batches of the pending images through the source, each image written as soon as it is
+    done; returns how many this run wrote."""
+    pending = writer.pending_images()
+    if len(pending) < len(records):
+        logger.info("%s: %d of %d images already done", store_path, len(records) - len(pending), len(records))
+    batches = [pending[start : start + batch_size] for start in range(0, len(pending), batch_size)]
+    written = 0
+    with tqdm(total=len(pending), unit="image", desc="extract", disable=not show_progress) as progress, \
+            _disk_full_explained(store_path, writer):
+        for covered, written_now in runner.run(writer, records, batches, classes):
+            progress.update(covered)
+            written += written_now
+    return written
+
+
+def relabel_finished_images(writer: FeatureStoreWriter, records: list[ImageRecord], shape: ImageShape) -> list[str]:
+    """Finished images whose label map changed since they were written (a person corrected or
+    added it) get the new one, their features kept (`FeatureStoreWriter.replace_labels`); an
+    image whose chunks fail their checksum is left pending, to be extracted again. Returns the
+    names of the images relabeled."""
+    done = set(range(len(records))) - set(writer.pending_images())
+    relabeled = []
+    for index in sorted(done):
+        labels = load_label_map(records[index], shape)
+        wanted = np.full(shape, NO_LABELS, np.int16) if labels is None else labels.astype(np.int16)
+        if np.array_equal(writer.group["labels"][index], wanted):
+            continue
+        if writer.replace_labels(index, labels):
+            relabeled.append(records[index].name)
+        else:
+            logger.warning("%s: image %s fails its checksum; it is extracted again", writer.location, records[index].name)
+    if relabeled:
+        logger.info("%s: new label maps for %d finished images (features kept): %s", writer.location, len(relabeled),
+                    ", ".join(relabeled[:10]))
+    return relabeled
 
 
 def extraction_shape(

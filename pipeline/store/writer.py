@@ -30,6 +30,7 @@ from pipeline.store.chunks import (
     crc_digest,
     image_chunks,
     partial_path,
+    read_trailers,
     write_chunk_file,
 )
 from pipeline.store.layouts import dimension_names, layout_named, store_arrays
@@ -187,6 +188,40 @@ class FeatureStoreWriter:
         self._write_chunks("checksums", index, checksum)
         self._write_chunks("done", index, np.ones((), dtype=np.uint8))
         pause_point("write-image-done", index)
+
+    def replace_labels(self, index: int, labels: np.ndarray | None) -> bool:
+        """Gives a finished image a new label map and keeps its features (a person corrected
+        its mask: nothing needs computing again). Returns False, and leaves the image pending
+        for a full extraction, when its stored chunks no longer match their checksum (a relabel
+        must not make damage look intact).
+
+        The order keeps every moment consistent: the image is marked pending first, so a write
+        killed midway leaves it to be extracted again, never half relabeled; then its labels,
+        its new checksum (format 5: from every chunk's trailer, the features' read, not their
+        bytes; format 4: sha256 of the values read back), and the done mark.
+        """
+        features = list(layout_named(self.schema.layout).feature_arrays(self.schema))
+        recorded = self.group["checksums"][index]
+        if self.format == 4:
+            regions = [self.group[name][index] for name in [*features, "labels", "images"]]
+            intact = np.array_equal(regions_sha256(regions), recorded)
+        else:
+            by_array = {name: read_trailers(self.group[name], index) for name in [*features, "labels", "images"]}
+            trailers = [trailer for stored in by_array.values() for trailer in stored]
+            intact = None not in trailers and np.array_equal(crc_digest(trailers), recorded)
+        self._write_chunks("done", index, np.zeros((), dtype=np.uint8))
+        if not intact:
+            return False
+        labels_region = np.full(self.schema.image_shape, NO_LABELS, np.int16) if labels is None else labels.astype(np.int16)
+        new_trailers = self._write_chunks("labels", index, labels_region)
+        if self.format == 4:
+            checksum = regions_sha256([*regions[:-2], labels_region, regions[-1]])
+        else:
+            checksum = crc_digest([trailer for name in features for trailer in by_array[name]]
+                                  + new_trailers + by_array["images"])
+        self._write_chunks("checksums", index, checksum)
+        self._write_chunks("done", index, np.ones((), dtype=np.uint8))
+        return True
 
     def _write_chunks(self, name: str, index: int, region: np.ndarray) -> list[bytes]:
         """Writes every chunk of image `index` in array `name`, even one that holds only the fill
