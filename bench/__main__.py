@@ -38,6 +38,7 @@ BENCHMARKS = [
     "dvc_overhead",  # 6: DVC bookkeeping of stores
     "pretrain_speed",  # DDPM pretraining step, float32 vs bfloat16
     "segmenter_speed",  # 27: the distilled segmenter vs extract + ensemble per test image
+    "select_scale",  # 29.1: select on the paper's ADM-256 superset (53,760 features) in bounded memory
 ]
 
 

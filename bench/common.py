@@ -112,10 +112,10 @@ def current_rss_bytes() -> int:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def run_child(module: str, arguments: dict, timeout: float = 3600) -> dict:
-    """Runs `python -m module --child JSON` in a fresh process (its own peak RSS) and returns
-    the JSON object it prints last."""
-    environment_variables = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(PROJECT_ROOT)}
+def run_child(module: str, arguments: dict, timeout: float = 3600, threads: int = 1) -> dict:
+    """Runs `python -m module --child JSON` in a fresh process (its own peak RSS), on `threads`
+    OpenMP threads, and returns the JSON object it prints last."""
+    environment_variables = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(PROJECT_ROOT)}
     completed = subprocess.run(
         [sys.executable, "-m", module, "--child", json.dumps(arguments)],
         cwd=PROJECT_ROOT, env=environment_variables, capture_output=True, text=True, timeout=timeout,

@@ -319,6 +319,9 @@ class SelectSettings:
         seed: seeds the pixel sample and the folds.
         steps, blocks: the candidates: these of the store's steps and taps (names or block
             numbers) only; None: all it holds.
+        memory_gigabytes: the exact probe (every candidate feature) where its memory fits in
+            this, else the reduced one (see pipeline/heads/probe_features.py).
+        components: the reduced probe's principal components per (step, tap).
     """
 
     folds: int = 5
@@ -328,6 +331,8 @@ class SelectSettings:
     seed: int = 0
     steps: list[int] | None = None
     blocks: list[int | str] | None = None
+    memory_gigabytes: float = 4.0
+    components: int = 32
 
     def __post_init__(self) -> None:
         if self.folds < 2 or self.pixels_per_image < 1 or self.min_gain_points < 0:
@@ -335,6 +340,9 @@ class SelectSettings:
                 f"select: need folds >= 2, pixels_per_image >= 1, min_gain_points >= 0; got {self.folds}, "
                 f"{self.pixels_per_image}, {self.min_gain_points}"
             )
+        if self.memory_gigabytes <= 0 or self.components < 1:
+            raise ValueError(f"select: need memory_gigabytes > 0 and components >= 1; got "
+                             f"{self.memory_gigabytes}, {self.components}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -41,6 +41,37 @@ def test_candidates_restrict_the_choice_and_score_each_as_the_full_run_does(tmp_
     assert restricted.taps == ["decoder.12"] and restricted.validation_miou == pytest.approx(full.validation_miou, abs=0.01)
 
 
+def test_the_reduced_probe_keeping_every_component_chooses_as_the_exact_one(tmp_path):
+    write_learnable_store(tmp_path / "train.zarr", count=4, seed=0, noise=1.0)
+    arguments = {"folds": 4, "pixels_per_image": 200, "show_progress": False}
+    exact = select_steps_and_taps(tmp_path / "train.zarr", CLASSES, 255, probe="exact", **arguments)
+    whole = select_steps_and_taps(tmp_path / "train.zarr", CLASSES, 255, probe="reduced", components=6, **arguments)
+    assert (whole.steps, whole.taps) == (exact.steps, exact.taps)
+    for name, miou in exact.single.items():  # standardised groups, standardised again per fold: the same fits
+        assert whole.single[name] == pytest.approx(miou, abs=2e-3)
+    # One component per (step, tap): the label-carrying tap still wins, from far fewer columns.
+    narrow = select_steps_and_taps(tmp_path / "train.zarr", CLASSES, 255, probe="reduced", components=1, **arguments)
+    assert narrow.taps == ["decoder.12"]
+
+
+def test_the_exact_probe_where_it_fits_else_the_reduced_one(tmp_path):
+    from pipeline.config import SelectSettings
+    from pipeline.heads.selection import select_cost
+
+    write_learnable_store(tmp_path / "train.zarr", count=4, seed=0, noise=0.5)
+    roomy = select_cost(tmp_path / "train.zarr", SelectSettings(pixels_per_image=200))
+    # 4 images × 200 pixels × 24 features: 12·P·D + 8·(folds + 1)·D² bytes
+    assert roomy["probe"] == "exact" and roomy["bytes"] == 12 * 800 * 24 + 48 * 24 ** 2
+    tight = select_cost(tmp_path / "train.zarr", SelectSettings(pixels_per_image=200, memory_gigabytes=1e-5, components=1))
+    assert tight["probe"] == "reduced" and tight["probe_features"] == 2 * 3  # one column per (step, tap)
+    assert tight["bytes"] < roomy["bytes"] and tight["seconds"] > 0
+    result = CliRunner().invoke(main, ["--quiet", "select", "--store", str(tmp_path / "train.zarr"), "--out",
+                                       str(tmp_path / "selection"), "--folds", "2", "--pixels-per-image", "100",
+                                       "--memory-gigabytes", "0.00001", "--components", "1"], catch_exceptions=False)
+    assert result.exit_code == 0 and "principal components" in result.output, result.output
+    assert read_selection(tmp_path / "selection" / "selection.json")[1] == ["decoder.12"]
+
+
 def test_one_labeled_image_is_not_enough(tmp_path):
     write_learnable_store(tmp_path / "one.zarr", count=1)
     with pytest.raises(ValueError, match="at least 2 labeled images"):

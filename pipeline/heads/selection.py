@@ -6,6 +6,11 @@ of each training image's labeled pixels, scored by mIoU on held-out images with 
 cross-validation over images. `RidgeProbe` fits it from Gram blocks computed once per pair of
 (step, tap) groups, so each of the hundreds of fits costs a d×d solve, not a pass over the pixels.
 
+At a superset too wide for memory (the paper's ADM-256, every decoder block at 5 steps: 53,760
+features per pixel) the probe fits on each group's leading principal components instead, read a
+tap at a time (`probe_features`); `select_cost` says which probe, how much memory and how long
+before anything is read.
+
 1. Every single (step, tap) is scored alone: the per-candidate table and heat map.
 2. Greedy forward selection on the store's grid (a selection is some steps × some taps, what
    `train --steps/--blocks` reads): from the best single (step, tap), add the step or the tap
@@ -27,10 +32,21 @@ from pipeline.config import SelectSettings
 from pipeline.data.folders import ClassInfo
 from pipeline.evaluation.metrics import IoUAccumulator
 from pipeline.heads.pixel_ensemble.sampling import select_labeled_pixels
+from pipeline.heads.probe_features import (
+    PROBE_FLOPS_PER_SECOND,
+    READ_BYTES_PER_SECOND,
+    exact_features,
+    largest_tap_bytes,
+    probe_bytes,
+    read_bytes,
+    reduced_dimensions,
+    reduced_features,
+    sample_pixels,
+)
 from pipeline.heads.selection_file import Selection, write_selection
 from pipeline.pictures.figures import save_selection_heatmap
 from pipeline.store.reader import FeatureStore
-from pipeline.store.schema import select_features
+from pipeline.store.schema import FeatureSelection, select_features
 
 
 def select_into_folder(
@@ -44,7 +60,7 @@ def select_into_folder(
     selection = select_steps_and_taps(
         store_path, classes.names, classes.ignore_label, settings.folds, settings.pixels_per_image,
         settings.min_gain_points / 100, settings.max_features, settings.seed, show_progress,
-        settings.steps, settings.blocks,
+        settings.steps, settings.blocks, settings.memory_gigabytes, settings.components,
     )
     out_dir.mkdir(parents=True, exist_ok=True)
     write_selection(selection, out_dir / "selection.json")
@@ -65,6 +81,9 @@ def select_steps_and_taps(
     show_progress: bool = True,
     candidate_steps: Sequence[int] | None = None,
     candidate_blocks: Sequence[int | str] | None = None,
+    memory_gigabytes: float = 4.0,
+    components: int = 32,
+    probe: str = "auto",
 ) -> Selection:
     """Chooses steps and taps of a store by cross-validating a ridge classifier over its labeled images.
 
@@ -72,6 +91,10 @@ def select_steps_and_taps(
         min_gain: in mIoU (0.002 = 0.2 points).
         candidate_steps, candidate_blocks: choose among these of the store's steps and taps only
             (None: all); only their features are read and kept.
+        memory_gigabytes, components, probe: "exact" fits the probe on every candidate feature,
+            "reduced" on each (step, tap) group's `components` leading principal components
+            (`probe_features`), "auto" the exact one where `select_cost` says it fits in
+            `memory_gigabytes`, else the reduced one.
 
     Raises:
         ValueError: fewer than two labeled images (nothing to validate on).
@@ -82,33 +105,25 @@ def select_steps_and_taps(
     candidate_steps, candidate_taps = candidates.steps, [shape.name for shape in candidates.tap_shapes]
     num_classes = len(class_names)
     pixels = select_labeled_pixels(store, num_classes, ignore_label, class_names=class_names)
-    images = np.unique(pixels.image_index)
-    if len(images) < 2:
-        raise ValueError(f"{store.path}: selection needs at least 2 labeled images to validate on, found {len(images)}")
-    rng = np.random.default_rng(seed)
-    # A sample of each image's labeled pixels (image by image), and their full feature vectors.
-    chosen = np.concatenate([
-        rng.permutation(np.flatnonzero(pixels.image_index == image))[:pixels_per_image] for image in images
-    ])
-    image_of, labels = pixels.image_index[chosen], pixels.label[chosen].astype(np.int64)
-    features = np.concatenate([
-        store.pixel_features(int(image), pixels.y[chosen[image_of == image]],
-                             pixels.x[chosen[image_of == image]])[:, candidates.columns]
-        for image in images
-    ])  # (P, D_candidates) float32, in the order of `chosen`: image by image
-    fold_of_image = {int(image): position % min(folds, len(images)) for position, image in enumerate(rng.permutation(images))}
-    fold = np.array([fold_of_image[int(image)] for image in image_of])
-
-    probe = RidgeProbe(features, labels, fold, num_classes, ignore_label)
+    if len(np.unique(pixels.image_index)) < 2:
+        raise ValueError(f"{store.path}: selection needs at least 2 labeled images to validate on, "
+                         f"found {len(np.unique(pixels.image_index))}")
+    sample = sample_pixels(pixels.image_index, pixels.y, pixels.x, pixels.label, folds, pixels_per_image,
+                           np.random.default_rng(seed))
+    if probe == "auto":
+        probe = probe_cost(store, candidates, len(sample.images), sample.count, folds, memory_gigabytes, components)["probe"]
+    if probe == "exact":
+        features = exact_features(store_path, candidates, sample, show_progress)
+    else:
+        features = reduced_features(store_path, candidates, sample, components, show_progress)
+    ridge = RidgeProbe(features.values, sample.labels, sample.fold, num_classes, ignore_label)
+    for group, columns in features.group_columns.items():
+        ridge.add_group(group, columns)
+    del features  # the probe keeps its own float64 copy
     steps_of_store = candidate_steps or [None]
-    for step in steps_of_store:
-        for tap in candidate_taps:
-            # The group's store columns, as positions among the candidates' (both in store order).
-            columns = select_features(schema, None if step is None else [step], [tap]).columns
-            probe.add_group((step, tap), np.searchsorted(candidates.columns, columns))
 
     def score(steps: list[int], taps: list[str]) -> tuple[float, np.ndarray]:
-        return probe.score([(step, tap) for step in (steps or [None]) for tap in taps])
+        return ridge.score([(step, tap) for step in (steps or [None]) for tap in taps])
 
     singles = [(step, tap) for step in steps_of_store for tap in candidate_taps]
     single, per_class = {}, {}
@@ -140,21 +155,42 @@ def select_steps_and_taps(
         for k in range(num_classes) if k != ignore_label and any(not np.isnan(per_class[tap][k]) for tap in per_class)
     }
     return Selection(in_store_order.steps, in_store_order.taps, round(current, 4),
-                     {name: round(value, 4) for name, value in single.items()}, order, class_best, int(fold.max()) + 1,
-                     pixels_per_image)
+                     {name: round(value, 4) for name, value in single.items()}, order, class_best,
+                     int(sample.fold.max()) + 1, pixels_per_image)
 
 
-def select_memory_bytes(store_path: str | Path, settings: SelectSettings) -> dict:
-    """What `select` will hold at most, said before it starts: the sampled pixels' candidate
-    features (float32 read, float64 in the probe) and the probe's Gram rows if every group is
-    used (8·(folds + 1)·D² bytes). Returns pixels, features per pixel, candidates and bytes."""
+def select_cost(store_path: str | Path, settings: SelectSettings) -> dict:
+    """What `select` expects to hold and take, said before it starts (`probe_cost` for every
+    image of the store labeled, each giving its full sample of pixels)."""
     store = FeatureStore(store_path, cache_megabytes=0)
     candidates = select_features(store.schema, settings.steps, settings.blocks)
-    pixels = len(store.schema.image_names) * settings.pixels_per_image  # at most: labeled images × the sample
+    images = len(store.schema.image_names)
+    return probe_cost(store, candidates, images, images * settings.pixels_per_image, settings.folds,
+                      settings.memory_gigabytes, settings.components)
+
+
+def probe_cost(store: FeatureStore, candidates: FeatureSelection, images: int, pixels: int, folds: int,
+               memory_gigabytes: float, components: int) -> dict:
+    """The probe `select` uses and its cost: the exact probe where its memory (`probe_bytes`)
+    fits in `memory_gigabytes`, else the reduced one (plus its widest tap's read). Seconds: the
+    store's reads and the Gram rows of every group at this machine kind's rates; the greedy
+    search's solves come on top (seconds where its options stay narrow).
+
+    Returns:
+        pixels, features_per_pixel (the candidates'), candidates ((step, tap) groups), probe
+        ("exact" or "reduced"), probe_features (the columns it fits on), bytes, seconds.
+    """
     dimensions = len(candidates.columns)
+    probe, probe_dimensions, memory = "exact", dimensions, probe_bytes(pixels, dimensions, folds)
+    if memory > memory_gigabytes * 1e9:
+        probe_dimensions = reduced_dimensions(candidates, components)
+        probe = "reduced"
+        memory = probe_bytes(pixels, probe_dimensions, folds) + largest_tap_bytes(pixels, candidates)
+    seconds = (read_bytes(store, candidates, images) / READ_BYTES_PER_SECOND
+               + 2 * pixels * probe_dimensions ** 2 / PROBE_FLOPS_PER_SECOND)
     return {"pixels": pixels, "features_per_pixel": dimensions,
             "candidates": max(1, len(candidates.steps)) * len(candidates.tap_shapes),
-            "bytes": 12 * pixels * dimensions + 8 * (settings.folds + 1) * dimensions ** 2}
+            "probe": probe, "probe_features": probe_dimensions, "bytes": memory, "seconds": seconds}
 
 
 def _name(step: int | None, tap: str) -> str:
