@@ -300,6 +300,29 @@ def predict(context: _Context, ensemble, checkpoint, images, out, device, pictur
 
 
 @main.command()
+@click.option("--ensemble", required=True, type=click.Path(path_type=Path), help="Folder of the trained ensemble.")
+@click.option("--store", required=True, help="Feature store of the unlabeled images to choose from (same features as the ensemble's).")
+@click.option("--count", required=True, type=int, help="How many images to suggest for labeling.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder for ranking.json, suggestions.png and pre-annotations.")
+@click.option("--strategy", type=click.Choice(["uncertainty", "diverse", "random"]), default="uncertainty", show_default=True,
+              help="uncertainty: the most uncertain; diverse: uncertain and spread over the images' content; random: a baseline.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the random strategy.")
+@click.option("--format", "formats", type=click.Choice(["png", "coco"]), multiple=True,
+              help="Pre-annotations of the chosen images for labeling tools (as predict --format). Repeatable.")
+@click.pass_obj
+def suggest(context: _Context, ensemble, store, count, out, strategy, seed, formats):
+    """Rank unlabeled images for labeling next by the ensemble's uncertainty; write their predicted masks."""
+    from pipeline.suggestion import suggest_images
+
+    def action():
+        suggestion = suggest_images(ensemble, store, out, count, strategy, seed, formats, context.show_progress)
+        click.echo(f"suggest: label next {', '.join(suggestion.chosen)} ({strategy}, of {len(suggestion.uncertainty)} "
+                   f"images); {out / 'ranking.json'}, {out / 'suggestions.png'}")
+
+    _run(context, action)
+
+
+@main.command()
 @click.option("--checkpoint", required=True, type=click.Path(path_type=Path), help="The diffusion model to sample from.")
 @click.option("--ensemble", type=click.Path(path_type=Path), help="The ensemble that labels the samples (trained on this checkpoint's features).")
 @click.option("--count", default=10000, show_default=True, help="Samples to draw (the official: 10,000).")

@@ -20,7 +20,7 @@ from pipeline.evaluation.predict import ImagePrediction, predict_from_tables
 from pipeline.heads.pixel_ensemble.ensemble import Ensemble, load_ensemble
 from pipeline.heads.segmenter.segmenter import Segmenter, is_segmenter_folder, load_segmenter
 from pipeline.pictures.figures import save_prediction_grid
-from pipeline.pictures.masks import class_palette, colour_mask, overlay, save_png, uncertainty_image
+from pipeline.pictures.masks import class_palette, colour_mask, overlay, save_index_png, save_png, uncertainty_image
 from pipeline.runtime.devices import pick_device, torch_threads
 from pipeline.sources.loading import load_source_for
 from pipeline.store.schema import StoreMismatchError
@@ -157,14 +157,6 @@ def segmenter_predictor(segmenter: Segmenter):
         return ImagePrediction(probabilities.argmax(dim=0).numpy(), entropy.numpy(), probabilities.numpy())
 
     return predict_image
-
-
-def save_index_png(path: Path, labels: np.ndarray) -> None:
-    """A label map as an index PNG, the pixel value the class index (8-bit, or 16-bit past 255)."""
-    if labels.max(initial=0) <= 255:
-        Image.fromarray(labels.astype(np.uint8)).save(path)  # mode L
-    else:
-        Image.fromarray(labels.astype(np.uint16)).save(path)  # mode I;16
 
 
 def _write_outputs(

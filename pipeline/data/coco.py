@@ -103,11 +103,14 @@ def coco_to_label_maps(coco: dict, source: str | Path, image_shapes: Mapping[str
     """
     class_of_category = _class_of_category(coco["categories"], source, classes)
     images = {}
+    stems: dict[str, list[str]] = {}
+    for name in image_shapes:
+        stems.setdefault(Path(name).stem, []).append(name)
     for entry in coco["images"]:
-        file_name = Path(str(entry.get("file_name", ""))).name
-        if file_name not in image_shapes:
-            unknown = [Path(str(other.get("file_name", ""))).name for other in coco["images"]
-                       if Path(str(other.get("file_name", ""))).name not in image_shapes]
+        file_name = _folder_file(entry, image_shapes, stems)
+        if file_name is None:
+            unknown = [str(other.get("file_name")) for other in coco["images"]
+                       if _folder_file(other, image_shapes, stems) is None]
             raise CocoError(f"{source}: {len(unknown)} image(s) are not in the folder: {', '.join(unknown[:5])}"
                             + (" …" if len(unknown) > 5 else ""))
         if (entry.get("height"), entry.get("width")) != tuple(image_shapes[file_name]):
@@ -132,6 +135,17 @@ def coco_to_label_maps(coco: dict, source: str | Path, image_shapes: Mapping[str
                             f"at {int(clash.sum())} pixels; each pixel may belong to one class only")
         labels[mask] = class_index
     return label_maps
+
+
+def _folder_file(entry: dict, image_shapes: Mapping[str, tuple[int, int]], stems: Mapping[str, list[str]]) -> str | None:
+    """The folder's file an entry of `images` names: by file name (any folder part dropped), else
+    by name without extension (a tool that converted the images, or `suggest`, which knows the
+    names only); None when neither matches one image."""
+    file_name = Path(str(entry.get("file_name", ""))).name
+    if file_name in image_shapes:
+        return file_name
+    same_stem = stems.get(Path(file_name).stem, [])
+    return same_stem[0] if len(same_stem) == 1 else None
 
 
 def _class_of_category(categories: list, source, classes: ClassInfo) -> dict[int, int]:

@@ -183,3 +183,10 @@ def _check_labels(labels: np.ndarray, palette: np.ndarray, ignore_label: int | N
             f"(ignore label {ignore_label})"
         )
 
+
+
+def save_index_png(path: Path | str, labels: np.ndarray) -> None:
+    """A label map as an index PNG, each pixel its class index (8-bit, or 16-bit past 255): the
+    mask format labeling tools import."""
+    array = labels.astype(np.uint8) if labels.max(initial=0) <= 255 else labels.astype(np.uint16)
+    Image.fromarray(array).save(path)  # mode L, or I;16
