@@ -31,6 +31,17 @@ def _tap_list(text: str) -> list[int | str]:
     return [int(part) if part.strip().isdigit() else part.strip() for part in text.split(",") if part.strip()]
 
 
+def _chosen_features(steps: str | None, blocks: str | None, selection: Path | None):
+    """(steps, taps) of --steps/--blocks or of a --selection file (None: all the store holds)."""
+    if selection is None:
+        return _int_list(steps) if steps else None, _tap_list(blocks) if blocks else None
+    if steps or blocks:
+        raise click.UsageError("give --selection or --steps/--blocks, not both")
+    from pipeline.heads.selection_file import read_selection
+
+    return read_selection(selection)
+
+
 def _int_list(text: str) -> list[int]:
     try:
         return [int(part) for part in text.split(",") if part.strip()]
@@ -140,13 +151,7 @@ def train(context: _Context, store, out, members, seed, learning_rate, batch_siz
     from pipeline.heads.pixel_ensemble.training import train_on_store
 
     def action():
-        chosen_steps, chosen_taps = _int_list(steps) if steps else None, _tap_list(blocks) if blocks else None
-        if selection is not None:
-            if steps or blocks:
-                raise click.UsageError("give --selection or --steps/--blocks, not both")
-            from pipeline.heads.selection_file import read_selection
-
-            chosen_steps, chosen_taps = read_selection(selection)
+        chosen_steps, chosen_taps = _chosen_features(steps, blocks, selection)
         settings = TrainSettings(
             protocol=protocol, members=members, seed=seed, learning_rate=learning_rate, batch_size=batch_size,
             max_epochs=max_epochs, device=device, scheduler=scheduler, steps=chosen_steps or None, blocks=chosen_taps,
@@ -295,6 +300,42 @@ def predict(context: _Context, ensemble, checkpoint, images, out, device, pictur
             prompt_embeds=prompt_embeds, formats=formats,
         )
         click.echo(f"predict: {summary.images} images segmented into {summary.out_dir} in {summary.seconds:.1f} s")
+
+    _run(context, action)
+
+
+@main.command("learning-curve")
+@click.option("--train", "train_store", required=True, help="Feature store of the labeled training images.")
+@click.option("--test", "test_store", required=True, help="Feature store of labeled test images (the same features).")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder for learning_curve.json and learning_curve.png.")
+@click.option("--budgets", default="1,2,5,10,20", show_default=True, help="Numbers of labeled training images, comma-separated.")
+@click.option("--draws", default=3, show_default=True, help="Draws of which images per budget.")
+@click.option("--members", default=10, show_default=True, help="Members of each ensemble.")
+@click.option("--protocol", type=click.Choice(["paper", "fast"]), default="fast", show_default=True)
+@click.option("--seed", default=0, show_default=True, help="Seeds the draws.")
+@click.option("--steps", help="These of the stores' steps only, comma-separated (default: all).")
+@click.option("--blocks", help="These of the stores' taps only: names or block numbers (default: all).")
+@click.option("--selection", type=click.Path(path_type=Path), help="A selection.json written by `select`: its steps and taps.")
+@click.option("--device", default="auto", show_default=True)
+@click.pass_obj
+def learning_curve_command(context: _Context, train_store, test_store, out, budgets, draws, members, protocol, seed,
+                           steps, blocks, selection, device):
+    """How many labeled images are enough: test mIoU of ensembles trained on 1, 2, 5… of them."""
+    from pipeline.config import LearningCurveSettings
+    from pipeline.evaluation.learning_curve import CurveSource, learning_curve, write_learning_curve
+
+    def action():
+        chosen_steps, chosen_taps = _chosen_features(steps, blocks, selection)
+        settings = LearningCurveSettings(budgets=_int_list(budgets), draws=draws, seed=seed, members=members,
+                                         protocol=protocol)
+        source = CurveSource(Path(train_store), Path(test_store), chosen_steps or None, chosen_taps)
+        curve = learning_curve({"features": source}, settings, TrainSettings(device=device, threads=1),
+                               context.show_progress)
+        out.mkdir(parents=True, exist_ok=True)
+        write_learning_curve(curve, out / "learning_curve.json", out / "learning_curve.png")
+        rows = curve["sources"]["features"]["by_budget"]
+        click.echo("learning-curve: " + ", ".join(f"{row['budget']} images {row['miou_mean']:.3f} ± {row['miou_std']:.3f}"
+                                                  for row in rows) + f"; {out / 'learning_curve.png'}")
 
     _run(context, action)
 

@@ -346,6 +346,29 @@ class SelectSettings:
 
 
 @dataclasses.dataclass(frozen=True)
+class LearningCurveSettings:
+    """The learning curve (pipeline/evaluation/learning_curve.py): test mIoU against labeled images.
+
+    Attributes:
+        budgets: numbers of labeled training images.
+        draws: draws of which images per budget (one where the budget takes them all).
+        seed: seeds the draws.
+        members, protocol: the ensembles' (the rest of `train`'s settings as they are).
+    """
+
+    budgets: list[int] = dataclasses.field(default_factory=lambda: [1, 2, 5, 10, 20])
+    draws: int = 3
+    seed: int = 0
+    members: int = 10
+    protocol: Protocol = "fast"
+
+    def __post_init__(self) -> None:
+        if not self.budgets or min(self.budgets) < 1 or self.draws < 1 or self.members < 1:
+            raise ValueError(f"learning_curve: need budgets >= 1, draws >= 1, members >= 1; got {self.budgets}, "
+                             f"{self.draws}, {self.members}")
+
+
+@dataclasses.dataclass(frozen=True)
 class SynthesizeSettings:
     """DatasetDDPM's synthetic dataset (pipeline/synthetic/): how many samples, how, which are kept.
 
@@ -567,12 +590,13 @@ class Params:
     synthesize: SynthesizeSettings = dataclasses.field(default_factory=SynthesizeSettings)
     segmenter: SegmenterSettings = dataclasses.field(default_factory=SegmenterSettings)
     fewshot: FewShotSettings = dataclasses.field(default_factory=FewShotSettings)
+    learning_curve: LearningCurveSettings = dataclasses.field(default_factory=LearningCurveSettings)
 
 
 _SECTIONS = {"demo": DemoSpec, "extract": ExtractSettings, "train": TrainSettings, "evaluate": EvaluateSettings,
              "baselines": BaselineSettings, "benchmark": BenchmarkSettings, "select": SelectSettings,
              "refine": RefineSettings, "synthesize": SynthesizeSettings, "segmenter": SegmenterSettings,
-             "fewshot": FewShotSettings}
+             "fewshot": FewShotSettings, "learning_curve": LearningCurveSettings}
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:
