@@ -42,6 +42,8 @@ def copy_model(run: Path, out: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variant", required=True)
+    parser.add_argument("--random-init-variant", help="the random-init runs' variant, when not VARIANT-random-init "
+                                                       "(e.g. the same recipe at fewer steps; recorded in recipe.json)")
     parser.add_argument("--scratch", default=str(PROJECT_ROOT / "runs" / "fewshot-validation"))
     parser.add_argument("--results", default=str(PROJECT_ROOT / "bench" / "results" / "demo_fewshot_validation.json"))
     parser.add_argument("--out", default=str(PROJECT_ROOT / "data" / "checkpoints" / "demo_fewshot"))
@@ -52,7 +54,8 @@ def main() -> None:
     if out.exists():
         shutil.rmtree(out)
     runs = {}
-    for name, folder in ((arguments.variant, PRETRAINED), (arguments.variant + RANDOM_INIT, RANDOM_INIT_FOLDER)):
+    random_init_variant = arguments.random_init_variant or arguments.variant + RANDOM_INIT
+    for name, folder in ((arguments.variant, PRETRAINED), (random_init_variant, RANDOM_INIT_FOLDER)):
         for fold in range(FOLDS):
             record = copy_model(scratch / f"{name}-fold{fold}", out / folder / f"fold-{fold}")
             entry = measured[name, fold]
@@ -69,9 +72,11 @@ def main() -> None:
                 "random weights (baseline c). Chosen on validation faces (bench/results/demo_fewshot_validation.json); "
                 "`dvc repro` scores them on the test faces (stage fewshot) and does not retrain them.",
         "commands": [f"python -m bench.demo_fewshot_validation --variants {arguments.variant},"
-                     f"{arguments.variant}{RANDOM_INIT} --fold {fold}" for fold in range(FOLDS)]
-                    + [f"python -m bench.demo_fewshot_commit --variant {arguments.variant}"],
+                     f"{random_init_variant} --fold {fold}" for fold in range(FOLDS)]
+                    + [f"python -m bench.demo_fewshot_commit --variant {arguments.variant}"
+                       + (f" --random-init-variant {random_init_variant}" if arguments.random_init_variant else "")],
         "variant": arguments.variant,
+        "random_init_variant": random_init_variant,
         "training_faces": {"count": TRAINING_FACES, "seed": TRAINING_SEED, "novel_parts_omitted": omitted,
                            "sticker_classes": STICKER_CLASSES if stickers else 0, "sticker_radius": stickers},
         "settings": {key: value for key, value in record["settings"].items() if key != "random_init"} | settings,
