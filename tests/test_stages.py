@@ -16,10 +16,11 @@ from pipeline.store.reader import FeatureStore
 SMALL_SETTINGS = {
     "demo": {"pool_images": 4, "train_images": 4, "test_images": 6},  # 6: 5-shot episodes need 6 faces
     "extract": {"steps": [50, 150], "batch_size": 4},
-    "train": {"members": 2, "max_epochs": 5, "steps": [50, 150]},
+    "train": {"members": 2, "max_epochs": 5, "steps": [50, 150], "fast_min_steps": 20},
     "evaluate": {"pictures": 2},
     "refine": {"folds": 2, "iterations": 20},
     "fewshot": {"episodes": 2, "baseline_members": 2, "baseline_training_steps": 5},
+    "learning_curve": {"budgets": [1, 4], "draws": 2, "members": 1},
 }
 
 
@@ -59,8 +60,11 @@ def test_repro_runs_everything_then_nothing_then_only_training(project):
         assert (project / "data" / "stores" / f"{source}-train.zarr" / "zarr.json").is_file()
     for stage in ("demo_data", "random_model", "extract@ddpm-train", "extract@random-test", "extract_pixels@test",
                   "select", "train_selected", "train@ddpm-paper-taps", "train@random", "train@pixels", "refine_train",
-                  "refine", "evaluate@synthetic", "synthetic_speed", "fewshot", "compare"):
+                  "refine", "evaluate@synthetic", "synthetic_speed", "fewshot", "learning_curve", "compare"):
         assert f"Running stage '{stage}'" in first
+    curve = json.loads((project / "data" / "learning_curve.json").read_text())
+    assert set(curve["sources"]) == {"ddpm", "ddpm-paper-taps", "random", "pixels"}
+    assert [row["draws"] for row in curve["sources"]["ddpm"]["by_budget"]] == [2, 1]  # 4 faces: all of them once
     # The headline ensemble trains on the selection, the paper-taps one on train.steps × train.blocks.
     features = {name: json.loads((project / "data" / "models" / f"ensemble-{name}" / "ensemble.json").read_text())["features"]
                 for name in ("ddpm", "ddpm-paper-taps")}
