@@ -345,7 +345,7 @@ def learning_curve_command(context: _Context, train_store, test_store, out, budg
 @click.option("--store", required=True, help="Feature store of the unlabeled images to choose from (same features as the ensemble's).")
 @click.option("--count", required=True, type=int, help="How many images to suggest for labeling.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder for ranking.json, suggestions.png and pre-annotations.")
-@click.option("--strategy", type=click.Choice(["uncertainty", "diverse", "random"]), default="uncertainty", show_default=True,
+@click.option("--strategy", type=click.Choice(["uncertainty", "diverse", "random"]), default="diverse", show_default=True,
               help="uncertainty: the most uncertain; diverse: uncertain and spread over the images' content; random: a baseline.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the random strategy.")
 @click.option("--format", "formats", type=click.Choice(["png", "coco"]), multiple=True,

@@ -60,7 +60,7 @@ def workspace(tmp_path_factory):
 
 def test_suggest_ranks_the_pool_and_writes_pictures_and_pre_annotations(workspace, tmp_path):
     suggestion = suggest_images(workspace / "ensemble", workspace / "pool.zarr", tmp_path / "out", 2,
-                                formats=("png", "coco"), show_progress=False)
+                                strategy="uncertainty", formats=("png", "coco"), show_progress=False)
     ranking = json.loads((tmp_path / "out" / "ranking.json").read_text())
     scores = [row["uncertainty"] for row in ranking["images"]]
     assert len(scores) == 5 and scores == sorted(scores, reverse=True)
