@@ -770,10 +770,13 @@ def pretrain(context: _Context, images, out, steps, batch_size, image_size, chan
 @click.option("--sampling-steps", default=1000, show_default=True, help="DatasetDDPM: denoising steps.")
 @click.option("--segmenter", "segmenter_architecture", type=click.Choice(["unet", "basic-unet", "deeplabv3-resnet101"]),
               default="deeplabv3-resnet101", show_default=True, help="DatasetDDPM: the segmenter.")
+@click.option("--learning-curve", "curve_budgets", help="Also a learning curve on the same stores: these numbers of labeled "
+                                                        "images, comma-separated (e.g. 1,2,5,10,20).")
+@click.option("--curve-draws", default=3, show_default=True, help="Learning curve: draws of which images per budget.")
 @click.pass_obj
 def benchmark(context: _Context, preset, data, checkpoint, out, seeds, protocol, iou, classes, train_images, test_images,
               size, steps, blocks, feature_preset, members, max_epochs, batch_size, layout, device, threads, variant,
-              synthetic_count, sampler, sampling_steps, segmenter_architecture):
+              synthetic_count, sampler, sampling_steps, segmenter_architecture, curve_budgets, curve_draws):
     """Run a benchmark end to end (extract train+test once, train and evaluate per seed) and write report.json/.md."""
     from pipeline.benchmark import choose_preset, run_benchmark, summary_line
     from pipeline.data.presets import load_feature_preset
@@ -803,9 +806,15 @@ def benchmark(context: _Context, preset, data, checkpoint, out, seeds, protocol,
                 SynthesizeSettings(count=synthetic_count, sampler=sampler, sampling_steps=sampling_steps, device=device),
                 SegmenterSettings(architecture=segmenter_architecture, device=device, threads=threads),
             )
+        curve = None
+        if curve_budgets:
+            from pipeline.config import LearningCurveSettings
+
+            curve = LearningCurveSettings(budgets=_int_list(curve_budgets), draws=curve_draws, members=members,
+                                          protocol=protocol)
         report = run_benchmark(
             chosen, data, checkpoint, run_dir, extract_settings, train_settings, evaluate_settings, _int_list(seeds),
-            overrides, context.show_progress, datasetddpm,
+            overrides, context.show_progress, datasetddpm, curve,
         )
         click.echo(f"{summary_line(report)}; report in {run_dir / 'report.md'}")
 

@@ -27,7 +27,14 @@ import numpy as np
 import torch
 
 from pipeline import sizes
-from pipeline.config import EvaluateSettings, ExtractSettings, SegmenterSettings, SynthesizeSettings, TrainSettings
+from pipeline.config import (
+    EvaluateSettings,
+    ExtractSettings,
+    LearningCurveSettings,
+    SegmenterSettings,
+    SynthesizeSettings,
+    TrainSettings,
+)
 from pipeline.data.folders import (
     ImageRecord,
     check_examples,
@@ -38,6 +45,7 @@ from pipeline.data.folders import (
 )
 from pipeline.data.presets import Preset, load_preset, preset_for_dataset
 from pipeline.evaluation.evaluate import evaluate_on_store
+from pipeline.evaluation.learning_curve import CurveSource, learning_curve, write_learning_curve
 from pipeline.extraction.extract import extract_features
 from pipeline.heads.pixel_ensemble.training import train_on_store
 from pipeline.heads.segmenter.training import train_segmenter
@@ -149,6 +157,7 @@ def run_benchmark(
     overrides: dict | None = None,
     show_progress: bool = True,
     datasetddpm: tuple[SynthesizeSettings, SegmenterSettings] | None = None,
+    curve: LearningCurveSettings | None = None,
 ) -> dict:
     """Runs one preset end to end and writes `report.json` and `report.md` into `out_dir`.
 
@@ -156,7 +165,8 @@ def run_benchmark(
     gives the rest of extraction (layout, batch size, device, noise seed); `train` the protocol,
     whose seed is replaced by each of `seeds` in turn. `overrides` (what was changed from the
     preset file) is recorded in the report. `datasetddpm`: per seed, also the paper's DatasetDDPM
-    (`datasetddpm_run`), its seed replaced by the run's.
+    (`datasetddpm_run`), its seed replaced by the run's. `curve`: also the learning curve on the
+    same stores (`pipeline.evaluation.learning_curve`), `learning_curve.json` and `.png` in `out_dir`.
 
     Returns:
         The report (also written as JSON).
@@ -200,6 +210,13 @@ def run_benchmark(
                 checkpoint, seed_dir, out_dir / "images" / "train", stores["test"], *datasetddpm, evaluate, seed, show_progress
             )
         logger.info("seed %d: mIoU %s", seed, metrics["miou"])
+    curve_rows = None
+    if curve is not None:
+        curve_started = time.perf_counter()
+        learned = learning_curve({preset.name: CurveSource(stores["train"], stores["test"])}, curve, train, show_progress)
+        write_learning_curve(learned, out_dir / "learning_curve.json", out_dir / "learning_curve.png")
+        curve_rows = learned["sources"][preset.name]["by_budget"]
+        seconds["learning_curve"] = round(time.perf_counter() - curve_started, 1)
     memory["total"] = peak_memory_megabytes()
     seconds["train"] = [run["train_seconds"] for run in runs]
     seconds["evaluate"] = [run["evaluate_seconds"] for run in runs]
@@ -207,6 +224,8 @@ def run_benchmark(
     report = _report(preset, data_root, checkpoint, extract, train, evaluate, records, stores, runs, seconds, memory)
     if datasetddpm is not None:
         report["datasetddpm"] = _datasetddpm_report(preset, runs, *datasetddpm)
+    if curve_rows is not None:
+        report["learning_curve"] = curve_rows
     report["preset_overrides"] = overrides or {}
     report["images_extracted_in_this_run"] = extracted
     out_dir.mkdir(parents=True, exist_ok=True)

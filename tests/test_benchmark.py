@@ -75,12 +75,15 @@ def test_the_cli_runs_a_named_preset_with_overrides(dataset, tmp_path):
     result = CliRunner().invoke(main, [
         "--quiet", "benchmark", "--preset", str(preset_file), "--data", str(dataset / "data"),
         "--checkpoint", str(dataset / "unet"), "--out", str(tmp_path / "run"), "--members", "2", "--max-epochs", "1",
-        "--device", "cpu",
+        "--device", "cpu", "--learning-curve", "1,2", "--curve-draws", "2",
     ], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert "benchmark tiny: mIoU" in result.output and "(paper: 50.0 ± 1.0 %)" in result.output
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert report["images"] == {"train": 2, "test": 1} and report["difference_to_paper"] is not None
+    # The learning curve on the same stores: 1 image (2 draws), both (once).
+    assert [(row["budget"], row["draws"]) for row in report["learning_curve"]] == [(1, 2), (2, 1)]
+    assert (tmp_path / "run" / "learning_curve.png").is_file()
 
 
 def test_a_feature_preset_sets_size_steps_taps_and_draws_and_the_command_line_still_wins(dataset, tmp_path):
