@@ -213,6 +213,17 @@ def write_result(name: str, result: dict, out_dir: Path = RESULTS_DIR) -> Path:
     return path
 
 
+def child_benchmark_main(name: str, description: str, run: Callable[[bool, Path], dict],
+                         child: Callable[[dict], dict]) -> None:
+    """The command line of a benchmark that measures fresh child processes: `--child JSON` runs
+    `child` and prints its JSON result (what `run_child` reads); otherwise `run` writes the result."""
+    arguments, scratch = command_line(description, child=True)
+    if arguments.child:
+        print(json.dumps(child(json.loads(arguments.child))))
+        return
+    print(write_result(name, run(arguments.quick, scratch)))
+
+
 def command_line(
     description: str, child: bool = False, add_options: Callable[[argparse.ArgumentParser], None] | None = None
 ) -> tuple[argparse.Namespace, Path]:

@@ -20,7 +20,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
@@ -34,11 +33,10 @@ from bench.common import (
     TINY_SIZE,
     TINY_STEPS,
     TINY_TAP_SHAPES,
-    command_line,
+    child_benchmark_main,
     environment,
     peak_rss_bytes,
     run_child,
-    write_result,
     write_synthetic_store,
 )
 from pipeline.sources.base import TapShape
@@ -173,11 +171,7 @@ def run(quick: bool, scratch: Path) -> dict:
 
 
 def main() -> None:
-    arguments, scratch = command_line(__doc__, child=True)
-    if arguments.child:
-        print(json.dumps(child(json.loads(arguments.child))))
-        return
-    print(write_result("select_scale", run(arguments.quick, scratch)))
+    child_benchmark_main("select_scale", __doc__, run, child)
 
 
 if __name__ == "__main__":

@@ -34,11 +34,10 @@ from bench.common import (
     TINY_SIZE,
     TINY_STEPS,
     TINY_TAP_SHAPES,
-    command_line,
+    child_benchmark_main,
     current_rss_bytes,
     peak_rss_bytes,
     run_child,
-    write_result,
     write_synthetic_store,
 )
 
@@ -154,11 +153,7 @@ def run(quick: bool, scratch: Path) -> dict:
 
 
 def main() -> None:
-    arguments, scratch = command_line(__doc__, child=True)
-    if arguments.child:
-        print(json.dumps(child(json.loads(arguments.child))))
-        return
-    print(write_result("training_memory", run(arguments.quick, scratch)))
+    child_benchmark_main("training_memory", __doc__, run, child)
 
 
 if __name__ == "__main__":
