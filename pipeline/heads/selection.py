@@ -105,13 +105,14 @@ def select_steps_and_taps(
     candidate_steps, candidate_taps = candidates.steps, [shape.name for shape in candidates.tap_shapes]
     num_classes = len(class_names)
     pixels = select_labeled_pixels(store, num_classes, ignore_label, class_names=class_names)
-    if len(np.unique(pixels.image_index)) < 2:
-        raise ValueError(f"{store.path}: selection needs at least 2 labeled images to validate on, "
-                         f"found {len(np.unique(pixels.image_index))}")
+    labeled_images = len(np.unique(pixels.image_index))
+    if labeled_images < 2:
+        raise ValueError(f"{store.path}: selection needs at least 2 labeled images to validate on, found {labeled_images}")
     sample = sample_pixels(pixels.image_index, pixels.y, pixels.x, pixels.label, folds, pixels_per_image,
                            np.random.default_rng(seed))
-    if probe == "auto":
-        probe = probe_cost(store, candidates, len(sample.images), sample.count, folds, memory_gigabytes, components)["probe"]
+    if probe == "auto":  # decided on the bound `select_cost` says beforehand, so the two never disagree
+        images = len(schema.image_names)
+        probe = probe_cost(store, candidates, images, images * pixels_per_image, folds, memory_gigabytes, components)["probe"]
     if probe == "exact":
         features = exact_features(store_path, candidates, sample, show_progress)
     else:
