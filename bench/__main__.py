@@ -39,6 +39,7 @@ BENCHMARKS = [
     "pretrain_speed",  # DDPM pretraining step, float32 vs bfloat16
     "segmenter_speed",  # 27: the distilled segmenter vs extract + ensemble per test image
     "select_scale",  # 29.1: select on the paper's ADM-256 superset (53,760 features) in bounded memory
+    "thread_defaults",  # 29.3: each stage at 1 and 2 threads, quiet and beside a busy process
 ]
 
 

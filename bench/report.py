@@ -265,6 +265,23 @@ def _select_scale(result: dict) -> list[str]:
     ]
 
 
+def _thread_defaults(result: dict) -> list[str]:
+    if "stages" not in result:
+        return [f"| 29.3 thread defaults | {result.get('skipped', 'not measured')} | | | |"]
+    load = result["busy_processes"]
+    rows = result["stages"].values()
+    quiet_gain = [row["speedup of 2 threads, quiet"] for row in rows]
+    loaded_loss = [row["slowdown of 2 threads, loaded"] for row in rows]
+    one_thread_loss = [row[f"threads 1, {load} busy"] / row["threads 1, 0 busy"] for row in rows]
+    return [
+        f"| 29.3 thread defaults, {result['cpu_count']} cores beside {load} busy process(es), {len(quiet_gain)} stages "
+        f"| 1 thread (the default): {min(one_thread_loss):.2f}–{max(one_thread_loss):.2f}× its quiet time "
+        f"| torch's default, 2 threads: {min(quiet_gain):.2f}–{max(quiet_gain):.2f}× faster quiet, "
+        f"{min(loaded_loss):.2f}–{max(loaded_loss):.2f}× slower than 1 thread loaded "
+        f"| no stage slows over 1.5× under load | {_holds({'1 thread <= 1.5x': max(one_thread_loss) <= 1.5})} |"
+    ]
+
+
 SECTIONS: dict[str, Callable[[dict], list[str]]] = {
     "extraction_overhead": _extraction,
     "extraction_gpu_rate": _gpu_rate,
@@ -282,6 +299,7 @@ SECTIONS: dict[str, Callable[[dict], list[str]]] = {
     "pretrain_speed": _pretrain,
     "segmenter_speed": _segmenter_speed,
     "select_scale": _select_scale,
+    "thread_defaults": _thread_defaults,
 }
 
 

@@ -11,11 +11,12 @@ on a quiet machine and beside `--load` busy processes (plain Python loops), at t
   the selected taps);
 - evaluate / predict: the ensemble's prediction of one 32² image from its block tables;
 - refine: the refiner's training step (params.yaml: batch 8, width 32, 24² crops of 32²);
-- segmenter: the distilled segmenter's training step (batch 8, width 32, 32²);
-- fewshot: DiffewS's training step (one episode pair of the demo UNet with KV fusion).
+- segmenter: the distilled segmenter's training step (batch 8, width 32, 32²).
+(fewshot's UNet forward is extract's; it defaulted to 1 thread before this measurement.)
 
 Result: seconds per step for each (stage, threads, load), the slowdown of 2 threads against 1
-under load, and which default holds up: bench/results/thread_defaults.json.
+under load, and which default holds up: bench/results/thread_defaults.json. The settings'
+`threads` defaults (pipeline/config.py, params.yaml) follow it: 1 everywhere.
 
     python -m bench.thread_defaults [--load 1] [--repeats 5]
 """

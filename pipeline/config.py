@@ -138,7 +138,10 @@ class TrainSettings:
         buffer_pixels: pixels gathered from the store at a time (bounds memory).
         cache_megabytes: RAM for the native feature tables kept between buffers.
         device: where the ensemble trains: "auto" (cuda > mps > cpu) or a torch device string.
-        threads: torch CPU threads while training (0: torch's default).
+        threads: torch CPU threads while training (0: torch's default). 1 by default in every
+            stage: on 2 cores, 2 threads were 1.35-1.8x faster on a quiet machine but 1.7-3.3x
+            slower than 1 beside one busy process, while 1 thread lost nothing to it
+            (bench/results/thread_defaults.json). Raise it on a machine kept to this job.
         fast_batch_size: pixels per member and step in the fast protocol.
         fast_learning_rate: Adam's initial learning rate in the fast protocol (decays linearly to 0).
         fast_epochs: passes over the labeled pixels in the fast protocol (may be fractional).
@@ -163,7 +166,7 @@ class TrainSettings:
     buffer_pixels: int = 32768
     cache_megabytes: int = 512
     device: str = "auto"
-    threads: int = 0
+    threads: int = 1
     fast_batch_size: int = 256
     fast_learning_rate: float = 0.006
     fast_epochs: float = 1.5
@@ -204,7 +207,7 @@ class EvaluateSettings:
     Attributes:
         pixels_per_batch: pixels pushed through the ensemble at once.
         pictures: how many test images get a picture in the prediction grid.
-        threads: torch CPU threads while predicting (0: torch's default).
+        threads: torch CPU threads while predicting (0: torch's default; see TrainSettings).
         iou: which IoU `miou` reports: "paper" (the official code's: predictions on ignored
             pixels count against the predicted class, absent classes score 0) or
             "ignore_excluded" (ignored pixels count nowhere, absent classes are left out).
@@ -213,7 +216,7 @@ class EvaluateSettings:
 
     pixels_per_batch: int = 16384
     pictures: int = 6
-    threads: int = 0
+    threads: int = 1
     iou: IoUDefinition = "paper"
 
 
@@ -382,7 +385,8 @@ class SynthesizeSettings:
         batch_size: samples per batch (memory follows it, not `count`).
         seed: seeds every sample's own generator (sample i: (seed, i)).
         pictures: kept samples drawn in pictures/samples.png (0: none).
-        device, threads: where sampling runs, and torch's CPU threads (0: torch's default).
+        device, threads: where sampling runs, and torch's CPU threads (0: torch's default;
+            1, the default: see TrainSettings).
     """
 
     count: int = 10000
@@ -394,7 +398,7 @@ class SynthesizeSettings:
     seed: int = 0
     pictures: int = 8
     device: str = "auto"
-    threads: int = 0
+    threads: int = 1
 
     def __post_init__(self) -> None:
         if self.count < 1:
@@ -424,7 +428,8 @@ class SegmenterSettings:
         flips: mirror a random half of each batch left-right (the official recipe has no
             augmentation; only for classes without a left and a right, e.g. not "left eye").
         seed: seeds the weights, the shuffling and the flips.
-        device, threads: where it trains, and torch's CPU threads (0: torch's default).
+        device, threads: where it trains, and torch's CPU threads (0: torch's default;
+            1, the default: see TrainSettings).
     """
 
     architecture: SegmenterArchitecture = "unet"
@@ -436,7 +441,7 @@ class SegmenterSettings:
     flips: bool = False
     seed: int = 0
     device: str = "auto"
-    threads: int = 0
+    threads: int = 1
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.learning_rate <= 0 or self.width < 1:
@@ -481,7 +486,8 @@ class FewShotSettings:
             the MLP ensemble on the supports) read.
         baseline_members, baseline_training_steps: MLPs of the ensemble baseline and their
             training steps per episode (fast protocol: all members at once, 256 pixels a step).
-        device, threads: where it runs, torch's CPU threads (0: torch's default).
+        device, threads: where it runs, torch's CPU threads (0: torch's default;
+            1, the default: see TrainSettings).
     """
 
     folds: int = 4
@@ -509,7 +515,7 @@ class FewShotSettings:
     baseline_members: int = 10
     baseline_training_steps: int = 400
     device: str = "auto"
-    threads: int = 0
+    threads: int = 1
 
     def __post_init__(self) -> None:
         if self.folds < 1 or not 0 <= self.fold < self.folds:
@@ -563,7 +569,7 @@ class RefineSettings:
     schedule: list[int] = dataclasses.field(default_factory=lambda: [5, 3, 1])
     seed: int = 0
     device: str = "auto"
-    threads: int = 0
+    threads: int = 1
 
     def __post_init__(self) -> None:
         if self.folds < 2 or self.projection_dims < 0 or self.diffusion_steps < 1 or self.width < 8 or self.width % 8:
