@@ -52,7 +52,7 @@ def build_model(folder: Path, quick: bool) -> Path:
 def run(quick: bool, scratch: Path, count: int = 48) -> dict:
     device = pick_device("auto")
     if device.type != "cuda" and not quick:
-        return {"skipped": f"no CUDA device here ({device}); run it where there is one, e.g. through the device tool"}
+        return {"skipped": f"no CUDA device here ({device}); run it on a machine with a GPU"}
     size, count = (32, 8) if quick else (PAPER_SIZE, count)
     settings = ExtractSettings(size=size, device=str(device), **({"blocks": [2, 3, 5]} if quick else {}))
     checkpoint = build_model(scratch / "gpu-check-model", quick)

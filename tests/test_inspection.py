@@ -96,7 +96,7 @@ def test_readme_xarray_example_reads_the_store_without_segcache_and_without_a_wa
     _, written = write_synthetic_store(path, "native", [np.zeros((16, 16), np.int64), None])
     with open_store_for_writing(path, FeatureStore(path).schema).claim([0, 1]):  # as concurrent extraction leaves it
         pass
-    readme = (PROJECT_ROOT / "README.md").read_text()
+    readme = (PROJECT_ROOT / "docs" / "store.md").read_text()
     code = re.search(r"<!-- xarray-example.*?-->\n```python\n(.*?)```", readme, re.DOTALL).group(1)
     code = code.replace("data/stores/ddpm-train.zarr", str(path)).replace("up_blocks.4.resnets.0", "decoder.12")
     namespace: dict = {}
