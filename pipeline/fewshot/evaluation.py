@@ -140,8 +140,9 @@ def score_episodes(
         "seconds_per_episode": seconds / len(episodes), **provenance,
     }
     _write_outputs(Path(out_dir), metrics, pictured, data.classes.names)
-    logger.info("few-shot %s classes, fold %d, %d-shot: mIoU %.4f, FB-IoU %.4f over %d episodes",
-                classes, settings.fold, settings.shots, metrics["miou"], metrics["fb_iou"], len(episodes))
+    fold = f"novel classes {', '.join(settings.novel_classes)}" if settings.novel_classes else f"fold {settings.fold}"
+    logger.info("few-shot %s classes, %s, %d-shot: mIoU %.4f, FB-IoU %.4f over %d episodes",
+                classes, fold, settings.shots, metrics["miou"], metrics["fb_iou"], len(episodes))
     return metrics
 
 
