@@ -32,12 +32,12 @@ from bench.demo_checkpoint_validation import VALIDATION_SEED_OFFSET
 from pipeline.config import load_params
 from pipeline.data.demo import write_demo_dataset
 from pipeline.data.folders import find_class_info, list_images, load_example
-from pipeline.evaluation.metrics import IoUAccumulator
 from pipeline.evaluation.predict import predict_store
 from pipeline.evaluation.scoring import score_predictions
 from pipeline.extraction.extract import extract_features
 from pipeline.heads.segmenter.segmenter import load_segmenter
 from pipeline.heads.segmenter.training import train_segmenter
+from pipeline.metrics import IoUAccumulator
 from pipeline.synthetic.filtering import kept_samples
 from pipeline.synthetic.synthesize import sample_name, synthesize_dataset
 

@@ -32,9 +32,9 @@ from bench.common import (
     write_synthetic_store,
 )
 from pipeline.config import EvaluateSettings, ExtractSettings, TrainSettings, load_params
-from pipeline.evaluation.metrics import IoUAccumulator
 from pipeline.evaluation.predict import predict_image
 from pipeline.heads.pixel_ensemble.training import train_on_store
+from pipeline.metrics import IoUAccumulator
 from pipeline.runtime.devices import torch_threads
 from pipeline.store.reader import FeatureStore
 

@@ -126,7 +126,7 @@ def load_checked_source(ensemble: Ensemble, ensemble_dir: Path, checkpoint: Path
     if "noise_seed" not in features.source:
         raise ValueError(f"the ensemble in {ensemble_dir} was trained on {features.source.get('kind')} features, "
                          "not a diffusion model's; `predict` segments with diffusion features only")
-    source = load_source_for(checkpoint, features, device, prompt_embeds)
+    source = load_source_for(checkpoint, features.source, features.steps, features.taps, device, prompt_embeds)
     check_checkpoint_matches(ensemble, source.provenance()["checkpoint_sha256"], checkpoint, ensemble_dir)
     return source
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import UNet2DModel
 
-from pipeline.data.folders import file_sha256
+from pipeline.runtime.hashing import file_sha256
 from pipeline.sources.adm.blocks import decoder_block, decoder_block_names
 from pipeline.sources.checkpoints import Backbone, load_backbone
 from pipeline.sources.tiny_unet import make_tiny_unet

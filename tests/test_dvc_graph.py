@@ -152,6 +152,71 @@ def test_no_import_cycles_inside_the_library():
         visit(module)
 
 
+# The library's layers, lowest first: a package (or top-level module) of pipeline/ imports only
+# from itself and from lower layers, so data flows down the table of README's code layout. The
+# directions that went wrong once: heads → evaluation (the IoU accumulator, now pipeline/metrics.py),
+# sources → store (the head's feature description, now passed as plain values) and sources → data
+# (file hashing, now pipeline/runtime/hashing.py).
+LAYERS = [
+    {"runtime", "sizes"},
+    {"config"},
+    {"metrics", "pictures"},
+    {"sources"},
+    {"data"},
+    {"store"},
+    {"extraction", "heads"},
+    {"evaluation", "pretrain", "inspection"},
+    {"prediction", "refine", "suggestion", "fewshot"},
+    {"synthetic"},
+    {"benchmark"},
+]
+
+
+def library_modules() -> dict[str, Path]:
+    """Every module of pipeline/ by dotted name (packages by their own name, not `….__init__`)."""
+    modules = {}
+    for path in sorted((PROJECT_ROOT / "pipeline").rglob("*.py")):
+        parts = path.relative_to(PROJECT_ROOT).with_suffix("").parts
+        modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return modules
+
+
+def upward_imports(modules: dict[str, Path]) -> list[str]:
+    """'a imports b' for each import of `modules` that does not point to a lower layer.
+
+    Raises:
+        AssertionError: a module of a package that LAYERS does not place.
+    """
+    rank = {part: level for level, parts in enumerate(LAYERS) for part in parts}
+    upward = []
+    for module, path in modules.items():
+        if module == "pipeline":
+            continue
+        part = module.split(".")[1]  # pipeline.heads.selection → heads; pipeline.sizes → sizes
+        assert part in rank, f"{module}: pipeline/{part} has no place in LAYERS; add it where its imports put it"
+        for imported in sorted(imported_modules(path)):
+            imported_part = imported.split(".")[1] if imported.startswith("pipeline.") else None
+            if imported_part not in (None, part) and rank[imported_part] >= rank[part]:
+                upward.append(f"{module} imports {imported}")
+    return upward
+
+
+def test_every_import_points_down_the_layers():
+    upward = upward_imports(library_modules())
+    assert not upward, "imports that do not point down the layers: " + "; ".join(upward)
+
+
+@pytest.mark.parametrize("module, imported", [
+    ("pipeline.heads.selection", "pipeline.evaluation.scoring"),
+    ("pipeline.sources.loading", "pipeline.store.schema"),
+    ("pipeline.sources.checkpoints", "pipeline.data.folders"),
+])
+def test_the_layer_rule_refuses_the_imports_that_went_up(tmp_path, module, imported):
+    source = tmp_path / "module.py"
+    source.write_text(f"from {imported} import something\n")
+    assert upward_imports({module: source}) == [f"{module} imports {imported}"]
+
+
 def rewrite_code_deps(pipeline_file: str) -> None:
     """Replaces each stage's `.py` deps in `pipeline_file` by its import closure (other deps and
     comments stay as they are): `PYTHONPATH=. python tests/test_dvc_graph.py` after changing imports."""

@@ -7,7 +7,6 @@ from PIL import Image
 from conftest import write_learnable_store
 from pipeline.config import EvaluateSettings, TrainSettings
 from pipeline.evaluation.evaluate import evaluate_on_store
-from pipeline.evaluation.metrics import IoUAccumulator, top_decile_mean
 from pipeline.evaluation.predict import predict_from_tables, predict_pixels, predict_store
 from pipeline.evaluation.predictions import Predictions, create_predictions
 from pipeline.evaluation.report import write_masks_and_pictures
@@ -15,6 +14,7 @@ from pipeline.evaluation.scoring import score_predictions
 from pipeline.heads.pixel_ensemble.ensemble import load_ensemble
 from pipeline.heads.pixel_ensemble.inference import member_logits_from_tables, predict_from_block_tables
 from pipeline.heads.pixel_ensemble.training import train_on_store
+from pipeline.metrics import IoUAccumulator, top_decile_mean
 from pipeline.store.reader import FeatureStore
 from pipeline.store.schema import StoreMismatchError
 

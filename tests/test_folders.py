@@ -1,4 +1,3 @@
-import hashlib
 import json
 
 import numpy as np
@@ -11,7 +10,6 @@ from conftest import write_image_folder
 from pipeline.data.folders import (
     ClassInfo,
     check_examples,
-    file_sha256,
     find_class_info,
     first_images,
     list_images,
@@ -21,13 +19,6 @@ from pipeline.data.folders import (
     require_label_maps,
     resize_nearest,
 )
-
-
-def test_file_sha256_streams_large_files(tmp_path):
-    path = tmp_path / "blob.bin"
-    content = bytes(range(256)) * 9000  # 2.2 MiB: several 1 MiB reads
-    path.write_bytes(content)
-    assert file_sha256(path) == hashlib.sha256(content).hexdigest()
 
 
 def test_images_are_sorted_and_paired_with_label_maps(tmp_path):

@@ -19,7 +19,6 @@ from pipeline.sources.latent import LatentSource, is_latent_diffusion_folder, lo
 from pipeline.sources.loading import load_source, load_source_for
 from pipeline.sources.tiny_unet import make_tiny_unet, save_tiny_latent_diffusion, save_tiny_text_encoder
 from pipeline.store.bilinear import upsample_and_concatenate
-from pipeline.store.schema import FeatureDescription
 
 TAPS = ["up_blocks.0", "up_blocks.1"]
 
@@ -218,9 +217,7 @@ def test_predict_re_encodes_the_recorded_prompt(prompted_folder, latent_workspac
         relative = (maps[name][:, 0] - reference[name]).norm() / reference[name].norm()
         assert relative < 1e-4, (name, relative)
     provenance = source.provenance()
-    feature_dim = sum(shape.channels for shape in source.tap_shapes(64))
-    features = FeatureDescription(provenance, [261], TAPS, 64, feature_dim)
-    rebuilt = load_source_for(prompted_folder, features, "cpu")
+    rebuilt = load_source_for(prompted_folder, provenance, [261], TAPS, "cpu")
     assert rebuilt.provenance() == provenance and rebuilt.model.prompt == "a cat"
     with pytest.raises(ValueError, match="prompt embeddings differ.*'a dog'"):
-        load_source_for(prompted_folder, FeatureDescription(provenance | {"prompt": "a dog"}, [261], TAPS, 64, feature_dim), "cpu")
+        load_source_for(prompted_folder, provenance | {"prompt": "a dog"}, [261], TAPS, "cpu")

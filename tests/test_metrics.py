@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from pipeline.evaluation.metrics import IoUAccumulator, top_decile_mean
+from pipeline.metrics import IoUAccumulator, top_decile_mean
 
 
 def test_iou_is_accumulated_over_images_not_averaged_per_image():

@@ -13,11 +13,11 @@ import torch
 
 from conftest import write_synthetic_store
 from pipeline.config import TrainSettings
-from pipeline.evaluation.metrics import IoUAccumulator, top_decile_mean
 from pipeline.heads.pixel_ensemble.ensemble import make_pixel_classifier
 from pipeline.heads.pixel_ensemble.inference import predict_with_uncertainty
 from pipeline.heads.pixel_ensemble.members import run_epochs, train_member
 from pipeline.heads.pixel_ensemble.sampling import PixelStream, select_labeled_pixels
+from pipeline.metrics import IoUAccumulator, top_decile_mean
 from pipeline.store.reader import FeatureStore
 
 # --- what is sampled ---------------------------------------------------------------------------
@@ -148,7 +148,7 @@ def test_the_stopping_rule_stops_at_the_same_iteration(seed):
     losses = (trend + rng.normal(0, rng.uniform(0.01, 0.3), trend.size)).reshape(110, batches).tolist()
     settings = TrainSettings()  # the paper's: 100 epochs, patience 50 from epoch 4
     scripted = iter(value for epoch in losses for value in epoch)
-    batches_of = lambda epoch: ((None, None) for _ in range(batches))  # noqa: E731 - the step ignores them
+    batches_of = lambda epoch: ((None, None) for _ in range(batches))
     log = run_epochs(batches_of, lambda features, labels: next(scripted), settings)
     assert (log.iterations, log.epochs, log.stopped_early) == official_iterations(losses)
 

@@ -131,8 +131,8 @@ def test_the_ridge_probe_is_sklearns_scaled_ridge_classifier():
     from sklearn.linear_model import RidgeClassifier
     from sklearn.preprocessing import StandardScaler
 
-    from pipeline.evaluation.metrics import IoUAccumulator
     from pipeline.heads.selection import RidgeProbe
+    from pipeline.metrics import IoUAccumulator
 
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 4, size=600)

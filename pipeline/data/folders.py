@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -11,6 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from pipeline.runtime.hashing import file_sha256  # noqa: F401 (re-exported: pipeline/fewshot/ imports it from here)
 from pipeline.sizes import as_shape
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -35,12 +35,6 @@ class ClassInfo:
     @property
     def num_classes(self) -> int:
         return len(self.names)
-
-
-def file_sha256(path: Path) -> str:
-    """Hex sha256 of a file (read in blocks by `hashlib.file_digest`)."""
-    with open(path, "rb") as stream:
-        return hashlib.file_digest(stream, "sha256").hexdigest()
 
 
 def check_labels_complete(records: list[ImageRecord], folder: str | Path) -> None:

@@ -27,10 +27,10 @@ from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
 from pipeline.config import LearningCurveSettings, TrainSettings
-from pipeline.evaluation.metrics import IoUAccumulator
 from pipeline.evaluation.predict import predict_image
 from pipeline.heads.pixel_ensemble.ensemble import Ensemble
 from pipeline.heads.pixel_ensemble.training import train_on_store
+from pipeline.metrics import IoUAccumulator
 from pipeline.runtime.atomic import replaced_file
 from pipeline.store.reader import FeatureStore
 

@@ -16,11 +16,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from pipeline.evaluation.metrics import top_decile_mean
 from pipeline.evaluation.predictions import Predictions, create_predictions
 from pipeline.heads.pixel_ensemble.ensemble import Ensemble, load_ensemble
 from pipeline.heads.pixel_ensemble.inference import member_logits_from_tables, votes_and_disagreement
 from pipeline.heads.segmenter.segmenter import load_segmenter
+from pipeline.metrics import top_decile_mean
 from pipeline.runtime.atomic import replaced_folder
 from pipeline.runtime.devices import torch_threads
 from pipeline.sizes import as_shape

@@ -30,7 +30,7 @@ import numpy as np
 import zarr
 import zarr.codecs
 
-from pipeline.evaluation.metrics import top_decile_mean
+from pipeline.metrics import top_decile_mean
 from pipeline.sizes import as_shape, recorded_size
 
 logger = logging.getLogger(__name__)

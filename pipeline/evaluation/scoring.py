@@ -16,8 +16,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from pipeline.config import IoUDefinition
-from pipeline.evaluation.metrics import IoUAccumulator
 from pipeline.evaluation.predictions import Predictions
+from pipeline.metrics import IoUAccumulator
 from pipeline.store.reader import FeatureStore
 
 logger = logging.getLogger(__name__)

@@ -26,11 +26,11 @@ from pipeline.data.folders import (
     ImageRecord,
     check_examples,
     check_labels_complete,
-    file_sha256,
     list_images,
     load_label_map,
 )
 from pipeline.extraction.runners import BatchRunner, batch_runner
+from pipeline.runtime.hashing import file_sha256
 from pipeline.sizes import ImageShape
 from pipeline.store.locations import store_location
 from pipeline.store.schema import NO_LABELS, StoreSchema

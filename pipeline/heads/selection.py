@@ -30,7 +30,6 @@ from tqdm.auto import tqdm
 
 from pipeline.config import SelectSettings
 from pipeline.data.folders import ClassInfo
-from pipeline.evaluation.metrics import IoUAccumulator
 from pipeline.heads.pixel_ensemble.sampling import select_labeled_pixels
 from pipeline.heads.probe_features import (
     PROBE_FLOPS_PER_SECOND,
@@ -44,6 +43,7 @@ from pipeline.heads.probe_features import (
     sample_pixels,
 )
 from pipeline.heads.selection_file import Selection, write_selection
+from pipeline.metrics import IoUAccumulator
 from pipeline.pictures.figures import save_selection_heatmap
 from pipeline.store.reader import FeatureStore
 from pipeline.store.schema import FeatureSelection, select_features

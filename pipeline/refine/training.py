@@ -26,10 +26,10 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from pipeline.config import RefineSettings, TrainSettings
-from pipeline.evaluation.metrics import IoUAccumulator
 from pipeline.evaluation.predict import ImagePrediction, open_store_for_ensemble, predict_image
 from pipeline.heads.pixel_ensemble.ensemble import Ensemble, load_ensemble
 from pipeline.heads.pixel_ensemble.training import train_on_store
+from pipeline.metrics import IoUAccumulator
 from pipeline.refine.conditioning import FeatureProjection, conditioning
 from pipeline.refine.denoiser import MaskDenoiser
 from pipeline.refine.mask_diffusion import MaskDiffusion

@@ -25,7 +25,7 @@ import torch
 from diffusers import UNet2DModel
 from diffusers.utils import is_accelerate_available
 
-from pipeline.data.folders import file_sha256
+from pipeline.runtime.hashing import file_sha256
 from pipeline.sources.adm.convert import adm_unet_config, convert_adm_state_dict, infer_adm_layout
 from pipeline.sources.adm.files import read_state_dict
 

@@ -29,8 +29,8 @@ import safetensors.torch
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
-from pipeline.data.folders import file_sha256
 from pipeline.runtime.devices import autocast_for, pick_device
+from pipeline.runtime.hashing import file_sha256
 from pipeline.sizes import ImageShape, as_shape
 from pipeline.sources.base import TapShape
 from pipeline.sources.checkpoints import diffusers_weights_file, plain_config

@@ -15,7 +15,6 @@ from pipeline.sources.latent import (
     load_latent_diffusion,
     load_latent_source,
 )
-from pipeline.store.schema import FeatureDescription
 
 
 def load_source(checkpoint: str | Path, settings: ExtractSettings) -> FeatureSource:
@@ -39,28 +38,39 @@ def load_source(checkpoint: str | Path, settings: ExtractSettings) -> FeatureSou
 
 
 def load_source_for(
-    checkpoint: str | Path, features: FeatureDescription, device: str, prompt_embeds: str | Path | None = None
+    checkpoint: str | Path, provenance: dict, steps: list[int], taps: list[str], device: str,
+    prompt_embeds: str | Path | None = None,
 ) -> FeatureSource:
     """The source that makes the features a head was trained on (`predict`): same taps, steps,
     seed and draws, and for latent diffusion the same prompt (re-encoded, or the same file).
 
+    The head's record comes in as plain values (`FeatureDescription.source/steps/taps`), not as
+    the store's description type, so that sources never depend on the store above them.
+
+    Args:
+        checkpoint: the model file or folder.
+        provenance: the recorded `FeatureSource.provenance()` of the features.
+        steps: their diffusion steps, in feature order.
+        taps: their tap names, in feature order.
+        device: "auto", "cpu", "cuda"….
+        prompt_embeds: the prompt-embeddings file the features were made with, if any.
+
     Raises:
         ValueError: the features are not a diffusion model's, or the prompt embeddings differ.
     """
-    recorded = features.source
-    if "noise_seed" not in recorded:
-        raise ValueError(f"the features came from a {recorded.get('kind')} source, not a diffusion model's checkpoint")
-    if recorded["kind"] != LATENT_DIFFUSION:
-        return load_unet_source(checkpoint, features.taps, features.steps, recorded["noise_seed"], device,
-                                recorded.get("noise_draws", 1))
+    if "noise_seed" not in provenance:
+        raise ValueError(f"the features came from a {provenance.get('kind')} source, not a diffusion model's checkpoint")
+    if provenance["kind"] != LATENT_DIFFUSION:
+        return load_unet_source(checkpoint, taps, steps, provenance["noise_seed"], device,
+                                provenance.get("noise_draws", 1))
     source = load_latent_source(
-        checkpoint, features.taps, features.steps, recorded["noise_seed"], device, recorded["noise_draws"],
-        recorded["prompt"] or "", prompt_embeds,
+        checkpoint, taps, steps, provenance["noise_seed"], device, provenance["noise_draws"],
+        provenance["prompt"] or "", prompt_embeds,
     )
-    if source.provenance()["prompt_embeds_sha256"] != recorded["prompt_embeds_sha256"]:
+    if source.provenance()["prompt_embeds_sha256"] != provenance["prompt_embeds_sha256"]:
         raise ValueError(
             "the prompt embeddings differ from those the features were made with"
-            + (f" (prompt {recorded['prompt']!r})" if recorded["prompt"] is not None else "; give the same --prompt-embeds file")
+            + (f" (prompt {provenance['prompt']!r})" if provenance["prompt"] is not None else "; give the same --prompt-embeds file")
         )
     return source
 

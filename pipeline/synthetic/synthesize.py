@@ -41,14 +41,15 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from pipeline.config import SynthesizeSettings
-from pipeline.data.folders import file_sha256, model_input_to_uint8
-from pipeline.evaluation.metrics import top_decile_mean
+from pipeline.data.folders import model_input_to_uint8
 from pipeline.evaluation.predict import predict_from_tables
 from pipeline.heads.pixel_ensemble.ensemble import Ensemble, load_ensemble
+from pipeline.metrics import top_decile_mean
 from pipeline.pictures.figures import save_prediction_grid
 from pipeline.prediction import load_checked_source
 from pipeline.runtime.atomic import replaced_file
 from pipeline.runtime.devices import torch_threads
+from pipeline.runtime.hashing import file_sha256
 from pipeline.sources.diffusion_unet import load_unet_source
 from pipeline.sources.latent import is_latent_diffusion_folder, load_latent_source
 from pipeline.sources.loading import native_image_size

@@ -26,10 +26,10 @@ from tqdm.auto import tqdm
 
 from pipeline.config import SegmenterSettings
 from pipeline.data.folders import ClassInfo, find_class_info, list_images, load_example, require_label_maps
-from pipeline.evaluation.metrics import IoUAccumulator
 from pipeline.heads.segmenter.architectures import SIZE_MULTIPLES, build_network
 from pipeline.heads.segmenter.export import export_onnx
 from pipeline.heads.segmenter.segmenter import SEGMENTER_ONNX, Segmenter, save_segmenter
+from pipeline.metrics import IoUAccumulator
 from pipeline.pictures.figures import save_segmenter_curve
 from pipeline.runtime.atomic import replaced_file
 from pipeline.runtime.devices import pick_device, torch_threads
