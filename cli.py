@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import sys
@@ -129,32 +130,60 @@ def extract(context: _Context, checkpoint, images, store, steps, blocks, seed, s
     _run(context, action)
 
 
+def _default(settings_class, name: str):
+    """A settings dataclass field's default: an option's default read from `pipeline/config.py`,
+    so that the command line and params.yaml's documented defaults cannot drift apart."""
+    field = next(field for field in dataclasses.fields(settings_class) if field.name == name)
+    return field.default_factory() if field.default is dataclasses.MISSING else field.default
+
+
+def _train_option(name: str, **click_arguments):
+    """`--<name>` for the TrainSettings field `name`, with its dataclass default."""
+    return click.option(f"--{name.replace('_', '-')}", name, default=_default(TrainSettings, name), show_default=True,
+                        **click_arguments)
+
+
 @main.command()
 @click.option("--store", required=True, help="Feature store of the training images (a folder or a URL).")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder for the trained ensemble.")
-@click.option("--members", default=10, show_default=True)
-@click.option("--seed", default=0, show_default=True)
-@click.option("--learning-rate", default=0.001, show_default=True)
-@click.option("--batch-size", default=64, show_default=True)
-@click.option("--max-epochs", default=100, show_default=True)
-@click.option("--protocol", type=click.Choice(["paper", "fast"]), default="paper", show_default=True, help="paper: as the official code; fast: members batched together, 1.5 passes and at least 400 steps (faster, can be a little less accurate).")
-@click.option("--device", default="auto", show_default=True)
+@_train_option("protocol", type=click.Choice(["paper", "fast"]), help="paper: as the official code; fast: members batched together, 1.5 passes and at least 400 steps (faster, can be a little less accurate).")
+@_train_option("members", help="MLPs in the ensemble.")
+@_train_option("hidden_widths", help="Each member's two hidden widths, comma-separated (default: the paper's, 128,32 below 30 classes, 256,128 from 30).")
+@_train_option("steps", help="Train on these of the store's steps only, comma-separated (default: all).")
+@_train_option("blocks", help="Train on these of the store's taps only: names or block numbers, comma-separated (default: all).")
+@_train_option("seed", help="Seeds initialisation and every member's pixel order.")
+@_train_option("learning_rate", help="Adam's learning rate (paper protocol).")
+@_train_option("batch_size", help="Pixels per optimiser step (paper protocol).")
+@_train_option("max_epochs", help="Upper bound on epochs per member (paper protocol).")
+@_train_option("patience", help="Stop a member after more than this many iterations in a row without a new best batch loss.")
+@_train_option("patience_from_epoch", help="The patience count starts at this epoch index (the paper: epoch > 3).")
+@_train_option("min_class_pixels", type=int, help="Per image, a class with fewer labeled pixels is ignored (default: the paper's 20 at 256×256, scaled with the image area).")
+@_train_option("buffer_pixels", help="Pixels gathered from the store at a time (bounds memory).")
+@_train_option("cache_megabytes", help="RAM for the native feature tables kept between buffers.")
+@_train_option("device", help="auto, cpu, cuda, cuda:1, mps…")
+@_train_option("threads", help="torch CPU threads (0: torch's default); raise it on a machine kept to this job.")
+@_train_option("scheduler", help="Dask scheduler address: its workers read the features; the ensemble trains here.")
+@_train_option("fast_batch_size", help="Fast protocol: pixels per member and step.")
+@_train_option("fast_learning_rate", help="Fast protocol: Adam's initial learning rate (decays linearly to 0).")
+@_train_option("fast_epochs", help="Fast protocol: passes over the labeled pixels (may be fractional).")
+@_train_option("fast_min_steps", help="Fast protocol: at least this many steps, however few the pixels.")
 @click.option("--classes", type=click.Path(path_type=Path), help="classes.json (default: recorded in the store).")
-@click.option("--scheduler", help="Dask scheduler address: its workers read the features; the ensemble trains here.")
-@click.option("--steps", help="Train on these of the store's steps only, comma-separated (default: all).")
-@click.option("--blocks", help="Train on these of the store's taps only: names or block numbers, comma-separated (default: all).")
 @click.option("--selection", type=click.Path(path_type=Path), help="A selection.json written by `select`: its steps and taps.")
 @click.pass_obj
-def train(context: _Context, store, out, members, seed, learning_rate, batch_size, max_epochs, protocol, device, classes,
-          scheduler, steps, blocks, selection):
-    """Train the MLP ensemble on the labeled pixels of a store (the paper's protocol by default)."""
+def train(context: _Context, store, out, classes, selection, steps, blocks, hidden_widths, **settings_options):
+    """Train the MLP ensemble on the labeled pixels of a store (the paper's protocol by default).
+
+    \f
+    Every field of TrainSettings (params.yaml's `train`) is an option of the same name (a test
+    checks it); `settings_options` holds those that need no conversion.
+    """
     from pipeline.heads.pixel_ensemble.training import train_on_store
 
     def action():
         chosen_steps, chosen_taps = _chosen_features(steps, blocks, selection)
         settings = TrainSettings(
-            protocol=protocol, members=members, seed=seed, learning_rate=learning_rate, batch_size=batch_size,
-            max_epochs=max_epochs, device=device, scheduler=scheduler, steps=chosen_steps or None, blocks=chosen_taps,
+            steps=chosen_steps or None, blocks=chosen_taps,
+            hidden_widths=_int_list(hidden_widths) if hidden_widths else None, **settings_options,
         )
         class_info = load_class_info(classes) if classes else None
         _, summary = train_on_store(store, out, settings, class_info, context.show_progress)
@@ -240,17 +269,19 @@ def select(context: _Context, store, out, classes, folds, pixels_per_image, min_
 @click.option("--iterations", default=2000, show_default=True)
 @click.option("--seed", default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True)
+@click.option("--threads", default=_default(RefineSettings, "threads"), show_default=True,
+              help="torch CPU threads of the refiner and the out-of-fold ensembles (0: torch's default).")
 @click.pass_obj
 def refine_train(context: _Context, ensemble, store, out, first_prediction, folds, members, projection_dims, iterations,
-                 seed, device):
+                 seed, device, threads):
     """Train a mask-prior refiner (DDPS) that learns to fix an ensemble's mistakes on its labeled images."""
     from pipeline.refine.training import train_refiner
 
     def action():
         settings = RefineSettings(folds=folds, first_prediction=first_prediction, projection_dims=projection_dims,
-                                  iterations=iterations, seed=seed, device=device)
-        summary = train_refiner(ensemble, store, out, settings, TrainSettings(members=members, seed=seed, device=device),
-                                context.show_progress)
+                                  iterations=iterations, seed=seed, device=device, threads=threads)
+        ensembles = TrainSettings(members=members, seed=seed, device=device, threads=threads)
+        summary = train_refiner(ensemble, store, out, settings, ensembles, context.show_progress)
         click.echo(f"refine-train: refiner on {summary.images} images (their first predictions: mIoU "
                    f"{summary.first_prediction_miou}) saved to {summary.refiner_dir} in {summary.seconds:.1f} s")
 
@@ -378,9 +409,11 @@ def suggest(context: _Context, ensemble, store, count, out, strategy, seed, form
 @click.option("--unlabeled", is_flag=True, help="Samples only, for a person to annotate (the official variant): no ensemble, no filter.")
 @click.option("--size", type=int, help="With --unlabeled: the samples' size (default: the model's).")
 @click.option("--prompt-embeds", type=click.Path(path_type=Path), help="Latent diffusion: the file the features were extracted with.")
+@click.option("--threads", default=_default(SynthesizeSettings, "threads"), show_default=True,
+              help="torch CPU threads (0: torch's default); raise it on a machine kept to this job.")
 @click.pass_obj
 def synthesize(context: _Context, checkpoint, ensemble, count, out, sampler, sampling_steps, filter_fraction,
-               filter_lowest_fraction, batch_size, seed, device, unlabeled, size, prompt_embeds):
+               filter_lowest_fraction, batch_size, seed, device, unlabeled, size, prompt_embeds, threads):
     """DatasetDDPM: sample images from the diffusion model, label them with the ensemble, drop the most uncertain."""
     from pipeline.synthetic.synthesize import synthesize_dataset
 
@@ -390,7 +423,7 @@ def synthesize(context: _Context, checkpoint, ensemble, count, out, sampler, sam
         settings = SynthesizeSettings(
             count=count, sampler=sampler, sampling_steps=sampling_steps, filter_fraction=filter_fraction,
             filter_lowest_fraction=min(filter_lowest_fraction, filter_fraction), batch_size=batch_size, seed=seed,
-            device=device,
+            device=device, threads=threads,
         )
         summary = synthesize_dataset(checkpoint, ensemble, out, settings, size, context.show_progress,
                                      prompt_embeds=prompt_embeds)
@@ -414,16 +447,18 @@ def synthesize(context: _Context, checkpoint, ensemble, count, out, sampler, sam
 @click.option("--flips", is_flag=True, help="Mirror half of each batch left-right (not for classes with a left and a right).")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True)
+@click.option("--threads", default=_default(SegmenterSettings, "threads"), show_default=True,
+              help="torch CPU threads (0: torch's default); raise it on a machine kept to this job.")
 @click.pass_obj
 def train_segmenter(context: _Context, images, out, validation, architecture, width, epochs, batch_size, learning_rate,
-                    image_size, flips, seed, device):
+                    image_size, flips, seed, device, threads):
     """Train a segmenter on labeled images (no diffusion model at test time); exported to ONNX too."""
     from pipeline.heads.segmenter.training import train_segmenter as train
 
     def action():
         settings = SegmenterSettings(architecture=architecture, width=width, epochs=epochs, batch_size=batch_size,
                                      learning_rate=learning_rate, image_size=image_size, flips=flips, seed=seed,
-                                     device=device)
+                                     device=device, threads=threads)
         summary = train(images, out, settings, validation, context.show_progress)
         score = "" if summary.validation_miou is None else f", validation mIoU {summary.validation_miou}"
         click.echo(f"train-segmenter: epoch {summary.chosen_epoch + 1} kept{score}; saved to {summary.out_dir} "

@@ -1,5 +1,6 @@
 """The command line, end to end, through click's CliRunner."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -418,3 +419,50 @@ def test_fewshot_baselines_through_the_cli(workspace, tmp_path):
         assert result.exit_code == 0, result.output
         metrics = json.loads((tmp_path / baseline / "metrics.json").read_text())
         assert metrics["baseline"] == baseline and set(metrics["per_class_iou"]) == {"disc"} and metrics["episodes"] == 3
+
+
+def test_every_training_setting_is_a_train_option_with_the_dataclass_default():
+    """params.yaml's `train` section and `train`'s options are the same settings, defaults included."""
+    from cli import train
+    from pipeline.config import TrainSettings
+
+    options = {parameter.name: parameter for parameter in train.params}
+    for field in dataclasses.fields(TrainSettings):
+        assert field.name in options, f"TrainSettings.{field.name} has no `train` option"
+        assert options[field.name].opts == [f"--{field.name.replace('_', '-')}"]
+        assert options[field.name].default == field.default, field.name
+
+
+@pytest.mark.parametrize("command, settings_class", [
+    ("refine-train", "RefineSettings"), ("synthesize", "SynthesizeSettings"), ("train-segmenter", "SegmenterSettings"),
+])
+def test_the_commands_with_a_threads_setting_have_a_threads_option(command, settings_class):
+    from pipeline import config
+
+    options = {parameter.name: parameter for parameter in main.commands[command].params}
+    default = next(field.default for field in dataclasses.fields(getattr(config, settings_class)) if field.name == "threads")
+    assert options["threads"].default == default == 1
+
+
+def test_train_options_reach_the_settings(monkeypatch, tmp_path):
+    from pipeline.heads.pixel_ensemble import training
+
+    received = {}
+
+    def fake_train_on_store(store, out, settings, class_info, show_progress):
+        received["settings"] = settings
+        raise ValueError("stopped after the settings were built")
+
+    monkeypatch.setattr(training, "train_on_store", fake_train_on_store)
+    result = CliRunner().invoke(main, [
+        "train", "--store", str(tmp_path / "store"), "--out", str(tmp_path / "out"), "--hidden-widths", "8,4",
+        "--patience", "3", "--patience-from-epoch", "1", "--min-class-pixels", "5", "--threads", "2",
+        "--buffer-pixels", "1024", "--cache-megabytes", "64", "--fast-epochs", "0.5", "--fast-min-steps", "10",
+        "--steps", "50", "--blocks", "5,up_blocks.1",
+    ])
+    assert result.exit_code == 1 and "stopped after the settings were built" in result.output
+    settings = received["settings"]
+    assert settings.hidden_widths == [8, 4] and settings.patience == 3 and settings.patience_from_epoch == 1
+    assert settings.min_class_pixels == 5 and settings.threads == 2 and settings.buffer_pixels == 1024
+    assert settings.cache_megabytes == 64 and settings.fast_epochs == 0.5 and settings.fast_min_steps == 10
+    assert settings.steps == [50] and settings.blocks == [5, "up_blocks.1"] and settings.members == 10
