@@ -778,6 +778,28 @@ def pretrain(context: _Context, images, out, steps, batch_size, image_size, chan
 
 
 @main.command()
+@click.option("--preset", required=True,
+              help="Preset name (bedroom_28, ffhq_34, cat_15, horse_21, celeba_19, ade_bedroom_30) or a preset file.")
+@click.option("--out", default=".", show_default=True, type=click.Path(path_type=Path),
+              help="Folder that receives checkpoints/<file> and datasets/ (where `benchmark` and presets/dvc.yaml look).")
+@click.pass_obj
+def download(context: _Context, preset, out):
+    """Fetch a preset's official checkpoint and dataset archive (resumes a cut download; checks a recorded sha256)."""
+    from pipeline.data.download import download_preset
+    from pipeline.data.presets import load_preset
+
+    def action():
+        for result in download_preset(load_preset(preset), out, context.show_progress):
+            how = ("already there" if result.already_present else
+                   f"resumed after {result.resumed_from / 1e6:.1f} MB" if result.resumed_from else "downloaded")
+            check = ("sha256 matches the preset's" if result.checked else
+                     f"sha256 not checked (the preset records none): {result.sha256}")
+            click.echo(f"download: {result.path} ({result.path.stat().st_size / 1e6:.1f} MB) {how}; {check}")
+
+    _run(context, action)
+
+
+@main.command()
 @click.option("--preset", help="Preset name (presets/<name>.yaml: bedroom_28, ffhq_34, cat_15, horse_21, celeba_19, ade_bedroom_30) or a preset file; default: made from the dataset's classes.json.")
 @click.option("--data", required=True, type=click.Path(path_type=Path), help="Dataset root holding real/{train,test}/ (or train/, test/).")
 @click.option("--checkpoint", required=True, type=click.Path(path_type=Path), help="guided-diffusion .pt/.safetensors or diffusers folder.")

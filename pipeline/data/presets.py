@@ -9,6 +9,7 @@ dataset becomes a preset too (`preset_for_dataset`), from its `classes.json`.
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -38,6 +39,11 @@ class Preset:
         blocks: the taps in feature order: guided-diffusion decoder block numbers and/or module paths.
         checkpoint: file name of the checkpoint the paper used ("" when none).
         checkpoint_url: where that checkpoint is published ("" when none).
+        checkpoint_sha256: its hex sha256 where one is known ("" when none: `download` then says
+            it did not check the file). Never guessed: the publishers give none.
+        dataset_url: where the dataset's archive is published ("" when none); the official
+            release packs all six benchmarks in one archive.
+        dataset_sha256: that archive's hex sha256 where one is known ("" when none).
         paper_miou: the paper's mIoU in percent (None for a user's dataset).
         paper_miou_std: its standard deviation over runs, in percent.
         paper_datasetddpm_miou: the paper's DatasetDDPM row (a segmenter trained on labeled DDPM
@@ -57,6 +63,9 @@ class Preset:
     blocks: list[int | str] = dataclasses.field(default_factory=lambda: [5, 6, 7, 8, 12])
     checkpoint: str = ""
     checkpoint_url: str = ""
+    checkpoint_sha256: str = ""
+    dataset_url: str = ""
+    dataset_sha256: str = ""
     paper_miou: float | None = None
     paper_miou_std: float | None = None
     paper_datasetddpm_miou: float | None = None
@@ -67,6 +76,10 @@ class Preset:
             raise ValueError(f"num_classes is {self.num_classes} but class_names lists {len(self.class_names)} names")
         if len(set(self.class_names)) != len(self.class_names):
             raise ValueError("class_names has repeated names")
+        for name in ("checkpoint_sha256", "dataset_sha256"):
+            digest = getattr(self, name)
+            if digest and not re.fullmatch(r"[0-9a-fA-F]{64}", digest):
+                raise ValueError(f"{name} must be 64 hex digits or empty, got {digest!r}")
         if self.train_images < 0 or self.test_images < 0 or self.image_size <= 0:
             raise ValueError(
                 f"train_images and test_images must be ≥ 0 and image_size positive, got "
