@@ -154,6 +154,19 @@ def test_per_class_iou_chart_is_written(tmp_path):
         save_per_class_iou_chart(path, {"zero": 1.5}, title="bad")
 
 
+@pytest.mark.parametrize("title", [
+    "demo test mIoU by features and method (same labels)",  # data/miou_by_features.png's, cut off before
+    "a much longer title than any chart has today, which has to wrap onto a second line to fit",
+])
+def test_a_long_title_beside_long_class_names_stays_inside_the_chart(tmp_path, title):
+    path = tmp_path / "iou.png"
+    save_per_class_iou_chart(path, {"DDPM features, selected taps, refined": 0.8, "raw pixels": 0.1}, title,
+                             mean_line=False)
+    with Image.open(path) as picture:
+        pixels = np.asarray(picture.convert("L"))
+    assert (pixels[:, -2:] > 250).all(), "something is drawn at the right edge: the title runs off the figure"
+
+
 def test_training_curve_rows_have_one_column_per_member_and_stop_where_members_stopped():
     rows = training_curve_rows([[1.0, 0.5, 0.25], [2.0]])
     assert rows == [

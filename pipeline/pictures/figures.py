@@ -7,6 +7,7 @@ Figures are drawn on a ``matplotlib.figure.Figure`` with its own Agg canvas, nev
 from __future__ import annotations
 
 import logging
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -123,9 +124,18 @@ def save_per_class_iou_chart(
     axes.invert_yaxis()  # first class at the top
     axes.set_xlim(0.0, 1.1)
     axes.set_xlabel("IoU")
-    axes.set_title(title)
+    # Over the figure, not the axes: an axes title is centred on the axes, which long class names
+    # push right, and constrained layout never moves it sideways, so a long one ran off the edge.
+    figure.suptitle(_fitted_title(title, figure.get_figwidth(), fontsize=12), fontsize=12)
     figure.savefig(path, dpi=100)
     logger.info("saved a per-class IoU chart of %d classes to %s", len(names), path)
+
+
+def _fitted_title(title: str, figure_inches: float, fontsize: float) -> str:
+    """The title wrapped into lines no wider than the figure (constrained layout then makes room
+    for their height, but it cannot shorten a line)."""
+    characters = max(20, int(0.9 * figure_inches * 72 / (0.55 * fontsize)))  # a glyph: about 0.55 em wide
+    return "\n".join(textwrap.wrap(title, characters))
 
 
 def training_curve_rows(losses_per_member: list[list[float]]) -> list[dict[str, float]]:
