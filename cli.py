@@ -475,7 +475,7 @@ def _names(listed: str | None) -> list[str] | None:
 def _fewshot_options(function):
     """The episode options the few-shot commands share."""
     options = [
-        click.option("--preset", help="A few-shot benchmark's protocol (presets/fewshot: coco_20i, pascal_5i, lvis_92i): "
+        click.option("--preset", help="A few-shot benchmark's protocol (shipped: coco_20i, pascal_5i, lvis_92i): "
                      "its folds, layout, size, seed and episodes, unless given here; the images' classes.json is checked."),
         click.option("--folds", type=int, help="Classes split into this many folds (default 4, as COCO-20i)."),
         click.option("--fold", default=0, show_default=True, help="This fold's classes are the novel ones; training never sees them."),
@@ -800,7 +800,7 @@ def download(context: _Context, preset, out):
 
 
 @main.command()
-@click.option("--preset", help="Preset name (presets/<name>.yaml: bedroom_28, ffhq_34, cat_15, horse_21, celeba_19, ade_bedroom_30) or a preset file; default: made from the dataset's classes.json.")
+@click.option("--preset", help="Preset name (shipped: bedroom_28, ffhq_34, cat_15, horse_21, celeba_19, ade_bedroom_30) or a preset file; default: made from the dataset's classes.json.")
 @click.option("--data", required=True, type=click.Path(path_type=Path), help="Dataset root holding real/{train,test}/ (or train/, test/).")
 @click.option("--checkpoint", required=True, type=click.Path(path_type=Path), help="guided-diffusion .pt/.safetensors or diffusers folder.")
 @click.option("--out", type=click.Path(path_type=Path), help="Run folder (default runs/benchmarks/<preset>); resumes extraction.")
@@ -813,7 +813,7 @@ def download(context: _Context, preset, out):
 @click.option("--size", type=int, help="Override the preset's model input size.")
 @click.option("--steps", help="Override the preset's steps, comma-separated.")
 @click.option("--blocks", help="Override the preset's taps (block numbers or module paths), comma-separated.")
-@click.option("--features", "feature_preset", help="A feature preset (presets/features/<name>.yaml, e.g. sd21-dift): its size, steps, taps, noise draws and prompt replace the dataset preset's.")
+@click.option("--features", "feature_preset", help="A feature preset (shipped: sd21-dift): its size, steps, taps, noise draws and prompt replace the dataset preset's.")
 @click.option("--members", default=10, show_default=True, help="MLPs in the ensemble.")
 @click.option("--max-epochs", default=100, show_default=True)
 @click.option("--batch-size", default=4, show_default=True, help="Images per UNet forward during extraction.")

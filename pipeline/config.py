@@ -228,7 +228,7 @@ class BenchmarkSettings:
     `evaluate` sections give the rest (their size, steps and blocks are replaced by the preset's).
 
     Attributes:
-        dataset: a preset name (presets/<name>.yaml) or a preset file.
+        dataset: a preset name (pipeline/data/preset_files/<name>.yaml) or a preset file.
         seeds: one training run per seed; the report gives mean ± std over them.
         train_images: use this many training images instead of the preset's (None: the preset's).
         test_images: the same for test images.

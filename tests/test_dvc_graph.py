@@ -153,7 +153,7 @@ def test_no_import_cycles_inside_the_library():
 
 
 # The library's layers, lowest first: a package (or top-level module) of pipeline/ imports only
-# from itself and from lower layers, so data flows down the table of README's code layout. The
+# from itself and from lower layers, so data flows down the code layout (docs/contributing.md). The
 # directions that went wrong once: heads → evaluation (the IoU accumulator, now pipeline/metrics.py),
 # sources → store (the head's feature description, now passed as plain values) and sources → data
 # (file hashing, now pipeline/runtime/hashing.py).

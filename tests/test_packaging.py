@@ -106,7 +106,45 @@ def test_wheel_holds_the_code_only(tmp_path):
     assert "pipeline/__init__.py" in names
     assert "pipeline/store/writer.py" in names  # subpackages too
     assert "stages/__init__.py" in names
+    assert {"pipeline/data/preset_files/ffhq_34.yaml", "pipeline/data/preset_files/features/sd21-dift.yaml",
+            "pipeline/data/preset_files/fewshot/coco_20i.yaml"} <= set(names)
     top_level = {name.split("/")[0] for name in names}
     assert top_level == {"cli.py", "pipeline", "stages", f"segcache-{pipeline.__version__}.dist-info"}
     entry_points = zipfile.ZipFile(wheel).read(f"segcache-{pipeline.__version__}.dist-info/entry_points.txt")
     assert "segcache = cli:main" in entry_points.decode()
+
+
+def test_an_installed_wheel_finds_the_presets(tmp_path):
+    """The presets are package data: the wheel's files alone, away from the checkout, list and
+    read them (`segcache benchmark --preset` after `pip install segcache-….whl`)."""
+    pytest.importorskip("setuptools", minversion="70.1")
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md", "cli.py"):
+        shutil.copy(PROJECT_ROOT / name, source / name)
+    for name in ("pipeline", "stages"):
+        shutil.copytree(PROJECT_ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    build = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-cache-dir",
+         "-w", str(tmp_path / "wheel"), str(source)],
+        check=False, capture_output=True, text=True,
+    )
+    assert build.returncode == 0, build.stdout + build.stderr
+    (wheel,) = (tmp_path / "wheel").glob("segcache-*.whl")
+    installed = tmp_path / "site-packages"
+    zipfile.ZipFile(wheel).extractall(installed)  # what pip install puts in site-packages
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    script = (
+        "import pipeline.data.presets as presets; "
+        f"assert presets.__file__.startswith({str(installed)!r}), presets.__file__; "
+        "print(presets.preset_names(), presets.feature_preset_names(), presets.fewshot_preset_names(), "
+        "presets.load_preset('ffhq_34').num_classes, presets.load_fewshot_preset('coco_20i').folds)"
+    )
+    run = subprocess.run([sys.executable, "-c", script], cwd=elsewhere, env={"PYTHONPATH": str(installed)},
+                         check=False, capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert run.stdout.strip() == (
+        "['ade_bedroom_30', 'bedroom_28', 'cat_15', 'celeba_19', 'ffhq_34', 'horse_21'] ['sd21-dift'] "
+        "['coco_20i', 'lvis_92i', 'pascal_5i'] 34 4"
+    )

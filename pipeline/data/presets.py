@@ -1,15 +1,20 @@
-"""Benchmark presets: the paper's six datasets as data files in `presets/<name>.yaml`.
+"""Benchmark presets: the paper's six datasets as data files in `pipeline/data/preset_files/<name>.yaml`.
 
 A preset holds what one benchmark needs besides the images: class names and the ignore label,
 how many of the (sorted) train and test images the protocol uses, the model size, steps and
 blocks, the checkpoint the paper used, and the paper's mIoU to compare with. A user's own
 dataset becomes a preset too (`preset_for_dataset`), from its `classes.json`.
+
+The YAML files are package data, read through importlib.resources, so that an installed wheel
+finds them as a checkout does (`benchmark --preset` from anywhere).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
+from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Literal
 
@@ -18,7 +23,7 @@ import yaml
 from pipeline.config import settings_from_mapping
 from pipeline.data.folders import ClassInfo
 
-PRESETS_DIR = Path(__file__).resolve().parents[2] / "presets"
+PRESET_FILES = resources.files("pipeline.data") / "preset_files"  # features/ and fewshot/ inside it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,26 +101,37 @@ class Preset:
         return self.num_classes - (1 if 0 <= self.ignore_label < self.num_classes else 0)
 
 
+def _yaml_names(folder: Traversable) -> list[str]:
+    """Stems of the .yaml files in a folder of package data, sorted."""
+    return sorted(entry.name.removesuffix(".yaml") for entry in folder.iterdir()
+                  if entry.name.endswith(".yaml") and entry.is_file())
+
+
+def _shipped_or_given(name_or_path: str | Path, folder: Traversable) -> Traversable | Path:
+    """A YAML file path as given, or the shipped `<folder>/<name>.yaml`."""
+    candidate = Path(name_or_path)
+    return candidate if candidate.suffix in (".yaml", ".yml") else folder / f"{name_or_path}.yaml"
+
+
 def preset_names() -> list[str]:
-    """Names of the presets shipped in `presets/`, sorted."""
-    return sorted(path.stem for path in PRESETS_DIR.glob("*.yaml") if path.stem not in ("params", "dvc"))
+    """Names of the presets shipped in `pipeline/data/preset_files/`, sorted."""
+    return _yaml_names(PRESET_FILES)
 
 
 def load_preset(name_or_path: str | Path) -> Preset:
-    """Reads a preset by name (`presets/<name>.yaml`) or from a YAML file path.
+    """Reads a preset by name (`pipeline/data/preset_files/<name>.yaml`) or from a YAML file path.
 
     Raises:
         FileNotFoundError: naming the known presets when the name is unknown.
         ValueError: naming the file and key on unknown keys, wrong types or a miscounted class list.
     """
-    candidate = Path(name_or_path)
-    path = candidate if candidate.suffix in (".yaml", ".yml") else PRESETS_DIR / f"{name_or_path}.yaml"
+    path = _shipped_or_given(name_or_path, PRESET_FILES)
     if not path.is_file():
         raise FileNotFoundError(f"no preset {str(name_or_path)!r} ({path} not found); known presets: {preset_names()}")
     return _read_settings_file(Preset, path)
 
 
-def _read_settings_file(settings_class: type, path: Path):
+def _read_settings_file(settings_class: type, path: Traversable | Path):
     """A settings dataclass from a YAML file: every required key present, no unknown key, right types.
 
     Raises:
@@ -136,7 +152,7 @@ def _read_settings_file(settings_class: type, path: Path):
 @dataclasses.dataclass(frozen=True)
 class FeaturePreset:
     """Published feature settings for a model family, applied to any dataset
-    (`presets/features/<name>.yaml`; each file cites where its settings come from).
+    (`pipeline/data/preset_files/features/<name>.yaml`; each file cites where its settings come from).
 
     Attributes:
         name: e.g. "sd21-dift".
@@ -160,19 +176,18 @@ class FeaturePreset:
 
 
 def feature_preset_names() -> list[str]:
-    """Names of the feature presets shipped in `presets/features/`, sorted."""
-    return sorted(path.stem for path in (PRESETS_DIR / "features").glob("*.yaml"))
+    """Names of the feature presets shipped in `pipeline/data/preset_files/features/`, sorted."""
+    return _yaml_names(PRESET_FILES / "features")
 
 
 def load_feature_preset(name_or_path: str | Path) -> FeaturePreset:
-    """Reads a feature preset by name (`presets/features/<name>.yaml`) or from a YAML file path.
+    """Reads a feature preset by name (`preset_files/features/<name>.yaml`) or from a YAML file path.
 
     Raises:
         FileNotFoundError: naming the known feature presets when the name is unknown.
         ValueError: naming the file and key on unknown keys or wrong types.
     """
-    candidate = Path(name_or_path)
-    path = candidate if candidate.suffix in (".yaml", ".yml") else PRESETS_DIR / "features" / f"{name_or_path}.yaml"
+    path = _shipped_or_given(name_or_path, PRESET_FILES / "features")
     if not path.is_file():
         raise FileNotFoundError(
             f"no feature preset {str(name_or_path)!r} ({path} not found); known: {feature_preset_names()}"
@@ -203,7 +218,7 @@ def preset_for_dataset(classes: ClassInfo, name: str, document: dict | None = No
 
 @dataclasses.dataclass(frozen=True)
 class FewShotPreset:
-    """A few-shot benchmark's protocol (`presets/fewshot/<name>.yaml`): how its classes split into
+    """A few-shot benchmark's protocol (`pipeline/data/preset_files/fewshot/<name>.yaml`): how its classes split into
     folds and how many episodes a fold is scored on. The class names come from the dataset's own
     classes.json (80 to 920 of them), which must have `num_classes` names and this ignore label.
 
@@ -238,19 +253,18 @@ class FewShotPreset:
 
 
 def fewshot_preset_names() -> list[str]:
-    """Names of the few-shot presets shipped in `presets/fewshot/`, sorted."""
-    return sorted(path.stem for path in (PRESETS_DIR / "fewshot").glob("*.yaml"))
+    """Names of the few-shot presets shipped in `pipeline/data/preset_files/fewshot/`, sorted."""
+    return _yaml_names(PRESET_FILES / "fewshot")
 
 
 def load_fewshot_preset(name_or_path: str | Path) -> FewShotPreset:
-    """Reads a few-shot preset by name (`presets/fewshot/<name>.yaml`) or from a YAML file path.
+    """Reads a few-shot preset by name (`preset_files/fewshot/<name>.yaml`) or from a YAML file path.
 
     Raises:
         FileNotFoundError: naming the known few-shot presets when the name is unknown.
         ValueError: naming the file and key on unknown keys or wrong types.
     """
-    candidate = Path(name_or_path)
-    path = candidate if candidate.suffix in (".yaml", ".yml") else PRESETS_DIR / "fewshot" / f"{name_or_path}.yaml"
+    path = _shipped_or_given(name_or_path, PRESET_FILES / "fewshot")
     if not path.is_file():
         raise FileNotFoundError(f"no few-shot preset {str(name_or_path)!r} ({path} not found); known: {fewshot_preset_names()}")
     return _read_settings_file(FewShotPreset, path)
