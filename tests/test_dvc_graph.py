@@ -44,10 +44,12 @@ def runtime_nodes(node: ast.AST):
         yield from runtime_nodes(child)
 
 
-def imported_modules(path: Path) -> set[str]:
-    """Every project module `path` imports at run time, anywhere in the file."""
+def imported_modules(path: Path, type_checking: bool = False) -> set[str]:
+    """Every project module `path` imports at run time, anywhere in the file (and, with
+    `type_checking`, under `if TYPE_CHECKING:` too)."""
     modules = set()
-    for node in runtime_nodes(ast.parse(path.read_text(), str(path))):
+    tree = ast.parse(path.read_text(), str(path))
+    for node in ast.walk(tree) if type_checking else runtime_nodes(tree):
         if isinstance(node, ast.Import):
             modules.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
@@ -130,26 +132,50 @@ def test_the_closure_sees_function_level_imports_and_skips_type_checking_ones(tm
     assert imported_modules(source) == {"pipeline", "pipeline.pictures", "pipeline.sources.hooks"}
 
 
-def test_no_import_cycles_inside_the_library():
-    """pipeline/ modules form a DAG (function-level imports count: they hid the one there was)."""
-    graph = {}
-    for path in sorted((PROJECT_ROOT / "pipeline").glob("*.py")):
-        module = f"pipeline.{path.stem}" if path.stem != "__init__" else "pipeline"
-        graph[module] = {name for name in imported_modules(path) if name.startswith("pipeline.") and name != module}
+def import_cycle(modules: dict[str, Path]) -> list[str] | None:
+    """The first import cycle among `modules` (dotted name → file), as [a, b, …, a]; None for a DAG.
+    Imports under `if TYPE_CHECKING:` count: they tie the two modules' designs together all the same."""
+    graph = {module: {name for name in imported_modules(path, type_checking=True) if name != module}
+             for module, path in modules.items()}
     visiting, done = [], set()
 
     def visit(module):
         if module in done:
-            return
-        assert module not in visiting, f"import cycle: {' -> '.join(visiting[visiting.index(module):] + [module])}"
+            return None
+        if module in visiting:
+            return visiting[visiting.index(module):] + [module]
         visiting.append(module)
         for imported in sorted(graph.get(module, ())):
-            visit(imported)
+            cycle = visit(imported)
+            if cycle:
+                return cycle
         visiting.pop()
         done.add(module)
+        return None
 
-    for module in graph:
-        visit(module)
+    return next((cycle for cycle in map(visit, graph) if cycle), None)
+
+
+def test_no_import_cycles_inside_the_library():
+    """pipeline/ modules, those of its packages included, form a DAG (function-level imports
+    count: they hid the one there was; so do type-checking ones: they hid pipeline.store's
+    layouts ⇄ reader)."""
+    modules = {}
+    for path in sorted((PROJECT_ROOT / "pipeline").rglob("*.py")):
+        parts = path.relative_to(PROJECT_ROOT).with_suffix("").parts
+        modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    cycle = import_cycle(modules)
+    assert cycle is None, f"import cycle: {' -> '.join(cycle)}"
+
+
+def test_the_cycle_check_sees_a_cycle_through_a_type_checking_import_inside_a_package(tmp_path):
+    (tmp_path / "layouts.py").write_text(
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from pipeline.store.reader import FeatureStore\n")
+    (tmp_path / "reader.py").write_text("from pipeline.store.layouts import NATIVE\n")
+    modules = {"pipeline.store.layouts": tmp_path / "layouts.py", "pipeline.store.reader": tmp_path / "reader.py"}
+    assert import_cycle(modules) == ["pipeline.store.layouts", "pipeline.store.reader", "pipeline.store.layouts"]
+    (tmp_path / "layouts.py").write_text("from pipeline.store.schema import StoreSchema\n")
+    assert import_cycle(modules) is None
 
 
 # The library's layers, lowest first: a package (or top-level module) of pipeline/ imports only

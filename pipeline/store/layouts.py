@@ -7,23 +7,49 @@ features are written into them, and how pixel features are read back.
 
 Everything else about a store (images, labels, checksums, done marks, claims) is the same for
 both, so the writer and the reader ask the layout only these questions.
+
+The reader imports this module, never the other way: a layout reads through `StoreView`, the few
+questions it asks of a store, which `reader.FeatureStore` answers.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import dask
 import dask.array
 import numpy as np
 import torch
+import zarr
 
 from pipeline.store.bilinear import gather_pixels, upsample_and_concatenate
-from pipeline.store.schema import DENSE_TILE, StoreSchema, tap_array
+from pipeline.store.schema import DENSE_TILE, FeatureSelection, StoreSchema, tap_array
 
-if TYPE_CHECKING:
-    from pipeline.store.reader import FeatureStore
+
+class StoreView(Protocol):
+    """What a layout reads a store through (`reader.FeatureStore`), named here so that the
+    layouts sit below the reader: the reader imports them, they never import it."""
+
+    group: zarr.Group
+    selection: FeatureSelection  # the chosen steps and taps
+
+    @property
+    def image_shape(self) -> tuple[int, int]: ...
+
+    @property
+    def num_images(self) -> int: ...
+
+    @property
+    def feature_dim(self) -> int: ...
+
+    def check_done(self, index: int) -> None: ...
+
+    def read_region(self, array_name: str, index: int, *selection: slice) -> np.ndarray: ...
+
+    def block_tables(self, index: int) -> list[torch.Tensor]: ...
+
+    def image_features(self, index: int) -> np.ndarray: ...
 
 
 class NativeLayout:
@@ -46,7 +72,7 @@ class NativeLayout:
             yield tap_array(name), feature_maps[name].to(torch.float16).numpy()  # (T, C, h, w)
 
     def gather_into(
-        self, store: FeatureStore, index: int, ys: np.ndarray, xs: np.ndarray, out: np.ndarray, rows
+        self, store: StoreView, index: int, ys: np.ndarray, xs: np.ndarray, out: np.ndarray, rows
     ) -> None:
         """Pixels (ys, xs)'s features of one image into `out[rows]` (P, D), a table at a time, so
         the float32 temporaries are one tap's columns (P × C), never the whole (P, D)."""
@@ -57,12 +83,12 @@ class NativeLayout:
             out[rows, columns] = gather_pixels(table, ys_tensor, xs_tensor, store.image_shape).numpy()  # (P, C)
             column = columns.stop
 
-    def image_features(self, store: FeatureStore, index: int) -> np.ndarray:
+    def image_features(self, store: StoreView, index: int) -> np.ndarray:
         tables = store.block_tables(index)
         pixels = upsample_and_concatenate([table[None] for table in tables], store.image_shape)[0]  # (H, W, D)
         return pixels.to(torch.float16).numpy()
 
-    def to_dask(self, store: FeatureStore) -> dask.array.Array:
+    def to_dask(self, store: StoreView) -> dask.array.Array:
         height, width = store.image_shape
         per_image = [
             dask.array.from_delayed(
@@ -89,7 +115,7 @@ class DenseLayout:
         yield "pixels", pixels.to(torch.float16).numpy()
 
     def gather_into(
-        self, store: FeatureStore, index: int, ys: np.ndarray, xs: np.ndarray, out: np.ndarray, rows
+        self, store: StoreView, index: int, ys: np.ndarray, xs: np.ndarray, out: np.ndarray, rows
     ) -> None:
         """Reads whole tiles (chunks) and picks the pixels from them; never one pixel at a time."""
         store.check_done(index)
@@ -105,12 +131,12 @@ class DenseLayout:
             picked[members] = block[ys[members] - top, xs[members] - left][:, columns]
         out[rows] = picked
 
-    def image_features(self, store: FeatureStore, index: int) -> np.ndarray:
+    def image_features(self, store: StoreView, index: int) -> np.ndarray:
         store.check_done(index)
         pixels = store.read_region("pixels", index)  # (H, W, D of the store)
         return pixels if store.feature_dim == pixels.shape[-1] else pixels[..., store.selection.columns]
 
-    def to_dask(self, store: FeatureStore) -> dask.array.Array:
+    def to_dask(self, store: StoreView) -> dask.array.Array:
         pixels = dask.array.from_zarr(store.group["pixels"])  # the store's own tiles
         return pixels if store.feature_dim == pixels.shape[-1] else pixels[..., store.selection.columns]
 
