@@ -296,6 +296,7 @@ def test_chunks_are_byte_for_byte_what_zarr_writes(tmp_path, layout, codec, size
 def test_chunks_are_written_through_the_page_cache_where_direct_io_is_refused(tmp_path, monkeypatch):
     from pipeline.store import chunks
 
+    monkeypatch.setattr(chunks, "DIRECT_IO_MIN_BYTES", 0)  # the tiny store's chunks too, as a real one's features
     _write_store(tmp_path / "direct.zarr", "native", 2, "blosc-lz4")
     refused = []
 
@@ -325,6 +326,23 @@ def test_a_chunk_being_written_by_another_writer_is_refused_and_a_leftover_is_re
     writer.write_image(0, np.zeros((16, 16, 3), np.uint8), None, maps)  # holding the image: leftovers go first
     assert not list((tmp_path / "store.zarr").rglob("*.partial"))
     assert FeatureStore(tmp_path / "store.zarr").damaged_images() == []
+
+
+def test_a_chunk_smaller_than_direct_io_min_bytes_goes_through_the_page_cache(tmp_path, monkeypatch):
+    from pipeline.store import chunks
+
+    directs = []
+    taken = chunks._direct_io_taken
+    monkeypatch.setattr(chunks, "_direct_io_taken", lambda descriptor: directs.append(descriptor) or taken(descriptor))
+    monkeypatch.setattr(chunks, "DIRECT_IO_MIN_BYTES", 3 * chunks.ALIGNMENT)
+    buffers = chunks.AlignedBuffers()
+    for size in (10, 3 * chunks.ALIGNMENT - 5, 3 * chunks.ALIGNMENT - 4, 5 * chunks.ALIGNMENT - 2):
+        payload = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8)
+        path = tmp_path / "c" / str(size)
+        chunks.write_chunk_file(path, payload, b"\x01\x02\x03\x04", buffers)
+        assert path.read_bytes() == payload.tobytes() + b"\x01\x02\x03\x04"
+    assert len(directs) == 2  # the files (payload and trailer) of 3 pages or more
+    assert not list(tmp_path.rglob("*.partial"))
 
 
 def test_staging_buffers_are_page_aligned_and_reused():

@@ -40,6 +40,11 @@ from zarr.core.sync import sync
 # block (512 B or 4 KiB on the disks we know); a filesystem that wants more gets a buffered write.
 ALIGNMENT = 4096
 TRAILER_BYTES = 4  # the CRC32C at the end of every chunk
+# A chunk smaller than this (an image's checksum, done mark, labels, pixels) goes through the page
+# cache: with direct I/O each such write waits for the disk, and at every image's end the checksum
+# and the done mark waited one after the other while the disk had nothing else to do. Their few
+# pages cost the kernel little; the page cache's cost is in the features' megabytes.
+DIRECT_IO_MIN_BYTES = 1 << 20
 _SHUFFLES = {"noshuffle": numcodecs.Blosc.NOSHUFFLE, "shuffle": numcodecs.Blosc.SHUFFLE,
              "bitshuffle": numcodecs.Blosc.BITSHUFFLE}
 
@@ -178,7 +183,7 @@ def partial_path(path: Path) -> Path:
 def write_chunk_file(path: Path, payload: np.ndarray, trailer: bytes, buffers: AlignedBuffers) -> None:
     """Writes payload + trailer to `path`, whole or not at all: into `partial_path(path)`, which is
     then renamed over it. With direct I/O where the filesystem takes it; elsewhere (tmpfs on older
-    kernels, macOS) through the page cache.
+    kernels, macOS), and for a chunk smaller than `DIRECT_IO_MIN_BYTES`, through the page cache.
 
     Raises:
         FileExistsError: another writer is writing this chunk (or was killed doing it and its
@@ -189,7 +194,7 @@ def write_chunk_file(path: Path, payload: np.ndarray, trailer: bytes, buffers: A
     descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         try:
-            if not _write_direct(descriptor, payload, trailer, buffers):
+            if payload.size + TRAILER_BYTES < DIRECT_IO_MIN_BYTES or not _write_direct(descriptor, payload, trailer, buffers):
                 _write_buffered(descriptor, payload, trailer)
         finally:
             os.close(descriptor)
