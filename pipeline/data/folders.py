@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipeline.runtime.hashing import file_sha256  # noqa: F401 (re-exported: pipeline/fewshot/ imports it from here)
 from pipeline.sizes import as_shape
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")

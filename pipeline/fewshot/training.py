@@ -39,7 +39,7 @@ from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
 from pipeline.config import FewShotSettings
-from pipeline.data.folders import ClassInfo, ImageRecord, file_sha256, find_class_info, list_images
+from pipeline.data.folders import ClassInfo, ImageRecord, find_class_info, list_images
 from pipeline.fewshot.episodes import (
     ClassFold,
     ClassIndex,
@@ -55,6 +55,7 @@ from pipeline.fewshot.masks import decode_latents, decode_masks, encode_latents,
 from pipeline.fewshot.model import FewShotUNet, add_fine_attention, freeze_except, training_loss
 from pipeline.runtime.atomic import replaced_file
 from pipeline.runtime.devices import pick_device, torch_threads
+from pipeline.runtime.hashing import file_sha256
 from pipeline.runtime.resume import load_run_state
 from pipeline.sizes import as_shape
 from pipeline.sources.checkpoints import diffusers_weights_file, load_backbone, plain_config
