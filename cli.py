@@ -95,7 +95,8 @@ def main(click_context: click.Context, verbose: bool, quiet: bool) -> None:
 @click.option("--layout", type=click.Choice(["native", "dense"]), default="native", show_default=True)
 @click.option("--batch-size", default=4, show_default=True, help="Images per forward pass.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, mps…")
-@click.option("--codec", type=click.Choice(["blosc-lz4", "zstd", "none"]), default="blosc-lz4", show_default=True)
+@click.option("--codec", type=click.Choice(["blosc-lz4", "zstd", "none"]), default=ExtractSettings.codec, show_default=True,
+              help="Chunk compression: none (native float16 features barely compress), zstd to archive a dense store.")
 @click.option("--classes", type=click.Path(path_type=Path), help="classes.json (default: found beside the images).")
 @click.option("--scheduler", help="Dask scheduler address (tcp://host:8786): its workers run the batches.")
 @click.option("--noise-draws", default=1, show_default=True, help="Average the features over this many noise draws (seed + k).")

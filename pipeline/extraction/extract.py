@@ -104,7 +104,7 @@ def extract_with_runner(
     store_path: str | Path,
     size: int | list[int],
     layout: str = "native",
-    codec: str = "blosc-lz4",
+    codec: str = "none",
     batch_size: int = 4,
     classes: ClassInfo | None = None,
     replace_mismatched: bool = False,

@@ -268,7 +268,7 @@ def _all_done(pool: concurrent.futures.Executor, write, index: int, regions: Map
 
 
 def open_store_for_writing(
-    path: str | Path, schema: StoreSchema, codec: str = "blosc-lz4", replace_mismatched: bool = False
+    path: str | Path, schema: StoreSchema, codec: str = "none", replace_mismatched: bool = False
 ) -> FeatureStoreWriter:
     """Creates a store from its schema, or reopens one with the same schema to resume it.
 
