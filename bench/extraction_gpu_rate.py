@@ -51,6 +51,7 @@ from bench.common import (
     peak_rss_bytes,
     write_result,
 )
+from pipeline.config import ExtractSettings
 from pipeline.extraction.compute import describe_source, extract_batch
 from pipeline.extraction.extract import extract_with_runner
 from pipeline.extraction.runners import InProcessBatches
@@ -60,7 +61,11 @@ from pipeline.store.schema import StoreSchema, regions_sha256, tap_array
 from pipeline.store.writer import open_store_for_writing
 
 MODEL_SECONDS_PER_IMAGE = 0.1
-CODECS = ("blosc-lz4", "zstd", "none")
+# The default codec first: the headline figures and the simulated-model run use it.
+CODECS = (ExtractSettings.codec, *(codec for codec in ("blosc-lz4", "zstd", "none") if codec != ExtractSettings.codec))
+# The goal's yardstick: a disk of 1 GB/s. On a faster disk the writer's own rate is what it would
+# sustain on that one (the disk is not what limits it).
+REFERENCE_DISK_MEGABYTES_PER_SECOND = 1000.0
 
 
 class PrecomputedSource:
@@ -245,10 +250,15 @@ def run(quick: bool, scratch: Path) -> dict:
         "writer": writer,
         "writer_steady": steady,
         "first_batch_alone_seconds": {codec: round(float(np.median(measured[f"first batch {codec}"])), 3) for codec in CODECS},
-        "writer_without_overlap_blosc_lz4": _median_of(measured["sequential"]),
+        "default_codec": CODECS[0],
+        "writer_without_overlap": _median_of(measured["sequential"]),
         "simulated_model_seconds_per_image": MODEL_SECONDS_PER_IMAGE,
         "extraction_with_simulated_model": model,
         "writer_fraction_of_disk": round(writer[CODECS[0]]["megabytes_per_second"] / disk, 3),
+        # (on a disk slower than the reference the disk may have held the writer back: an underestimate)
+        "writer_fraction_of_a_1_gb_per_s_disk": round(
+            min(REFERENCE_DISK_MEGABYTES_PER_SECOND, writer[CODECS[0]]["megabytes_per_second"])
+            / REFERENCE_DISK_MEGABYTES_PER_SECOND, 3),
         "writer_fraction_of_buffered_disk": round(writer[CODECS[0]]["megabytes_per_second"] / disk_buffered, 3),
         "extraction_fraction_of_bound": round(model["images_per_second"] / bound, 3),
         # CPU seconds per image × the disk's images per second: the cores the writer needs to keep up with this disk
@@ -267,6 +277,7 @@ def run(quick: bool, scratch: Path) -> dict:
         "batch_megabytes": round(per_image_megabytes * batch_size, 1),
     }
     result["targets"] = {"writer >= 80 % of the disk": result["writer_fraction_of_disk"] >= 0.8,
+                         "writer >= 80 % of a 1 GB/s disk": result["writer_fraction_of_a_1_gb_per_s_disk"] >= 0.8,
                          "steady writer >= 80 % of the disk": result["writer_steady_fraction_of_disk_by_codec"][CODECS[0]] >= 0.8,
                          "extraction >= 90 % of the bound": result["extraction_fraction_of_bound"] >= 0.9}
     print(json.dumps(result), flush=True)

@@ -36,18 +36,21 @@ def _extraction(result: dict) -> list[str]:
 
 
 def _gpu_rate(result: dict) -> list[str]:
-    writer, model = result["writer"]["blosc-lz4"], result["extraction_with_simulated_model"]
+    default = result.get("default_codec", "blosc-lz4")
+    writer, model = result["writer"][default], result["extraction_with_simulated_model"]
     others = "; ".join(
         f"{codec} {row['megabytes_per_second']:.0f} MB/s, {row['cpu_seconds_per_image']:.3f} CPU-s/image"
-        for codec, row in result["writer"].items() if codec != "blosc-lz4"
+        for codec, row in result["writer"].items() if codec != default
     )
+    reference = result.get("writer_fraction_of_a_1_gb_per_s_disk")
+    reference = f", {100 * reference:.0f} % of a 1 GB/s disk" if reference is not None else ""
     steady = "; after the first batch (what every extraction pays once left out) " + ", ".join(
         f"{codec} {row['megabytes_per_second']:.0f} MB/s = {100 * result['writer_steady_fraction_of_disk_by_codec'][codec]:.0f} %"
         for codec, row in result["writer_steady"].items()) if "writer_steady" in result else ""
     return [
         f"| 20 store writer at GPU rates ({result['shape']}) | {writer['megabytes_per_second']:.0f} MB/s "
-        f"({writer['images_per_second']:.1f} img/s, blosc-lz4, {writer['cpu_seconds_per_image']:.3f} CPU-s/image): "
-        f"{100 * result['writer_fraction_of_disk']:.0f} % of the disk ({others}){steady}; "
+        f"({writer['images_per_second']:.1f} img/s, {default}, {writer['cpu_seconds_per_image']:.3f} CPU-s/image): "
+        f"{100 * result['writer_fraction_of_disk']:.0f} % of this disk{reference} ({others}){steady}; "
         f"with a 0.1 s/image model {model['images_per_second']:.1f} img/s, {100 * result['extraction_fraction_of_bound']:.0f} % "
         f"of the slower of model and writer | disk {result['disk_megabytes_per_second_direct_io']:.0f} MB/s (direct I/O) "
         f"| ≥ 80 % of the disk; ≥ 90 % of the bound | {_holds(result['targets'])} |"
