@@ -78,8 +78,11 @@ def test_console_script_is_the_cli_group():
     assert {"extract", "train", "evaluate", "predict", "benchmark"} <= set(cli.main.commands)
 
 
-def test_wheel_holds_the_code_only(tmp_path):
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    """The project's wheel, built once for this module's tests."""
     pytest.importorskip("setuptools", minversion="70.1")  # builds wheels without the `wheel` package
+    tmp_path = tmp_path_factory.mktemp("wheel")
     # Build from a copy: pip builds in the source folder (build/, *.egg-info), and the copy
     # keeps the checkout clean. tests/, bench/ and a data/ package come along so that the
     # package list in pyproject.toml has something to leave out.
@@ -98,7 +101,11 @@ def test_wheel_holds_the_code_only(tmp_path):
         check=False, capture_output=True, text=True,
     )
     assert build.returncode == 0, build.stdout + build.stderr
-    (wheel,) = (tmp_path / "wheel").glob("segcache-*.whl")
+    (built,) = (tmp_path / "wheel").glob("segcache-*.whl")
+    return built
+
+
+def test_wheel_holds_the_code_only(wheel):
     assert wheel.name.startswith(f"segcache-{pipeline.__version__}-")
     names = zipfile.ZipFile(wheel).namelist()
 
@@ -114,23 +121,9 @@ def test_wheel_holds_the_code_only(tmp_path):
     assert "segcache = cli:main" in entry_points.decode()
 
 
-def test_an_installed_wheel_finds_the_presets(tmp_path):
+def test_an_installed_wheel_finds_the_presets(wheel, tmp_path):
     """The presets are package data: the wheel's files alone, away from the checkout, list and
     read them (`segcache benchmark --preset` after `pip install segcache-….whl`)."""
-    pytest.importorskip("setuptools", minversion="70.1")
-    source = tmp_path / "source"
-    source.mkdir()
-    for name in ("pyproject.toml", "README.md", "cli.py"):
-        shutil.copy(PROJECT_ROOT / name, source / name)
-    for name in ("pipeline", "stages"):
-        shutil.copytree(PROJECT_ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    build = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-cache-dir",
-         "-w", str(tmp_path / "wheel"), str(source)],
-        check=False, capture_output=True, text=True,
-    )
-    assert build.returncode == 0, build.stdout + build.stderr
-    (wheel,) = (tmp_path / "wheel").glob("segcache-*.whl")
     installed = tmp_path / "site-packages"
     zipfile.ZipFile(wheel).extractall(installed)  # what pip install puts in site-packages
     elsewhere = tmp_path / "elsewhere"
