@@ -124,26 +124,27 @@ def assert_same_as_uninterrupted(store_path: Path, reference: FeatureStore) -> N
 
 # --- 1. kill and resume -------------------------------------------------------------------------
 
-# Stops the process with half of image 2's block 8 chunk in its temporary file, as a kill during
-# that chunk write leaves it (the writer writes `<chunk>.partial`, then renames it).
+# Stops the process with half of image {index}'s block 8 chunk in its temporary file, as a kill
+# during that chunk write leaves it (the writer writes `<chunk>.partial`, then renames it).
 HALF_WRITTEN_CHUNK = """
 import pipeline.store.writer as writer
 from pipeline.runtime.pause_points import pause_point
 write_chunk_file = writer.write_chunk_file
 def write_half_then_pause(path, payload, trailer, buffers):
-    if path.as_posix().endswith("/taps/up_blocks.2.upsamplers.0/c/2/0/0/0/0"):  # block 8 of the tiny UNet
+    if path.as_posix().endswith("/taps/up_blocks.2.upsamplers.0/c/{index}/0/0/0/0"):  # block 8 of the tiny UNet
         path.parent.mkdir(parents=True, exist_ok=True)
         path.with_name(path.name + ".partial").write_bytes(payload.tobytes()[: payload.size // 2])
-        pause_point("chunk-half-written", 2)
+        pause_point("chunk-half-written", {index})
     return write_chunk_file(path, payload, trailer, buffers)
 writer.write_chunk_file = write_half_then_pause
 """
 
-# (pause point, launcher prelude, images done after the kill); each run resumes the one before.
+# (pause point, launcher prelude), one run each; each run resumes the one before and is killed at
+# an image after the last one killed that is still pending.
 EXTRACT_KILLS = [
-    ("write-image-begin:1", "", [0]),  # after image 0's done mark, before image 1's first chunk
-    ("chunk-half-written:2", HALF_WRITTEN_CHUNK, [0, 1]),  # during one of image 2's chunk writes
-    ("write-image-features-written:3", "", [0, 1, 2]),  # between chunks: image 3's features, no done mark
+    ("write-image-begin", ""),  # before the image's first chunk
+    ("chunk-half-written", HALF_WRITTEN_CHUNK),  # during one of the image's chunk writes
+    ("write-image-features-written", ""),  # between chunks: the image's features, no done mark
 ]
 
 
@@ -151,19 +152,23 @@ EXTRACT_KILLS = [
 def test_extract_killed_at_any_moment_resumes_to_the_uninterrupted_store(workspace, reference_store, tmp_path):
     store_path = tmp_path / "store.zarr"
     arguments = extract_arguments(workspace, store_path)
-    for point, prelude, done in EXTRACT_KILLS:
-        kill_at(point, cli_command(arguments, prelude), tmp_path)
+    finished, killed = [], 0
+    for name, prelude in EXTRACT_KILLS:
+        killed = next(index for index in range(killed + 1, IMAGES) if index not in finished)
+        kill_at(f"{name}:{killed}", cli_command(arguments, prelude.format(index=killed)), tmp_path)
         store = FeatureStore(store_path)  # a reader between runs sees only whole images
-        assert np.flatnonzero(store.done_mask()).tolist() == done, point
-        assert all(store.verify_image(index) for index in done)
-        killed = int(point.split(":")[1])
+        finished = np.flatnonzero(store.done_mask()).tolist()
+        # Two images are written at once (IMAGES_IN_FLIGHT): the killed image's neighbour on
+        # either side may be unfinished (before it) or finished (after it); no other.
+        assert set(range(killed - 1)) <= set(finished) <= {*range(killed), killed + 1}, (name, killed, finished)
+        assert all(store.verify_image(index) for index in finished)
         with pytest.raises(IncompleteImageError, match=f"img_00{killed}"):
             store.image_features(killed)
         if prelude:
             assert list(store_path.rglob("*.partial"))  # the killed chunk write left its temporary file
-    finished = CliRunner().invoke(main, ["--quiet", *arguments])  # the last run: in this process
-    assert finished.exit_code == 0, finished.output
-    assert f"2 of {IMAGES} images written" in finished.output
+    last = CliRunner().invoke(main, ["--quiet", *arguments])  # the last run: in this process
+    assert last.exit_code == 0, last.output
+    assert f"{IMAGES - len(finished)} of {IMAGES} images written" in last.output
     assert_same_as_uninterrupted(store_path, reference_store)  # no *.partial left either
 
 
@@ -362,15 +367,17 @@ def test_a_full_disk_stops_extract_clearly_keeps_the_finished_images_and_a_rerun
     result = CliRunner().invoke(main, ["--quiet", *extract_arguments(workspace, store_path)])
     assert result.exit_code == 1
     assert "disk full" in result.output and str(store_path) in result.output
-    assert f"2 of {IMAGES} images finished so far are complete" in result.output and "re-run" in result.output
     monkeypatch.undo()
     store = FeatureStore(store_path)
-    assert store.done_mask().tolist() == [True, True, False, False, False]
-    assert store.verify_image(0) and store.verify_image(1)
+    done = np.flatnonzero(store.done_mask()).tolist()
+    # Images 0 and 1 came before; image 3, written beside image 2, may have finished too.
+    assert done[:2] == [0, 1] and 2 not in done and len(done) <= 3, done
+    assert f"{len(done)} of {IMAGES} images finished so far are complete" in result.output and "re-run" in result.output
+    assert all(store.verify_image(index) for index in done)
     assert not list(store_path.rglob("*.partial"))
     again = CliRunner().invoke(main, ["--quiet", *extract_arguments(workspace, store_path)])
     assert again.exit_code == 0, again.output
-    assert f"3 of {IMAGES} images written" in again.output
+    assert f"{IMAGES - len(done)} of {IMAGES} images written" in again.output
     assert_same_as_uninterrupted(store_path, reference_store)
 
 

@@ -293,6 +293,24 @@ def test_chunks_are_byte_for_byte_what_zarr_writes(tmp_path, layout, codec, size
     assert _files(tmp_path / "ours.zarr") == _files(tmp_path / "zarr.zarr")
 
 
+@pytest.mark.parametrize("codec", ["blosc-lz4", "zstd", "none"])
+def test_a_chunk_file_decodes_to_what_zarr_reads_and_a_damaged_one_to_none(tmp_path, codec):
+    from pipeline.store.chunks import ChunkEncoder, chunk_keys
+
+    _write_store(tmp_path / "store.zarr", "native", 2, codec)
+    group = FeatureStore(tmp_path / "store.zarr").group
+    for name in store_arrays(synthetic_schema("native", 2)):
+        encoder = ChunkEncoder(group[name])
+        for index in range(2):
+            (key,) = chunk_keys(group[name], index)
+            stored = (tmp_path / "store.zarr" / key).read_bytes()
+            assert np.array_equal(encoder.decode(stored), group[name][index : index + 1]), (name, index)
+            damaged = bytearray(stored)
+            damaged[0] ^= 1
+            assert encoder.decode(bytes(damaged)) is None
+            assert encoder.decode(stored[:2]) is None  # shorter than a trailer
+
+
 def test_chunks_are_written_through_the_page_cache_where_direct_io_is_refused(tmp_path, monkeypatch):
     from pipeline.store import chunks
 
@@ -423,12 +441,18 @@ def test_a_damaged_done_mark_leaves_the_image_pending_and_the_rest_readable(tmp_
     write_synthetic_store(tmp_path / "store.zarr", "native", _labels(3))
     (chunk,) = [path for path in (tmp_path / "store.zarr" / "done" / "c").iterdir() if path.name == "1"]
     chunk.write_bytes(chunk.read_bytes()[:-2])  # fails its CRC32C
-    assert open_store_for_writing(tmp_path / "store.zarr", synthetic_schema("native", 3)).pending_images() == [1]
+    writer = open_store_for_writing(tmp_path / "store.zarr", synthetic_schema("native", 3))
+    assert writer.pending_images() == [1]
+    assert writer.pending_among([0, 1, 2]) == [1]  # the claims' own reading of the marks' files
+    with writer.claim([0, 1, 2]) as claimed:
+        assert claimed == [1]
     store = FeatureStore(tmp_path / "store.zarr")
     assert store.done_mask().tolist() == [True, False, True]
     with pytest.raises(DamagedImageError, match="image_01"):
         store.image_features(1)
     assert store.image_features(2).shape == (16, 16, 24)
+    chunk.unlink()  # a mark never written: the fill value, not done
+    assert writer.pending_among([0, 1, 2]) == [1]
 
 
 def test_a_folder_that_is_not_a_store_is_never_deleted_even_when_replacing(tmp_path):

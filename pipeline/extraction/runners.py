@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import contextlib
+import dataclasses
 import logging
-import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Protocol
 
 from pipeline.config import ExtractSettings
 from pipeline.data.folders import ClassInfo, ImageRecord
-from pipeline.extraction.compute import ComputedBatch, SourceDescription, compute_batch, describe_source, write_batch
+from pipeline.extraction.compute import (
+    IMAGES_IN_FLIGHT,
+    ComputedBatch,
+    SourceDescription,
+    compute_batch,
+    describe_source,
+    images_written,
+    write_batch,
+)
 from pipeline.extraction.dask_runner import ClusterBatches
 from pipeline.runtime.cluster import cluster_client
 from pipeline.sizes import ImageShape
@@ -46,9 +55,11 @@ class InProcessBatches:
     """Runs the batches one after the other in this process, on one loaded source, with the
     store writes of one batch overlapping the model's work on the next.
 
-    One writer thread writes a computed batch while the next one computes; at most two batches'
-    outputs are held on the host (the one being written and the one waiting for it), so memory
-    stays flat. Blosc, zstd and file writes release the GIL, so the two really overlap.
+    Writer threads write the computed batches' images, `IMAGES_IN_FLIGHT` at a time and in order,
+    while the next batch computes; the next batch's first image starts as soon as a thread is
+    free, so the disk does not wait at batch ends. At most two batches' outputs are held on the
+    host (the one being written and the one just computed), so memory stays flat. Blosc, zstd,
+    CRC32C and file writes release the GIL, so writes and the model really overlap.
     """
 
     def __init__(self, source: FeatureSource):
@@ -69,44 +80,52 @@ class InProcessBatches:
 
         Images another process holds (a claim on a local store) are skipped, then waited for at
         the end and written here if that process died: a run that returns leaves a complete store.
+        A failed write (a full disk) drops the writes queued after it and raises once the running
+        ones have ended.
         """
         def compute(claimed: list[int]) -> ComputedBatch:
             chosen = {index: records[index] for index in claimed}
-            return compute_batch(self.source, writer, chosen, claimed, writer.schema.image_shape, classes)
+            shape = writer.schema.image_shape  # a claim holds only pending images:
+            return compute_batch(self.source, writer, chosen, claimed, shape, classes, pending=claimed)
 
-        failed = threading.Event()  # a failed write (a full disk) stops the writes queued after it
-        with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-writer") as pool:
-            previous: tuple[int, concurrent.futures.Future] | None = None  # (images covered, its write)
+        pool = concurrent.futures.ThreadPoolExecutor(IMAGES_IN_FLIGHT, thread_name_prefix="store-writer")
+        in_flight: collections.deque[_BatchWrites] = collections.deque()  # oldest first, at most two
+        try:
             for batch in batches:
-                claim = contextlib.ExitStack()  # released by the writer thread once the batch is written
+                claim = contextlib.ExitStack()  # released once the batch is written
                 try:
                     computed = compute(claim.enter_context(writer.claim(batch)))
+                    in_flight.append(_BatchWrites(len(batch), computed.submit_writes(writer, pool), claim))
                 except BaseException:
                     claim.close()
                     raise
-                current = (len(batch), pool.submit(_write_then_release, writer, computed, claim, failed))
-                if previous is not None:
-                    yield previous[0], previous[1].result()  # a failed write raises here
-                previous = current
-            if previous is not None:
-                yield previous[0], previous[1].result()
+                if len(in_flight) == 2:
+                    yield in_flight.popleft().finish()  # a failed write raises here
+            while in_flight:
+                yield in_flight.popleft().finish()
+        finally:  # after an error: the queued writes dropped, the running ones ended, then the claims released
+            pool.shutdown(wait=True, cancel_futures=True)
+            for batch_writes in in_flight:
+                batch_writes.claim.close()
         for index in writer.pending_images():  # held by another writer a moment ago
             with writer.claim([index], wait=True) as claimed:
                 yield 0, write_batch(writer, compute(claimed))
 
 
-def _write_then_release(
-    writer: FeatureStoreWriter, computed: ComputedBatch, claim: contextlib.ExitStack, failed: threading.Event
-) -> int:
-    try:
-        if failed.is_set():
-            return 0
-        return write_batch(writer, computed)
-    except BaseException:
-        failed.set()
-        raise
-    finally:
-        claim.close()
+@dataclasses.dataclass
+class _BatchWrites:
+    """One batch's queued image writes and the claim on its images, held until they end."""
+
+    covered: int  # images of the batch (written now, earlier, or by another writer)
+    writes: list[concurrent.futures.Future]
+    claim: contextlib.ExitStack
+
+    def finish(self) -> tuple[int, int]:
+        """Waits for the writes, releases the claim; (images covered, images written)."""
+        try:
+            return self.covered, images_written(self.writes)
+        finally:
+            self.claim.close()
 
 
 @contextlib.contextmanager

@@ -2,9 +2,10 @@
 
 The kill-and-resume tests (tests/test_reliability.py) start a stage with the environment
 variables `SEGCACHE_PAUSE_AT=<point>` and `SEGCACHE_PAUSE_MARKER=<file>`. When the process
-reaches that point it writes the marker file and sleeps until the test kills it, so "killed
-halfway through writing image 2" is a moment a test can hit every time. Outside those tests the
-variables are unset and a pause point costs one environment lookup.
+reaches that point it writes the marker file and stops itself (SIGSTOP: every thread at once, so
+the other image written beside this one goes no further either) until the test kills it, so
+"killed halfway through writing image 2" is a moment a test can hit every time. Outside those
+tests the variables are unset and a pause point costs one environment lookup.
 
 Points in use: `write-image-begin:<i>`, `write-image-features-written:<i>` and
 `write-image-done:<i>` (pipeline/store/writer.py); `pretrain-state-staged:<step>` and
@@ -14,6 +15,7 @@ Points in use: `write-image-begin:<i>`, `write-image-features-written:<i>` and
 from __future__ import annotations
 
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -28,5 +30,8 @@ def pause_point(name: str, number: int) -> None:
     if wanted is None or wanted != f"{name}:{number}":
         return
     Path(os.environ[PAUSE_MARKER]).write_text(wanted)
-    time.sleep(PAUSE_SECONDS)
+    if hasattr(signal, "SIGSTOP"):
+        os.kill(os.getpid(), signal.SIGSTOP)  # continues here only if someone sends SIGCONT
+    else:  # Windows: only this thread waits
+        time.sleep(PAUSE_SECONDS)
     raise SystemExit(f"pause point {wanted} was never killed")

@@ -50,8 +50,8 @@ _SHUFFLES = {"noshuffle": numcodecs.Blosc.NOSHUFFLE, "shuffle": numcodecs.Blosc.
 
 
 class ChunkEncoder:
-    """Encodes chunks of one array as its codecs say: `bytes`, then blosc, zstd or nothing, then
-    `crc32c` (what segcache creates; anything else is a ValueError naming the array)."""
+    """Encodes (and decodes) chunks of one array as its codecs say: `bytes`, then blosc, zstd or
+    nothing, then `crc32c` (what segcache creates; anything else is a ValueError naming the array)."""
 
     def __init__(self, array: zarr.Array):
         self.array = array
@@ -64,6 +64,15 @@ class ChunkEncoder:
         values = np.ascontiguousarray(chunk, dtype=self.dtype).reshape(-1).view(np.uint8)  # (bytes,)
         payload = values if self.compressor is None else np.frombuffer(self.compressor.encode(values), np.uint8)
         return payload, google_crc32c.value(payload).to_bytes(TRAILER_BYTES, "little")
+
+    def decode(self, stored: bytes) -> np.ndarray | None:
+        """A chunk as stored (payload, then its CRC32C trailer) → its values, in the array's chunk
+        shape; None where the trailer does not match the payload (damage)."""
+        payload, trailer = stored[:-TRAILER_BYTES], stored[-TRAILER_BYTES:]
+        if len(stored) < TRAILER_BYTES or google_crc32c.value(payload).to_bytes(TRAILER_BYTES, "little") != trailer:
+            return None
+        raw = payload if self.compressor is None else self.compressor.decode(payload)
+        return np.frombuffer(raw, dtype=self.dtype).reshape(self.array.chunks)
 
 
 def _compressor(array: zarr.Array) -> numcodecs.abc.Codec | None:

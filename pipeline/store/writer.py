@@ -103,6 +103,7 @@ class FeatureStoreWriter:
         # A store of format 4 is resumed as it began: its checksums are sha256 of the regions.
         self.format = group.attrs["segcache"]["format"]
         self._encoders = {name: ChunkEncoder(group[name]) for name in store_arrays(schema)}
+        self._done = group["done"]  # opened once: its metadata never changes
         self._buffers = AlignedBuffers()  # direct I/O's staging buffers, reused from image to image
 
     def pending_images(self) -> list[int]:
@@ -134,23 +135,46 @@ class FeatureStoreWriter:
                     os.close(descriptor)
                     continue
                 held[index] = descriptor
-                if self._is_done(index):
-                    os.close(held.pop(index))  # another writer finished it meanwhile
+            for index, done in zip(list(held), self._done_among(list(held))):
+                if done:  # another writer finished it meanwhile
+                    os.close(held.pop(index))
             yield list(held)
         finally:
             for descriptor in held.values():
                 os.close(descriptor)
 
-    def _is_done(self, index: int) -> bool:
-        try:
-            return bool(self.group["done"][index] == 1)
-        except (ValueError, RuntimeError):  # an unreadable mark: not done
-            return False
-
     def pending_among(self, indices: Sequence[int]) -> list[int]:
         """Those of `indices` not yet completely written (reads only their done marks; an
         unreadable mark counts as not done)."""
-        return [int(index) for index in indices if not self._is_done(index)]
+        return [int(index) for index, done in zip(indices, self._done_among(indices)) if not done]
+
+    def _done_among(self, indices: Sequence[int]) -> list[bool]:
+        """Whether each image of `indices` is marked done. A local store's marks are read from
+        their files here: through Zarr, whose reads wait on its event loop thread, a batch's marks
+        took 20-70 ms beside the writer threads, on the thread that drives the model (0.6 ms so)."""
+        if self.path is not None:
+            return [self._done_in_file(index) for index in indices]
+        if not indices:
+            return []
+        try:
+            marks = self._done.get_orthogonal_selection(np.asarray(indices, dtype=np.int64))  # (len(indices),)
+            return [bool(mark == 1) for mark in marks]
+        except (ValueError, RuntimeError):  # an unreadable mark among them: each on its own
+            return [self._is_done(index) for index in indices]
+
+    def _done_in_file(self, index: int) -> bool:
+        (key,) = chunk_keys(self._done, index)
+        try:
+            marks = self._encoders["done"].decode((self.path / key).read_bytes())
+        except (FileNotFoundError, ValueError, RuntimeError):  # never written (the fill value, 0), or undecodable
+            return False
+        return marks is not None and bool(marks.reshape(-1)[0] == 1)  # None: a damaged mark, not done
+
+    def _is_done(self, index: int) -> bool:
+        try:
+            return bool(self._done[index] == 1)
+        except (ValueError, RuntimeError):  # an unreadable mark: not done
+            return False
 
     def write_image(
         self,
