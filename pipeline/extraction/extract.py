@@ -104,7 +104,7 @@ def extract_with_runner(
     store_path: str | Path,
     size: int | list[int],
     layout: str = "native",
-    codec: str = "none",
+    codec: str = ExtractSettings.codec,
     batch_size: int = 4,
     classes: ClassInfo | None = None,
     replace_mismatched: bool = False,

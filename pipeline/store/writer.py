@@ -22,6 +22,7 @@ import zarr.codecs
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
+from pipeline.config import ExtractSettings
 from pipeline.runtime.pause_points import pause_point
 from pipeline.store.chunks import (
     AlignedBuffers,
@@ -292,7 +293,7 @@ def _all_done(pool: concurrent.futures.Executor, write, index: int, regions: Map
 
 
 def open_store_for_writing(
-    path: str | Path, schema: StoreSchema, codec: str = "none", replace_mismatched: bool = False
+    path: str | Path, schema: StoreSchema, codec: str = ExtractSettings.codec, replace_mismatched: bool = False
 ) -> FeatureStoreWriter:
     """Creates a store from its schema, or reopens one with the same schema to resume it.
 
@@ -301,7 +302,7 @@ def open_store_for_writing(
     Args:
         path: the store directory, or a URL fsspec reaches (s3://…, gs://…, memory://…).
         schema: what the store must hold.
-        codec: compression for new arrays ("blosc-lz4", "zstd", "none").
+        codec: compression for new arrays ("blosc-lz4", "zstd", "none"; `ExtractSettings.codec` by default).
         replace_mismatched: delete an existing segcache store whose schema differs instead of
             refusing. A folder that is not a segcache store is never deleted.
 
