@@ -114,7 +114,9 @@ def ensemble_mask(query: torch.Tensor, supports: torch.Tensor, support_masks: to
         bool (H, W).
     """
     dimensions = query.shape[0]
-    pixels = supports.permute(0, 2, 3, 1).reshape(-1, dimensions)  # (N, D, H, W) -> (N·H·W, D)
+    # (N, D, H, W) -> (N·H·W, D), made contiguous: for one support the reshape is a strided view,
+    # and gathering rows from it took 17 times as long (0.66 s an episode against 0.04)
+    pixels = supports.permute(0, 2, 3, 1).reshape(-1, dimensions).contiguous()
     labels = support_masks.reshape(-1).long()  # (N·H·W,)
     members_settings = dataclasses.replace(settings, seed=seed)
     generator = torch.Generator().manual_seed(seed)
