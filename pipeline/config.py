@@ -73,8 +73,9 @@ class ExtractSettings:
         batch_size: images per UNet forward.
         device: "auto" (cuda > mps > cpu) or a torch device string.
         codec: compression of the float16 chunks. None by default: native stores compress 1.00-1.02x
-            with blosc-lz4, which costs the writer 1.5x its speed at GPU rates (bench/results/
-            extraction_gpu_rate.json, storage_codecs.json); zstd suits archiving a dense store.
+            with blosc-lz4, which costs the writer 1.5x the CPU per image at GPU rates and, in most
+            runs, speed (bench/results/extraction_gpu_rate.json, storage_codecs.json); zstd suits
+            archiving a dense store.
         scheduler: address of a Dask distributed scheduler (e.g. "tcp://10.0.0.5:8786") whose
             workers run the batches; None runs them in this process.
         noise_draws: features averaged over this many noise draws (draw k: seed + k; DIFT uses 8).

@@ -84,9 +84,10 @@ class InProcessBatches:
         ones have ended.
         """
         def compute(claimed: list[int]) -> ComputedBatch:
+            # A claim holds only pending images: their done marks were just read.
             chosen = {index: records[index] for index in claimed}
-            shape = writer.schema.image_shape  # a claim holds only pending images:
-            return compute_batch(self.source, writer, chosen, claimed, shape, classes, pending=claimed)
+            return compute_batch(self.source, writer, chosen, claimed, writer.schema.image_shape, classes,
+                                 pending=claimed)
 
         pool = concurrent.futures.ThreadPoolExecutor(IMAGES_IN_FLIGHT, thread_name_prefix="store-writer")
         in_flight: collections.deque[_BatchWrites] = collections.deque()  # oldest first, at most two
