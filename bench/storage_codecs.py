@@ -100,9 +100,10 @@ DECISION = {
         "for blosc-lz4 on the real 552 M-parameter ADM (store_size.json); zstd writes no faster and reads "
         "~25 % slower per image (adm-tiny 256²: 26 vs 21 ms), and reading tables is about half of the "
         "training pixel stream's time once the store outgrows the table cache, so zstd's 7-8 % of disk "
-        "does not pay for itself; at GPU rates the writer is 1.5x faster with none than with blosc-lz4 "
-        "(640 against 418 MB/s, 0.048 against 0.070 CPU-s per image, extraction_gpu_rate.json), for 0-2 % "
-        "more disk. none is the default; zstd is the choice for archiving a dense store (1.13-1.17x)."
+        "does not pay for itself; at GPU rates blosc-lz4 costs the writer 1.5x the CPU per image for no "
+        "speed (two images in flight, three quiet runs: 0.047-0.051 against 0.071-0.076 CPU-s per image, "
+        "837/923/991 against 872/837/775 MB/s, extraction_gpu_rate.json), for 0-2 % more disk. none is "
+        "the default; zstd is the choice for archiving a dense store (1.13-1.17x)."
     ),
 }
 
