@@ -96,31 +96,3 @@ def test_blocks_outside_the_model_are_refused(tmp_path, tiny_checkpoint):
         extract_features(tiny_checkpoint, images, tmp_path / "store.zarr", settings, show_progress=False)
     assert not (tmp_path / "store.zarr").exists()
 
-
-def test_a_failed_image_write_drops_the_queued_ones_and_the_earliest_error_wins():
-    import concurrent.futures
-    import threading
-    import time
-
-    from pipeline.extraction.compute import images_written
-
-    started, release = [], threading.Event()
-
-    def write(index):
-        started.append(index)
-        if index == 1:
-            release.wait(5)  # still running when image 0 fails
-            raise OSError(28, f"disk full at image {index}")
-        if index == 0:
-            raise OSError(28, f"disk full at image {index}")
-        time.sleep(0.1)  # a write that takes its time: images 3 and 4 are still queued when 0 fails
-
-    with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        writes = [pool.submit(write, index) for index in range(5)]
-        threading.Timer(0.2, release.set).start()
-        with pytest.raises(OSError, match="image 0"):
-            images_written(writes)
-        assert all(write.done() for write in writes)  # none left writing behind the caller
-    assert [write.cancelled() for write in writes] == [False, False, False, True, True] and started == [0, 1, 2]
-    with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        assert images_written([pool.submit(lambda: None) for _ in range(3)]) == 3

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from pipeline.data.folders import ClassInfo, ImageRecord, load_example, model_input_to_uint8
+from pipeline.runtime.futures import results_in_order
 from pipeline.sizes import ImageShape
 from pipeline.sources.base import FeatureSource, TapShape
 from pipeline.store.writer import FeatureStoreWriter
@@ -93,27 +94,7 @@ def write_batch(writer: FeatureStoreWriter, computed: ComputedBatch) -> int:
     """Writes a computed batch's images (each its own chunks, checksum and done mark),
     `IMAGES_IN_FLIGHT` at a time; returns how many."""
     with concurrent.futures.ThreadPoolExecutor(IMAGES_IN_FLIGHT, thread_name_prefix="store-writer") as pool:
-        return images_written(computed.submit_writes(writer, pool))
-
-
-def images_written(writes: Sequence[concurrent.futures.Future]) -> int:
-    """Waits for the image writes of `writes`; returns how many there were.
-
-    A failed write (a full disk) cancels the writes not yet started and raises once the running
-    ones have ended, so none is left writing behind the caller; the earliest image's error wins.
-    """
-    concurrent.futures.wait(writes, return_when=concurrent.futures.FIRST_EXCEPTION)
-    if any(_failure(write) for write in writes):
-        for write in writes:
-            write.cancel()  # only those still queued
-        concurrent.futures.wait(writes)
-        raise next(error for error in map(_failure, writes) if error is not None)
-    return len(writes)
-
-
-def _failure(write: concurrent.futures.Future) -> BaseException | None:
-    """The error of a finished write; None while it runs, when it succeeded or was cancelled."""
-    return write.exception() if write.done() and not write.cancelled() else None
+        return len(results_in_order(computed.submit_writes(writer, pool)))  # a failed write raises
 
 
 def extract_batch(

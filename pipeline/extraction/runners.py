@@ -19,11 +19,11 @@ from pipeline.extraction.compute import (
     SourceDescription,
     compute_batch,
     describe_source,
-    images_written,
     write_batch,
 )
 from pipeline.extraction.dask_runner import ClusterBatches
 from pipeline.runtime.cluster import cluster_client
+from pipeline.runtime.futures import results_in_order
 from pipeline.sizes import ImageShape
 from pipeline.sources.base import FeatureSource
 from pipeline.sources.loading import load_source
@@ -124,7 +124,7 @@ class _BatchWrites:
     def finish(self) -> tuple[int, int]:
         """Waits for the writes, releases the claim; (images covered, images written)."""
         try:
-            return self.covered, images_written(self.writes)
+            return self.covered, len(results_in_order(self.writes))
         finally:
             self.claim.close()
 
